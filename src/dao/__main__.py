@@ -1,0 +1,3 @@
+from dao.cli import main
+
+main()

@@ -1,0 +1,119 @@
+"""The ``dao`` command: one thin Typer sub-app per feature, no logic beyond argument parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dao import __version__
+from dao.config import ConfigError, MirrorConfig, load
+
+app = typer.Typer(
+    help="Fast, tidy Docker image distribution for slow, lossy or metered links.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help text holds literal [brackets] (TOML tables, defaults)
+)
+mirror_app = typer.Typer(
+    help="The accelerator: a Docker Hub pull-through registry mirror.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(mirror_app, name="mirror")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dao {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """dao: registry mirror and tools for Docker hosts behind slow links."""
+
+
+def fail(message: str, hint: str | None = None, code: int = 2) -> typer.Exit:
+    typer.secho(f"dao: error: {message}", err=True, fg="red")
+    if hint:
+        typer.echo(f"hint: {hint}", err=True)
+    return typer.Exit(code)
+
+
+@mirror_app.command("serve")
+def mirror_serve(
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="TOML file; settings go in its [mirror] table.")
+    ] = None,
+    listen: Annotated[str | None, typer.Option(help="HOST:PORT to listen on. [default: 127.0.0.1:5000]")] = None,
+    upstream: Annotated[
+        str | None,
+        typer.Option(help="Registry to mirror, http(s)://host[:port]. [default: https://registry-1.docker.io]"),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Cache directory. [default: /var/lib/dao/mirror as root, else ~/.local/share/dao/mirror]"),
+    ] = None,
+    manifest_ttl: Annotated[
+        float | None,
+        typer.Option(help="Seconds a tag's manifest is served before re-checking upstream. [default: 300]"),
+    ] = None,
+    manifest_timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds to wait for upstream manifest answers before serving stale. [default: 10]"),
+    ] = None,
+    upstream_username: Annotated[
+        str | None, typer.Option(help="Upstream account (raises Docker Hub's rate limit).")
+    ] = None,
+    access_log: Annotated[bool | None, typer.Option(help="One log line per request. [default: on]")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error. [default: info]")] = None,
+) -> None:
+    """Run the pull-through mirror.
+
+    Point Docker at it with "registry-mirrors": ["http://HOST:PORT"] in daemon.json. Every setting can also
+    come from the TOML file's [mirror] table or from DAO_MIRROR_<SETTING> environment variables (for example
+    DAO_MIRROR_UPSTREAM_PASSWORD); flags win over the environment, which wins over the file.
+    """
+    flags = {
+        "listen": listen,
+        "upstream": upstream,
+        "data_dir": data_dir,
+        "manifest_ttl": manifest_ttl,
+        "manifest_timeout": manifest_timeout,
+        "upstream_username": upstream_username,
+        "access_log": access_log,
+        "log_level": log_level,
+    }
+    try:
+        config = load(MirrorConfig, "mirror", file=config_file, env=os.environ, flags=flags)
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+    except ConfigError as exc:
+        raise fail(str(exc), "see 'dao mirror serve --help'") from None
+    except OSError as exc:
+        raise fail(f"cannot create data directory {config.data_dir}: {exc.strerror}", code=1) from None
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from dao.mirror.app import serve  # aiohttp only when serving: keeps `dao --help` quick
+
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        raise fail(f"cannot listen on {config.listen}: {exc.strerror or exc}", code=1) from None
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,128 @@
+"""Settings: built-in defaults < TOML file (``--config`` / ``DAO_CONFIG``) < ``DAO_*`` environment < flags.
+
+Each feature has one dataclass; its fields are the TOML keys of the feature's table (``[mirror]``), the
+environment names upper-cased with the feature prefix (``DAO_MIRROR_MANIFEST_TTL``) and the flags with dashes
+(``--manifest-ttl``). Bad values raise :class:`ConfigError` naming where the value came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, get_type_hints
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def default_data_dir() -> Path:
+    """Root keeps service data in /var/lib; a user in the XDG data directory."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/dao/mirror")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "dao" / "mirror"
+
+
+@dataclass(frozen=True)
+class MirrorConfig:
+    listen: str = "127.0.0.1:5000"
+    upstream: str = "https://registry-1.docker.io"
+    data_dir: Path = field(default_factory=default_data_dir)
+    manifest_ttl: float = 300.0  # seconds a tag's manifest is served without asking upstream
+    manifest_timeout: float = 10.0  # seconds for an upstream manifest answer before serving stale / failing
+    upstream_username: str = ""
+    upstream_password: str = ""
+    access_log: bool = True
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        split = urlsplit(self.upstream)
+        if split.scheme not in ("http", "https") or not split.netloc or split.path not in ("", "/"):
+            raise ConfigError(f"upstream must be http(s)://host[:port], got {self.upstream!r}")
+        parse_listen(self.listen)
+        if self.manifest_ttl < 0 or self.manifest_timeout <= 0:
+            raise ConfigError("manifest_ttl must be >= 0 and manifest_timeout > 0")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[v6]:PORT`` or ``:PORT`` (all interfaces)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"listen must be HOST:PORT, got {value!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+T = TypeVar("T")
+
+
+def load(cls: type[T], section: str, *, file: Path | None, env: Mapping[str, str], flags: Mapping[str, Any]) -> T:
+    """Build ``cls`` from the layers; ``flags`` holds only what the user actually passed (None = not given)."""
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    file = file or (Path(env["DAO_CONFIG"]) if env.get("DAO_CONFIG") else None)
+    if file is not None:
+        try:
+            doc = tomllib.loads(file.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file} is not valid TOML: {exc}") from exc
+        table = doc.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{section}] in {file} must be a table")
+        for key, value in table.items():
+            name = key.replace("-", "_")
+            if name not in names:
+                raise ConfigError(f"unknown setting {key!r} in [{section}] of {file}")
+            values[name] = _coerce(hints[name], value, f"{file} [{section}] {key}")
+    prefix = f"DAO_{section.upper()}_"
+    for key, value in env.items():
+        if key.startswith(prefix):
+            name = key[len(prefix) :].lower()
+            if name in names:
+                values[name] = _coerce(hints[name], value, f"environment {key}")
+    for name, value in flags.items():
+        if value is not None:
+            values[name] = _coerce(hints[name], value, f"--{name.replace('_', '-')}")
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _coerce(kind: Any, value: Any, where: str) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if kind is Path:
+            return Path(str(value)).expanduser()
+        if kind is float:
+            return float(value)
+        if kind is int:
+            return int(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {value!r} is not a valid {getattr(kind, '__name__', kind)}") from exc

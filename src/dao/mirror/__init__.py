@@ -1,0 +1,1 @@
+"""The accelerator: a pull-through Registry V2 mirror (``dao mirror serve``)."""

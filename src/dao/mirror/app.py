@@ -1,0 +1,221 @@
+"""HTTP face of the mirror: Registry API V2 read routes, one error dispatcher, the access log.
+
+Handlers validate the request, ask :class:`~dao.mirror.proxy.Proxy`, and raise :class:`RegistryError`;
+the middleware turns every error into the OCI JSON body with the right status. Write methods are refused
+with ``UNSUPPORTED``: a pull-through cache does not accept pushes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal
+
+import aiohttp
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Handler
+
+from dao.config import MirrorConfig
+from dao.mirror.proxy import STALE_WARNING, Proxy
+from dao.mirror.serve import send_fetch, send_local
+from dao.mirror.storage import FilesystemBlobStore, FilesystemManifestStore
+from dao.oci.digest import Digest, DigestError
+from dao.oci.errors import ErrorCode, RegistryError
+from dao.oci.manifest import parse_accept
+from dao.oci.reference import ReferenceError, is_valid_tag, normalize_repository
+from dao.registry.auth import Credentials
+from dao.registry.client import RegistryClient
+
+log = logging.getLogger("dao.mirror")
+access_log = logging.getLogger("dao.mirror.access")
+
+API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
+PROXY_KEY = web.AppKey("proxy", Proxy)
+
+# Greedy name: the last /manifests/, /blobs/ or /tags/ splits it (tags and digests hold no '/').
+_ROUTE = re.compile(r"(?P<name>.+)/(?P<kind>manifests|blobs|tags)/(?P<rest>[^/]+)")
+_UPLOAD = re.compile(r".+/blobs/uploads(?:/.*)?")
+_WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except RegistryError as exc:
+        request["dao.failure"] = exc.message
+        return error_response(exc)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(RegistryError(ErrorCode.UNKNOWN, "internal error in the mirror"))
+
+
+def error_response(exc: RegistryError) -> web.Response:
+    return web.Response(status=exc.status, body=exc.body(), content_type="application/json", headers=exc.headers)
+
+
+async def _api_version(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.setdefault(*API_VERSION_HEADER)
+
+
+async def base(request: web.Request) -> web.StreamResponse:
+    return web.json_response({})
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    path = request.match_info["tail"]
+    if request.method in _WRITE_METHODS or _UPLOAD.fullmatch(path):
+        raise RegistryError(ErrorCode.UNSUPPORTED, "this registry is a read-only pull-through mirror")
+    match = _ROUTE.fullmatch(path)
+    if match is None:
+        raise RegistryError(ErrorCode.NAME_UNKNOWN, "no such route", status=404)
+    try:
+        name = normalize_repository(match["name"])
+    except ReferenceError as exc:
+        raise RegistryError(ErrorCode.NAME_INVALID, str(exc)) from exc
+    request["dao.repo"] = name
+    kind, rest = match["kind"], match["rest"]
+    proxy = request.app[PROXY_KEY]
+    if kind == "manifests":
+        return await manifest(request, proxy, name, rest)
+    if kind == "blobs":
+        return await blob(request, proxy, name, _digest(rest))
+    if rest != "list":
+        raise RegistryError(ErrorCode.NAME_UNKNOWN, "no such route", status=404)
+    status, headers, body = await proxy.tags(name, dict(request.query))
+    return web.Response(status=status, body=body, headers=headers)
+
+
+def _digest(text: str) -> Digest:
+    try:
+        return Digest.parse(text)
+    except DigestError as exc:
+        raise RegistryError(ErrorCode.DIGEST_INVALID, str(exc)) from exc
+
+
+async def manifest(request: web.Request, proxy: Proxy, name: str, reference: str) -> web.StreamResponse:
+    if ":" in reference:
+        _digest(reference)
+    elif not is_valid_tag(reference):
+        raise RegistryError(ErrorCode.TAG_INVALID, f"invalid tag: {reference[:200]!r}")
+    answer = await proxy.manifest(name, reference, parse_accept(request.headers.getall("Accept", [])))
+    request["dao.cache"] = answer.cache
+    headers = {
+        "Docker-Content-Digest": str(answer.digest),
+        "ETag": f'"{answer.digest}"',
+        "Content-Type": answer.media_type,
+    }
+    if answer.stale:
+        headers["Warning"] = STALE_WARNING
+    if request.method == "HEAD":
+        resp = web.Response(headers=headers)
+        resp.content_length = len(answer.body)
+        return resp
+    return web.Response(body=answer.body, headers=headers)
+
+
+async def blob(request: web.Request, proxy: Proxy, name: str, digest: Digest) -> web.StreamResponse:
+    if request.method == "HEAD" and "Range" not in request.headers:
+        size, cache = await proxy.stat_blob(name, digest)
+        request["dao.cache"] = cache
+        resp = web.Response(
+            headers={"Docker-Content-Digest": str(digest), "ETag": f'"{digest}"', "Accept-Ranges": "bytes"},
+            content_type="application/octet-stream",
+        )
+        if size is not None:
+            resp.content_length = size
+        return resp
+    answer = await proxy.open_blob(name, digest)
+    request["dao.cache"] = answer.cache
+    if answer.local is not None:
+        return await send_local(request, digest, answer.local)
+    assert answer.fetch is not None
+    return await send_fetch(request, digest, answer.fetch)
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line a request: who, what, status, bytes sent, cache outcome, duration."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        cache = request.get("dao.cache", "-")
+        failure = request.get("dao.failure")
+        line = (
+            f'{request.remote} "{request.method} {request.path_qs}" {response.status} {response.body_length} '
+            f"cache={cache} {time * 1000:.1f}ms"
+        )
+        if failure:
+            line += f" error={failure!r}"
+        self.logger.info(line)
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
+def make_app(proxy: Proxy) -> web.Application:
+    app = web.Application(middlewares=[errors], handler_args={"max_field_size": 8190, "max_line_size": 8190})
+    app[PROXY_KEY] = proxy
+    app.router.add_route("GET", "/v2", base)
+    app.router.add_route("GET", "/v2/", base)
+    app.router.add_route("*", "/v2/{tail:.+}", dispatch)
+    app.on_response_prepare.append(_api_version)
+
+    async def close_proxy(app: web.Application) -> None:
+        await proxy.aclose()
+
+    app.on_shutdown.append(close_proxy)
+    return app
+
+
+async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> None:
+    """Run the mirror until SIGTERM/SIGINT; a clean stop cancels fetches (their spool files are removed)."""
+    blobs = FilesystemBlobStore(config.data_dir)
+    leftovers = blobs.clean_spool()
+    if leftovers:
+        log.info("removed %d partial downloads left by an earlier run", leftovers)
+    manifests = FilesystemManifestStore(config.data_dir)
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=64, ttl_dns_cache=300)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+        credentials = None
+        if config.upstream_username:
+            credentials = Credentials(config.upstream_username, config.upstream_password)
+        client = RegistryClient(config.upstream, session, credentials=credentials)
+        proxy = Proxy(
+            client,
+            blobs,
+            manifests,
+            manifest_ttl=config.manifest_ttl,
+            manifest_timeout=config.manifest_timeout,
+        )
+        app = make_app(proxy)
+        runner = web.AppRunner(
+            app,
+            access_log_class=AccessLogger,
+            access_log=access_log if config.access_log else None,
+            handle_signals=False,
+        )
+        await runner.setup()
+        host, port = config.listen_address
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        log.info(
+            "dao mirror listening on %s, upstream %s, data in %s",
+            config.listen,
+            config.upstream,
+            config.data_dir,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready.set()
+        try:
+            await stop.wait()
+        finally:
+            log.info("dao mirror stopping")
+            await runner.cleanup()

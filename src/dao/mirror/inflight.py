@@ -1,0 +1,200 @@
+"""Single-flight upstream fetches that many clients read while they grow.
+
+The first request for a missing blob starts one :class:`Fetch`; every concurrent request for the same digest
+joins it. The fetch writes the upstream bytes into a spool file and hashes them as they pass; readers
+``pread`` the same file descriptor as far as it has been written. Only when the digest checks is the file
+committed to the store. On any failure the spool file is removed, every reader's stream raises
+:class:`FetchFailed` (so the handler can break the connection rather than end a short body cleanly), and
+the fetch leaves the map so the next request starts afresh.
+
+A reader whose range reaches the end of the blob is held one byte short until the digest is verified: no
+client ever receives a complete, well-terminated response carrying bytes we have not checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+
+from dao.mirror.storage.base import BlobIngester
+from dao.oci.digest import Digest, Verifier
+from dao.registry.errors import RegistryClientError, UpstreamUnavailable
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 256 * 1024
+
+
+class FetchFailed(Exception):
+    """The upstream transfer behind a stream failed; the stream is incomplete and must not look complete."""
+
+
+class UpstreamBody(AbstractAsyncContextManager["UpstreamBody"]):
+    """What a fetch needs from the upstream: the total size when known, then the bytes in order."""
+
+    size: int | None
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+
+Opener = Callable[[], UpstreamBody]
+
+
+class Fetch:
+    """One upstream transfer of one blob into a spool file. Created only through :class:`Inflight`."""
+
+    def __init__(self, digest: Digest, store: BlobIngester) -> None:
+        self.digest = digest
+        self.store = store
+        fd, name = tempfile.mkstemp(dir=store.spool_dir(), prefix=f"{digest.encoded[:16]}-")
+        self.fd = fd
+        self.path = Path(name)
+        self.size: int | None = None
+        self.written = 0
+        self.done = False
+        self.error: BaseException | None = None
+        self.headers_ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._progress = asyncio.Event()
+        self._readers = 0
+        self._closed = False
+        self.task: asyncio.Task[None] | None = None
+
+    # -- writer side ---------------------------------------------------------------------------------------
+
+    async def run(self, open_upstream: Opener) -> None:
+        verifier = Verifier(self.digest)
+        try:
+            async with open_upstream() as body:
+                self.size = body.size
+                if not self.headers_ready.done():
+                    self.headers_ready.set_result(None)
+                async for chunk in body.chunks():
+                    view = memoryview(chunk)
+                    while view:  # page-cache writes: microseconds, not worth a thread hop per chunk
+                        n = os.pwrite(self.fd, view, self.written)
+                        verifier.update(view[:n])
+                        view = view[n:]
+                        self.written += n
+                    self._notify()
+            if self.size is not None and self.written != self.size:
+                raise UpstreamUnavailable(f"upstream sent {self.written} of {self.size} bytes for {self.digest}")
+            if not verifier.verified:
+                raise UpstreamUnavailable(f"digest mismatch for {self.digest}: upstream sent {verifier.actual()}")
+            self.size = self.written
+            await asyncio.to_thread(os.fsync, self.fd)
+            await self.store.commit(self.digest, self.path)
+            self.done = True
+        except BaseException as exc:
+            self.error = exc
+            if not self.headers_ready.done():
+                self.headers_ready.set_exception(exc)
+                self.headers_ready.exception()  # mark retrieved: the joiners that care re-raise it themselves
+            self.path.unlink(missing_ok=True)
+            if isinstance(exc, RegistryClientError):
+                log.warning("fetch of %s failed: %s", self.digest, exc)
+            elif not isinstance(exc, asyncio.CancelledError):
+                log.exception("fetch of %s failed", self.digest)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._notify()
+            self._maybe_close()
+
+    def _notify(self) -> None:
+        self._progress.set()
+        self._progress = asyncio.Event()
+
+    def _maybe_close(self) -> None:
+        if not self._closed and self._readers == 0 and (self.done or self.error is not None):
+            self._closed = True
+            os.close(self.fd)
+
+    # -- reader side ---------------------------------------------------------------------------------------
+
+    async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Bytes ``start`` .. ``end`` (inclusive; None = to the end of the blob) as they arrive.
+
+        Call after :attr:`headers_ready`. Raises :class:`FetchFailed` if the fetch fails before the range is
+        delivered.
+        """
+        self._readers += 1
+        try:
+            pos = start
+            while True:
+                stop = self._readable_until(end)
+                if pos < stop:
+                    n = min(READ_CHUNK, stop - pos)
+                    chunk = os.pread(self.fd, n, pos)
+                    if not chunk:
+                        raise FetchFailed(f"spool file of {self.digest} shorter than written")
+                    pos += len(chunk)
+                    yield chunk
+                    continue
+                if self.error is not None:
+                    raise FetchFailed(str(self.error) or self.error.__class__.__name__)
+                last = end if end is not None else (self.size - 1 if self.size is not None else None)
+                if self.done and (last is None or pos > last):
+                    return
+                if self.done:
+                    raise FetchFailed(f"range beyond the end of {self.digest}")
+                await self._progress.wait()
+        finally:
+            self._readers -= 1
+            self._maybe_close()
+
+    def _readable_until(self, end: int | None) -> int:
+        """Exclusive bound of what a reader may send now."""
+        if self.done:
+            limit = self.written
+        else:
+            limit = self.written
+            reaches_end = end is None or (self.size is not None and end >= self.size - 1)
+            if reaches_end:
+                limit = min(limit, (self.size if self.size is not None else self.written + 1) - 1)
+        if end is not None:
+            limit = min(limit, end + 1)
+        return limit
+
+
+class Inflight:
+    """The digest -> running fetch map, one per store; every reader follows the one fetch."""
+
+    def __init__(self, store: BlobIngester) -> None:
+        self.store = store
+        self._fetches: dict[Digest, Fetch] = {}
+
+    def get(self, digest: Digest) -> Fetch | None:
+        return self._fetches.get(digest)
+
+    def join_or_start(self, digest: Digest, open_upstream: Opener) -> tuple[Fetch, bool]:
+        """The fetch for ``digest`` and whether this call started it."""
+        fetch = self._fetches.get(digest)
+        if fetch is not None:
+            return fetch, False
+        fetch = Fetch(digest, self.store)
+        self._fetches[digest] = fetch
+
+        async def run() -> None:
+            try:
+                await fetch.run(open_upstream)
+            finally:
+                self._fetches.pop(digest, None)
+
+        # The task belongs to the map, not to the request that started it: the cache fills even if that
+        # client goes away.
+        fetch.task = asyncio.get_running_loop().create_task(run(), name=f"fetch {digest}")
+        return fetch, True
+
+    def __len__(self) -> int:
+        return len(self._fetches)
+
+    async def aclose(self) -> None:
+        tasks = [f.task for f in self._fetches.values() if f.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,77 @@
+"""The storage capabilities the proxy is written against.
+
+Contract shared by every backend:
+- a blob is visible (``stat``/``open`` find it) only after :meth:`BlobIngester.commit`, which is atomic: a
+  reader sees the whole verified blob or nothing, even if the process is killed at any instruction;
+- the caller verifies the digest before ``commit``; backends trust it and do not re-hash;
+- ``open`` hands back an open file the caller must close.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from dao.oci.digest import Digest
+
+
+@dataclass(slots=True)
+class LocalBlob:
+    """An open regular file holding a committed blob; serve it with ``sendfile``. Caller closes ``fd``."""
+
+    fd: int
+    size: int
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class BlobStatter(Protocol):
+    async def stat(self, digest: Digest) -> int | None:
+        """The committed blob's size, or None when absent."""
+
+
+class BlobProvider(Protocol):
+    async def open(self, digest: Digest) -> LocalBlob | None:
+        """The committed blob opened for reading, or None when absent."""
+
+
+class BlobIngester(Protocol):
+    def spool_dir(self) -> Path:
+        """A directory for blobs being fetched; on the same filesystem as the store so commit can rename."""
+
+    async def commit(self, digest: Digest, spool_path: Path) -> None:
+        """Make the verified, fsynced file at ``spool_path`` the blob ``digest``; takes ownership of the file."""
+
+
+class BlobDeleter(Protocol):
+    async def delete(self, digest: Digest) -> bool:
+        """Remove the blob; True when it existed. Readers that already opened it keep reading."""
+
+
+class BlobStore(BlobStatter, BlobProvider, BlobIngester, BlobDeleter, Protocol):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRecord:
+    """What a tag resolved to for one set of accepted media types, and when we last confirmed it."""
+
+    digest: Digest
+    media_type: str
+    checked_at: float  # wall-clock seconds
+
+
+class ManifestStore(Protocol):
+    async def get(self, digest: Digest) -> tuple[bytes, str] | None:
+        """Body and media type of a manifest we verified, or None."""
+
+    async def put(self, digest: Digest, body: bytes, media_type: str) -> None:
+        """Store a verified manifest body (idempotent, atomic)."""
+
+    async def get_tag(self, upstream: str, repo: str, tag: str, accept_key: str) -> ManifestRecord | None: ...
+
+    async def put_tag(self, upstream: str, repo: str, tag: str, accept_key: str, record: ManifestRecord) -> None:
+        """Record (atomically) what ``tag`` resolved to for clients with this accept key."""

@@ -1,0 +1,159 @@
+"""The zero-setup backend: blobs and manifests under one data directory.
+
+Layout (all writes are temp file + fsync + rename, so a crash leaves old or new, never half):
+
+    blobs/sha256/ab/abcdef...        committed blobs, named by digest
+    manifests/sha256/ab/abcdef...    manifest bodies; ``.type`` beside each holds the media type
+    tags/<upstream>/<repo>/<tag>/<accept-key>.json
+    tmp/                             spool files of fetches in progress; emptied at start-up
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat as stat_mod
+import tempfile
+from pathlib import Path
+
+from dao.mirror.storage.base import LocalBlob, ManifestRecord
+from dao.oci.digest import Digest, DigestError
+
+
+def _digest_path(root: Path, digest: Digest) -> Path:
+    return root / digest.algorithm / digest.encoded[:2] / digest.encoded
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix="w-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+class FilesystemBlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs"
+        self.tmp = root / "tmp"
+        for d in (self.blobs, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def clean_spool(self) -> int:
+        """Remove spool files left by a process that died mid-fetch; call before serving."""
+        removed = 0
+        for entry in self.tmp.iterdir():
+            if entry.is_file():
+                entry.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def spool_dir(self) -> Path:
+        return self.tmp
+
+    async def stat(self, digest: Digest) -> int | None:
+        try:
+            st = await asyncio.to_thread(os.stat, _digest_path(self.blobs, digest))
+        except FileNotFoundError:
+            return None
+        return st.st_size if stat_mod.S_ISREG(st.st_mode) else None
+
+    async def open(self, digest: Digest) -> LocalBlob | None:
+        return await asyncio.to_thread(self._open, _digest_path(self.blobs, digest))
+
+    @staticmethod
+    def _open(path: Path) -> LocalBlob | None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError:
+            return None  # ELOOP: a symlink is never a blob of ours
+        st = os.fstat(fd)
+        if not stat_mod.S_ISREG(st.st_mode):
+            os.close(fd)
+            return None
+        return LocalBlob(fd, st.st_size)
+
+    async def commit(self, digest: Digest, spool_path: Path) -> None:
+        await asyncio.to_thread(self._commit, digest, spool_path)
+
+    def _commit(self, digest: Digest, spool_path: Path) -> None:
+        final = _digest_path(self.blobs, digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(spool_path, final)
+        fsync_dir(final.parent)
+
+    async def delete(self, digest: Digest) -> bool:
+        try:
+            await asyncio.to_thread(os.unlink, _digest_path(self.blobs, digest))
+        except FileNotFoundError:
+            return False
+        return True
+
+
+class FilesystemManifestStore:
+    def __init__(self, root: Path) -> None:
+        self.manifests = root / "manifests"
+        self.tags = root / "tags"
+        self.tmp = root / "tmp"
+        for d in (self.manifests, self.tags, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+
+    async def get(self, digest: Digest) -> tuple[bytes, str] | None:
+        return await asyncio.to_thread(self._get, digest)
+
+    def _get(self, digest: Digest) -> tuple[bytes, str] | None:
+        path = _digest_path(self.manifests, digest)
+        try:
+            body = path.read_bytes()
+            media_type = path.with_suffix(".type").read_text().strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        # Written before the .type file and never changed: a body that does not hash is damage, not a hit.
+        if Digest.of(body, digest.algorithm) != digest:
+            return None
+        return body, media_type
+
+    async def put(self, digest: Digest, body: bytes, media_type: str) -> None:
+        await asyncio.to_thread(self._put, digest, body, media_type)
+
+    def _put(self, digest: Digest, body: bytes, media_type: str) -> None:
+        path = _digest_path(self.manifests, digest)
+        atomic_write(path, body, self.tmp)
+        atomic_write(path.with_suffix(".type"), media_type.encode(), self.tmp)
+
+    def _tag_path(self, upstream: str, repo: str, tag: str, accept_key: str) -> Path:
+        # repo and tag were validated against the reference grammar: no "..", no empty components.
+        return self.tags / upstream.replace(":", "_") / repo / tag / f"{accept_key}.json"
+
+    async def get_tag(self, upstream: str, repo: str, tag: str, accept_key: str) -> ManifestRecord | None:
+        path = self._tag_path(upstream, repo, tag, accept_key)
+        try:
+            doc = json.loads(await asyncio.to_thread(path.read_bytes))
+            return ManifestRecord(Digest.parse(doc["digest"]), str(doc["media_type"]), float(doc["checked_at"]))
+        except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError, DigestError):
+            return None
+
+    async def put_tag(self, upstream: str, repo: str, tag: str, accept_key: str, record: ManifestRecord) -> None:
+        doc = {"digest": str(record.digest), "media_type": record.media_type, "checked_at": record.checked_at}
+        path = self._tag_path(upstream, repo, tag, accept_key)
+        await asyncio.to_thread(atomic_write, path, json.dumps(doc).encode(), self.tmp)

@@ -1,0 +1,1 @@
+"""Talking to registries as a client; shared by the mirror's upstream side and ``dao pull``."""
