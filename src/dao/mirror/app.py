@@ -15,11 +15,12 @@ import signal
 import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from dao.config import MirrorConfig
 from dao.mirror.proxy import STALE_WARNING, Proxy
-from dao.mirror.serve import send_fetch, send_local
+from dao.mirror.serve import blob_headers, send_fetch, send_local
 from dao.mirror.storage import FilesystemBlobStore, FilesystemManifestStore
 from dao.oci.digest import Digest, DigestError
 from dao.oci.errors import ErrorCode, RegistryError
@@ -111,23 +112,19 @@ async def manifest(request: web.Request, proxy: Proxy, name: str, reference: str
     }
     if answer.stale:
         headers["Warning"] = STALE_WARNING
-    if request.method == "HEAD":
-        resp = web.Response(headers=headers)
-        resp.content_length = len(answer.body)
-        return resp
-    return web.Response(body=answer.body, headers=headers)
+    return web.Response(body=answer.body, headers=headers)  # aiohttp drops the body of a HEAD answer
 
 
 async def blob(request: web.Request, proxy: Proxy, name: str, digest: Digest) -> web.StreamResponse:
     if request.method == "HEAD" and "Range" not in request.headers:
         size, cache = await proxy.stat_blob(name, digest)
         request["dao.cache"] = cache
-        resp = web.Response(
-            headers={"Docker-Content-Digest": str(digest), "ETag": f'"{digest}"', "Accept-Ranges": "bytes"},
-            content_type="application/octet-stream",
-        )
+        resp = web.StreamResponse()
+        blob_headers(resp, digest)
         if size is not None:
             resp.content_length = size
+        await resp.prepare(request)
+        await resp.write_eof()
         return resp
     answer = await proxy.open_blob(name, digest)
     request["dao.cache"] = answer.cache
@@ -135,6 +132,19 @@ async def blob(request: web.Request, proxy: Proxy, name: str, digest: Digest) ->
         return await send_local(request, digest, answer.local)
     assert answer.fetch is not None
     return await send_fetch(request, digest, answer.fetch)
+
+
+class BadRequestFilter(logging.Filter):
+    """aiohttp logs a malformed request (oversized header, broken request line) with a traceback; it is the
+    client's fault and already answered with 400, so one warning line is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.exc_info = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "bad request from client: %s", (str(exc).splitlines()[0][:200],)
+        return True
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -173,6 +183,7 @@ def make_app(proxy: Proxy) -> web.Application:
 
 async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> None:
     """Run the mirror until SIGTERM/SIGINT; a clean stop cancels fetches (their spool files are removed)."""
+    logging.getLogger("aiohttp.server").addFilter(BadRequestFilter())
     blobs = FilesystemBlobStore(config.data_dir)
     leftovers = blobs.clean_spool()
     if leftovers:

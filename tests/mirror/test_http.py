@@ -1,0 +1,184 @@
+"""The mirror's Registry API as a client sees it, against the real upstream registry."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import socket
+
+import aiohttp
+from multidict import CIMultiDict
+
+from tests.conftest import World
+from tests.services import images
+from tests.services.mirror import Mirror
+
+DOCKER_ACCEPT = f"{images.DOCKER_MANIFEST}, {images.DOCKER_LIST}, {images.OCI_MANIFEST}, {images.OCI_INDEX}"
+
+
+async def get(url: str, **headers: str) -> tuple[int, CIMultiDict[str], bytes]:
+    async with aiohttp.ClientSession(auto_decompress=False) as s, s.get(url, headers=headers) as r:
+        return r.status, r.headers.copy(), await r.read()
+
+
+async def test_manifests_by_tag_and_digest_carry_exact_headers(world: World, mirror: Mirror) -> None:
+    image = world.image("dao-test/schema2:v1")
+    for ref in ("v1", image.digest):
+        status, headers, body = await get(f"{mirror.url}/v2/dao-test/schema2/manifests/{ref}", Accept=DOCKER_ACCEPT)
+        assert status == 200
+        assert body == image.manifest
+        assert headers["Docker-Content-Digest"] == image.digest
+        assert headers["Content-Type"] == images.DOCKER_MANIFEST
+        assert headers["Content-Length"] == str(len(image.manifest))
+        assert headers["ETag"] == f'"{image.digest}"'
+        assert headers["Docker-Distribution-API-Version"] == "registry/2.0"
+    async with aiohttp.ClientSession() as s, s.head(f"{mirror.url}/v2/dao-test/schema2/manifests/v1",
+                                                    headers={"Accept": DOCKER_ACCEPT}) as r:
+        assert r.status == 200
+        assert r.headers["Docker-Content-Digest"] == image.digest
+        assert r.headers["Content-Length"] == str(len(image.manifest))
+
+
+async def test_single_component_names_map_to_library(world: World, mirror: Mirror) -> None:
+    image = world.image("library/tiny:v1")
+    status, headers, body = await get(f"{mirror.url}/v2/tiny/manifests/v1", Accept=DOCKER_ACCEPT)
+    assert (status, body) == (200, image.manifest)
+
+
+async def test_oci_manifest_keeps_its_media_type(world: World, mirror: Mirror) -> None:
+    image = world.image("dao-test/oci:v1")
+    status, headers, body = await get(f"{mirror.url}/v2/dao-test/oci/manifests/v1", Accept=DOCKER_ACCEPT)
+    assert status == 200 and body == image.manifest
+    assert headers["Content-Type"] == images.OCI_MANIFEST
+
+
+async def test_accept_sets_never_get_each_others_manifest(world: World, mirror: Mirror) -> None:
+    index = world.image("dao-test/multi:v1")
+    amd64 = index.children[0]
+    url = f"{mirror.url}/v2/dao-test/multi/manifests/v1"
+    for _ in range(2):  # second round comes from the cache
+        status, headers, body = await get(url, Accept=DOCKER_ACCEPT)
+        assert (status, body, headers["Content-Type"]) == (200, index.manifest, images.DOCKER_LIST)
+        status, headers, body = await get(url, Accept=images.DOCKER_MANIFEST)
+        assert status == 200
+        assert headers["Content-Type"] == images.DOCKER_MANIFEST
+        assert body == amd64.manifest  # the registry chose the platform; we never hand out the list
+        assert headers["Docker-Content-Digest"] == amd64.digest
+    cached = mirror.accesses_to("/multi/manifests/v1", 4)
+    assert [a.cache for a in cached] == ["miss", "miss", "hit", "hit"]
+
+
+async def test_blob_cold_then_warm_with_ranges(world: World, mirror: Mirror) -> None:
+    image = world.image("dao-test/schema2:v1")
+    digest = image.layer_digests()[2]
+    data = image.blobs[digest].read_bytes()
+    url = f"{mirror.url}/v2/dao-test/schema2/blobs/{digest}"
+    offset = world.upstream.log_offset()
+    for _ in range(2):
+        status, headers, body = await get(url)
+        assert status == 200 and body == data
+        assert headers["Docker-Content-Digest"] == digest
+        assert headers["Content-Length"] == str(len(data))
+    assert len(world.upstream.blob_gets(offset, digest)) == 1
+    assert [a.cache for a in mirror.accesses_to(digest, 2)] == ["miss", "hit"]
+    assert digest in mirror.committed_blobs()
+
+    status, headers, body = await get(url, Range="bytes=100-1099")
+    assert (status, body) == (206, data[100:1100])
+    assert headers["Content-Range"] == f"bytes 100-1099/{len(data)}"
+    status, headers, body = await get(url, Range="bytes=-10")
+    assert (status, body) == (206, data[-10:])
+    status, headers, body = await get(url, Range=f"bytes={len(data)}-")
+    assert status == 416 and json.loads(body)["errors"][0]["code"] == "RANGE_INVALID"
+    assert headers["Content-Range"] == f"bytes */{len(data)}"
+    status, _, body = await get(url, Range="pages=1-2")
+    assert status == 416
+
+
+async def test_blob_head_and_unknown_blob(world: World, mirror: Mirror) -> None:
+    image = world.image("dao-test/schema2:v1")
+    digest = image.layer_digests()[1]
+    async with aiohttp.ClientSession() as s, s.head(f"{mirror.url}/v2/dao-test/schema2/blobs/{digest}") as r:
+        assert r.status == 200
+        assert r.headers["Content-Length"] == str(image.blobs[digest].stat().st_size)
+    missing = "sha256:" + "0" * 64
+    status, _, body = await get(f"{mirror.url}/v2/dao-test/schema2/blobs/{missing}")
+    assert status == 404 and json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN"
+    status, _, body = await get(f"{mirror.url}/v2/dao-test/schema2/manifests/nope", Accept=DOCKER_ACCEPT)
+    assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+
+
+async def test_tags_list_passes_through(world: World, mirror: Mirror) -> None:
+    status, _, body = await get(f"{mirror.url}/v2/dao-test/schema2/tags/list")
+    assert status == 200
+    assert json.loads(body) == {"name": "dao-test/schema2", "tags": ["v1"]}
+
+
+def raw_request(port: int, request: bytes) -> tuple[int, bytes]:
+    """Send bytes as they are (no client-side path normalisation) and return status and body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    response = b"".join(chunks)
+    status = int(response.split(b" ", 2)[1])
+    return status, response.split(b"\r\n\r\n", 1)[-1]
+
+
+def error_code(body: bytes) -> str:
+    return json.loads(body)["errors"][0]["code"]
+
+
+def test_bad_input_gets_oci_errors(mirror: Mirror) -> None:
+    def req(method: str, path: str, extra: str = "") -> tuple[int, bytes]:
+        line = f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}Content-Length: 0\r\n\r\n"
+        return raw_request(mirror.port, line.encode())
+
+    good = "sha256:" + "a" * 64
+    cases = [
+        ("GET", "/v2/UPPER/case/manifests/v1", 400, "NAME_INVALID"),
+        ("GET", "/v2/a/../../etc/manifests/v1", 400, "NAME_INVALID"),
+        ("GET", "/v2/a/%2e%2e/b/blobs/" + good, 400, "NAME_INVALID"),
+        ("GET", "/v2/a//b/manifests/v1", 400, "NAME_INVALID"),
+        ("GET", "/v2/a/b/blobs/md5:" + "a" * 32, 400, "DIGEST_INVALID"),
+        ("GET", "/v2/a/b/blobs/sha256:../../../etc/passwd", 404, "NAME_UNKNOWN"),
+        ("GET", "/v2/a/b/blobs/sha256:" + "A" * 64, 400, "DIGEST_INVALID"),
+        ("GET", "/v2/a/b/blobs/sha256:abc", 400, "DIGEST_INVALID"),
+        ("GET", "/v2/a/b/manifests/-bad-tag", 400, "TAG_INVALID"),
+        ("PUT", "/v2/a/b/manifests/v1", 405, "UNSUPPORTED"),
+        ("DELETE", "/v2/a/b/blobs/" + good, 405, "UNSUPPORTED"),
+        ("POST", "/v2/a/b/blobs/uploads/", 405, "UNSUPPORTED"),
+        ("PATCH", "/v2/a/b/blobs/uploads/123", 405, "UNSUPPORTED"),
+    ]
+    for method, path, status, code in cases:
+        got_status, body = req(method, path)
+        assert (got_status, error_code(body)) == (status, code), (method, path, body)
+    status, _ = req("GET", "/v2/", extra="X-Big: " + "a" * 20000 + "\r\n")
+    assert status in (400, 431)
+    status, _ = req("GET", "/v2/" + "a/" * 6000 + "manifests/v1")
+    assert status in (400, 414)
+    assert "Traceback" not in mirror.output()
+
+
+async def test_eight_cold_clients_cost_one_upstream_transfer(world: World, mirror: Mirror) -> None:
+    image = world.image("dao-test/big:v1")
+    digest = image.layer_digests()[1]
+    size = image.blobs[digest].stat().st_size
+    assert size >= 100 * 1024 * 1024 or size >= 1024 * 1024  # full size unless shrunk for a quick local run
+    offset = world.upstream.log_offset()
+
+    async def client() -> str:
+        h = hashlib.sha256()
+        async with aiohttp.ClientSession() as s, s.get(f"{mirror.url}/v2/dao-test/big/blobs/{digest}") as r:
+            assert r.status == 200
+            async for chunk in r.content.iter_chunked(1 << 20):
+                h.update(chunk)
+        return "sha256:" + h.hexdigest()
+
+    results = await asyncio.gather(*(client() for _ in range(8)))
+    assert results == [digest] * 8
+    served = world.upstream.blob_gets(offset, digest)
+    assert len(served) == 1 and served[0].size == size
+    assert digest in mirror.committed_blobs()

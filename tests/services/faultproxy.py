@@ -1,0 +1,75 @@
+"""An HTTP proxy in front of the upstream registry that misbehaves on purpose, run as a subprocess.
+
+--rate B/s throttles blob bodies; --flip-byte flips one byte in the middle of every blob body;
+--cut-after N closes the connection after N bytes of a blob body. Anything else passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import aiohttp
+from aiohttp import web
+
+HOP = {"connection", "keep-alive", "transfer-encoding", "host", "content-length"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--upstream", required=True)
+    parser.add_argument("--rate", type=float, default=0)
+    parser.add_argument("--flip-byte", action="store_true")
+    parser.add_argument("--cut-after", type=int, default=-1)
+    args = parser.parse_args()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        session: aiohttp.ClientSession = request.app["session"]
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+        body = await request.read()
+        async with session.request(request.method, args.upstream + request.path_qs, headers=headers,
+                                   data=body or None, allow_redirects=False) as up:
+            resp = web.StreamResponse(status=up.status)
+            for k, v in up.headers.items():
+                if k.lower() not in HOP:
+                    resp.headers.add(k, v)
+            if up.content_length is not None:
+                resp.content_length = up.content_length
+            await resp.prepare(request)
+            is_blob = request.method == "GET" and "/blobs/" in request.path and up.status in (200, 206)
+            middle = (up.content_length or 0) // 2
+            sent = 0
+            async for chunk in up.content.iter_chunked(64 * 1024):
+                if is_blob and args.flip_byte and sent <= middle < sent + len(chunk):
+                    data = bytearray(chunk)
+                    data[middle - sent] ^= 0xFF
+                    chunk = bytes(data)
+                if is_blob and args.cut_after >= 0 and sent + len(chunk) > args.cut_after:
+                    await resp.write(chunk[: args.cut_after - sent])
+                    await asyncio.sleep(0.1)
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return resp
+                await resp.write(chunk)
+                sent += len(chunk)
+                if is_blob and args.rate:
+                    await asyncio.sleep(len(chunk) / args.rate)
+            await resp.write_eof()
+            return resp
+
+    async def start(app: web.Application) -> None:
+        app["session"] = aiohttp.ClientSession(auto_decompress=False)
+
+    async def stop(app: web.Application) -> None:
+        await app["session"].close()
+
+    app = web.Application()
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()

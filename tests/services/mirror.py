@@ -1,0 +1,96 @@
+"""dao's mirror as the user runs it: the real ``dao mirror serve`` command in a child process."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.services.procs import Process, free_port, http_status, wait_until
+
+DAO = str(Path(sys.executable).with_name("dao"))
+_ACCESS = re.compile(
+    r'dao\.mirror\.access: \S+ "(?P<method>[A-Z]+) (?P<path>\S+)" (?P<status>\d+) (?P<bytes>\d+) cache=(?P<cache>\S+)'
+)
+
+
+@dataclass
+class Access:
+    method: str
+    path: str
+    status: int
+    size: int
+    cache: str
+
+
+class Mirror:
+    def __init__(self, workdir: Path, upstream: str, *, port: int | None = None, args: tuple[str, ...] = ()) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.data_dir = workdir / "data"
+        self.upstream = upstream
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = args
+        self.log = workdir / "mirror.log"
+        self.proc: Process | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = Process(
+            [DAO, "mirror", "serve", "--listen", f"127.0.0.1:{self.port}", "--upstream", self.upstream,
+             "--data-dir", str(self.data_dir), *self.args],
+            self.log,
+        )
+        wait_until(lambda: http_status(self.url + "/v2/") == 200, 20, "dao mirror", self.proc.proc)
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.stop()
+
+    def kill(self) -> None:
+        if self.proc:
+            self.proc.kill()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def accesses(self) -> list[Access]:
+        return [Access(m["method"], m["path"], int(m["status"]), int(m["bytes"]), m["cache"])
+                for m in _ACCESS.finditer(self.output())]
+
+    def accesses_to(self, suffix: str, count: int, timeout: float = 5.0) -> list[Access]:
+        """Access lines for paths ending in ``suffix``, once ``count`` are logged (written after the response)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [a for a in self.accesses() if a.path.endswith(suffix)]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)
+
+    def committed_blobs(self) -> set[str]:
+        root = self.data_dir / "blobs"
+        return {f"{p.parent.parent.name}:{p.name}" for p in root.glob("*/*/*") if p.is_file()}
+
+    def spool_files(self) -> list[Path]:
+        return [p for p in (self.data_dir / "tmp").glob("*") if p.is_file()]
+
+
+class FaultProxy:
+    def __init__(self, workdir: Path, upstream: str, *args: str, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = Process(
+            [sys.executable, str(Path(__file__).with_name("faultproxy.py")), "--port", str(self.port),
+             "--upstream", upstream, *args],
+            workdir / f"faultproxy-{self.port}.log",
+        )
+        wait_until(lambda: http_status(self.url + "/v2/") in (200, 401), 15, "fault proxy", self.proc.proc)
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+    def kill(self) -> None:
+        self.proc.kill()

@@ -1,0 +1,164 @@
+"""The stand-in for Docker Hub: the CNCF registry (Debian ``docker-registry``) with token auth, plus its
+token server, and a small pusher that seeds it offline through the Registry API (monolithic uploads).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import re
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from tests.services.images import Image
+from tests.services.procs import Process, free_port, http_status, wait_until
+
+SERVICE = "dao-test-registry"
+ISSUER = "dao-test-issuer"
+ADMIN_PASSWORD = "seed-only"
+_ACCESS_LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[\d.]+" (?P<status>\d{3}) (?P<bytes>\d+|-)')
+
+
+def _key_and_cert(workdir: Path) -> tuple[Path, Path]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dao test token signer")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    key_path, cert_path = workdir / "token.key", workdir / "token.crt"
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    status: int
+    size: int
+
+
+class Upstream:
+    """A running registry + token server. ``url`` is what a mirror's ``--upstream`` takes."""
+
+    def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        key, cert = _key_and_cert(workdir)
+        self.token_port = free_port()
+        self.token_log = workdir / "tokens.jsonl"
+        self.token_log.touch()
+        self.tokens = Process(
+            [sys.executable, str(Path(__file__).with_name("tokenserver.py")), "--port", str(self.token_port),
+             "--key", str(key), "--issuer", ISSUER, "--admin-password", ADMIN_PASSWORD,
+             "--log", str(self.token_log)],
+            workdir / "tokenserver.log",
+        )
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = workdir / "registry.yml"
+        config.write_text(json.dumps({  # YAML is a superset of JSON
+            "version": 0.1,
+            "log": {"level": "info", "accesslog": {"disabled": False}},
+            "storage": {"filesystem": {"rootdirectory": str(workdir / "storage")}, "delete": {"enabled": True}},
+            "http": {"addr": f"127.0.0.1:{self.port}"},
+            "auth": {"token": {"realm": f"http://127.0.0.1:{self.token_port}/token", "service": SERVICE,
+                               "issuer": ISSUER, "rootcertbundle": str(cert)}},
+        }))
+        wait_until(lambda: http_status(f"http://127.0.0.1:{self.token_port}/token") == 200, 15, "token server",
+                   self.tokens.proc)
+        self.registry = Process(["docker-registry", "serve", str(config)], workdir / "registry.log")
+        wait_until(lambda: http_status(self.url + "/v2/") == 401, 15, "registry", self.registry.proc)
+
+    def stop(self) -> None:
+        self.registry.stop()
+        self.tokens.stop()
+
+    # -- what it served ------------------------------------------------------------------------------------
+
+    def log_offset(self) -> int:
+        return self.registry.log.stat().st_size
+
+    def requests(self, since: int = 0) -> list[Request]:
+        with open(self.registry.log, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        out = []
+        for match in _ACCESS_LINE.finditer(text):
+            size = match["bytes"]
+            out.append(Request(match["method"], match["path"], int(match["status"]),
+                               0 if size == "-" else int(size)))
+        return out
+
+    def blob_gets(self, since: int = 0, digest: str | None = None) -> list[Request]:
+        return [r for r in self.requests(since) if r.method == "GET" and "/blobs/" in r.path
+                and r.status in (200, 206) and (digest is None or r.path.endswith(digest))]
+
+    # -- seeding -------------------------------------------------------------------------------------------
+
+    def push(self, repo: str, tag: str, image: Image) -> None:
+        token = self._admin_token(repo)
+        self._push_image(repo, image, token, reference=tag)
+
+    def _push_image(self, repo: str, image: Image, token: str, reference: str) -> None:
+        for child in image.children:
+            self._push_image(repo, child, token, reference=child.digest)
+        for digest, path in image.blobs.items():
+            self._push_blob(repo, digest, path, token)
+        req = urllib.request.Request(
+            f"{self.url}/v2/{repo}/manifests/{reference}", data=image.manifest, method="PUT",
+            headers={"Authorization": f"Bearer {token}", "Content-Type": image.media_type},
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert resp.status == 201, resp.status
+
+    def _push_blob(self, repo: str, digest: str, path: Path, token: str) -> None:
+        auth = {"Authorization": f"Bearer {token}"}
+        head = urllib.request.Request(f"{self.url}/v2/{repo}/blobs/{digest}", method="HEAD", headers=auth)
+        try:
+            with urllib.request.urlopen(head, timeout=30):
+                return
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404:
+                raise
+        start = urllib.request.Request(f"{self.url}/v2/{repo}/blobs/uploads/", data=b"", method="POST", headers=auth)
+        with urllib.request.urlopen(start, timeout=30) as resp:
+            location = urllib.parse.urljoin(self.url, resp.headers["Location"])
+        sep = "&" if "?" in location else "?"
+        with open(path, "rb") as body:
+            put = urllib.request.Request(
+                f"{location}{sep}digest={urllib.parse.quote(digest)}", data=body, method="PUT",
+                headers={**auth, "Content-Type": "application/octet-stream",
+                         "Content-Length": str(path.stat().st_size)},
+            )
+            with urllib.request.urlopen(put, timeout=300) as resp:
+                assert resp.status == 201, resp.status
+
+    def _admin_token(self, repo: str) -> str:
+        creds = base64.b64encode(f"admin:{ADMIN_PASSWORD}".encode()).decode()
+        query = urllib.parse.urlencode({"service": SERVICE, "scope": f"repository:{repo}:pull,push"})
+        req = urllib.request.Request(f"http://127.0.0.1:{self.token_port}/token?{query}",
+                                     headers={"Authorization": f"Basic {creds}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())["token"]
