@@ -1,0 +1,126 @@
+"""Unmodified clients pulling through the mirror: docker (registry-mirrors), skopeo (registries.conf) and
+containerd's ctr (hosts.toml). All run in the test's private network namespace: a fallback to Docker Hub
+would fail, not leave the machine."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import World
+from tests.services.dockerd import Dockerd
+from tests.services.mirror import FaultProxy, Mirror
+
+RUNNABLE = ["dao-test/schema2:v1", "dao-test/oci:v1", "dao-test/multi:v1", "dao-test/big:v1"]
+
+
+@pytest.fixture
+def docker_mirror(world: World, tmp_path: Path, docker_mirror_port: int) -> Iterator[Mirror]:
+    m = Mirror(tmp_path / "mirror", world.upstream.url, port=docker_mirror_port)
+    yield m
+    m.stop()
+
+
+def served_blobs(mirror: Mirror) -> set[str]:
+    return {a.path.split("?")[0].rsplit("/", 1)[1] for a in mirror.accesses()
+            if "/blobs/" in a.path and a.status in (200, 206)}
+
+
+@pytest.mark.parametrize("ref", RUNNABLE)
+def test_docker_pulls_through_the_mirror_and_runs(world: World, dockerd: Dockerd, docker_mirror: Mirror,
+                                                   ref: str) -> None:
+    offset = world.upstream.log_offset()
+    dockerd.docker("pull", ref)
+    run = dockerd.docker("run", "--rm", "--network", "none", ref, "true", check=False)
+    assert run.returncode == 0, run.stderr
+    image = world.image(ref)
+    target = image.children[0] if image.children else image  # docker picks linux/amd64 from the index
+    expected = set(target.blobs) - {json.loads(target.manifest)["config"]["digest"]}
+    assert expected <= served_blobs(docker_mirror)  # every layer came through dao
+    fetched_upstream = {r.path.rsplit("/", 1)[1] for r in world.upstream.blob_gets(offset)}
+    assert expected <= fetched_upstream
+    repo_digests = dockerd.docker("image", "inspect", "-f", "{{json .RepoDigests}}", ref).stdout
+    assert image.digest in repo_digests
+
+
+def test_second_pull_is_served_from_cache(world: World, dockerd: Dockerd, docker_mirror: Mirror) -> None:
+    ref = "dao-test/schema2:v1"
+    dockerd.docker("pull", ref)
+    dockerd.reset()
+    offset = world.upstream.log_offset()
+    dockerd.docker("pull", ref)
+    assert world.upstream.blob_gets(offset) == []  # not one blob byte from upstream
+    image = world.image(ref)
+    layer_hits = [a for a in docker_mirror.accesses() if "/blobs/" in a.path and a.cache == "hit"]
+    assert {a.path.rsplit("/", 1)[1] for a in layer_hits} >= set(image.layer_digests())
+
+
+def test_docker_pull_works_with_upstream_down_after_warming(world: World, dockerd: Dockerd, tmp_path: Path,
+                                                            docker_mirror_port: int) -> None:
+    proxy = FaultProxy(tmp_path, world.upstream.url)
+    mirror = Mirror(tmp_path / "mirror", proxy.url, port=docker_mirror_port,
+                    args=("--manifest-ttl", "0", "--manifest-timeout", "2"))
+    try:
+        ref = "dao-test/oci:v1"
+        dockerd.docker("pull", ref)
+        dockerd.reset()
+        proxy.kill()
+        dockerd.docker("pull", ref)
+        assert dockerd.docker("run", "--rm", "--network", "none", ref, "true").returncode == 0
+        assert "stale" in [a.cache for a in mirror.accesses_to("/manifests/v1", 2)]
+    finally:
+        mirror.stop()
+        proxy.stop()
+
+
+def test_pull_through_a_stopped_mirror_cannot_leave_the_machine(dockerd: Dockerd) -> None:
+    result = dockerd.docker("pull", "dao-test/schema2:v1", check=False, timeout=120)
+    assert result.returncode != 0
+    assert "127.0.0.9" in result.stderr or "connection refused" in result.stderr.lower()
+
+
+def test_skopeo_copies_through_the_mirror(world: World, mirror: Mirror, tmp_path: Path) -> None:
+    conf = tmp_path / "registries.conf"
+    conf.write_text(
+        'unqualified-search-registries = ["docker.io"]\n'
+        '[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n'
+        f'[[registry.mirror]]\nlocation = "127.0.0.1:{mirror.port}"\ninsecure = true\n'
+    )
+    out = tmp_path / "copy"
+    subprocess.run(
+        ["skopeo", "--registries-conf", str(conf), "copy", "--retry-times", "0",
+         "docker://docker.io/dao-test/schema2:v1", f"dir:{out}"],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    image = world.image("dao-test/schema2:v1")
+    assert (out / "manifest.json").read_bytes() == image.manifest
+    for digest, path in image.blobs.items():
+        copied = out / digest.split(":")[1]
+        assert hashlib.sha256(copied.read_bytes()).hexdigest() == digest.split(":")[1]
+        assert copied.read_bytes() == path.read_bytes()
+    assert set(image.blobs) <= served_blobs(mirror)
+
+
+def test_containerd_pulls_through_hosts_toml(world: World, dockerd: Dockerd, mirror: Mirror, tmp_path: Path) -> None:
+    hosts = tmp_path / "certs.d" / "docker.io"
+    hosts.mkdir(parents=True)
+    (hosts / "hosts.toml").write_text(
+        'server = "https://registry-1.docker.io"\n'
+        f'[host."http://127.0.0.1:{mirror.port}"]\n  capabilities = ["pull", "resolve"]\n'
+    )
+    ctr = ["ctr", "--address", dockerd.containerd_address, "--namespace", "dao-test"]
+    ref = "docker.io/dao-test/multi:v1"
+    try:
+        subprocess.run([*ctr, "images", "pull", "--hosts-dir", str(tmp_path / "certs.d"), ref],
+                       check=True, capture_output=True, text=True, timeout=300)
+        listed = subprocess.run([*ctr, "images", "ls"], check=True, capture_output=True, text=True).stdout
+        assert world.image("dao-test/multi:v1").digest in listed
+        amd64 = world.image("dao-test/multi:v1").children[0]
+        assert set(amd64.layer_digests()) <= served_blobs(mirror)
+    finally:
+        subprocess.run([*ctr, "images", "rm", ref], capture_output=True, timeout=60)

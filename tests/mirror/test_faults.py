@@ -1,0 +1,164 @@
+"""What happens when things break: nothing wrong is ever cached, every reader sees the failure, the next
+request recovers, and a warm cache keeps serving when the upstream is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import World
+from tests.services import images
+from tests.services.mirror import FaultProxy, Mirror
+
+DOCKER_ACCEPT = f"{images.DOCKER_MANIFEST}, {images.DOCKER_LIST}, {images.OCI_MANIFEST}, {images.OCI_INDEX}"
+REPO = "dao-test/schema2"
+
+
+def layer(world: World) -> tuple[str, bytes]:
+    image = world.image(f"{REPO}:v1")
+    digest = image.layer_digests()[2]  # the 1.5 MB one
+    return digest, image.blobs[digest].read_bytes()
+
+
+async def fetch(url: str) -> bytes:
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        assert r.status == 200
+        return await r.read()
+
+
+async def read_until_broken(url: str) -> tuple[int, int | None]:
+    """Read a blob whose transfer is expected to fail: (bytes received, declared length)."""
+    received = 0
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        assert r.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async for chunk in r.content.iter_chunked(65536):
+                received += len(chunk)
+        return received, r.content_length
+
+
+@pytest.fixture
+def proxied(world: World, tmp_path: Path):
+    """A mirror whose upstream is a fault proxy the test can replace on the same port."""
+    made: list[FaultProxy | Mirror] = []
+
+    def make(*proxy_args: str, mirror_args: tuple[str, ...] = ()) -> tuple[FaultProxy, Mirror]:
+        proxy = FaultProxy(tmp_path, world.upstream.url, *proxy_args)
+        mirror = Mirror(tmp_path / "mirror", proxy.url, args=mirror_args)
+        made.extend([proxy, mirror])
+        return proxy, mirror
+
+    def replace(proxy: FaultProxy, *proxy_args: str) -> FaultProxy:
+        proxy.stop()
+        new = FaultProxy(tmp_path, world.upstream.url, *proxy_args, port=proxy.port)
+        made.append(new)
+        return new
+
+    yield make, replace
+    for thing in reversed(made):
+        thing.stop()
+
+
+@pytest.mark.parametrize("fault", [("--cut-after", "500000"), ("--flip-byte",)], ids=["cut", "corrupt"])
+async def test_broken_or_corrupt_upstream_body_is_never_cached(world: World, proxied, fault: tuple[str, ...]) -> None:
+    make, replace = proxied
+    proxy, mirror = make(*fault)
+    digest, data = layer(world)
+    url = f"{mirror.url}/v2/{REPO}/blobs/{digest}"
+    results = await asyncio.gather(*(read_until_broken(url) for _ in range(3)))
+    for received, declared in results:
+        assert declared == len(data)
+        assert received < len(data)  # the connection was cut: never a clean, short 200
+    assert digest not in mirror.committed_blobs()
+    assert mirror.spool_files() == []
+    replace(proxy)
+    assert await fetch(url) == data  # the next request retries upstream
+    assert digest in mirror.committed_blobs()
+
+
+async def test_upstream_killed_mid_blob(world: World, proxied) -> None:
+    make, replace = proxied
+    proxy, mirror = make("--rate", "400000")
+    digest, data = layer(world)
+    url = f"{mirror.url}/v2/{REPO}/blobs/{digest}"
+    received = 0
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async for chunk in r.content.iter_chunked(65536):
+                received += len(chunk)
+                if received >= 100_000 and proxy.proc.alive():
+                    proxy.kill()
+    assert 100_000 <= received < len(data)
+    assert digest not in mirror.committed_blobs()
+    replace(proxy)
+    assert await fetch(url) == data
+
+
+async def test_first_bytes_reach_the_client_before_the_blob_is_complete(world: World, proxied) -> None:
+    make, _ = proxied
+    _, mirror = make("--rate", "500000")
+    digest, data = layer(world)
+    h = hashlib.sha256()
+    committed_at_first_chunk = None
+    async with aiohttp.ClientSession() as s, s.get(f"{mirror.url}/v2/{REPO}/blobs/{digest}") as r:
+        async for chunk in r.content.iter_chunked(65536):
+            if committed_at_first_chunk is None:
+                committed_at_first_chunk = digest in mirror.committed_blobs()
+            h.update(chunk)
+    assert committed_at_first_chunk is False
+    assert "sha256:" + h.hexdigest() == digest
+    assert digest in mirror.committed_blobs()
+
+
+async def test_mirror_killed_mid_fetch_leaves_nothing_wrong(world: World, tmp_path: Path) -> None:
+    proxy = FaultProxy(tmp_path, world.upstream.url, "--rate", "400000")
+    mirror = Mirror(tmp_path / "mirror", proxy.url)
+    try:
+        digest, data = layer(world)
+        url = f"{mirror.url}/v2/{REPO}/blobs/{digest}"
+        received = 0
+        async with aiohttp.ClientSession() as s, s.get(url) as r:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async for chunk in r.content.iter_chunked(65536):
+                    received += len(chunk)
+                    if received >= 100_000 and mirror.proc and mirror.proc.alive():
+                        mirror.kill()
+        assert digest not in mirror.committed_blobs()
+        assert len(mirror.spool_files()) == 1  # the partial download, invisible to readers
+        mirror.upstream = world.upstream.url
+        mirror.start()
+        assert mirror.spool_files() == []
+        assert await fetch(url) == data
+        stored = next((mirror.data_dir / "blobs").glob(f"sha256/*/{digest.split(':')[1]}"))
+        assert "sha256:" + hashlib.sha256(stored.read_bytes()).hexdigest() == digest
+    finally:
+        mirror.stop()
+        proxy.stop()
+
+
+async def test_warm_cache_serves_when_upstream_is_down(world: World, proxied) -> None:
+    make, _ = proxied
+    proxy, mirror = make(mirror_args=("--manifest-ttl", "0", "--manifest-timeout", "2"))
+    image = world.image(f"{REPO}:v1")
+    base = f"{mirror.url}/v2/{REPO}"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{base}/manifests/v1", headers={"Accept": DOCKER_ACCEPT}) as r:
+            assert r.status == 200 and "Warning" not in r.headers
+        for digest in image.blobs:
+            assert await fetch(f"{base}/blobs/{digest}") == image.blobs[digest].read_bytes()
+        proxy.kill()
+        async with s.get(f"{base}/manifests/v1", headers={"Accept": DOCKER_ACCEPT}) as r:
+            assert r.status == 200
+            assert await r.read() == image.manifest
+            assert r.headers["Warning"].startswith("110 ")
+        async with s.get(f"{base}/manifests/{image.digest}", headers={"Accept": DOCKER_ACCEPT}) as r:
+            assert r.status == 200 and await r.read() == image.manifest
+        for digest in image.blobs:
+            assert await fetch(f"{base}/blobs/{digest}") == image.blobs[digest].read_bytes()
+        async with s.get(f"{base}/manifests/never-seen", headers={"Accept": DOCKER_ACCEPT}) as r:
+            assert r.status == 503
+    assert [a.cache for a in mirror.accesses_to("/manifests/v1", 2)] == ["miss", "stale"]
