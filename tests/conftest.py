@@ -53,10 +53,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, isolated: None) -> Iterator[
     busybox = images.busybox_layer(layers_dir)
     built = {
         "dao-test/schema2:v1": images.image(
-            layers_dir, [busybox, images.data_layer(layers_dir, "s2a", 300_000),
-                         images.data_layer(layers_dir, "s2b", 1_500_000)]),
-        "dao-test/oci:v1": images.image(layers_dir, [busybox, images.data_layer(layers_dir, "oci", 700_000)],
-                                        oci=True),
+            layers_dir,
+            [busybox, images.data_layer(layers_dir, "s2a", 300_000), images.data_layer(layers_dir, "s2b", 1_500_000)],
+        ),
+        "dao-test/oci:v1": images.image(layers_dir, [busybox, images.data_layer(layers_dir, "oci", 700_000)], oci=True),
         "dao-test/big:v1": images.image(layers_dir, [busybox, images.data_layer(layers_dir, "big", BIG_LAYER_SIZE)]),
     }
     amd64 = images.image(layers_dir, [busybox, images.data_layer(layers_dir, "amd", 200_000)])
@@ -80,8 +80,9 @@ def docker_mirror_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def dockerd_session(tmp_path_factory: pytest.TempPathFactory, isolated: None, docker_mirror_port: int
-                    ) -> Iterator[Dockerd]:
+def dockerd_session(
+    tmp_path_factory: pytest.TempPathFactory, isolated: None, docker_mirror_port: int
+) -> Iterator[Dockerd]:
     engine = Dockerd(tmp_path_factory.mktemp("dockerd"), [f"http://127.0.0.1:{docker_mirror_port}"])
     try:
         yield engine

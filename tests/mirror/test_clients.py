@@ -27,13 +27,17 @@ def docker_mirror(world: World, tmp_path: Path, docker_mirror_port: int) -> Iter
 
 
 def served_blobs(mirror: Mirror) -> set[str]:
-    return {a.path.split("?")[0].rsplit("/", 1)[1] for a in mirror.accesses()
-            if "/blobs/" in a.path and a.status in (200, 206)}
+    return {
+        a.path.split("?")[0].rsplit("/", 1)[1]
+        for a in mirror.accesses()
+        if "/blobs/" in a.path and a.status in (200, 206)
+    }
 
 
 @pytest.mark.parametrize("ref", RUNNABLE)
-def test_docker_pulls_through_the_mirror_and_runs(world: World, dockerd: Dockerd, docker_mirror: Mirror,
-                                                   ref: str) -> None:
+def test_docker_pulls_through_the_mirror_and_runs(
+    world: World, dockerd: Dockerd, docker_mirror: Mirror, ref: str
+) -> None:
     offset = world.upstream.log_offset()
     dockerd.docker("pull", ref)
     run = dockerd.docker("run", "--rm", "--network", "none", ref, "true", check=False)
@@ -60,11 +64,13 @@ def test_second_pull_is_served_from_cache(world: World, dockerd: Dockerd, docker
     assert {a.path.rsplit("/", 1)[1] for a in layer_hits} >= set(image.layer_digests())
 
 
-def test_docker_pull_works_with_upstream_down_after_warming(world: World, dockerd: Dockerd, tmp_path: Path,
-                                                            docker_mirror_port: int) -> None:
+def test_docker_pull_works_with_upstream_down_after_warming(
+    world: World, dockerd: Dockerd, tmp_path: Path, docker_mirror_port: int
+) -> None:
     proxy = FaultProxy(tmp_path, world.upstream.url)
-    mirror = Mirror(tmp_path / "mirror", proxy.url, port=docker_mirror_port,
-                    args=("--manifest-ttl", "0", "--manifest-timeout", "2"))
+    mirror = Mirror(
+        tmp_path / "mirror", proxy.url, port=docker_mirror_port, args=("--manifest-ttl", "0", "--manifest-timeout", "2")
+    )
     try:
         ref = "dao-test/oci:v1"
         dockerd.docker("pull", ref)
@@ -93,9 +99,20 @@ def test_skopeo_copies_through_the_mirror(world: World, mirror: Mirror, tmp_path
     )
     out = tmp_path / "copy"
     subprocess.run(
-        ["skopeo", "--registries-conf", str(conf), "copy", "--retry-times", "0",
-         "docker://docker.io/dao-test/schema2:v1", f"dir:{out}"],
-        check=True, capture_output=True, text=True, timeout=300,
+        [
+            "skopeo",
+            "--registries-conf",
+            str(conf),
+            "copy",
+            "--retry-times",
+            "0",
+            "docker://docker.io/dao-test/schema2:v1",
+            f"dir:{out}",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     image = world.image("dao-test/schema2:v1")
     assert (out / "manifest.json").read_bytes() == image.manifest
@@ -116,8 +133,13 @@ def test_containerd_pulls_through_hosts_toml(world: World, dockerd: Dockerd, mir
     ctr = ["ctr", "--address", dockerd.containerd_address, "--namespace", "dao-test"]
     ref = "docker.io/dao-test/multi:v1"
     try:
-        subprocess.run([*ctr, "images", "pull", "--hosts-dir", str(tmp_path / "certs.d"), ref],
-                       check=True, capture_output=True, text=True, timeout=300)
+        subprocess.run(
+            [*ctr, "images", "pull", "--hosts-dir", str(tmp_path / "certs.d"), ref],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         listed = subprocess.run([*ctr, "images", "ls"], check=True, capture_output=True, text=True).stdout
         assert world.image("dao-test/multi:v1").digest in listed
         amd64 = world.image("dao-test/multi:v1").children[0]

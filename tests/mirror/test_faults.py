@@ -101,7 +101,7 @@ async def test_upstream_killed_mid_blob(world: World, proxied) -> None:
 async def test_first_bytes_reach_the_client_before_the_blob_is_complete(world: World, proxied) -> None:
     make, _ = proxied
     _, mirror = make("--rate", "500000")
-    digest, data = layer(world)
+    digest, _data = layer(world)
     h = hashlib.sha256()
     committed_at_first_chunk = None
     async with aiohttp.ClientSession() as s, s.get(f"{mirror.url}/v2/{REPO}/blobs/{digest}") as r:

@@ -33,8 +33,10 @@ async def test_manifests_by_tag_and_digest_carry_exact_headers(world: World, mir
         assert headers["Content-Length"] == str(len(image.manifest))
         assert headers["ETag"] == f'"{image.digest}"'
         assert headers["Docker-Distribution-API-Version"] == "registry/2.0"
-    async with aiohttp.ClientSession() as s, s.head(f"{mirror.url}/v2/dao-test/schema2/manifests/v1",
-                                                    headers={"Accept": DOCKER_ACCEPT}) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.head(f"{mirror.url}/v2/dao-test/schema2/manifests/v1", headers={"Accept": DOCKER_ACCEPT}) as r,
+    ):
         assert r.status == 200
         assert r.headers["Docker-Content-Digest"] == image.digest
         assert r.headers["Content-Length"] == str(len(image.manifest))
@@ -42,7 +44,7 @@ async def test_manifests_by_tag_and_digest_carry_exact_headers(world: World, mir
 
 async def test_single_component_names_map_to_library(world: World, mirror: Mirror) -> None:
     image = world.image("library/tiny:v1")
-    status, headers, body = await get(f"{mirror.url}/v2/tiny/manifests/v1", Accept=DOCKER_ACCEPT)
+    status, _headers, body = await get(f"{mirror.url}/v2/tiny/manifests/v1", Accept=DOCKER_ACCEPT)
     assert (status, body) == (200, image.manifest)
 
 

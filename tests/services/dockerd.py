@@ -22,21 +22,43 @@ class Dockerd:
         config = workdir / "daemon.json"
         config.write_text(json.dumps({"registry-mirrors": mirrors}))
         self.proc = Process(
-            ["dockerd", "--config-file", str(config), "--data-root", str(workdir / "data"),
-             "--exec-root", str(self.exec_root / "exec"), "-H", f"unix://{self.sock}",
-             "--pidfile", str(self.exec_root / "docker.pid"), "--bridge", "none", "--iptables=false"],
+            [
+                "dockerd",
+                "--config-file",
+                str(config),
+                "--data-root",
+                str(workdir / "data"),
+                "--exec-root",
+                str(self.exec_root / "exec"),
+                "-H",
+                f"unix://{self.sock}",
+                "--pidfile",
+                str(self.exec_root / "docker.pid"),
+                "--bridge",
+                "none",
+                "--iptables=false",
+            ],
             workdir / "dockerd.log",
         )
-        wait_until(lambda: self.sock.exists() and self.docker("version", check=False).returncode == 0, 60,
-                   "dockerd", self.proc.proc)
+        wait_until(
+            lambda: self.sock.exists() and self.docker("version", check=False).returncode == 0,
+            60,
+            "dockerd",
+            self.proc.proc,
+        )
 
     @property
     def containerd_address(self) -> str:
         return str(self.exec_root / "exec" / "containerd" / "containerd.sock")
 
     def docker(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([DOCKER_CLI, "-H", f"unix://{self.sock}", *args], capture_output=True, text=True,
-                              check=check, timeout=timeout)
+        return subprocess.run(
+            [DOCKER_CLI, "-H", f"unix://{self.sock}", *args],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=timeout,
+        )
 
     def reset(self) -> None:
         """Remove every container and image, so the next test pulls from scratch."""

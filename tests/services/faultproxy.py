@@ -28,8 +28,9 @@ def main() -> None:
         session: aiohttp.ClientSession = request.app["session"]
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
         body = await request.read()
-        async with session.request(request.method, args.upstream + request.path_qs, headers=headers,
-                                   data=body or None, allow_redirects=False) as up:
+        async with session.request(
+            request.method, args.upstream + request.path_qs, headers=headers, data=body or None, allow_redirects=False
+        ) as up:
             resp = web.StreamResponse(status=up.status)
             for k, v in up.headers.items():
                 if k.lower() not in HOP:

@@ -92,9 +92,12 @@ def build_layer(workdir: Path, name: str, members: list[tuple[str, bytes | Path 
                 tar.addfile(_tar_info(member, len(content)), io.BytesIO(content))
     diff_id = file_digest(tar_path)
     gz_path = workdir / f"{name}.tar.gz"
-    with open(tar_path, "rb") as src, open(gz_path, "wb") as raw:
-        with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz:
-            shutil.copyfileobj(src, gz, 1 << 20)
+    with (
+        open(tar_path, "rb") as src,
+        open(gz_path, "wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz,
+    ):
+        shutil.copyfileobj(src, gz, 1 << 20)
     tar_path.unlink()
     return Layer(gz_path, file_digest(gz_path), gz_path.stat().st_size, diff_id)
 
@@ -103,8 +106,13 @@ def busybox_layer(workdir: Path) -> Layer:
     return build_layer(
         workdir,
         "busybox",
-        [("bin", None, None), ("bin/busybox", BUSYBOX, None), ("bin/true", None, "busybox"),
-         ("bin/sh", None, "busybox"), ("bin/cat", None, "busybox")],
+        [
+            ("bin", None, None),
+            ("bin/busybox", BUSYBOX, None),
+            ("bin/true", None, "busybox"),
+            ("bin/sh", None, "busybox"),
+            ("bin/cat", None, "busybox"),
+        ],
     )
 
 
@@ -129,8 +137,9 @@ def write_blob(workdir: Path, data: bytes) -> tuple[str, Path]:
     return digest, path
 
 
-def image(workdir: Path, layers: list[Layer], *, oci: bool = False, arch: str = "amd64",
-          cmd: list[str] | None = None) -> Image:
+def image(
+    workdir: Path, layers: list[Layer], *, oci: bool = False, arch: str = "amd64", cmd: list[str] | None = None
+) -> Image:
     config = {
         "architecture": arch,
         "os": "linux",
@@ -143,8 +152,11 @@ def image(workdir: Path, layers: list[Layer], *, oci: bool = False, arch: str = 
     manifest = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST if oci else DOCKER_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG if oci else DOCKER_CONFIG, "size": len(config_bytes),
-                   "digest": config_digest},
+        "config": {
+            "mediaType": OCI_CONFIG if oci else DOCKER_CONFIG,
+            "size": len(config_bytes),
+            "digest": config_digest,
+        },
         "layers": [
             {"mediaType": OCI_LAYER if oci else DOCKER_LAYER, "size": layer.size, "digest": layer.digest}
             for layer in layers
@@ -160,8 +172,12 @@ def index(children: list[tuple[Image, str, str]], *, oci: bool = False) -> Image
         "schemaVersion": 2,
         "mediaType": OCI_INDEX if oci else DOCKER_LIST,
         "manifests": [
-            {"mediaType": child.media_type, "size": len(child.manifest), "digest": child.digest,
-             "platform": {"os": os_, "architecture": arch}}
+            {
+                "mediaType": child.media_type,
+                "size": len(child.manifest),
+                "digest": child.digest,
+                "platform": {"os": os_, "architecture": arch},
+            }
             for child, os_, arch in children
         ],
     }

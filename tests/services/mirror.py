@@ -40,8 +40,18 @@ class Mirror:
 
     def start(self) -> None:
         self.proc = Process(
-            [DAO, "mirror", "serve", "--listen", f"127.0.0.1:{self.port}", "--upstream", self.upstream,
-             "--data-dir", str(self.data_dir), *self.args],
+            [
+                DAO,
+                "mirror",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--upstream",
+                self.upstream,
+                "--data-dir",
+                str(self.data_dir),
+                *self.args,
+            ],
             self.log,
         )
         wait_until(lambda: http_status(self.url + "/v2/") == 200, 20, "dao mirror", self.proc.proc)
@@ -58,8 +68,10 @@ class Mirror:
         return self.log.read_text(errors="replace")
 
     def accesses(self) -> list[Access]:
-        return [Access(m["method"], m["path"], int(m["status"]), int(m["bytes"]), m["cache"])
-                for m in _ACCESS.finditer(self.output())]
+        return [
+            Access(m["method"], m["path"], int(m["status"]), int(m["bytes"]), m["cache"])
+            for m in _ACCESS.finditer(self.output())
+        ]
 
     def accesses_to(self, suffix: str, count: int, timeout: float = 5.0) -> list[Access]:
         """Access lines for paths ending in ``suffix``, once ``count`` are logged (written after the response)."""
@@ -83,8 +95,15 @@ class FaultProxy:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = Process(
-            [sys.executable, str(Path(__file__).with_name("faultproxy.py")), "--port", str(self.port),
-             "--upstream", upstream, *args],
+            [
+                sys.executable,
+                str(Path(__file__).with_name("faultproxy.py")),
+                "--port",
+                str(self.port),
+                "--upstream",
+                upstream,
+                *args,
+            ],
             workdir / f"faultproxy-{self.port}.log",
         )
         wait_until(lambda: http_status(self.url + "/v2/") in (200, 401), 15, "fault proxy", self.proc.proc)

@@ -49,7 +49,10 @@ class Process:
         self.log = log
         self._out = open(log, "ab")  # noqa: SIM115 -- lives as long as the process
         self.proc = subprocess.Popen(
-            argv, stdout=self._out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            argv,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
             start_new_session=True,
         )
 

@@ -34,7 +34,8 @@ def main() -> None:
     parser.add_argument("--admin-password", required=True)
     parser.add_argument("--log", required=True)
     args = parser.parse_args()
-    key = serialization.load_pem_private_key(open(args.key, "rb").read(), password=None)
+    with open(args.key, "rb") as f:
+        key = serialization.load_pem_private_key(f.read(), password=None)
     kid = libtrust_kid(key.public_key())
 
     async def token(request: web.Request) -> web.Response:
@@ -65,7 +66,7 @@ def main() -> None:
             "access": access,
         }
         signed = jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid})
-        with open(args.log, "a") as f:
+        with open(args.log, "a") as f:  # noqa: ASYNC230 -- a test fixture's tiny log line
             f.write(json.dumps({"admin": admin, "scopes": request.query.getall("scope", [])}) + "\n")
         return web.json_response({"token": signed, "access_token": signed, "expires_in": 300})
 

@@ -70,24 +70,49 @@ class Upstream:
         self.token_log = workdir / "tokens.jsonl"
         self.token_log.touch()
         self.tokens = Process(
-            [sys.executable, str(Path(__file__).with_name("tokenserver.py")), "--port", str(self.token_port),
-             "--key", str(key), "--issuer", ISSUER, "--admin-password", ADMIN_PASSWORD,
-             "--log", str(self.token_log)],
+            [
+                sys.executable,
+                str(Path(__file__).with_name("tokenserver.py")),
+                "--port",
+                str(self.token_port),
+                "--key",
+                str(key),
+                "--issuer",
+                ISSUER,
+                "--admin-password",
+                ADMIN_PASSWORD,
+                "--log",
+                str(self.token_log),
+            ],
             workdir / "tokenserver.log",
         )
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = workdir / "registry.yml"
-        config.write_text(json.dumps({  # YAML is a superset of JSON
-            "version": 0.1,
-            "log": {"level": "info", "accesslog": {"disabled": False}},
-            "storage": {"filesystem": {"rootdirectory": str(workdir / "storage")}, "delete": {"enabled": True}},
-            "http": {"addr": f"127.0.0.1:{self.port}"},
-            "auth": {"token": {"realm": f"http://127.0.0.1:{self.token_port}/token", "service": SERVICE,
-                               "issuer": ISSUER, "rootcertbundle": str(cert)}},
-        }))
-        wait_until(lambda: http_status(f"http://127.0.0.1:{self.token_port}/token") == 200, 15, "token server",
-                   self.tokens.proc)
+        config.write_text(
+            json.dumps(
+                {  # YAML is a superset of JSON
+                    "version": 0.1,
+                    "log": {"level": "info", "accesslog": {"disabled": False}},
+                    "storage": {"filesystem": {"rootdirectory": str(workdir / "storage")}, "delete": {"enabled": True}},
+                    "http": {"addr": f"127.0.0.1:{self.port}"},
+                    "auth": {
+                        "token": {
+                            "realm": f"http://127.0.0.1:{self.token_port}/token",
+                            "service": SERVICE,
+                            "issuer": ISSUER,
+                            "rootcertbundle": str(cert),
+                        }
+                    },
+                }
+            )
+        )
+        wait_until(
+            lambda: http_status(f"http://127.0.0.1:{self.token_port}/token") == 200,
+            15,
+            "token server",
+            self.tokens.proc,
+        )
         self.registry = Process(["docker-registry", "serve", str(config)], workdir / "registry.log")
         wait_until(lambda: http_status(self.url + "/v2/") == 401, 15, "registry", self.registry.proc)
 
@@ -107,13 +132,18 @@ class Upstream:
         out = []
         for match in _ACCESS_LINE.finditer(text):
             size = match["bytes"]
-            out.append(Request(match["method"], match["path"], int(match["status"]),
-                               0 if size == "-" else int(size)))
+            out.append(Request(match["method"], match["path"], int(match["status"]), 0 if size == "-" else int(size)))
         return out
 
     def blob_gets(self, since: int = 0, digest: str | None = None) -> list[Request]:
-        return [r for r in self.requests(since) if r.method == "GET" and "/blobs/" in r.path
-                and r.status in (200, 206) and (digest is None or r.path.endswith(digest))]
+        return [
+            r
+            for r in self.requests(since)
+            if r.method == "GET"
+            and "/blobs/" in r.path
+            and r.status in (200, 206)
+            and (digest is None or r.path.endswith(digest))
+        ]
 
     # -- seeding -------------------------------------------------------------------------------------------
 
@@ -127,7 +157,9 @@ class Upstream:
         for digest, path in image.blobs.items():
             self._push_blob(repo, digest, path, token)
         req = urllib.request.Request(
-            f"{self.url}/v2/{repo}/manifests/{reference}", data=image.manifest, method="PUT",
+            f"{self.url}/v2/{repo}/manifests/{reference}",
+            data=image.manifest,
+            method="PUT",
             headers={"Authorization": f"Bearer {token}", "Content-Type": image.media_type},
         )
         with urllib.request.urlopen(req, timeout=60) as resp:
@@ -148,9 +180,14 @@ class Upstream:
         sep = "&" if "?" in location else "?"
         with open(path, "rb") as body:
             put = urllib.request.Request(
-                f"{location}{sep}digest={urllib.parse.quote(digest)}", data=body, method="PUT",
-                headers={**auth, "Content-Type": "application/octet-stream",
-                         "Content-Length": str(path.stat().st_size)},
+                f"{location}{sep}digest={urllib.parse.quote(digest)}",
+                data=body,
+                method="PUT",
+                headers={
+                    **auth,
+                    "Content-Type": "application/octet-stream",
+                    "Content-Length": str(path.stat().st_size),
+                },
             )
             with urllib.request.urlopen(put, timeout=300) as resp:
                 assert resp.status == 201, resp.status
@@ -158,7 +195,8 @@ class Upstream:
     def _admin_token(self, repo: str) -> str:
         creds = base64.b64encode(f"admin:{ADMIN_PASSWORD}".encode()).decode()
         query = urllib.parse.urlencode({"service": SERVICE, "scope": f"repository:{repo}:pull,push"})
-        req = urllib.request.Request(f"http://127.0.0.1:{self.token_port}/token?{query}",
-                                     headers={"Authorization": f"Basic {creds}"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.token_port}/token?{query}", headers={"Authorization": f"Basic {creds}"}
+        )
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())["token"]

@@ -131,13 +131,19 @@ class Authenticator:
             return {"Authorization": self.credentials.basic_header()}
         return {}
 
-    async def challenged(self, www_authenticate: str, scope: str) -> dict[str, str] | None:
-        """Headers to retry with after a 401, or None when we have nothing better to offer."""
+    async def challenged(self, www_authenticate: str, scope: str, sent: str | None = None) -> dict[str, str] | None:
+        """Headers to retry with after a 401, or None when we have nothing better to offer.
+
+        ``sent`` is the Authorization the refused request carried: only that token is thrown away, so the
+        many requests that race into the first challenge share one token request instead of one each.
+        """
         for challenge in parse_www_authenticate(www_authenticate):
             if challenge.scheme == "bearer" and "realm" in challenge.params:
                 self._bearer = challenge
                 wanted = challenge.params.get("scope") or scope
-                self._drop(challenge, wanted)
+                cached = self._tokens.get(self._key(challenge, wanted))
+                if cached is not None and sent == f"Bearer {cached.value}":
+                    self._drop(challenge, wanted)
                 token = await self._token(challenge, wanted)
                 return {"Authorization": f"Bearer {token}"}
         for challenge in parse_www_authenticate(www_authenticate):

@@ -239,7 +239,7 @@ class RegistryClient:
         resp = await self._follow(method, path, {**headers, **auth}, params)
         if resp.status == 401 and authenticate:
             challenge = resp.headers.get("WWW-Authenticate", "")
-            retry_headers = await self.auth.challenged(challenge, scope)
+            retry_headers = await self.auth.challenged(challenge, scope, auth.get("Authorization"))
             if retry_headers is not None:
                 resp.release()
                 resp = await self._follow(method, path, {**headers, **retry_headers}, params)

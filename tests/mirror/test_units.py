@@ -1,0 +1,67 @@
+"""Pure pieces of the mirror: Range parsing and configuration layering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dao.config import ConfigError, MirrorConfig, load
+from dao.mirror.serve import parse_range
+from dao.oci.errors import RegistryError
+
+
+def test_ranges() -> None:
+    assert parse_range(None, 10) is None
+    assert parse_range("bytes=0-", 10) == (0, 9)
+    assert parse_range("bytes=2-4", 10) == (2, 4)
+    assert parse_range("bytes=2-400", 10) == (2, 9)
+    assert parse_range("bytes=-3", 10) == (7, 9)
+    assert parse_range("bytes=-30", 10) == (0, 9)
+    assert parse_range("bytes=5-", None) == (5, None)
+    for bad in ("bytes=10-", "bytes=4-2", "bytes=-0", "bytes=-", "bytes=1-2,4-5", "items=1-2", "bytes=a-b"):
+        with pytest.raises(RegistryError) as info:
+            parse_range(bad, 10)
+        assert info.value.status == 416
+
+
+@given(st.text(max_size=30), st.one_of(st.none(), st.integers(0, 10**12)))
+def test_range_parser_only_raises_range_errors(header: str, size: int | None) -> None:
+    try:
+        got = parse_range(header, size)
+    except RegistryError as exc:
+        assert exc.status == 416
+        return
+    if got is not None and size is not None:
+        start, end = got
+        assert end is not None and 0 <= start <= end < size
+
+
+def test_config_layers(tmp_path: Path) -> None:
+    f = tmp_path / "dao.toml"
+    f.write_text('[mirror]\nlisten = "127.0.0.1:6000"\nmanifest-ttl = 5\nupstream = "http://127.0.0.1:1"\n')
+    env = {"DAO_MIRROR_MANIFEST_TTL": "7", "DAO_MIRROR_ACCESS_LOG": "off"}
+    cfg = load(MirrorConfig, "mirror", file=f, env=env, flags={"listen": "127.0.0.1:7000", "upstream": None})
+    assert cfg.listen_address == ("127.0.0.1", 7000)  # flag beats file
+    assert cfg.manifest_ttl == 7.0  # environment beats file
+    assert cfg.access_log is False
+    assert cfg.upstream == "http://127.0.0.1:1"
+
+
+@pytest.mark.parametrize(
+    ("content", "env", "message"),
+    [
+        ("[mirror]\nbogus = 1\n", {}, "unknown setting 'bogus'"),
+        ("[mirror\n", {}, "not valid TOML"),
+        ("", {"DAO_MIRROR_MANIFEST_TTL": "soon"}, "DAO_MIRROR_MANIFEST_TTL"),
+        ("", {"DAO_MIRROR_UPSTREAM": "ftp://x"}, "upstream must be"),
+        ("", {"DAO_MIRROR_LISTEN": "nope"}, "listen must be"),
+    ],
+)
+def test_config_errors(tmp_path: Path, content: str, env: dict[str, str], message: str) -> None:
+    f = tmp_path / "dao.toml"
+    f.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load(MirrorConfig, "mirror", file=f, env=env, flags={})
