@@ -184,3 +184,31 @@ async def test_eight_cold_clients_cost_one_upstream_transfer(world: World, mirro
     served = world.upstream.blob_gets(offset, digest)
     assert len(served) == 1 and served[0].size == size
     assert digest in mirror.committed_blobs()
+
+
+async def test_tag_ttl_revalidates_with_head_and_follows_a_moved_tag(world: World, tmp_path) -> None:
+    repo = "dao-test/moving"
+    first = images.image(tmp_path, [images.data_layer(tmp_path, "move1", 1000)])
+    second = images.image(tmp_path, [images.data_layer(tmp_path, "move2", 1000)])
+    world.upstream.push(repo, "v1", first)
+    fresh = Mirror(tmp_path / "fresh", world.upstream.url, args=("--manifest-ttl", "3600"))
+    revalidating = Mirror(tmp_path / "reval", world.upstream.url, args=("--manifest-ttl", "0"))
+    try:
+        for m in (fresh, revalidating):
+            assert (await get(f"{m.url}/v2/{repo}/manifests/v1", Accept=DOCKER_ACCEPT))[2] == first.manifest
+        offset = world.upstream.log_offset()
+        status, headers, body = await get(f"{revalidating.url}/v2/{repo}/manifests/v1", Accept=DOCKER_ACCEPT)
+        assert body == first.manifest and "Warning" not in headers
+        asked = [(r.method, r.status) for r in world.upstream.requests(offset) if "/manifests/" in r.path]
+        assert asked == [("HEAD", 200)]  # one HEAD with the cached token, never a GET
+
+        world.upstream.push(repo, "v1", second)
+        assert (await get(f"{fresh.url}/v2/{repo}/manifests/v1", Accept=DOCKER_ACCEPT))[2] == first.manifest
+        status, headers, body = await get(f"{revalidating.url}/v2/{repo}/manifests/v1", Accept=DOCKER_ACCEPT)
+        assert (status, body) == (200, second.manifest)
+        assert headers["Docker-Content-Digest"] == second.digest
+        caches = [a.cache for a in revalidating.accesses_to(f"{repo}/manifests/v1", 3)]
+        assert caches == ["miss", "revalidated", "miss"]
+    finally:
+        fresh.stop()
+        revalidating.stop()
