@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -39,6 +40,20 @@ async def read_until_broken(url: str) -> tuple[int, int | None]:
             async for chunk in r.content.iter_chunked(65536):
                 received += len(chunk)
         return received, r.content_length
+
+
+async def read_and_kill(url: str, kill: Callable[[], None], after: int = 100_000) -> int:
+    """Read a blob, call ``kill`` once ``after`` bytes arrived, and expect the transfer to break."""
+    received, killed = 0, False
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        assert r.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async for chunk in r.content.iter_chunked(65536):
+                received += len(chunk)
+                if received >= after and not killed:
+                    kill()
+                    killed = True
+    return received
 
 
 @pytest.fixture
@@ -85,13 +100,7 @@ async def test_upstream_killed_mid_blob(world: World, proxied) -> None:
     proxy, mirror = make("--rate", "400000")
     digest, data = layer(world)
     url = f"{mirror.url}/v2/{REPO}/blobs/{digest}"
-    received = 0
-    async with aiohttp.ClientSession() as s, s.get(url) as r:
-        with pytest.raises(aiohttp.ClientPayloadError):
-            async for chunk in r.content.iter_chunked(65536):
-                received += len(chunk)
-                if received >= 100_000 and proxy.proc.alive():
-                    proxy.kill()
+    received = await read_and_kill(url, proxy.kill)
     assert 100_000 <= received < len(data)
     assert digest not in mirror.committed_blobs()
     replace(proxy)
@@ -120,13 +129,8 @@ async def test_mirror_killed_mid_fetch_leaves_nothing_wrong(world: World, tmp_pa
     try:
         digest, data = layer(world)
         url = f"{mirror.url}/v2/{REPO}/blobs/{digest}"
-        received = 0
-        async with aiohttp.ClientSession() as s, s.get(url) as r:
-            with pytest.raises(aiohttp.ClientPayloadError):
-                async for chunk in r.content.iter_chunked(65536):
-                    received += len(chunk)
-                    if received >= 100_000 and mirror.proc and mirror.proc.alive():
-                        mirror.kill()
+        received = await read_and_kill(url, mirror.kill)
+        assert 100_000 <= received < len(data)
         assert digest not in mirror.committed_blobs()
         assert len(mirror.spool_files()) == 1  # the partial download, invisible to readers
         mirror.upstream = world.upstream.url
