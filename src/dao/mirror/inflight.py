@@ -116,36 +116,47 @@ class Fetch:
 
     # -- reader side ---------------------------------------------------------------------------------------
 
+    def acquire(self) -> None:
+        """Count a reader; call in the same step as finding the fetch, before any await.
+
+        The shared descriptor is closed only when the fetch has ended and no reader holds it: a reader that
+        registered late could otherwise ``pread`` a closed (or reused) descriptor.
+        """
+        if self._closed:
+            raise FetchFailed(f"fetch of {self.digest} already closed")
+        self._readers += 1
+
+    def release(self) -> None:
+        self._readers -= 1
+        self._maybe_close()
+
     async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Bytes ``start`` .. ``end`` (inclusive; None = to the end of the blob) as they arrive.
 
-        Call after :attr:`headers_ready`. Raises :class:`FetchFailed` if the fetch fails before the range is
-        delivered.
+        The caller holds a reader registration (:meth:`acquire`) for as long as it iterates. Raises
+        :class:`FetchFailed` if the fetch fails before the range is delivered.
         """
-        self._readers += 1
-        try:
-            pos = start
-            while True:
-                stop = self._readable_until(end)
-                if pos < stop:
-                    n = min(READ_CHUNK, stop - pos)
-                    chunk = os.pread(self.fd, n, pos)
-                    if not chunk:
-                        raise FetchFailed(f"spool file of {self.digest} shorter than written")
-                    pos += len(chunk)
-                    yield chunk
-                    continue
-                if self.error is not None:
-                    raise FetchFailed(str(self.error) or self.error.__class__.__name__)
-                last = end if end is not None else (self.size - 1 if self.size is not None else None)
-                if self.done and (last is None or pos > last):
+        pos = start
+        while True:
+            stop = self._readable_until(end)
+            if pos < stop:
+                n = min(READ_CHUNK, stop - pos)
+                chunk = os.pread(self.fd, n, pos)
+                if not chunk:
+                    raise FetchFailed(f"spool file of {self.digest} shorter than written")
+                pos += len(chunk)
+                yield chunk
+                continue
+            if self.error is not None:
+                raise FetchFailed(str(self.error) or self.error.__class__.__name__)
+            last = end if end is not None else (self.size - 1 if self.size is not None else None)
+            if last is not None and pos > last:
+                return  # the whole range is out; its last byte was held back if it ended the blob
+            if self.done:
+                if last is None:
                     return
-                if self.done:
-                    raise FetchFailed(f"range beyond the end of {self.digest}")
-                await self._progress.wait()
-        finally:
-            self._readers -= 1
-            self._maybe_close()
+                raise FetchFailed(f"range beyond the end of {self.digest}")
+            await self._progress.wait()
 
     def _readable_until(self, end: int | None) -> int:
         """Exclusive bound of what a reader may send now."""
@@ -172,11 +183,16 @@ class Inflight:
         return self._fetches.get(digest)
 
     def join_or_start(self, digest: Digest, open_upstream: Opener) -> tuple[Fetch, bool]:
-        """The fetch for ``digest`` and whether this call started it."""
+        """The fetch for ``digest``, already acquired for the caller, and whether this call started it.
+
+        The caller must :meth:`~Fetch.release` it.
+        """
         fetch = self._fetches.get(digest)
         if fetch is not None:
+            fetch.acquire()
             return fetch, False
         fetch = Fetch(digest, self.store)
+        fetch.acquire()
         self._fetches[digest] = fetch
 
         async def run() -> None:

@@ -112,7 +112,10 @@ class Proxy:
     # -- blobs ---------------------------------------------------------------------------------------------
 
     async def open_blob(self, repo: str, digest: Digest) -> BlobAnswer:
-        """Raises :class:`RegistryError` (BLOB_UNKNOWN, upstream errors) before any byte is promised."""
+        """Raises :class:`RegistryError` (BLOB_UNKNOWN, upstream errors) before any byte is promised.
+
+        The caller closes ``local`` or releases ``fetch`` when done with the answer.
+        """
         local = await self.blobs.open(digest)
         if local is not None:
             return BlobAnswer(local.size, local=local)
@@ -120,7 +123,11 @@ class Proxy:
         try:
             await asyncio.shield(fetch.headers_ready)
         except RegistryClientError as exc:
+            fetch.release()
             raise upstream_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
+        except BaseException:
+            fetch.release()
+            raise
         return BlobAnswer(fetch.size, fetch=fetch, cache="miss" if started else "join")
 
     async def stat_blob(self, repo: str, digest: Digest) -> tuple[int | None, str]:

@@ -119,7 +119,17 @@ async def _copy_fallback(resp: web.StreamResponse, fd: int, start: int, count: i
 
 
 async def send_fetch(request: web.Request, digest: Digest, fetch: Fetch) -> web.StreamResponse:
-    """Serve a blob while it is being fetched, following the spool file; cut the connection on failure."""
+    """Serve a blob while it is being fetched, following the spool file; cut the connection on failure.
+
+    Releases the caller's reader registration on ``fetch``.
+    """
+    try:
+        return await _send_fetch(request, digest, fetch)
+    finally:
+        fetch.release()
+
+
+async def _send_fetch(request: web.Request, digest: Digest, fetch: Fetch) -> web.StreamResponse:
     resp = web.StreamResponse()
     blob_headers(resp, digest)
     start, end = _window(request, resp, fetch.size)

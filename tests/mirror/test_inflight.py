@@ -1,0 +1,94 @@
+"""The single-flight fetch in process, on the real filesystem store, with an upstream body we control."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from dao.mirror.inflight import FetchFailed, Inflight
+from dao.mirror.storage import FilesystemBlobStore
+from dao.oci.digest import Digest
+from dao.registry.errors import UpstreamUnavailable
+
+DATA = os.urandom(1_000_000)
+
+
+class Body:
+    """Sends ``data`` in chunks, pausing at ``gate`` after ``pause_at`` bytes; optionally breaks there."""
+
+    def __init__(self, data: bytes, pause_at: int, gate: asyncio.Event, *, fail: bool = False) -> None:
+        self.data, self.pause_at, self.gate, self.fail = data, pause_at, gate, fail
+        self.size: int | None = len(data)
+
+    async def __aenter__(self) -> Body:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        yield self.data[: self.pause_at]
+        await self.gate.wait()
+        if self.fail:
+            raise UpstreamUnavailable("upstream went away")
+        for i in range(self.pause_at, len(self.data), 65536):
+            yield self.data[i : i + 65536]
+
+
+async def collect(fetch, start: int = 0, end: int | None = None) -> bytes:
+    try:
+        return b"".join([chunk async for chunk in fetch.stream(start, end)])
+    finally:
+        fetch.release()
+
+
+async def test_readers_wait_at_the_tail_until_verified_and_survive_commit(tmp_path: Path) -> None:
+    store = FilesystemBlobStore(tmp_path)
+    inflight = Inflight(store)
+    gate = asyncio.Event()
+    digest = Digest.of(DATA)
+    fetch, started = inflight.join_or_start(digest, lambda: Body(DATA, 500_000, gate))
+    assert started
+    joined, started = inflight.join_or_start(digest, lambda: Body(b"", 0, gate))
+    assert joined is fetch and not started
+    await fetch.headers_ready
+    readers = [asyncio.create_task(collect(fetch)), asyncio.create_task(collect(joined, 10, 19))]
+    ranged = await readers[1]  # a range that does not reach the end needs no verification
+    assert ranged == DATA[10:20]
+    await asyncio.sleep(0.05)
+    assert not readers[0].done()  # held back: the blob is not complete yet
+    late, _ = inflight.join_or_start(digest, lambda: Body(b"", 0, gate))  # joins before commit, reads after
+    gate.set()
+    assert await readers[0] == DATA
+    await fetch.task
+    assert len(inflight) == 0
+    assert await collect(late) == DATA  # its registration kept the descriptor open
+    assert await store.stat(digest) == len(DATA)
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("corrupt", [False, True], ids=["broken", "corrupt"])
+async def test_failure_reaches_every_reader_and_commits_nothing(tmp_path: Path, corrupt: bool) -> None:
+    store = FilesystemBlobStore(tmp_path)
+    inflight = Inflight(store)
+    gate = asyncio.Event()
+    digest = Digest.of(DATA)
+    served = bytearray(DATA)
+    if corrupt:
+        served[-1] ^= 1  # only the very last byte is wrong: the held-back byte is exactly what protects
+    fetch, _ = inflight.join_or_start(digest, lambda: Body(bytes(served), 100, gate, fail=not corrupt))
+    other, _ = inflight.join_or_start(digest, lambda: Body(b"", 0, gate))
+    await fetch.headers_ready
+    readers = [asyncio.create_task(collect(f)) for f in (fetch, other)]
+    gate.set()
+    for reader in readers:
+        with pytest.raises(FetchFailed):
+            await reader
+    await fetch.task
+    assert await store.stat(digest) is None
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert len(inflight) == 0
