@@ -18,7 +18,7 @@ test: install-dev apt-test lint
 	tests/services/isolated.sh $(VENV)/bin/pytest -q -p no:cacheprovider
 
 lint:
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests
 
 install: apt-run
 	[ -x $(PY) ] || python3 -m venv $(VENV)

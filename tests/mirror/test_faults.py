@@ -166,3 +166,30 @@ async def test_warm_cache_serves_when_upstream_is_down(world: World, proxied) ->
         async with s.get(f"{base}/manifests/never-seen", headers={"Accept": DOCKER_ACCEPT}) as r:
             assert r.status == 503
     assert [a.cache for a in mirror.accesses_to("/manifests/v1", 2)] == ["miss", "stale"]
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [("--manifest-status", "429"), ("--manifest-status", "503"), ("--manifest-stall", "30")],
+    ids=["429", "503", "timeout"],
+)
+async def test_tag_served_stale_when_upstream_rate_limits_fails_or_stalls(
+    world: World, proxied, fault: tuple[str, ...]
+) -> None:
+    make, replace = proxied
+    proxy, mirror = make(mirror_args=("--manifest-ttl", "0", "--manifest-timeout", "1"))
+    image = world.image(f"{REPO}:v1")
+    url = f"{mirror.url}/v2/{REPO}/manifests/v1"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url, headers={"Accept": DOCKER_ACCEPT}) as r:
+            assert r.status == 200 and "Warning" not in r.headers
+        replace(proxy, *fault)
+        async with s.get(url, headers={"Accept": DOCKER_ACCEPT}) as r:
+            assert r.status == 200
+            assert await r.read() == image.manifest
+            assert r.headers["Warning"] == '110 dao "Response is Stale"'
+            assert r.headers["Docker-Content-Digest"] == image.digest
+        async with s.get(f"{mirror.url}/v2/{REPO}/manifests/v2", headers={"Accept": DOCKER_ACCEPT}) as r:
+            body = await r.json()  # never cached: the upstream's answer, as an OCI error
+            assert r.status == (429 if "429" in fault else 503), body
+    assert [a.cache for a in mirror.accesses_to("/manifests/v1", 2)] == ["miss", "stale"]

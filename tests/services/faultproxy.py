@@ -1,7 +1,9 @@
 """An HTTP proxy in front of the upstream registry that misbehaves on purpose, run as a subprocess.
 
 --rate B/s throttles blob bodies; --flip-byte flips one byte in the middle of every blob body;
---cut-after N closes the connection after N bytes of a blob body. Anything else passes through unchanged.
+--cut-after N closes the connection after N bytes of a blob body; --manifest-status S answers every manifest
+request with status S; --manifest-stall T holds manifest requests T seconds before passing them on.
+Anything else passes through unchanged.
 """
 
 from __future__ import annotations
@@ -22,10 +24,18 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0)
     parser.add_argument("--flip-byte", action="store_true")
     parser.add_argument("--cut-after", type=int, default=-1)
+    parser.add_argument("--manifest-status", type=int, default=0)
+    parser.add_argument("--manifest-stall", type=float, default=0)
     args = parser.parse_args()
 
     async def handle(request: web.Request) -> web.StreamResponse:
         session: aiohttp.ClientSession = request.app["session"]
+        if "/manifests/" in request.path:
+            if args.manifest_status:
+                return web.json_response(
+                    {"errors": [{"code": "TOOMANYREQUESTS", "message": "slow down"}]}, status=args.manifest_status
+                )
+            await asyncio.sleep(args.manifest_stall)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
         body = await request.read()
         async with session.request(
