@@ -142,3 +142,22 @@ async def test_manifest_digest_is_checked(session: aiohttp.ClientSession) -> Non
             await client.get_manifest("x", str(Digest.of(body)), ACCEPT)
     finally:
         await runner.cleanup()
+
+
+def test_retry_after_in_seconds_and_as_a_date() -> None:
+    from email.utils import formatdate
+
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from dao.registry.client import _retry_after
+
+    def parse(value: str) -> float | None:
+        return _retry_after(CIMultiDictProxy(CIMultiDict({"Retry-After": value})))
+
+    assert parse("2") == 2.0
+    assert parse("-5") == 0.0
+    assert parse("soon") is None
+    import time
+
+    in_ten = parse(formatdate(time.time() + 10, usegmt=True))
+    assert in_ten is not None and 8 <= in_ten <= 10

@@ -14,7 +14,7 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -96,9 +96,6 @@ class Credentials:
     def basic_header(self) -> str:
         raw = f"{self.username}:{self.password}".encode()
         return "Basic " + base64.b64encode(raw).decode()
-
-
-CredentialLookup = Callable[[str], Awaitable[Credentials | None]]
 
 
 @dataclass(slots=True)

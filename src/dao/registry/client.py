@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -93,7 +94,7 @@ def _retry_after(headers: CIMultiDictProxy[str]) -> float | None:
         return max(float(value), 0.0)
     except ValueError:
         try:
-            return max(parsedate_to_datetime(value).timestamp() - asyncio.get_running_loop().time(), 0.0)
+            return max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
         except (TypeError, ValueError):
             return None
 
