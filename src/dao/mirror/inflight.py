@@ -152,9 +152,7 @@ class Fetch:
             last = end if end is not None else (self.size - 1 if self.size is not None else None)
             if last is not None and pos > last:
                 return  # the whole range is out; its last byte was held back if it ended the blob
-            if self.done:
-                if last is None:
-                    return
+            if self.done:  # size is known once done, so ``last`` is too: the range ran past the blob
                 raise FetchFailed(f"range beyond the end of {self.digest}")
             await self._progress.wait()
 
