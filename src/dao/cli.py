@@ -73,6 +73,33 @@ def mirror_serve(
         float | None,
         typer.Option(help="Seconds to wait for upstream manifest answers before serving stale. [default: 10]"),
     ] = None,
+    manifest_swr: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds past the TTL a tag is answered from cache at once while it is re-checked in the "
+            "background; later, the client waits for the check (0 = always wait). [default: 86400]"
+        ),
+    ] = None,
+    negative_ttl: Annotated[
+        float | None, typer.Option(help="Seconds an upstream 'not found' is remembered. [default: 15]")
+    ] = None,
+    breaker_failures: Annotated[
+        int | None,
+        typer.Option(help="Upstream failures in a row after which requests fail fast or come from cache. [default: 5]"),
+    ] = None,
+    breaker_cooldown: Annotated[
+        float | None, typer.Option(help="Seconds before the upstream is tried again after that. [default: 15]")
+    ] = None,
+    prefetch_children: Annotated[
+        bool | None,
+        typer.Option(help="Cache every platform's manifest when a client pulls a multi-platform index. [default: on]"),
+    ] = None,
+    fetch_connections: Annotated[
+        int | None, typer.Option(help="Parallel upstream connections for one big blob. [default: 6]")
+    ] = None,
+    fetch_split_mib: Annotated[
+        float | None, typer.Option(help="Blobs at least this many MiB are fetched as parallel ranges. [default: 8]")
+    ] = None,
     upstream_username: Annotated[
         str | None, typer.Option(help="Upstream account (raises Docker Hub's rate limit).")
     ] = None,
@@ -91,6 +118,13 @@ def mirror_serve(
         "data_dir": data_dir,
         "manifest_ttl": manifest_ttl,
         "manifest_timeout": manifest_timeout,
+        "manifest_swr": manifest_swr,
+        "negative_ttl": negative_ttl,
+        "breaker_failures": breaker_failures,
+        "breaker_cooldown": breaker_cooldown,
+        "prefetch_children": prefetch_children,
+        "fetch_connections": fetch_connections,
+        "fetch_split_mib": fetch_split_mib,
         "upstream_username": upstream_username,
         "access_log": access_log,
         "log_level": log_level,

@@ -36,6 +36,13 @@ class MirrorConfig:
     data_dir: Path = field(default_factory=default_data_dir)
     manifest_ttl: float = 300.0  # seconds a tag's manifest is served without asking upstream
     manifest_timeout: float = 10.0  # seconds for an upstream manifest answer before serving stale / failing
+    manifest_swr: float = 86400.0  # seconds past the TTL a tag is answered from cache while refreshed behind
+    negative_ttl: float = 15.0  # seconds an upstream 404 is remembered
+    breaker_failures: int = 5  # consecutive upstream failures that open the circuit
+    breaker_cooldown: float = 15.0  # seconds the circuit stays open before one trial request
+    prefetch_children: bool = True  # cache every child manifest of an index a client pulled
+    fetch_connections: int = 6  # parallel upstream connections for one big blob
+    fetch_split_mib: float = 8.0  # blobs at least this big are fetched as parallel ranges
     upstream_username: str = ""
     upstream_password: str = ""
     access_log: bool = True
@@ -46,8 +53,12 @@ class MirrorConfig:
         if split.scheme not in ("http", "https") or not split.netloc or split.path not in ("", "/"):
             raise ConfigError(f"upstream must be http(s)://host[:port], got {self.upstream!r}")
         parse_listen(self.listen)
-        if self.manifest_ttl < 0 or self.manifest_timeout <= 0:
-            raise ConfigError("manifest_ttl must be >= 0 and manifest_timeout > 0")
+        if self.manifest_ttl < 0 or self.manifest_timeout <= 0 or self.manifest_swr < 0:
+            raise ConfigError("manifest_ttl and manifest_swr must be >= 0, manifest_timeout > 0")
+        if self.negative_ttl < 0 or self.breaker_cooldown < 0 or self.breaker_failures < 1:
+            raise ConfigError("negative_ttl and breaker_cooldown must be >= 0, breaker_failures >= 1")
+        if not 1 <= self.fetch_connections <= 64 or self.fetch_split_mib <= 0:
+            raise ConfigError("fetch_connections must be 1..64 and fetch_split_mib > 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
 

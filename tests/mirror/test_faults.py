@@ -78,10 +78,9 @@ def proxied(world: World, tmp_path: Path):
         thing.stop()
 
 
-@pytest.mark.parametrize("fault", [("--cut-after", "500000"), ("--flip-byte",)], ids=["cut", "corrupt"])
-async def test_broken_or_corrupt_upstream_body_is_never_cached(world: World, proxied, fault: tuple[str, ...]) -> None:
+async def test_corrupt_upstream_body_is_never_cached(world: World, proxied) -> None:
     make, replace = proxied
-    proxy, mirror = make(*fault)
+    proxy, mirror = make("--flip-byte")
     digest, data = layer(world)
     url = f"{mirror.url}/v2/{REPO}/blobs/{digest}"
     results = await asyncio.gather(*(read_until_broken(url) for _ in range(3)))
@@ -95,16 +94,100 @@ async def test_broken_or_corrupt_upstream_body_is_never_cached(world: World, pro
     assert digest in mirror.committed_blobs()
 
 
-async def test_upstream_killed_mid_blob(world: World, proxied) -> None:
+async def test_cut_transfer_resumes_where_it_broke(world: World, proxied) -> None:
+    make, _ = proxied
+    proxy, mirror = make("--cut-after", "500000")  # every response body breaks after 500,000 bytes
+    digest, data = layer(world)
+    url = f"{mirror.url}/v2/{REPO}/blobs/{digest}"
+    bodies = await asyncio.gather(*(fetch(url) for _ in range(3)))
+    assert all(body == data for body in bodies)  # no gap, no repeat, for every client
+    assert digest in mirror.committed_blobs()
+    # One stream, asked again from the first missing byte each time; never from the start.
+    expected = ["-"] + [f"bytes={n}-{len(data) - 1}" for n in range(500_000, len(data), 500_000)]
+    assert proxy.blob_ranges(digest) == expected
+
+
+async def test_upstream_killed_mid_blob_and_back_in_time(world: World, proxied) -> None:
     make, replace = proxied
     proxy, mirror = make("--rate", "400000")
     digest, data = layer(world)
     url = f"{mirror.url}/v2/{REPO}/blobs/{digest}"
-    received = await read_and_kill(url, proxy.kill)
+    received = bytearray()
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        async for chunk in r.content.iter_chunked(65536):
+            received += chunk
+            if len(received) >= 100_000 and proxy.proc.alive():
+                replace(proxy)  # killed, then a new one on the same port: the mirror resumes through it
+    assert bytes(received) == data
+    ranges = proxy.blob_ranges(digest)
+    assert ranges[0] == "-" and len(ranges) >= 2
+    resumed_at = int(ranges[-1].removeprefix("bytes=").split("-")[0])
+    assert 100_000 <= resumed_at < len(data)
+    assert digest in mirror.committed_blobs()
+
+
+async def test_upstream_gone_for_good_mid_blob(world: World, proxied) -> None:
+    make, replace = proxied
+    proxy, mirror = make("--rate", "400000")
+    digest, data = layer(world)
+    url = f"{mirror.url}/v2/{REPO}/blobs/{digest}"
+    received = await read_and_kill(url, proxy.kill)  # resume attempts fail, then the client is cut
     assert 100_000 <= received < len(data)
     assert digest not in mirror.committed_blobs()
+    assert mirror.spool_files() == []
     replace(proxy)
     assert await fetch(url) == data
+
+
+def biggest_layer(world: World) -> tuple[str, bytes]:
+    image = world.image("dao-test/big:v1")
+    digest = max(image.layer_digests(), key=lambda d: image.blobs[d].stat().st_size)
+    return digest, image.blobs[digest].read_bytes()
+
+
+async def test_big_blob_comes_in_parallel_ranges(world: World, proxied) -> None:
+    make, _ = proxied
+    proxy, mirror = make(mirror_args=("--fetch-connections", "4"))
+    digest, data = biggest_layer(world)
+    url = f"{mirror.url}/v2/dao-test/big/blobs/{digest}"
+    clients = await asyncio.gather(fetch(url), fetch(url))
+    assert all(body == data for body in clients)
+    ranges = proxy.blob_ranges(digest)
+    assert ranges[0] == "-"  # the head stream asks like any client would
+    spans = sorted(tuple(int(x) for x in r.removeprefix("bytes=").split("-")) for r in ranges[1:])
+    assert len(spans) >= 3  # the probe, then the other helpers
+    assert spans[-1][1] == len(data) - 1  # the probe took the tail
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        assert end < start  # segments never overlap
+    stored = next((mirror.data_dir / "blobs").glob(f"sha256/*/{digest.split(':')[1]}"))
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == digest.split(":")[1]
+
+
+async def test_upstream_ignoring_range_gets_one_stream(world: World, proxied) -> None:
+    make, _ = proxied
+    proxy, mirror = make("--no-range", mirror_args=("--fetch-connections", "4"))
+    digest, data = biggest_layer(world)
+    assert await fetch(f"{mirror.url}/v2/dao-test/big/blobs/{digest}") == data
+    ranges = proxy.blob_ranges(digest)
+    assert ranges[0] == "-" and len(ranges) == 2  # the head, and the one probe that found Range ignored
+    assert digest in mirror.committed_blobs()
+
+
+async def test_client_range_on_a_blob_in_flight(world: World, proxied) -> None:
+    make, _ = proxied
+    proxy, mirror = make("--rate", "300000")
+    digest, data = layer(world)
+    url = f"{mirror.url}/v2/{REPO}/blobs/{digest}"
+    async with aiohttp.ClientSession() as s:
+        whole = asyncio.create_task(fetch(url))
+        await asyncio.sleep(0.3)  # the fetch is under way, far from done at 300 kB/s
+        async with s.get(url, headers={"Range": "bytes=100-299"}) as r:
+            assert r.status == 206
+            assert r.headers["Content-Range"] == f"bytes 100-299/{len(data)}"
+            assert await r.read() == data[100:300]
+        assert not whole.done()  # answered from the growing file, long before the blob is complete
+        assert await whole == data
+    assert proxy.blob_ranges(digest) == ["-"]  # one upstream transfer for both clients
 
 
 async def test_first_bytes_reach_the_client_before_the_blob_is_complete(world: World, proxied) -> None:

@@ -181,8 +181,10 @@ async def test_eight_cold_clients_cost_one_upstream_transfer(world: World, mirro
 
     results = await asyncio.gather(*(client() for _ in range(8)))
     assert results == [digest] * 8
+    # One fetch for all eight (in parallel ranges): the upstream sent the blob once. The head stream is dropped
+    # where the ranges begin, so a little more than the size may have left the upstream's socket.
     served = world.upstream.blob_gets(offset, digest)
-    assert len(served) == 1 and served[0].size == size
+    assert size <= sum(r.size for r in served) <= size * 1.1
     assert digest in mirror.committed_blobs()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from dao.mirror.inflight import FetchFailed, Inflight
 from dao.mirror.storage import FilesystemBlobStore
 from dao.oci.digest import Digest
+from dao.registry.download import DownloadPolicy
 from dao.registry.errors import UpstreamUnavailable
 
 DATA = os.urandom(1_000_000)
@@ -23,12 +25,7 @@ class Body:
     def __init__(self, data: bytes, pause_at: int, gate: asyncio.Event, *, fail: bool = False) -> None:
         self.data, self.pause_at, self.gate, self.fail = data, pause_at, gate, fail
         self.size: int | None = len(data)
-
-    async def __aenter__(self) -> Body:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
+        self.offset = 0
 
     async def chunks(self) -> AsyncIterator[bytes]:
         yield self.data[: self.pause_at]
@@ -37,6 +34,17 @@ class Body:
             raise UpstreamUnavailable("upstream went away")
         for i in range(self.pause_at, len(self.data), 65536):
             yield self.data[i : i + 65536]
+
+
+class Source:
+    """A one-request upstream (no Range): every ``open`` serves the whole body again."""
+
+    def __init__(self, body: Body) -> None:
+        self.body = body
+
+    @asynccontextmanager
+    async def open(self, start: int = 0, end: int | None = None) -> AsyncIterator[Body]:
+        yield self.body
 
 
 async def collect(fetch, start: int = 0, end: int | None = None) -> bytes:
@@ -48,12 +56,12 @@ async def collect(fetch, start: int = 0, end: int | None = None) -> bytes:
 
 async def test_readers_wait_at_the_tail_until_verified_and_survive_commit(tmp_path: Path) -> None:
     store = FilesystemBlobStore(tmp_path)
-    inflight = Inflight(store)
+    inflight = Inflight(store, DownloadPolicy(resume_attempts=1))
     gate = asyncio.Event()
     digest = Digest.of(DATA)
-    fetch, started = inflight.join_or_start(digest, lambda: Body(DATA, 500_000, gate))
+    fetch, started = inflight.join_or_start(digest, Source(Body(DATA, 500_000, gate)))
     assert started
-    joined, started = inflight.join_or_start(digest, lambda: Body(b"", 0, gate))
+    joined, started = inflight.join_or_start(digest, Source(Body(b"", 0, gate)))
     assert joined is fetch and not started
     await fetch.headers_ready
     readers = [asyncio.create_task(collect(fetch)), asyncio.create_task(collect(joined, 10, 19))]
@@ -61,7 +69,7 @@ async def test_readers_wait_at_the_tail_until_verified_and_survive_commit(tmp_pa
     assert ranged == DATA[10:20]
     await asyncio.sleep(0.05)
     assert not readers[0].done()  # held back: the blob is not complete yet
-    late, _ = inflight.join_or_start(digest, lambda: Body(b"", 0, gate))  # joins before commit, reads after
+    late, _ = inflight.join_or_start(digest, Source(Body(b"", 0, gate)))  # joins before commit, reads after
     gate.set()
     assert await readers[0] == DATA
     await fetch.task
@@ -74,14 +82,14 @@ async def test_readers_wait_at_the_tail_until_verified_and_survive_commit(tmp_pa
 @pytest.mark.parametrize("corrupt", [False, True], ids=["broken", "corrupt"])
 async def test_failure_reaches_every_reader_and_commits_nothing(tmp_path: Path, corrupt: bool) -> None:
     store = FilesystemBlobStore(tmp_path)
-    inflight = Inflight(store)
+    inflight = Inflight(store, DownloadPolicy(resume_attempts=1))
     gate = asyncio.Event()
     digest = Digest.of(DATA)
     served = bytearray(DATA)
     if corrupt:
         served[-1] ^= 1  # only the very last byte is wrong: the held-back byte is exactly what protects
-    fetch, _ = inflight.join_or_start(digest, lambda: Body(bytes(served), 100, gate, fail=not corrupt))
-    other, _ = inflight.join_or_start(digest, lambda: Body(b"", 0, gate))
+    fetch, _ = inflight.join_or_start(digest, Source(Body(bytes(served), 100, gate, fail=not corrupt)))
+    other, _ = inflight.join_or_start(digest, Source(Body(b"", 0, gate)))
     await fetch.headers_ready
     readers = [asyncio.create_task(collect(f)) for f in (fetch, other)]
     gate.set()

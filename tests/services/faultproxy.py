@@ -2,7 +2,9 @@
 
 --rate B/s throttles blob bodies; --flip-byte flips one byte in the middle of every blob body;
 --cut-after N closes the connection after N bytes of a blob body; --manifest-status S answers every manifest
-request with status S; --manifest-stall T holds manifest requests T seconds before passing them on.
+request with status S; --manifest-stall T holds manifest requests T seconds before passing them on; --no-range drops the
+Range header of blob requests (an upstream that ignores Range). Every blob GET is printed as
+``BLOB GET <path> <upstream status> range=<Range header or ->`` so tests can see what the mirror asked for.
 Anything else passes through unchanged.
 """
 
@@ -26,6 +28,7 @@ def main() -> None:
     parser.add_argument("--cut-after", type=int, default=-1)
     parser.add_argument("--manifest-status", type=int, default=0)
     parser.add_argument("--manifest-stall", type=float, default=0)
+    parser.add_argument("--no-range", action="store_true")
     args = parser.parse_args()
 
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -37,10 +40,15 @@ def main() -> None:
                 )
             await asyncio.sleep(args.manifest_stall)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+        is_blob_get = request.method == "GET" and "/blobs/" in request.path
+        if is_blob_get and args.no_range:
+            headers.pop("Range", None)
         body = await request.read()
         async with session.request(
             request.method, args.upstream + request.path_qs, headers=headers, data=body or None, allow_redirects=False
         ) as up:
+            if is_blob_get:
+                print(f"BLOB GET {request.path} {up.status} range={request.headers.get('Range', '-')}", flush=True)
             resp = web.StreamResponse(status=up.status)
             for k, v in up.headers.items():
                 if k.lower() not in HOP:

@@ -90,10 +90,14 @@ class Mirror:
         return [p for p in (self.data_dir / "tmp").glob("*") if p.is_file()]
 
 
+_BLOB_GET = re.compile(r"^BLOB GET (?P<path>\S+) (?P<status>\d+) range=(?P<range>.+)$", re.M)
+
+
 class FaultProxy:
     def __init__(self, workdir: Path, upstream: str, *args: str, port: int | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / f"faultproxy-{self.port}.log"  # shared by proxies that replace each other
         self.proc = Process(
             [
                 sys.executable,
@@ -104,9 +108,18 @@ class FaultProxy:
                 upstream,
                 *args,
             ],
-            workdir / f"faultproxy-{self.port}.log",
+            self.log,
         )
         wait_until(lambda: http_status(self.url + "/v2/") in (200, 401), 15, "fault proxy", self.proc.proc)
+
+    def blob_ranges(self, digest: str) -> list[str]:
+        """The Range header ("-" for none) of every blob GET for ``digest`` the upstream answered with data."""
+        text = self.log.read_text(errors="replace")
+        return [
+            m["range"]
+            for m in _BLOB_GET.finditer(text)
+            if m["path"].endswith(digest) and m["status"] in ("200", "206")
+        ]
 
     def stop(self) -> None:
         self.proc.kill()  # it may hold stalled requests open on purpose; nothing of it needs a clean exit

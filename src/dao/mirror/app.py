@@ -28,6 +28,7 @@ from dao.oci.manifest import parse_accept
 from dao.oci.reference import ReferenceError, is_valid_tag, normalize_repository
 from dao.registry.auth import Credentials
 from dao.registry.client import RegistryClient
+from dao.registry.download import DownloadPolicy
 
 log = logging.getLogger("dao.mirror")
 access_log = logging.getLogger("dao.mirror.access")
@@ -201,6 +202,9 @@ async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> 
             manifests,
             manifest_ttl=config.manifest_ttl,
             manifest_timeout=config.manifest_timeout,
+            download=DownloadPolicy(
+                connections=config.fetch_connections, split_threshold=int(config.fetch_split_mib * 1024 * 1024)
+            ),
         )
         app = make_app(proxy)
         runner = web.AppRunner(

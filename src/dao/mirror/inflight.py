@@ -17,48 +17,45 @@ import asyncio
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from dao.mirror.storage.base import BlobIngester
 from dao.oci.digest import Digest, Verifier
+from dao.registry.download import Download, DownloadPolicy, Source
 from dao.registry.errors import RegistryClientError, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 * 1024
+HASH_CHUNK = 4 * 1024 * 1024
 
 
 class FetchFailed(Exception):
     """The upstream transfer behind a stream failed; the stream is incomplete and must not look complete."""
 
 
-class UpstreamBody(AbstractAsyncContextManager["UpstreamBody"]):
-    """What a fetch needs from the upstream: the total size when known, then the bytes in order."""
-
-    size: int | None
-
-    def chunks(self) -> AsyncIterator[bytes]: ...
-
-
-Opener = Callable[[], UpstreamBody]
-
-
 class Fetch:
-    """One upstream transfer of one blob into a spool file. Created only through :class:`Inflight`."""
+    """One upstream transfer of one blob into a spool file. Created only through :class:`Inflight`.
 
-    def __init__(self, digest: Digest, store: BlobIngester) -> None:
+    The bytes may land out of order (parallel ranges, see :mod:`dao.registry.download`); ``_filled`` keeps the
+    written byte runs, and a reader at ``pos`` may send up to the end of the run that holds ``pos``.
+    """
+
+    def __init__(self, digest: Digest, store: BlobIngester, policy: DownloadPolicy) -> None:
         self.digest = digest
         self.store = store
+        self.policy = policy
         fd, name = tempfile.mkstemp(dir=store.spool_dir(), prefix=f"{digest.encoded[:16]}-")
         self.fd = fd
         self.path = Path(name)
         self.size: int | None = None
-        self.written = 0
         self.done = False
         self.error: BaseException | None = None
         self.headers_ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.download: Download | None = None
+        self._filled: list[list[int]] = []  # sorted, disjoint, non-adjacent [start, end) runs
+        self._verifier = Verifier(digest)
         self._progress = asyncio.Event()
         self._readers = 0
         self._closed = False
@@ -66,26 +63,18 @@ class Fetch:
 
     # -- writer side ---------------------------------------------------------------------------------------
 
-    async def run(self, open_upstream: Opener) -> None:
-        verifier = Verifier(self.digest)
+    async def run(self, source: Source) -> None:
         try:
-            async with open_upstream() as body:
-                self.size = body.size
-                if not self.headers_ready.done():
-                    self.headers_ready.set_result(None)
-                async for chunk in body.chunks():
-                    view = memoryview(chunk)
-                    while view:  # page-cache writes: microseconds, not worth a thread hop per chunk
-                        n = os.pwrite(self.fd, view, self.written)
-                        verifier.update(view[:n])
-                        view = view[n:]
-                        self.written += n
-                    self._notify()
-            if self.size is not None and self.written != self.size:
-                raise UpstreamUnavailable(f"upstream sent {self.written} of {self.size} bytes for {self.digest}")
-            if not verifier.verified:
-                raise UpstreamUnavailable(f"digest mismatch for {self.digest}: upstream sent {verifier.actual()}")
-            self.size = self.written
+            self.download = Download(source, self.fd, self, self.policy)
+            size = await self.download.run()
+            if self.size is not None and size != self.size:
+                raise UpstreamUnavailable(f"upstream sent {size} of {self.size} bytes for {self.digest}")
+            self.size = size
+            await asyncio.to_thread(self._hash_rest)
+            if not self._verifier.verified:
+                raise UpstreamUnavailable(
+                    f"digest mismatch for {self.digest}: upstream sent {self._verifier.actual()}"
+                )
             await asyncio.to_thread(os.fsync, self.fd)
             await self.store.commit(self.digest, self.path)
             self.done = True
@@ -104,6 +93,53 @@ class Fetch:
         finally:
             self._notify()
             self._maybe_close()
+
+    def on_size(self, size: int | None) -> None:
+        self.size = size
+        if not self.headers_ready.done():
+            self.headers_ready.set_result(None)
+
+    def on_data(self, offset: int, data: memoryview) -> None:
+        if offset == self._verifier.size:
+            self._verifier.update(data)  # the in-order head stream hashes as it goes; the rest at the end
+        self._mark(offset, offset + len(data))
+        self._notify()
+
+    def _hash_rest(self) -> None:
+        """Hash what out-of-order segments wrote, from the spool file (runs in a thread, nothing else writes)."""
+        assert self.size is not None
+        pos = self._verifier.size
+        while pos < self.size:
+            chunk = os.pread(self.fd, min(HASH_CHUNK, self.size - pos), pos)
+            if not chunk:
+                raise UpstreamUnavailable(f"spool file of {self.digest} shorter than its {self.size} bytes")
+            self._verifier.update(chunk)
+            pos += len(chunk)
+
+    def _mark(self, start: int, end: int) -> None:
+        runs = self._filled
+        i = 0
+        while i < len(runs) and runs[i][1] < start:
+            i += 1
+        j = i
+        while j < len(runs) and runs[j][0] <= end:
+            start, end = min(start, runs[j][0]), max(end, runs[j][1])
+            j += 1
+        runs[i:j] = [[start, end]]
+
+    def _run_end(self, pos: int) -> int:
+        """Exclusive end of the written run holding ``pos``; ``pos`` itself when that byte is not written yet."""
+        for start, end in self._filled:
+            if start <= pos < end:
+                return end
+            if start > pos:
+                break
+        return pos
+
+    @property
+    def contiguous(self) -> int:
+        """How many bytes from the start are written."""
+        return self._filled[0][1] if self._filled and self._filled[0][0] == 0 else 0
 
     def _notify(self) -> None:
         self._progress.set()
@@ -138,7 +174,7 @@ class Fetch:
         """
         pos = start
         while True:
-            stop = self._readable_until(end)
+            stop = self._readable_until(pos, end)
             if pos < stop:
                 n = min(READ_CHUNK, stop - pos)
                 chunk = os.pread(self.fd, n, pos)
@@ -156,15 +192,11 @@ class Fetch:
                 raise FetchFailed(f"range beyond the end of {self.digest}")
             await self._progress.wait()
 
-    def _readable_until(self, end: int | None) -> int:
-        """Exclusive bound of what a reader may send now."""
-        if self.done:
-            limit = self.written
-        else:
-            limit = self.written
-            reaches_end = end is None or (self.size is not None and end >= self.size - 1)
-            if reaches_end:
-                limit = min(limit, (self.size if self.size is not None else self.written + 1) - 1)
+    def _readable_until(self, pos: int, end: int | None) -> int:
+        """Exclusive bound of what a reader at ``pos`` may send now."""
+        limit = self._run_end(pos)
+        if not self.done and self.size is not None and (end is None or end >= self.size - 1):
+            limit = min(limit, self.size - 1)  # the blob's last byte waits for the digest
         if end is not None:
             limit = min(limit, end + 1)
         return limit
@@ -173,14 +205,15 @@ class Fetch:
 class Inflight:
     """The digest -> running fetch map, one per store; every reader follows the one fetch."""
 
-    def __init__(self, store: BlobIngester) -> None:
+    def __init__(self, store: BlobIngester, policy: DownloadPolicy | None = None) -> None:
         self.store = store
+        self.policy = policy or DownloadPolicy()
         self._fetches: dict[Digest, Fetch] = {}
 
     def get(self, digest: Digest) -> Fetch | None:
         return self._fetches.get(digest)
 
-    def join_or_start(self, digest: Digest, open_upstream: Opener) -> tuple[Fetch, bool]:
+    def join_or_start(self, digest: Digest, source: Source) -> tuple[Fetch, bool]:
         """The fetch for ``digest``, already acquired for the caller, and whether this call started it.
 
         The caller must :meth:`~Fetch.release` it.
@@ -189,13 +222,13 @@ class Inflight:
         if fetch is not None:
             fetch.acquire()
             return fetch, False
-        fetch = Fetch(digest, self.store)
+        fetch = Fetch(digest, self.store, self.policy)
         fetch.acquire()
         self._fetches[digest] = fetch
 
         async def run() -> None:
             try:
-                await fetch.run(open_upstream)
+                await fetch.run(source)
             finally:
                 self._fetches.pop(digest, None)
 

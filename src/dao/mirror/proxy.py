@@ -12,18 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from types import TracebackType
-
-import aiohttp
 
 from dao.mirror.inflight import Fetch, Inflight
 from dao.mirror.storage.base import BlobStore, LocalBlob, ManifestRecord, ManifestStore
 from dao.oci.digest import Digest, DigestError
 from dao.oci.errors import ErrorCode, RegistryError
 from dao.oci.manifest import accept_key, acceptable
-from dao.registry.client import RegistryClient, read_errors
+from dao.registry.client import RegistryClient
+from dao.registry.download import DownloadPolicy
 from dao.registry.errors import (
     RegistryClientError,
     UpstreamNotFound,
@@ -36,7 +33,6 @@ from dao.registry.errors import (
 log = logging.getLogger(__name__)
 
 STALE_WARNING = '110 dao "Response is Stale"'
-UPSTREAM_CHUNK = 256 * 1024
 
 # Upstream failures after which a cached tag is still a good answer.
 _STALE_OK = (UpstreamUnavailable, UpstreamRateLimited, UpstreamUnauthorized, TimeoutError)
@@ -64,33 +60,6 @@ class BlobAnswer:
     cache: str = "hit"
 
 
-class _UpstreamBlob:
-    """Adapts a RegistryClient blob response to the fetch's :class:`~dao.mirror.inflight.UpstreamBody`."""
-
-    def __init__(self, client: RegistryClient, repo: str, digest: Digest) -> None:
-        self._cm = client.blob(repo, digest)
-        self._resp: aiohttp.ClientResponse | None = None
-        self.size: int | None = None
-
-    async def __aenter__(self) -> _UpstreamBlob:
-        self._resp = await self._cm.__aenter__()
-        self.size = self._resp.content_length
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
-        return await self._cm.__aexit__(exc_type, exc, tb)
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        assert self._resp is not None
-        try:
-            async for chunk in self._resp.content.iter_chunked(UPSTREAM_CHUNK):
-                yield chunk
-        except read_errors() as exc:
-            raise UpstreamUnavailable(f"upstream body broke: {exc.__class__.__name__}: {exc}") from exc
-
-
 class Proxy:
     def __init__(
         self,
@@ -100,11 +69,12 @@ class Proxy:
         *,
         manifest_ttl: float,
         manifest_timeout: float,
+        download: DownloadPolicy | None = None,
     ) -> None:
         self.client = client
         self.blobs = blobs
         self.manifests = manifests
-        self.inflight = Inflight(blobs)
+        self.inflight = Inflight(blobs, download)
         self.manifest_ttl = manifest_ttl
         self.manifest_timeout = manifest_timeout
         self.upstream_key = client.host
@@ -119,7 +89,7 @@ class Proxy:
         local = await self.blobs.open(digest)
         if local is not None:
             return BlobAnswer(local.size, local=local)
-        fetch, started = self.inflight.join_or_start(digest, lambda: _UpstreamBlob(self.client, repo, digest))
+        fetch, started = self.inflight.join_or_start(digest, self.client.blob_source(repo, digest))
         try:
             await asyncio.shield(fetch.headers_ready)
         except RegistryClientError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -38,6 +39,8 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_REDIRECTS = 10
 ERROR_BODY_LIMIT = 64 * 1024
 USER_AGENT = "dao"
+BLOB_CHUNK = 256 * 1024
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +186,10 @@ class RegistryClient:
                 check_response(resp, body, 200, 206)
             yield resp
 
+    def blob_source(self, repo: str, digest: Digest) -> BlobSource:
+        """The blob as a :class:`~dao.registry.download.Source` for :class:`~dao.registry.download.Download`."""
+        return BlobSource(self, repo, digest)
+
     async def raw_get(
         self, path: str, *, scope: str, params: dict[str, str] | None = None
     ) -> tuple[int, dict[str, str], bytes]:
@@ -271,6 +278,43 @@ class RegistryClient:
         raise UpstreamUnavailable(f"{method} {path}: more than {MAX_REDIRECTS} redirects")
 
 
+class BlobBody:
+    """One blob response as a :class:`~dao.registry.download.Body`: where it starts and the blob's size."""
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self.resp = resp
+        self.offset = 0
+        self.size: int | None = resp.content_length
+        if resp.status == 206:
+            self.offset, self.size = parse_content_range(resp.headers.get("Content-Range", ""))
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self.resp.content.iter_chunked(BLOB_CHUNK):
+                yield chunk
+        except read_errors() as exc:
+            raise UpstreamUnavailable(f"upstream body broke: {exc.__class__.__name__}: {exc}") from exc
+
+
+class BlobSource:
+    def __init__(self, client: RegistryClient, repo: str, digest: Digest) -> None:
+        self.client, self.repo, self.digest = client, repo, digest
+
+    @asynccontextmanager
+    async def open(self, start: int = 0, end: int | None = None) -> AsyncIterator[BlobBody]:
+        async with self.client.blob(self.repo, self.digest, start=start, end=end) as resp:
+            yield BlobBody(resp)
+
+
+def parse_content_range(value: str) -> tuple[int, int | None]:
+    """``bytes first-last/total`` -> (first, total or None for ``*``); raises UpstreamUnavailable if garbled."""
+    match = _CONTENT_RANGE.fullmatch(value.strip())
+    if match is None:
+        raise UpstreamUnavailable(f"upstream sent 206 with a bad Content-Range: {value[:100]!r}")
+    total = None if match[3] == "*" else int(match[3])
+    return int(match[1]), total
+
+
 def read_errors() -> tuple[type[BaseException], ...]:
     """Exceptions reading a response body may raise; translate them to :class:`UpstreamUnavailable`."""
     return (aiohttp.ClientError, TimeoutError, OSError)
@@ -306,6 +350,7 @@ def _pull(repo: str) -> str:
 
 
 __all__ = [
+    "BlobSource",
     "Manifest",
     "ManifestHead",
     "RegistryClient",

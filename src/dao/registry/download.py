@@ -1,0 +1,258 @@
+"""Download one blob into a file over several connections, resuming broken transfers where they stopped.
+
+On a long, lossy path one TCP stream is capped far below the link's rate (its throughput falls with the
+square root of the loss rate), so a big blob is fetched as parallel byte ranges:
+
+- The *head* stream is a plain GET from byte 0, exactly what a single-stream client sends, and it keeps
+  reading in order. Its bytes are written (and reported) first, so whoever follows the file sees a prefix
+  that grows steadily from the start.
+- Once the size is known and above ``split_threshold``, one *helper* asks for a range near the end. If the
+  upstream answers ``206`` the other helpers start; if it answers ``200`` (Range ignored) the head alone
+  carries on, which costs one aborted request.
+- Helpers claim segments from the end of the blob backwards, each sized to a share of the gap between the
+  head and the lowest claimed byte (smaller as the gap closes, so all connections finish together). The head
+  stops where the claimed segments begin.
+- A transfer that breaks is re-requested from the first byte not yet written (``Range``), with backoff, until
+  ``resume_attempts`` consecutive attempts brought no new byte. A resumed head whose ``Range`` is ignored
+  skips what it already has.
+
+Nothing here hashes or commits: the caller gets :meth:`Listener.on_size` once and :meth:`Listener.on_data`
+after every write (offset and bytes, in no global order) and decides what the bytes are worth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+from dao.registry.errors import UpstreamRateLimited, UpstreamUnavailable
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+# Failures after which asking again, from where we stopped, may well work.
+RESUMABLE = (UpstreamUnavailable, UpstreamRateLimited, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadPolicy:
+    connections: int = 6  # per blob, head stream included; 1 = never split
+    split_threshold: int = 8 * MiB  # blobs at least this big are split
+    segment_min: int = 1 * MiB
+    segment_max: int = 64 * MiB
+    resume_attempts: int = 5  # consecutive attempts without a new byte before giving up
+    backoff_base: float = 0.25
+    backoff_max: float = 5.0
+
+    def backoff(self, attempt: int) -> float:
+        return min(self.backoff_base * 2**attempt, self.backoff_max) * random.uniform(0.5, 1.0)
+
+
+class Body(Protocol):
+    """An upstream response being read.
+
+    ``offset``: where in the blob its first byte belongs (0 when a requested range was ignored);
+    ``size``: the whole blob's size when the upstream said (``Content-Range`` total or ``Content-Length``).
+    ``chunks`` raises a :data:`RESUMABLE` error when the connection breaks.
+    """
+
+    offset: int
+    size: int | None
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+
+class Source(Protocol):
+    def open(self, start: int = 0, end: int | None = None) -> AbstractAsyncContextManager[Body]:
+        """A response for bytes ``start``..``end`` (inclusive; None = to the end); no Range header for 0-."""
+        ...
+
+
+class Listener(Protocol):
+    def on_size(self, size: int | None) -> None:
+        """The head's headers arrived; called once, before any :meth:`on_data`."""
+
+    def on_data(self, offset: int, data: memoryview) -> None:
+        """``data`` was just written at ``offset``; must not block."""
+
+
+class Download:
+    """One run: ``await Download(source, fd, listener, policy).run()`` returns the blob's size.
+
+    Raises what the first request raised (before :meth:`Listener.on_size`), or the last resumable error once
+    a stream gave up; helper tasks are cancelled when anything fails.
+    """
+
+    def __init__(self, source: Source, fd: int, listener: Listener, policy: DownloadPolicy | None = None) -> None:
+        self.source = source
+        self.fd = fd
+        self.listener = listener
+        self.policy = policy or DownloadPolicy()
+        self.size: int | None = None
+        self.head_pos = 0
+        self.frontier: int | None = None  # lowest byte claimed by a helper; the head stops there
+        self.requests = 0
+        self.started = False  # the head's first headers arrived
+        self._group: asyncio.TaskGroup | None = None
+
+    async def run(self) -> int:
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                group.create_task(self._head())
+        except BaseExceptionGroup as eg:
+            raise _first(eg) from None
+        size = self.size if self.size is not None else self.head_pos
+        return size
+
+    # -- head ----------------------------------------------------------------------------------------------
+
+    async def _head(self) -> None:
+        failures = 0
+        while True:
+            before = self.head_pos
+            try:
+                await self._head_once()
+                return
+            except RESUMABLE as exc:
+                if not self.started:
+                    raise  # the first request failed: that is the caller's answer, not ours to retry
+                failures = 0 if self.head_pos > before else failures + 1
+                if failures >= self.policy.resume_attempts:
+                    raise
+                log.info("resuming at byte %d after: %s", self.head_pos, exc)
+                await asyncio.sleep(self.policy.backoff(failures))
+
+    async def _head_once(self) -> None:
+        self.requests += 1
+        end = self.frontier - 1 if self.started and self.frontier is not None else None
+        async with self.source.open(self.head_pos, end) as body:
+            if not self.started:
+                self.started = True
+                self.size = body.size
+                self.frontier = body.size
+                self.listener.on_size(body.size)
+                self._maybe_split()
+            skip = self.head_pos - body.offset  # > 0 when a resume's Range was ignored
+            if skip < 0:
+                raise UpstreamUnavailable(f"upstream answered from byte {body.offset}, wanted {self.head_pos}")
+            async for chunk in body.chunks():
+                view = memoryview(chunk)
+                if skip:
+                    dropped = min(skip, len(view))
+                    skip -= dropped
+                    view = view[dropped:]
+                if self.frontier is not None:
+                    view = view[: self.frontier - self.head_pos]
+                if view:
+                    self._write(self.head_pos, view)
+                    self.head_pos += len(view)
+                if self.frontier is not None and self.head_pos >= self.frontier:
+                    return  # the rest belongs to the helpers; leaving drops this connection
+        if self.size is not None and self.head_pos < (self.frontier or 0):
+            raise UpstreamUnavailable(f"upstream body ended at byte {self.head_pos} of {self.size}")
+
+    # -- helpers -------------------------------------------------------------------------------------------
+
+    def _maybe_split(self) -> None:
+        p = self.policy
+        if p.connections > 1 and self.size is not None and self.size >= max(p.split_threshold, 2 * p.segment_min):
+            self._spawn(probe=True)
+
+    def _spawn(self, *, probe: bool) -> None:
+        assert self._group is not None
+        self._group.create_task(self._helper(probe))
+
+    def _claim(self) -> tuple[int, int] | None:
+        """The next segment [start, end) below the frontier, or None when the head should finish the gap."""
+        assert self.frontier is not None
+        gap = self.frontier - self.head_pos
+        p = self.policy
+        if gap < 2 * p.segment_min:
+            return None
+        segment = max(p.segment_min, min(p.segment_max, gap // (2 * p.connections)))
+        end = self.frontier
+        self.frontier = end - segment
+        return self.frontier, end
+
+    async def _helper(self, probe: bool) -> None:
+        while (claimed := self._claim()) is not None:
+            segment = _Segment(*claimed)
+            failures = 0
+            while segment.pos < segment.end:
+                before = segment.pos
+                try:
+                    await self._segment_once(segment, probe)
+                except _RangeIgnored:
+                    # Only the probe sees this, before any other helper exists: the head takes it all back.
+                    if self.frontier == segment.start:
+                        self.frontier = segment.end
+                    log.info("upstream ignores Range; fetching in one stream")
+                    return
+                except RESUMABLE as exc:
+                    failures = 0 if segment.pos > before else failures + 1
+                    if failures >= self.policy.resume_attempts:
+                        raise
+                    log.info("resuming segment at byte %d after: %s", segment.pos, exc)
+                    await asyncio.sleep(self.policy.backoff(failures))
+                if probe:
+                    probe = False
+                    for _ in range(self.policy.connections - 2):
+                        self._spawn(probe=False)
+
+    async def _segment_once(self, segment: _Segment, probe: bool) -> None:
+        """Fetch the rest of ``segment`` once, advancing ``segment.pos`` as bytes land."""
+        self.requests += 1
+        async with self.source.open(segment.pos, segment.end - 1) as body:
+            if body.offset != segment.pos:
+                if probe:
+                    raise _RangeIgnored
+                raise UpstreamUnavailable(f"upstream answered from byte {body.offset}, wanted {segment.pos}")
+            if body.size is not None and body.size != self.size:
+                raise UpstreamUnavailable(f"upstream size changed from {self.size} to {body.size}")
+            async for chunk in body.chunks():
+                view = memoryview(chunk)[: segment.end - segment.pos]
+                if view:
+                    self._write(segment.pos, view)
+                    segment.pos += len(view)
+                if segment.pos >= segment.end:
+                    return
+        if segment.pos < segment.end:
+            raise UpstreamUnavailable(f"upstream range ended at byte {segment.pos}, wanted {segment.end}")
+
+    # -- common --------------------------------------------------------------------------------------------
+
+    def _write(self, offset: int, view: memoryview) -> None:
+        done = 0
+        while done < len(view):  # page-cache writes: microseconds, not worth a thread hop per chunk
+            done += os.pwrite(self.fd, view[done:], offset + done)
+        self.listener.on_data(offset, view)
+
+
+class _RangeIgnored(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class _Segment:
+    start: int
+    end: int  # exclusive
+    pos: int = -1
+
+    def __post_init__(self) -> None:
+        self.pos = self.start
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first(exc)
+        return exc
+    return group
