@@ -69,7 +69,10 @@ def test_docker_pull_works_with_upstream_down_after_warming(
 ) -> None:
     proxy = FaultProxy(tmp_path, world.upstream.url)
     mirror = Mirror(
-        tmp_path / "mirror", proxy.url, port=docker_mirror_port, args=("--manifest-ttl", "0", "--manifest-timeout", "2")
+        tmp_path / "mirror",
+        proxy.url,
+        port=docker_mirror_port,
+        args=("--manifest-ttl", "0", "--manifest-swr", "0", "--manifest-timeout", "2"),
     )
     try:
         ref = "dao-test/oci:v1"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,28 +55,6 @@ async def read_and_kill(url: str, kill: Callable[[], None], after: int = 100_000
                     kill()
                     killed = True
     return received
-
-
-@pytest.fixture
-def proxied(world: World, tmp_path: Path):
-    """A mirror whose upstream is a fault proxy the test can replace on the same port."""
-    made: list[FaultProxy | Mirror] = []
-
-    def make(*proxy_args: str, mirror_args: tuple[str, ...] = ()) -> tuple[FaultProxy, Mirror]:
-        proxy = FaultProxy(tmp_path, world.upstream.url, *proxy_args)
-        mirror = Mirror(tmp_path / "mirror", proxy.url, args=mirror_args)
-        made.extend([proxy, mirror])
-        return proxy, mirror
-
-    def replace(proxy: FaultProxy, *proxy_args: str) -> FaultProxy:
-        proxy.stop()
-        new = FaultProxy(tmp_path, world.upstream.url, *proxy_args, port=proxy.port)
-        made.append(new)
-        return new
-
-    yield make, replace
-    for thing in reversed(made):
-        thing.stop()
 
 
 async def test_corrupt_upstream_body_is_never_cached(world: World, proxied) -> None:
@@ -157,7 +136,7 @@ async def test_big_blob_comes_in_parallel_ranges(world: World, proxied) -> None:
     spans = sorted(tuple(int(x) for x in r.removeprefix("bytes=").split("-")) for r in ranges[1:])
     assert len(spans) >= 3  # the probe, then the other helpers
     assert spans[-1][1] == len(data) - 1  # the probe took the tail
-    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert end < start  # segments never overlap
     stored = next((mirror.data_dir / "blobs").glob(f"sha256/*/{digest.split(':')[1]}"))
     assert hashlib.sha256(stored.read_bytes()).hexdigest() == digest.split(":")[1]
@@ -229,7 +208,7 @@ async def test_mirror_killed_mid_fetch_leaves_nothing_wrong(world: World, tmp_pa
 
 async def test_warm_cache_serves_when_upstream_is_down(world: World, proxied) -> None:
     make, _ = proxied
-    proxy, mirror = make(mirror_args=("--manifest-ttl", "0", "--manifest-timeout", "2"))
+    proxy, mirror = make(mirror_args=("--manifest-ttl", "0", "--manifest-swr", "0", "--manifest-timeout", "2"))
     image = world.image(f"{REPO}:v1")
     base = f"{mirror.url}/v2/{REPO}"
     async with aiohttp.ClientSession() as s:
@@ -260,7 +239,7 @@ async def test_tag_served_stale_when_upstream_rate_limits_fails_or_stalls(
     world: World, proxied, fault: tuple[str, ...]
 ) -> None:
     make, replace = proxied
-    proxy, mirror = make(mirror_args=("--manifest-ttl", "0", "--manifest-timeout", "1"))
+    proxy, mirror = make(mirror_args=("--manifest-ttl", "0", "--manifest-swr", "0", "--manifest-timeout", "1"))
     image = world.image(f"{REPO}:v1")
     url = f"{mirror.url}/v2/{REPO}/manifests/v1"
     async with aiohttp.ClientSession() as s:

@@ -13,6 +13,7 @@ from multidict import CIMultiDict
 from tests.conftest import World
 from tests.services import images
 from tests.services.mirror import Mirror
+from tests.services.procs import wait_until
 
 DOCKER_ACCEPT = f"{images.DOCKER_MANIFEST}, {images.DOCKER_LIST}, {images.OCI_MANIFEST}, {images.OCI_INDEX}"
 
@@ -194,7 +195,7 @@ async def test_tag_ttl_revalidates_with_head_and_follows_a_moved_tag(world: Worl
     second = images.image(tmp_path, [images.data_layer(tmp_path, "move2", 1000)])
     world.upstream.push(repo, "v1", first)
     fresh = Mirror(tmp_path / "fresh", world.upstream.url, args=("--manifest-ttl", "3600"))
-    revalidating = Mirror(tmp_path / "reval", world.upstream.url, args=("--manifest-ttl", "0"))
+    revalidating = Mirror(tmp_path / "reval", world.upstream.url, args=("--manifest-ttl", "0", "--manifest-swr", "0"))
     try:
         for m in (fresh, revalidating):
             assert (await get(f"{m.url}/v2/{repo}/manifests/v1", Accept=DOCKER_ACCEPT))[2] == first.manifest
@@ -214,3 +215,38 @@ async def test_tag_ttl_revalidates_with_head_and_follows_a_moved_tag(world: Worl
     finally:
         fresh.stop()
         revalidating.stop()
+
+
+async def test_tag_past_ttl_is_answered_at_once_and_refreshed_behind(world: World, tmp_path) -> None:
+    repo = "dao-test/swr"
+    first = images.image(tmp_path, [images.data_layer(tmp_path, "swr1", 1000)])
+    second = images.image(tmp_path, [images.data_layer(tmp_path, "swr2", 1000)])
+    world.upstream.push(repo, "v1", first)
+    mirror = Mirror(tmp_path / "swr", world.upstream.url, args=("--manifest-ttl", "0"))
+    url = f"{mirror.url}/v2/{repo}/manifests/v1"
+    try:
+        assert (await get(url, Accept=DOCKER_ACCEPT))[2] == first.manifest
+        offset = world.upstream.log_offset()
+        status, headers, body = await get(url, Accept=DOCKER_ACCEPT)
+        assert (status, body) == (200, first.manifest) and "Warning" not in headers
+
+        def manifest_requests() -> list[tuple[str, int]]:
+            return [(r.method, r.status) for r in world.upstream.requests(offset) if "/manifests/" in r.path]
+
+        wait_until(lambda: manifest_requests() == [("HEAD", 200)], 5, "background HEAD")
+
+        world.upstream.push(repo, "v1", second)
+        offset = world.upstream.log_offset()
+        status, headers, body = await get(url, Accept=DOCKER_ACCEPT)
+        assert body == first.manifest  # answered from cache; the refresh runs behind
+        for _ in range(50):  # the next clients get the moved tag once the refresh is in
+            status, headers, body = await get(url, Accept=DOCKER_ACCEPT)
+            if body == second.manifest:
+                break
+            await asyncio.sleep(0.1)
+        assert (status, headers["Docker-Content-Digest"]) == (200, second.digest)
+        assert ("GET", 200) in manifest_requests()
+        caches = [a.cache for a in mirror.accesses_to(f"{repo}/manifests/v1", 4)]
+        assert caches[0] == "miss" and set(caches[1:]) == {"swr"}
+    finally:
+        mirror.stop()

@@ -3,8 +3,9 @@
 --rate B/s throttles blob bodies; --flip-byte flips one byte in the middle of every blob body;
 --cut-after N closes the connection after N bytes of a blob body; --manifest-status S answers every manifest
 request with status S; --manifest-stall T holds manifest requests T seconds before passing them on; --no-range drops the
-Range header of blob requests (an upstream that ignores Range). Every blob GET is printed as
-``BLOB GET <path> <upstream status> range=<Range header or ->`` so tests can see what the mirror asked for.
+Range header of blob requests (an upstream that ignores Range). Every request is printed as
+``REQ <method> <path>`` when it arrives, and every blob GET as
+``BLOB GET <path> <upstream status> range=<Range header or ->``, so tests see what the mirror asked for.
 Anything else passes through unchanged.
 """
 
@@ -33,6 +34,7 @@ def main() -> None:
 
     async def handle(request: web.Request) -> web.StreamResponse:
         session: aiohttp.ClientSession = request.app["session"]
+        print(f"REQ {request.method} {request.path}", flush=True)
         if "/manifests/" in request.path:
             if args.manifest_status:
                 return web.json_response(

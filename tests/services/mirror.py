@@ -116,10 +116,13 @@ class FaultProxy:
         """The Range header ("-" for none) of every blob GET for ``digest`` the upstream answered with data."""
         text = self.log.read_text(errors="replace")
         return [
-            m["range"]
-            for m in _BLOB_GET.finditer(text)
-            if m["path"].endswith(digest) and m["status"] in ("200", "206")
+            m["range"] for m in _BLOB_GET.finditer(text) if m["path"].endswith(digest) and m["status"] in ("200", "206")
         ]
+
+    def requests(self, suffix: str = "") -> list[str]:
+        """``METHOD path`` of every request that reached this port (any proxy on it), as they arrived."""
+        text = self.log.read_text(errors="replace")
+        return [line[4:] for line in text.splitlines() if line.startswith("REQ ") and line.endswith(suffix)]
 
     def stop(self) -> None:
         self.proc.kill()  # it may hold stalled requests open on purpose; nothing of it needs a clean exit

@@ -19,7 +19,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from dao.config import MirrorConfig
-from dao.mirror.proxy import STALE_WARNING, Proxy
+from dao.mirror.availability import CircuitBreaker
+from dao.mirror.proxy import STALE_WARNING, Proxy, RememberedError
 from dao.mirror.serve import blob_headers, send_fetch, send_local
 from dao.mirror.storage import FilesystemBlobStore, FilesystemManifestStore
 from dao.oci.digest import Digest, DigestError
@@ -48,6 +49,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except RegistryError as exc:
         request["dao.failure"] = exc.message
+        if isinstance(exc, RememberedError):
+            request["dao.cache"] = exc.cache
         return error_response(exc)
     except web.HTTPException:
         raise
@@ -202,6 +205,12 @@ async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> 
             manifests,
             manifest_ttl=config.manifest_ttl,
             manifest_timeout=config.manifest_timeout,
+            manifest_swr=config.manifest_swr,
+            negative_ttl=config.negative_ttl,
+            breaker=CircuitBreaker(
+                config.upstream, threshold=config.breaker_failures, cooldown=config.breaker_cooldown
+            ),
+            prefetch_children=config.prefetch_children,
             download=DownloadPolicy(
                 connections=config.fetch_connections, split_threshold=int(config.fetch_split_mib * 1024 * 1024)
             ),

@@ -72,9 +72,7 @@ class Fetch:
             self.size = size
             await asyncio.to_thread(self._hash_rest)
             if not self._verifier.verified:
-                raise UpstreamUnavailable(
-                    f"digest mismatch for {self.digest}: upstream sent {self._verifier.actual()}"
-                )
+                raise UpstreamUnavailable(f"digest mismatch for {self.digest}: upstream sent {self._verifier.actual()}")
             await asyncio.to_thread(os.fsync, self.fd)
             await self.store.commit(self.digest, self.path)
             self.done = True

@@ -3,8 +3,15 @@
 - blobs: committed in the store -> serve the file; being fetched -> follow that fetch; else start the one
   fetch for the digest (see :mod:`dao.mirror.inflight`).
 - manifests by digest: immutable, cached forever once their bytes hash to the digest.
-- manifests by tag: cached per set of accepted media types; re-validated by a HEAD upstream after the TTL;
-  served stale (with a ``Warning``) when the upstream is unreachable, times out, rate-limits or refuses us.
+- manifests by tag: cached per set of accepted media types. Fresh for ``manifest_ttl``; then, for
+  ``manifest_swr`` more, answered from cache at once while a background HEAD re-validates (stale while
+  revalidate); after that the client waits for the HEAD. Served stale (with a ``Warning``) when the upstream
+  is unreachable, times out, rate-limits or refuses us (stale if error). A HEAD is all a re-validation costs;
+  the manifest is fetched again only when the tag moved.
+- indexes: every child manifest is fetched into the cache behind the client's back, so another platform (or
+  the same one, by digest) pulls when the upstream is gone.
+- every upstream conversation goes through the circuit breaker and 404s through the negative cache (see
+  :mod:`dao.mirror.availability`).
 """
 
 from __future__ import annotations
@@ -12,13 +19,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
+from dao.mirror.availability import CircuitBreaker, CircuitOpen, NegativeCache
 from dao.mirror.inflight import Fetch, Inflight
 from dao.mirror.storage.base import BlobStore, LocalBlob, ManifestRecord, ManifestStore
 from dao.oci.digest import Digest, DigestError
 from dao.oci.errors import ErrorCode, RegistryError
-from dao.oci.manifest import accept_key, acceptable
+from dao.oci.manifest import (
+    DEFAULT_ACCEPT,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    Descriptor,
+    accept_key,
+    acceptable,
+    descriptors,
+)
 from dao.registry.client import RegistryClient
 from dao.registry.download import DownloadPolicy
 from dao.registry.errors import (
@@ -34,8 +53,12 @@ log = logging.getLogger(__name__)
 
 STALE_WARNING = '110 dao "Response is Stale"'
 
+CHILD_FETCHES = 4
+
 # Upstream failures after which a cached tag is still a good answer.
-_STALE_OK = (UpstreamUnavailable, UpstreamRateLimited, UpstreamUnauthorized, TimeoutError)
+_STALE_OK = (UpstreamUnavailable, UpstreamRateLimited, UpstreamUnauthorized, TimeoutError, CircuitOpen)
+# What says "the upstream is in trouble" (as opposed to an answer such as 404 or 401) to the circuit breaker.
+_BREAKER_FAILURES = (UpstreamUnavailable, UpstreamRateLimited, TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +66,7 @@ class ManifestAnswer:
     body: bytes
     media_type: str
     digest: Digest
-    cache: str  # "hit", "miss", "revalidated", "stale"
+    cache: str  # "hit", "miss", "swr" (cached, refreshing behind), "revalidated", "stale" (upstream failing)
 
     @property
     def stale(self) -> bool:
@@ -60,6 +83,12 @@ class BlobAnswer:
     cache: str = "hit"
 
 
+class RememberedError(RegistryError):
+    """An upstream "not found" answered from the negative cache, without asking upstream again."""
+
+    cache = "negative"
+
+
 class Proxy:
     def __init__(
         self,
@@ -69,6 +98,10 @@ class Proxy:
         *,
         manifest_ttl: float,
         manifest_timeout: float,
+        manifest_swr: float = 0.0,
+        negative_ttl: float = 0.0,
+        breaker: CircuitBreaker | None = None,
+        prefetch_children: bool = False,
         download: DownloadPolicy | None = None,
     ) -> None:
         self.client = client
@@ -77,7 +110,27 @@ class Proxy:
         self.inflight = Inflight(blobs, download)
         self.manifest_ttl = manifest_ttl
         self.manifest_timeout = manifest_timeout
+        self.manifest_swr = manifest_swr
+        self.negative = NegativeCache(negative_ttl)
+        self.breaker = breaker or CircuitBreaker(client.host, threshold=5, cooldown=15.0)
+        self.prefetch_children = prefetch_children
         self.upstream_key = client.host
+        self._background: dict[tuple[str, ...], asyncio.Task[None]] = {}
+        self._complete_indexes: set[Digest] = set()  # indexes whose children are all cached
+
+    @asynccontextmanager
+    async def _upstream(self) -> AsyncIterator[None]:
+        """Wrap every upstream conversation: refused at once while the circuit is open, outcome recorded."""
+        self.breaker.check()
+        try:
+            yield
+        except _BREAKER_FAILURES:
+            self.breaker.failure()
+            raise
+        except RegistryClientError:
+            self.breaker.success()  # a 404 or 401 is an answer: the upstream is up
+            raise
+        self.breaker.success()
 
     # -- blobs ---------------------------------------------------------------------------------------------
 
@@ -89,15 +142,27 @@ class Proxy:
         local = await self.blobs.open(digest)
         if local is not None:
             return BlobAnswer(local.size, local=local)
+        key = ("blob", repo, str(digest))
+        if self.inflight.get(digest) is None:
+            self._check_negative(key, ErrorCode.BLOB_UNKNOWN)
+            try:
+                self.breaker.check()
+            except CircuitOpen as exc:
+                raise upstream_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
         fetch, started = self.inflight.join_or_start(digest, self.client.blob_source(repo, digest))
         try:
             await asyncio.shield(fetch.headers_ready)
         except RegistryClientError as exc:
             fetch.release()
+            if started:
+                self._count(exc)
+                self._remember_missing(key, exc)
             raise upstream_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
         except BaseException:
             fetch.release()
             raise
+        if started:
+            self.breaker.success()
         return BlobAnswer(fetch.size, fetch=fetch, cache="miss" if started else "join")
 
     async def stat_blob(self, repo: str, digest: Digest) -> tuple[int | None, str]:
@@ -107,9 +172,13 @@ class Proxy:
         fetch = self.inflight.get(digest)
         if fetch is not None and fetch.headers_ready.done() and fetch.error is None:
             return fetch.size, "join"
+        key = ("blob", repo, str(digest))
+        self._check_negative(key, ErrorCode.BLOB_UNKNOWN)
         try:
-            return await self.client.head_blob(repo, digest), "miss"
-        except RegistryClientError as exc:
+            async with self._upstream():
+                return await self.client.head_blob(repo, digest), "miss"
+        except (RegistryClientError, CircuitOpen) as exc:
+            self._remember_missing(key, exc)
             raise upstream_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
 
     # -- manifests -----------------------------------------------------------------------------------------
@@ -120,8 +189,12 @@ class Proxy:
         except DigestError as exc:
             raise RegistryError(ErrorCode.DIGEST_INVALID, str(exc)) from exc
         if digest is not None:
-            return await self._manifest_by_digest(repo, digest, accept)
-        return await self._manifest_by_tag(repo, reference, accept)
+            answer = await self._manifest_by_digest(repo, digest, accept)
+        else:
+            answer = await self._manifest_by_tag(repo, reference, accept)
+        if self.prefetch_children and answer.media_type in INDEX_TYPES and answer.digest not in self._complete_indexes:
+            self._in_background(("children", str(answer.digest)), self._cache_children(repo, answer))
+        return answer
 
     async def _manifest_by_digest(self, repo: str, digest: Digest, accept: tuple[str, ...]) -> ManifestAnswer:
         cached = await self.manifests.get(digest)
@@ -134,38 +207,61 @@ class Proxy:
         key = accept_key(accept)
         record = await self.manifests.get_tag(self.upstream_key, repo, tag, key)
         cached = await self.manifests.get(record.digest) if record else None
-        if record is not None and cached is not None:
-            body, media_type = cached
-            if time.time() - record.checked_at < self.manifest_ttl:
-                return ManifestAnswer(body, media_type, record.digest, "hit")
-            try:
-                async with asyncio.timeout(self.manifest_timeout):
-                    head = await self.client.head_manifest(repo, tag, accept)
-            except _STALE_OK as exc:
-                log.warning("serving %s:%s stale: %s", repo, tag, exc)
-                return ManifestAnswer(body, media_type, record.digest, "stale")
-            except RegistryClientError as exc:
-                raise upstream_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
-            if head.digest == record.digest:
-                await self._record_tag(repo, tag, key, record.digest, media_type)
-                return ManifestAnswer(body, media_type, record.digest, "revalidated")
+        if record is None or cached is None:
+            fetched = await self._fetch_manifest(repo, tag, accept)
+            await self._record_tag(repo, tag, key, fetched.digest, fetched.media_type)
+            return fetched
+        body, media_type = cached
+        age = time.time() - record.checked_at
+        if age < self.manifest_ttl:
+            return ManifestAnswer(body, media_type, record.digest, "hit")
+        if age < self.manifest_ttl + self.manifest_swr:
+            # Stale-while-revalidate: this client gets the cached answer now; the next one gets the refresh.
+            self._in_background(("tag", repo, tag, key), self._refresh_tag(repo, tag, accept, key, record.digest))
+            return ManifestAnswer(body, media_type, record.digest, "swr")
+        try:
+            async with self._upstream(), asyncio.timeout(self.manifest_timeout):
+                head = await self.client.head_manifest(repo, tag, accept)
+        except _STALE_OK as exc:
+            log.warning("serving %s:%s stale: %s", repo, tag, exc)
+            return ManifestAnswer(body, media_type, record.digest, "stale")
+        except RegistryClientError as exc:
+            raise upstream_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
+        if head.digest == record.digest:
+            await self._record_tag(repo, tag, key, record.digest, media_type)
+            return ManifestAnswer(body, media_type, record.digest, "revalidated")
         try:
             fetched = await self._fetch_manifest(repo, tag, accept)
         except RegistryError:
-            if record is None or cached is None:
-                raise
             # The refresh failed after the HEAD said "changed": the old answer beats none.
-            return ManifestAnswer(cached[0], cached[1], record.digest, "stale")
+            return ManifestAnswer(body, media_type, record.digest, "stale")
         await self._record_tag(repo, tag, key, fetched.digest, fetched.media_type)
-        return ManifestAnswer(fetched.body, fetched.media_type, fetched.digest, "miss")
+        return fetched
+
+    async def _refresh_tag(self, repo: str, tag: str, accept: tuple[str, ...], key: str, known: Digest) -> None:
+        """Background revalidation: a HEAD; the manifest itself only when the tag moved."""
+        try:
+            async with self._upstream(), asyncio.timeout(self.manifest_timeout):
+                head = await self.client.head_manifest(repo, tag, accept)
+            if head.digest == known:
+                media_type = (await self.manifests.get(known) or (b"", head.media_type))[1]
+                await self._record_tag(repo, tag, key, known, media_type)
+                return
+            fetched = await self._fetch_manifest(repo, tag, accept)
+            await self._record_tag(repo, tag, key, fetched.digest, fetched.media_type)
+        except (RegistryClientError, RegistryError, CircuitOpen, TimeoutError) as exc:
+            log.warning("background refresh of %s:%s failed, cached copy kept: %s", repo, tag, exc)
 
     async def _fetch_manifest(self, repo: str, reference: str, accept: tuple[str, ...]) -> ManifestAnswer:
+        key = ("manifest", repo, reference)
+        self._check_negative(key, ErrorCode.MANIFEST_UNKNOWN)
         try:
-            async with asyncio.timeout(self.manifest_timeout):
+            async with self._upstream(), asyncio.timeout(self.manifest_timeout):
                 m = await self.client.get_manifest(repo, reference, accept)
         except TimeoutError as exc:
             raise RegistryError(ErrorCode.UNAVAILABLE, "upstream registry timed out") from exc
-        except RegistryClientError as exc:
+        except (RegistryClientError, CircuitOpen) as exc:
+            self._remember_missing(key, exc)
             raise upstream_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
         await self.manifests.put(m.digest, m.body, m.media_type)
         return ManifestAnswer(m.body, m.media_type, m.digest, "miss")
@@ -174,25 +270,84 @@ class Proxy:
         record = ManifestRecord(digest, media_type, time.time())
         await self.manifests.put_tag(self.upstream_key, repo, tag, key, record)
 
+    async def _cache_children(self, repo: str, index: ManifestAnswer) -> None:
+        """Fetch every child manifest of an index a client pulled, so other platforms pull offline later."""
+        try:
+            children = [d for d in descriptors(index.body) if d.media_type in MANIFEST_TYPES or not d.media_type]
+        except ValueError as exc:
+            log.warning("index %s is not readable, children not cached: %s", index.digest, exc)
+            return
+        missing = [c for c in children if await self.manifests.get(c.digest) is None]
+        gate = asyncio.Semaphore(CHILD_FETCHES)
+
+        async def one(child: Descriptor) -> bool:
+            async with gate:
+                accept = (child.media_type,) if child.media_type else DEFAULT_ACCEPT
+                try:
+                    await self._fetch_manifest(repo, str(child.digest), accept)
+                except RegistryError as exc:
+                    log.warning("child manifest %s of %s not cached: %s", child.digest, index.digest, exc.message)
+                    return False
+                return True
+
+        results = await asyncio.gather(*(one(c) for c in missing))
+        if all(results):
+            self._complete_indexes.add(index.digest)
+
+    # -- negative cache and background work ----------------------------------------------------------------
+
+    def _check_negative(self, key: tuple[str, ...], code: ErrorCode) -> None:
+        if key in self.negative:
+            raise RememberedError(code, f"upstream said {key[-1]} does not exist in {key[1]} (remembered)")
+
+    def _remember_missing(self, key: tuple[str, ...], exc: BaseException) -> None:
+        if isinstance(exc, UpstreamNotFound):
+            self.negative.add(key)
+
+    def _count(self, exc: BaseException) -> None:
+        if isinstance(exc, _BREAKER_FAILURES):
+            self.breaker.failure()
+        elif isinstance(exc, RegistryClientError):
+            self.breaker.success()
+
+    def _in_background(self, key: tuple[str, ...], work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` once per ``key`` at a time, owned by the proxy (cancelled at shutdown)."""
+        if key in self._background:
+            work.close()
+            return
+        task = asyncio.get_running_loop().create_task(work, name=" ".join(key))
+        self._background[key] = task
+        task.add_done_callback(lambda _: self._background.pop(key, None))
+
+    async def drain(self) -> None:
+        """Wait for the background work started so far (tests and shutdown)."""
+        while self._background:
+            await asyncio.gather(*self._background.values(), return_exceptions=True)
+
     # -- pass-through --------------------------------------------------------------------------------------
 
     async def tags(self, repo: str, query: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
         try:
-            async with asyncio.timeout(self.manifest_timeout):
+            async with self._upstream(), asyncio.timeout(self.manifest_timeout):
                 return await self.client.raw_get(
                     f"/v2/{repo}/tags/list", scope=f"repository:{repo}:pull", params=query or None
                 )
         except TimeoutError as exc:
             raise RegistryError(ErrorCode.UNAVAILABLE, "upstream registry timed out") from exc
-        except RegistryClientError as exc:
+        except (RegistryClientError, CircuitOpen) as exc:
             raise upstream_error(exc, ErrorCode.NAME_UNKNOWN) from exc
 
     async def aclose(self) -> None:
+        for task in list(self._background.values()):
+            task.cancel()
+        await asyncio.gather(*self._background.values(), return_exceptions=True)
         await self.inflight.aclose()
 
 
-def upstream_error(exc: RegistryClientError, not_found: ErrorCode) -> RegistryError:
+def upstream_error(exc: RegistryClientError | CircuitOpen, not_found: ErrorCode) -> RegistryError:
     """The answer a client gets for an upstream failure: the upstream's own 404/401/429, else 502/503."""
+    if isinstance(exc, CircuitOpen):
+        return RegistryError(ErrorCode.UNAVAILABLE, str(exc), headers={"Retry-After": f"{exc.retry_after:.0f}"})
     if isinstance(exc, UpstreamNotFound):
         return RegistryError(not_found, str(exc))
     if isinstance(exc, UpstreamRateLimited):

@@ -1,0 +1,141 @@
+"""The ranged, resuming download against an in-process upstream whose every response we script."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from dao.registry.download import Download, DownloadPolicy
+from dao.registry.errors import UpstreamNotFound, UpstreamUnavailable
+
+DATA = os.urandom(3_000_000)
+POLICY = DownloadPolicy(
+    connections=4, split_threshold=256 * 1024, segment_min=64 * 1024, backoff_base=0.001, backoff_max=0.01
+)
+
+
+class Body:
+    def __init__(self, data: bytes, offset: int, size: int | None, cut: int | None) -> None:
+        self.data, self.offset, self.size, self.cut = data, offset, size, cut
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for i in range(0, len(self.data), 32 * 1024):
+            if self.cut is not None and i >= self.cut:
+                raise UpstreamUnavailable("connection reset")
+            yield self.data[i : i + 32 * 1024]
+            await asyncio.sleep(0)
+
+
+class Upstream:
+    """Honours Range unless ``ranges`` is off; each response breaks after a random length with ``break_rate``."""
+
+    def __init__(self, *, ranges: bool = True, break_rate: float = 0.0, seed: int = 0) -> None:
+        self.ranges, self.break_rate = ranges, break_rate
+        self.random = random.Random(seed)
+        self.asked: list[tuple[int, int | None]] = []
+
+    @asynccontextmanager
+    async def open(self, start: int = 0, end: int | None = None) -> AsyncIterator[Body]:
+        self.asked.append((start, end))
+        await asyncio.sleep(0)
+        cut = None
+        if self.random.random() < self.break_rate:
+            cut = self.random.randrange(0, 200_000)
+        if not self.ranges or (start == 0 and end is None):
+            yield Body(DATA, 0, len(DATA), cut)
+        else:
+            last = len(DATA) - 1 if end is None else end
+            yield Body(DATA[start : last + 1], start, len(DATA), cut)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sizes: list[int | None] = []
+        self.written = 0
+
+    def on_size(self, size: int | None) -> None:
+        self.sizes.append(size)
+
+    def on_data(self, offset: int, data: memoryview) -> None:
+        assert self.sizes, "data before size"
+        self.written += len(data)
+
+
+async def download(tmp_path: Path, upstream: Upstream, policy: DownloadPolicy = POLICY) -> tuple[bytes, Recorder]:
+    path = tmp_path / "blob"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    recorder = Recorder()
+    try:
+        size = await Download(upstream, fd, recorder, policy).run()
+    finally:
+        os.close(fd)
+    assert size == len(DATA)
+    return path.read_bytes(), recorder
+
+
+async def test_parallel_segments_cover_the_blob_exactly_once(tmp_path: Path) -> None:
+    upstream = Upstream()
+    data, recorder = await download(tmp_path, upstream)
+    assert data == DATA
+    assert recorder.sizes == [len(DATA)]
+    assert recorder.written == len(DATA)  # no byte written twice
+    helpers = [a for a in upstream.asked if a != (0, None)]
+    assert len(helpers) >= POLICY.connections - 1
+    assert helpers[0][1] == len(DATA) - 1  # the probe takes the tail
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_breaks_anywhere_are_resumed_without_gaps(tmp_path: Path, seed: int) -> None:
+    upstream = Upstream(break_rate=0.5, seed=seed)
+    data, recorder = await download(tmp_path, upstream, POLICY)
+    assert data == DATA
+    assert recorder.written == len(DATA)
+
+
+async def test_range_ignored_means_one_stream(tmp_path: Path) -> None:
+    upstream = Upstream(ranges=False)
+    data, recorder = await download(tmp_path, upstream)
+    assert data == DATA and recorder.written == len(DATA)
+    assert len(upstream.asked) == 2  # the head and the probe that found Range ignored
+
+
+async def test_resume_with_range_ignored_skips_what_it_has(tmp_path: Path) -> None:
+    upstream = Upstream(ranges=False, break_rate=0.5, seed=3)
+    data, recorder = await download(tmp_path, upstream, DownloadPolicy(connections=1, backoff_base=0.001))
+    assert data == DATA and recorder.written == len(DATA)
+
+
+async def test_gives_up_after_attempts_without_progress(tmp_path: Path) -> None:
+    class Dead(Upstream):
+        @asynccontextmanager
+        async def open(self, start: int = 0, end: int | None = None) -> AsyncIterator[Body]:
+            self.asked.append((start, end))
+            if start:
+                raise UpstreamUnavailable("connection refused")
+            yield Body(DATA, 0, len(DATA), 100_000)
+
+    upstream = Dead()
+    policy = DownloadPolicy(connections=1, resume_attempts=3, backoff_base=0.001)
+    with pytest.raises(UpstreamUnavailable):
+        await download(tmp_path, upstream, policy)
+    assert len(upstream.asked) == 1 + 3
+
+
+async def test_first_answer_is_the_callers(tmp_path: Path) -> None:
+    class Missing(Upstream):
+        @asynccontextmanager
+        async def open(self, start: int = 0, end: int | None = None) -> AsyncIterator[Body]:
+            self.asked.append((start, end))
+            raise UpstreamNotFound("GET /v2/x/blobs/y: 404", 404, ("BLOB_UNKNOWN",))
+            yield  # pragma: no cover
+
+    upstream = Missing()
+    with pytest.raises(UpstreamNotFound):
+        await download(tmp_path, upstream)
+    assert len(upstream.asked) == 1
