@@ -62,7 +62,9 @@ class Request:
 class Upstream:
     """A running registry + token server. ``url`` is what a mirror's ``--upstream`` takes."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, realm: str | None = None) -> None:
+        """``realm``: the token URL the registry's challenges name (default: the token server itself; a
+        benchmark puts its emulated link in between)."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         key, cert = _key_and_cert(workdir)
@@ -98,7 +100,7 @@ class Upstream:
                     "http": {"addr": f"127.0.0.1:{self.port}"},
                     "auth": {
                         "token": {
-                            "realm": f"http://127.0.0.1:{self.token_port}/token",
+                            "realm": realm or f"http://127.0.0.1:{self.token_port}/token",
                             "service": SERVICE,
                             "issuer": ISSUER,
                             "rootcertbundle": str(cert),

@@ -8,8 +8,12 @@ than ``Content-Length`` -- never a clean, short 200.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
+import select
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
@@ -20,6 +24,9 @@ from dao.oci.errors import ErrorCode, RegistryError
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 SENDFILE_FALLBACK_CHUNK = 256 * 1024
+SENDFILE_THREADS = 64  # concurrent cached-blob responses being written; more wait for a thread
+SEND_STALL_TIMEOUT = 120.0  # seconds a client may read nothing before its response is abandoned
+_POLL_MS = 500
 
 
 def parse_range(header: str | None, size: int | None) -> tuple[int, int | None] | None:
@@ -94,18 +101,72 @@ async def send_local(request: web.Request, digest: Digest, blob: LocalBlob) -> w
             await resp.write_eof()
             return resp
         transport = request.transport
-        if transport is None:
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if transport is None or sock is None:
             raise ConnectionResetError("client went away")
-        with os.fdopen(os.dup(blob.fd), "rb") as f:
-            loop = asyncio.get_running_loop()
-            try:
-                await loop.sendfile(transport, f, start, count)
-            except NotImplementedError:
-                await _copy_fallback(resp, blob.fd, start, count)
+        # The headers go first; from here the thread writes to the socket itself. They are a few hundred
+        # bytes, so the transport almost always holds nothing by now and this never loops.
+        while transport.get_write_buffer_size():  # noqa: ASYNC110 -- asyncio's transport has no "empty" event
+            await asyncio.sleep(0.001)
+        await _sendfile_in_thread(sock.fileno(), blob.fd, start, count)
         await resp.write_eof()
         return resp
     finally:
         blob.close()
+
+
+async def _sendfile_in_thread(sock_fd: int, file_fd: int, offset: int, count: int) -> None:
+    """``os.sendfile`` in a worker thread, so the kernel's copying runs on every core, not only the loop's.
+
+    The thread owns duplicates of both descriptors and closes them itself: if the request is cancelled or the
+    connection torn down meanwhile, neither number can be reused under it by another connection or file.
+    """
+    stop = threading.Event()
+    sock_dup, file_dup = os.dup(sock_fd), os.dup(file_fd)
+    loop = asyncio.get_running_loop()
+    try:
+        future = loop.run_in_executor(_sendfile_pool(), _sendfile_blocking, sock_dup, file_dup, offset, count, stop)
+    except BaseException:
+        os.close(sock_dup)
+        os.close(file_dup)
+        raise
+    try:
+        await future
+    except asyncio.CancelledError:
+        stop.set()  # the thread gives up within a poll interval
+        raise
+
+
+def _sendfile_blocking(sock_fd: int, file_fd: int, offset: int, count: int, stop: threading.Event) -> None:
+    try:
+        poller = select.poll()
+        poller.register(sock_fd, select.POLLOUT)
+        end = offset + count
+        idle = 0.0
+        while offset < end:
+            if stop.is_set():
+                raise ConnectionResetError("response cancelled")
+            try:
+                sent = os.sendfile(sock_fd, file_fd, offset, end - offset)
+            except (BlockingIOError, InterruptedError):
+                if poller.poll(_POLL_MS):
+                    idle = 0.0
+                else:
+                    idle += _POLL_MS / 1000
+                    if idle >= SEND_STALL_TIMEOUT:
+                        raise TimeoutError(f"client read nothing for {SEND_STALL_TIMEOUT:.0f}s") from None
+                continue
+            if sent == 0:
+                raise FetchFailed("blob file shorter than its size")
+            offset += sent
+    finally:
+        os.close(sock_fd)
+        os.close(file_fd)
+
+
+@functools.cache
+def _sendfile_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=SENDFILE_THREADS, thread_name_prefix="dao-sendfile")
 
 
 async def _copy_fallback(resp: web.StreamResponse, fd: int, start: int, count: int) -> None:

@@ -1,0 +1,322 @@
+#!/usr/bin/env python3
+"""dao's mirror next to the CNCF registry's proxy mode, on the same emulated long-haul link and image.
+
+Run from the repository root after ``make test`` has installed everything (root needed for the namespace):
+
+    .venv/bin/python bench/mirror_vs_distribution.py [--size-mib 48] [--rtt-ms 160] [--link-mbit 40] [--conn-mbit 3]
+
+The script re-runs itself in a private network namespace (``tests/services/isolated.sh``): every byte stays
+on that namespace's loopback. In it: the upstream (CNCF registry + token server, seeded with one single-layer
+image of ``--size-mib`` random bytes), the emulated link in front of both (see ``bench/link.py``), and each
+mirror in turn with an empty cache. Clients are real: ``skopeo copy`` for pulls, ``curl`` for raw blob
+throughput; the local ceiling is ``bench/sendfile_server.py`` serving the same file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.services import images  # noqa: E402
+from tests.services.mirror import Mirror  # noqa: E402
+from tests.services.procs import Process, free_port, http_status, wait_until  # noqa: E402
+from tests.services.upstream import Upstream  # noqa: E402
+
+from bench.link import Link, serve  # noqa: E402
+
+REPO = "library/benchbig"
+MiB = 1024 * 1024
+
+
+@dataclass
+class Result:
+    name: str
+    cold1_s: float = float("nan")
+    cold1_ok: bool = False
+    cold8_s: float = float("nan")
+    cold8_ok: int = 0
+    cold8_upstream: float = float("nan")  # multiples of the blob size
+    warm_mbs: float = float("nan")
+    rss_mib: float = 0.0
+    offline_ok: int = 0
+    offline_of: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class LinkThread:
+    """The emulated link's relays, on their own event loop thread (the rest of the script blocks freely)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def start(self, link: Link, port: int) -> None:
+        asyncio.run_coroutine_threadsafe(serve(link, port), self.loop).result(10)
+
+    def call(self, fn: Callable[[], None]) -> None:
+        self.loop.call_soon_threadsafe(fn)
+
+
+class ReferenceMirror:
+    """``docker-registry`` in proxy mode (pull-through cache) in front of ``upstream``."""
+
+    def __init__(self, workdir: Path, upstream: str) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = workdir / "proxy.yml"
+        config.write_text(
+            json.dumps(
+                {
+                    "version": 0.1,
+                    "log": {"level": "info", "accesslog": {"disabled": False}},
+                    "storage": {"filesystem": {"rootdirectory": str(workdir / "storage")}},
+                    "http": {"addr": f"127.0.0.1:{self.port}"},
+                    "proxy": {"remoteurl": upstream},
+                }
+            )
+        )
+        self.proc = Process(["docker-registry", "serve", str(config)], workdir / "registry.log")
+        wait_until(lambda: http_status(self.url + "/v2/") == 200, 60, "docker-registry proxy", self.proc.proc)
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def peak_rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def skopeo_pulls(port: int, out: Path, count: int, timeout: float) -> tuple[float, int]:
+    """``count`` concurrent ``skopeo copy`` of the image; wall time and how many succeeded."""
+    procs = []
+    started = time.monotonic()
+    for i in range(count):
+        dest = out / f"pull-{i}"
+        shutil.rmtree(dest, ignore_errors=True)
+        procs.append(
+            subprocess.Popen(
+                [
+                    "skopeo",
+                    "copy",
+                    "--retry-times",
+                    "0",
+                    "--src-tls-verify=false",
+                    f"docker://127.0.0.1:{port}/{REPO}:v1",
+                    f"dir:{dest}",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        )
+    ok = 0
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=max(1.0, timeout - (time.monotonic() - started)))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            continue
+        if p.returncode == 0:
+            ok += 1
+        else:
+            last = err.decode(errors="replace").strip().splitlines()[-1:] or ["?"]
+            print(f"    skopeo failed: {last[0][:200]}", file=sys.stderr)
+    elapsed = time.monotonic() - started
+    for i in range(count):
+        shutil.rmtree(out / f"pull-{i}", ignore_errors=True)
+    return elapsed, ok
+
+
+def curl_throughput(url: str, clients: int, size: int, rounds: int) -> float:
+    """MB/s (10^6) for ``clients`` concurrent downloads of ``url``; the median of ``rounds``."""
+    speeds = []
+    for _ in range(rounds):
+        started = time.monotonic()
+        procs = [
+            subprocess.Popen(["curl", "-sf", "-o", "/dev/null", "-w", "%{size_download}", url], stdout=subprocess.PIPE)
+            for _ in range(clients)
+        ]
+        sizes = [int(p.communicate(timeout=300)[0] or 0) for p in procs]
+        elapsed = time.monotonic() - started
+        if any(s != size for s in sizes):
+            raise RuntimeError(f"{url}: short downloads {sizes}")
+        speeds.append(clients * size / elapsed / 1e6)
+    return statistics.median(speeds)
+
+
+def isolated() -> bool:
+    lines = Path("/proc/net/dev").read_text().splitlines()[2:]
+    return [line.split(":")[0].strip() for line in lines] == ["lo"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mib", type=int, default=48, help="the big layer's size")
+    parser.add_argument("--rtt-ms", type=float, default=160)
+    parser.add_argument("--link-mbit", type=float, default=40, help="bottleneck shared by all connections")
+    parser.add_argument("--conn-mbit", type=float, default=3, help="loss-limited ceiling per TCP connection; 0 = none")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--warm-rounds", type=int, default=3)
+    parser.add_argument("--offline-pulls", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=900, help="seconds allowed for one pull phase")
+    parser.add_argument("--only", choices=["dao", "registry"], help="run one mirror only")
+    parser.add_argument("--dao-args", default="", help="extra flags for dao mirror serve")
+    args = parser.parse_args()
+    if not isolated():
+        script = ROOT / "tests" / "services" / "isolated.sh"
+        os.execv(str(script), [str(script), sys.executable, *sys.argv])
+    with tempfile.TemporaryDirectory(prefix="dao-bench-") as tmp:
+        run(args, Path(tmp))
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    size = args.size_mib * MiB
+    print(f"building a {args.size_mib} MiB single-layer image...", file=sys.stderr)
+    image = images.image(work, [images.data_layer(work, "benchbig", size)])
+    layer = max(image.layer_digests(), key=lambda d: image.blobs[d].stat().st_size)
+    blob_size = image.blobs[layer].stat().st_size
+
+    links = LinkThread()
+    link_port, token_port = free_port(), free_port()
+    upstream = Upstream(work / "upstream", realm=f"http://127.0.0.1:{token_port}/token")
+    upstream.push(REPO, "v1", image)
+    delay = args.rtt_ms / 2000
+    link = Link(("127.0.0.1", upstream.port), delay=delay, link_bps=args.link_mbit * 1e6, conn_bps=args.conn_mbit * 1e6)
+    token_link = Link(("127.0.0.1", upstream.token_port), delay=delay, link_bps=0, conn_bps=0)
+    links.start(link, link_port)
+    links.start(token_link, token_port)
+    remote = f"http://127.0.0.1:{link_port}"
+
+    def start_dao(d: Path) -> tuple[object, int, int]:
+        m = Mirror(d, remote, args=tuple(args.dao_args.split()))
+        assert m.proc is not None
+        return m, m.port, m.proc.pid
+
+    def start_reference(d: Path) -> tuple[object, int, int]:
+        r = ReferenceMirror(d, remote)
+        return r, r.port, r.proc.pid
+
+    results = []
+    contenders = [("dao", start_dao), ("registry", start_reference)]
+    for name, start in contenders:
+        if args.only and name != args.only:
+            continue
+        r = Result(name)
+        results.append(r)
+        out = work / "pulls"
+        out.mkdir(exist_ok=True)
+
+        print(f"[{name}] cold pull, 1 client...", file=sys.stderr)
+        mirror, port, pid = start(work / f"{name}-cold1")
+        r.cold1_s, ok = skopeo_pulls(port, out, 1, args.timeout)
+        r.cold1_ok = ok == 1
+        r.rss_mib = max(r.rss_mib, peak_rss_mib(pid))
+        mirror.stop()  # type: ignore[attr-defined]
+
+        print(f"[{name}] cold pull, {args.clients} clients...", file=sys.stderr)
+        mirror, port, pid = start(work / f"{name}-cold8")
+        before = link.down_bytes
+        r.cold8_s, r.cold8_ok = skopeo_pulls(port, out, args.clients, args.timeout)
+        r.cold8_upstream = (link.down_bytes - before) / blob_size
+
+        print(f"[{name}] warm throughput, {args.clients} clients...", file=sys.stderr)
+        r.warm_mbs = curl_throughput(
+            f"http://127.0.0.1:{port}/v2/{REPO}/blobs/{layer}", args.clients, blob_size, args.warm_rounds
+        )
+
+        print(f"[{name}] upstream cut off, {args.offline_pulls} pulls...", file=sys.stderr)
+        links.call(link.cut)
+        links.call(token_link.cut)
+        time.sleep(0.2)
+        for _ in range(args.offline_pulls):
+            _, ok = skopeo_pulls(port, out, 1, 120)
+            r.offline_ok += ok
+            r.offline_of += 1
+        r.rss_mib = max(r.rss_mib, peak_rss_mib(pid))
+        mirror.stop()  # type: ignore[attr-defined]
+        link.up = token_link.up = True
+
+    ceiling_port = free_port()
+    ceiling = Process(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "sendfile_server.py"),
+            "--port",
+            str(ceiling_port),
+            str(image.blobs[layer]),
+        ],
+        work / "sendfile.log",
+    )
+    wait_until(lambda: http_status(f"http://127.0.0.1:{ceiling_port}/") == 200, 10, "sendfile server", ceiling.proc)
+    ceiling_mbs = curl_throughput(f"http://127.0.0.1:{ceiling_port}/", args.clients, blob_size, args.warm_rounds)
+    ceiling.stop()
+    upstream.stop()
+    report(args, blob_size, results, ceiling_mbs)
+
+
+def report(args: argparse.Namespace, blob_size: int, results: list[Result], ceiling_mbs: float) -> None:
+    n = args.clients
+    print()
+    print(
+        f"link: {args.rtt_ms:g} ms RTT, {args.link_mbit:g} mbit shared, "
+        f"{args.conn_mbit:g} mbit per connection ({'none' if not args.conn_mbit else 'loss-limited TCP'}); "
+        f"blob {blob_size / MiB:.1f} MiB"
+    )
+    header = (
+        f"{'mirror':<10} {'cold 1 client':>14} {f'cold {n} clients':>16} {'upstream bytes':>15} "
+        f"{f'warm {n} clients':>16} {'peak RSS':>9} {'upstream cut':>13}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        cold1 = f"{r.cold1_s:.1f} s" + ("" if r.cold1_ok else " FAIL")
+        cold8 = f"{r.cold8_s:.1f} s" + ("" if r.cold8_ok == n else f" {r.cold8_ok}/{n} ok")
+        print(
+            f"{r.name:<10} {cold1:>14} {cold8:>16} {f'{r.cold8_upstream:.2f}x':>15} "
+            f"{f'{r.warm_mbs:.0f} MB/s':>16} {f'{r.rss_mib:.0f} MiB':>9} "
+            f"{f'{r.offline_ok}/{r.offline_of} ok':>13}"
+        )
+    print(f"{'sendfile':<10} {'':>14} {'':>16} {'':>15} {f'{ceiling_mbs:.0f} MB/s':>16}")
+    by = {r.name: r for r in results}
+    if "dao" in by:
+        d = by["dao"]
+        print()
+        if "registry" in by:
+            print(
+                f"cold 1 client: dao {by['registry'].cold1_s / d.cold1_s:.1f}x faster than the registry (target >= 3)"
+            )
+        print(
+            f"cold {n} clients: {d.cold8_upstream:.2f}x the blob upstream (target 1.0), "
+            f"{d.cold8_s / d.cold1_s:.2f}x the 1-client time (target <= 1.2)"
+        )
+        print(
+            f"warm: {d.warm_mbs / ceiling_mbs:.2f}x the sendfile ceiling (target >= 0.9); "
+            f"peak RSS {d.rss_mib:.0f} MiB (target < 150)"
+        )
+
+
+if __name__ == "__main__":
+    main()
