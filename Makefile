@@ -9,7 +9,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 LISTEN ?= 127.0.0.1:5000
 DATA_DIR ?= $(CURDIR)/.dao-data
 
-.PHONY: run test install install-dev apt-run apt-test lint
+APT_BENCH := $(APT_TEST) nginx-light curl
+
+.PHONY: run test install install-dev apt-run apt-test apt-bench lint bench
 
 run: install
 	$(VENV)/bin/dao mirror serve --listen $(LISTEN) --data-dir $(DATA_DIR)
@@ -17,8 +19,12 @@ run: install
 test: install-dev apt-test lint
 	tests/services/isolated.sh $(VENV)/bin/pytest -q -p no:cacheprovider
 
+# The accelerator's benchmark against the CNCF registry's proxy mode (several minutes; see docs/benchmarks.md).
+bench: install-dev apt-bench
+	$(PY) bench/mirror_vs_distribution.py $(BENCH_ARGS)
+
 lint:
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests bench
 
 install: apt-run
 	[ -x $(PY) ] || python3 -m venv $(VENV)
@@ -36,4 +42,8 @@ apt-run:
 
 apt-test:
 	@missing=$$(for p in $(APT_TEST); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+
+apt-bench:
+	@missing=$$(for p in $(APT_BENCH); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi

@@ -319,11 +319,6 @@ class Proxy:
         self._background[key] = task
         task.add_done_callback(lambda _: self._background.pop(key, None))
 
-    async def drain(self) -> None:
-        """Wait for the background work started so far (tests and shutdown)."""
-        while self._background:
-            await asyncio.gather(*self._background.values(), return_exceptions=True)
-
     # -- pass-through --------------------------------------------------------------------------------------
 
     async def tags(self, repo: str, query: dict[str, str]) -> tuple[int, dict[str, str], bytes]:

@@ -45,7 +45,7 @@ RESUMABLE = (UpstreamUnavailable, UpstreamRateLimited, TimeoutError)
 class DownloadPolicy:
     connections: int = 6  # per blob, head stream included; 1 = never split
     split_threshold: int = 8 * MiB  # blobs at least this big are split
-    segment_min: int = 1 * MiB
+    segment_min: int = 256 * 1024  # small enough that the head is not left alone with a long tail
     segment_max: int = 64 * MiB
     resume_attempts: int = 5  # consecutive attempts without a new byte before giving up
     backoff_base: float = 0.25
@@ -100,6 +100,7 @@ class Download:
         self.frontier: int | None = None  # lowest byte claimed by a helper; the head stops there
         self.requests = 0
         self.started = False  # the head's first headers arrived
+        self.ranges_work = False  # a helper got the 206 it asked for
         self._group: asyncio.TaskGroup | None = None
 
     async def run(self) -> int:
@@ -164,11 +165,11 @@ class Download:
     def _maybe_split(self) -> None:
         p = self.policy
         if p.connections > 1 and self.size is not None and self.size >= max(p.split_threshold, 2 * p.segment_min):
-            self._spawn(probe=True)
+            self._spawn()  # the probe
 
-    def _spawn(self, *, probe: bool) -> None:
+    def _spawn(self) -> None:
         assert self._group is not None
-        self._group.create_task(self._helper(probe))
+        self._group.create_task(self._helper())
 
     def _claim(self) -> tuple[int, int] | None:
         """The next segment [start, end) below the frontier, or None when the head should finish the gap."""
@@ -180,16 +181,17 @@ class Download:
         segment = max(p.segment_min, min(p.segment_max, gap // (2 * p.connections)))
         end = self.frontier
         self.frontier = end - segment
+        log.debug("segment %d-%d claimed, head at %d", self.frontier, end - 1, self.head_pos)
         return self.frontier, end
 
-    async def _helper(self, probe: bool) -> None:
+    async def _helper(self) -> None:
         while (claimed := self._claim()) is not None:
             segment = _Segment(*claimed)
             failures = 0
             while segment.pos < segment.end:
                 before = segment.pos
                 try:
-                    await self._segment_once(segment, probe)
+                    await self._segment_once(segment)
                 except _RangeIgnored:
                     # Only the probe sees this, before any other helper exists: the head takes it all back.
                     if self.frontier == segment.start:
@@ -202,19 +204,19 @@ class Download:
                         raise
                     log.info("resuming segment at byte %d after: %s", segment.pos, exc)
                     await asyncio.sleep(self.policy.backoff(failures))
-                if probe:
-                    probe = False
-                    for _ in range(self.policy.connections - 2):
-                        self._spawn(probe=False)
 
-    async def _segment_once(self, segment: _Segment, probe: bool) -> None:
+    async def _segment_once(self, segment: _Segment) -> None:
         """Fetch the rest of ``segment`` once, advancing ``segment.pos`` as bytes land."""
         self.requests += 1
         async with self.source.open(segment.pos, segment.end - 1) as body:
             if body.offset != segment.pos:
-                if probe:
+                if not self.ranges_work:
                     raise _RangeIgnored
                 raise UpstreamUnavailable(f"upstream answered from byte {body.offset}, wanted {segment.pos}")
+            if not self.ranges_work:  # the probe's answer: the other helpers start now
+                self.ranges_work = True
+                for _ in range(self.policy.connections - 2):
+                    self._spawn()
             if body.size is not None and body.size != self.size:
                 raise UpstreamUnavailable(f"upstream size changed from {self.size} to {body.size}")
             async for chunk in body.chunks():
