@@ -82,6 +82,7 @@ class Link:
         self.down_bytes = 0  # server -> client, as read from the server
         self.connections = 0
         self.up = True
+        self.blackhole = False  # when cut: hold new connections silently instead of closing them
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
@@ -93,6 +94,8 @@ class Link:
         try:
             await asyncio.sleep(2 * self.delay)  # the handshake's round trip
             if not self.up:
+                if self.blackhole:
+                    await asyncio.Event().wait()  # nothing ever answers; the client's timeout decides
                 return
             server_r, server_w = await asyncio.open_connection(*self.target)
             conn = SlowStartBucket(self.conn_bps / 8, 2 * self.delay)
@@ -140,9 +143,11 @@ class Link:
             with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
                 await pumping
 
-    def cut(self) -> None:
-        """The upstream becomes unreachable: open connections die, new ones are dropped."""
+    def cut(self, blackhole: bool = False) -> None:
+        """The upstream becomes unreachable: open connections die; new ones are closed at once (a reset) or,
+        with ``blackhole``, never answered (a firewall dropping packets)."""
         self.up = False
+        self.blackhole = blackhole
         for task in list(self._tasks):
             task.cancel()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -56,6 +57,7 @@ class Result:
     rss_mib: float = 0.0
     offline_ok: int = 0
     offline_of: int = 0
+    offline_s: float = 0.0  # the slowest offline pull
     notes: list[str] = field(default_factory=list)
 
 
@@ -151,20 +153,21 @@ def skopeo_pulls(port: int, out: Path, count: int, timeout: float) -> tuple[floa
     return elapsed, ok
 
 
-def curl_throughput(url: str, clients: int, size: int, rounds: int) -> float:
-    """MB/s (10^6) for ``clients`` concurrent downloads of ``url``; the median of ``rounds``."""
+def curl_throughput(url: str, clients: int, size: int, rounds: int, repeat: int) -> float:
+    """MB/s (10^6) for ``clients`` concurrent ``curl``s, each fetching ``url`` ``repeat`` times on one kept-alive
+    connection (so a round lasts long enough to measure); the median of ``rounds``."""
     speeds = []
+    argv = ["curl", "-sf", "-w", "%{size_download}\n"]
+    for _ in range(repeat):
+        argv += ["-o", "/dev/null", url]
     for _ in range(rounds):
         started = time.monotonic()
-        procs = [
-            subprocess.Popen(["curl", "-sf", "-o", "/dev/null", "-w", "%{size_download}", url], stdout=subprocess.PIPE)
-            for _ in range(clients)
-        ]
-        sizes = [int(p.communicate(timeout=300)[0] or 0) for p in procs]
+        procs = [subprocess.Popen(argv, stdout=subprocess.PIPE) for _ in range(clients)]
+        outputs = [p.communicate(timeout=600)[0].split() for p in procs]
         elapsed = time.monotonic() - started
-        if any(s != size for s in sizes):
-            raise RuntimeError(f"{url}: short downloads {sizes}")
-        speeds.append(clients * size / elapsed / 1e6)
+        if any([int(x) for x in out] != [size] * repeat for out in outputs):
+            raise RuntimeError(f"{url}: short downloads")
+        speeds.append(clients * repeat * size / elapsed / 1e6)
     return statistics.median(speeds)
 
 
@@ -180,8 +183,16 @@ def main() -> None:
     parser.add_argument("--link-mbit", type=float, default=40, help="bottleneck shared by all connections")
     parser.add_argument("--conn-mbit", type=float, default=3, help="loss-limited ceiling per TCP connection; 0 = none")
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--warm-rounds", type=int, default=3)
+    parser.add_argument("--warm-rounds", type=int, default=5)
+    parser.add_argument("--warm-repeat", type=int, default=8, help="downloads per client per warm round")
     parser.add_argument("--offline-pulls", type=int, default=3)
+    parser.add_argument(
+        "--cut",
+        choices=["blackhole", "reset"],
+        default="blackhole",
+        help="how the upstream is cut off after warming: packets dropped (default) or connections refused",
+    )
+    parser.add_argument("--offline-timeout", type=float, default=60, help="seconds one offline pull may take")
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed for one pull phase")
     parser.add_argument("--only", choices=["dao", "registry"], help="run one mirror only")
     parser.add_argument("--dao-args", default="", help="extra flags for dao mirror serve")
@@ -249,28 +260,28 @@ def run(args: argparse.Namespace, work: Path) -> None:
         r.cold8_upstream = (link.down_bytes - before) / blob_size
 
         print(f"[{name}] warm throughput, {args.clients} clients...", file=sys.stderr)
-        r.warm_mbs = curl_throughput(
-            f"http://127.0.0.1:{port}/v2/{REPO}/blobs/{layer}", args.clients, blob_size, args.warm_rounds
-        )
+        url = f"http://127.0.0.1:{port}/v2/{REPO}/blobs/{layer}"
+        r.warm_mbs = curl_throughput(url, args.clients, blob_size, args.warm_rounds, args.warm_repeat)
 
         print(f"[{name}] upstream cut off, {args.offline_pulls} pulls...", file=sys.stderr)
-        links.call(link.cut)
-        links.call(token_link.cut)
+        links.call(functools.partial(link.cut, args.cut == "blackhole"))
+        links.call(functools.partial(token_link.cut, args.cut == "blackhole"))
         time.sleep(0.2)
         for _ in range(args.offline_pulls):
-            _, ok = skopeo_pulls(port, out, 1, 120)
+            took, ok = skopeo_pulls(port, out, 1, args.offline_timeout)
             r.offline_ok += ok
             r.offline_of += 1
+            r.offline_s = max(r.offline_s, took)
         r.rss_mib = max(r.rss_mib, peak_rss_mib(pid))
         mirror.stop()  # type: ignore[attr-defined]
         link.up = token_link.up = True
 
-    ceiling_name, ceiling_mbs = local_ceiling(work, image.blobs[layer], args.clients, blob_size, args.warm_rounds)
+    ceiling_name, ceiling_mbs = local_ceiling(work, image.blobs[layer], args)
     upstream.stop()
     report(args, blob_size, results, ceiling_name, ceiling_mbs)
 
 
-def local_ceiling(work: Path, blob: Path, clients: int, size: int, rounds: int) -> tuple[str, float]:
+def local_ceiling(work: Path, blob: Path, args: argparse.Namespace) -> tuple[str, float]:
     """What this machine can serve the same file at: nginx (sendfile on) if installed, else a threaded
     ``os.sendfile`` server."""
     port = free_port()
@@ -295,7 +306,8 @@ def local_ceiling(work: Path, blob: Path, clients: int, size: int, rounds: int) 
     server = Process(argv, root / "server.log")
     try:
         wait_until(lambda: http_status(f"http://127.0.0.1:{port}/blob") == 200, 10, name, server.proc)
-        return name, curl_throughput(f"http://127.0.0.1:{port}/blob", clients, size, rounds)
+        url = f"http://127.0.0.1:{port}/blob"
+        return name, curl_throughput(url, args.clients, blob.stat().st_size, args.warm_rounds, args.warm_repeat)
     finally:
         server.stop()
 
@@ -308,11 +320,11 @@ def report(
     print(
         f"link: {args.rtt_ms:g} ms RTT, {args.link_mbit:g} mbit shared, "
         f"{args.conn_mbit:g} mbit per connection ({'none' if not args.conn_mbit else 'loss-limited TCP'}); "
-        f"blob {blob_size / MiB:.1f} MiB"
+        f"blob {blob_size / MiB:.1f} MiB; upstream cut by {args.cut}"
     )
     header = (
         f"{'mirror':<10} {'cold 1 client':>14} {f'cold {n} clients':>16} {'upstream bytes':>15} "
-        f"{f'warm {n} clients':>16} {'peak RSS':>9} {'upstream cut':>13}"
+        f"{f'warm {n} clients':>16} {'peak RSS':>9} {'upstream cut':>22}"
     )
     print(header)
     print("-" * len(header))
@@ -322,7 +334,7 @@ def report(
         print(
             f"{r.name:<10} {cold1:>14} {cold8:>16} {f'{r.cold8_upstream:.2f}x':>15} "
             f"{f'{r.warm_mbs:.0f} MB/s':>16} {f'{r.rss_mib:.0f} MiB':>9} "
-            f"{f'{r.offline_ok}/{r.offline_of} ok':>13}"
+            f"{f'{r.offline_ok}/{r.offline_of} ok, max {r.offline_s:.1f} s':>22}"
         )
     print(f"{ceiling_name:<10} {'':>14} {'':>16} {'':>15} {f'{ceiling_mbs:.0f} MB/s':>16}   (local ceiling)")
     by = {r.name: r for r in results}

@@ -37,6 +37,10 @@ async def test_circuit_opens_after_failures_then_fails_fast_and_serves_stale(wor
     assert status == 503 and took < 0.9  # no wait for the timeout: the circuit is open
     assert b"UNAVAILABLE" in body and int(headers["Retry-After"]) >= 1
     assert len(proxy.requests("/manifests/nope3")) == reached  # the upstream was not even asked
+    big = world.image("dao-test/big:v1").layer_digests()[-1]  # never fetched by this mirror
+    status, headers, body, took = await get(f"{mirror.url}/v2/dao-test/big/blobs/{big}")
+    assert status == 503 and took < 0.9 and "Retry-After" in headers
+    assert not proxy.requests(f"/blobs/{big}")
     status, headers, body, took = await get(f"{base}/v1")  # cached: served stale at once
     assert (status, body) == (200, image.manifest) and took < 0.9
     assert headers["Warning"] == '110 dao "Response is Stale"'
