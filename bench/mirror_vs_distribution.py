@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -59,6 +60,10 @@ class Result:
     offline_of: int = 0
     offline_s: float = 0.0  # the slowest offline pull
     notes: list[str] = field(default_factory=list)
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
 
 
 class LinkThread:
@@ -216,9 +221,24 @@ def run(args: argparse.Namespace, work: Path) -> None:
     layer = max(image.layer_digests(), key=lambda d: image.blobs[d].stat().st_size)
     blob_size = image.blobs[layer].stat().st_size
 
+    started: list[Stoppable] = []  # stopped whatever happens, so an interrupted run leaves nothing behind
+    try:
+        measure(args, work, image, layer, blob_size, started)
+    finally:
+        for thing in reversed(started):
+            try:
+                thing.stop()
+            except Exception as exc:
+                print(f"stopping {thing}: {exc}", file=sys.stderr)
+
+
+def measure(
+    args: argparse.Namespace, work: Path, image: images.Image, layer: str, blob_size: int, started: list[Stoppable]
+) -> None:
     links = LinkThread()
     link_port, token_port = free_port(), free_port()
     upstream = Upstream(work / "upstream", realm=f"http://127.0.0.1:{token_port}/token")
+    started.append(upstream)
     upstream.push(REPO, "v1", image)
     delay = args.rtt_ms / 2000
     link = Link(("127.0.0.1", upstream.port), delay=delay, link_bps=args.link_mbit * 1e6, conn_bps=args.conn_mbit * 1e6)
@@ -227,13 +247,15 @@ def run(args: argparse.Namespace, work: Path) -> None:
     links.start(token_link, token_port)
     remote = f"http://127.0.0.1:{link_port}"
 
-    def start_dao(d: Path) -> tuple[object, int, int]:
+    def start_dao(d: Path) -> tuple[Stoppable, int, int]:
         m = Mirror(d, remote, args=tuple(args.dao_args.split()))
+        started.append(m)
         assert m.proc is not None
         return m, m.port, m.proc.pid
 
-    def start_reference(d: Path) -> tuple[object, int, int]:
+    def start_reference(d: Path) -> tuple[Stoppable, int, int]:
         r = ReferenceMirror(d, remote)
+        started.append(r)
         return r, r.port, r.proc.pid
 
     results = []
@@ -251,7 +273,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         r.cold1_s, ok = skopeo_pulls(port, out, 1, args.timeout)
         r.cold1_ok = ok == 1
         r.rss_mib = max(r.rss_mib, peak_rss_mib(pid))
-        mirror.stop()  # type: ignore[attr-defined]
+        mirror.stop()
 
         print(f"[{name}] cold pull, {args.clients} clients...", file=sys.stderr)
         mirror, port, pid = start(work / f"{name}-cold8")
@@ -273,11 +295,10 @@ def run(args: argparse.Namespace, work: Path) -> None:
             r.offline_of += 1
             r.offline_s = max(r.offline_s, took)
         r.rss_mib = max(r.rss_mib, peak_rss_mib(pid))
-        mirror.stop()  # type: ignore[attr-defined]
+        mirror.stop()
         link.up = token_link.up = True
 
     ceiling_name, ceiling_mbs = local_ceiling(work, image.blobs[layer], args)
-    upstream.stop()
     report(args, blob_size, results, ceiling_name, ceiling_mbs)
 
 

@@ -139,3 +139,19 @@ async def test_first_answer_is_the_callers(tmp_path: Path) -> None:
     with pytest.raises(UpstreamNotFound):
         await download(tmp_path, upstream)
     assert len(upstream.asked) == 1
+
+
+async def test_a_failing_probe_leaves_the_head_to_finish(tmp_path: Path) -> None:
+    class ProbeFails(Upstream):
+        @asynccontextmanager
+        async def open(self, start: int = 0, end: int | None = None) -> AsyncIterator[Body]:
+            if start or end is not None:
+                self.asked.append((start, end))
+                raise UpstreamUnavailable("503 on ranges")
+            async with super().open(start, end) as body:
+                yield body
+
+    upstream = ProbeFails()
+    data, recorder = await download(tmp_path, upstream)
+    assert data == DATA and recorder.written == len(DATA)
+    assert len(upstream.asked) == 2  # the head, and one probe: no retries, no other helpers

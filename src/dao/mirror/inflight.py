@@ -134,11 +134,6 @@ class Fetch:
                 break
         return pos
 
-    @property
-    def contiguous(self) -> int:
-        """How many bytes from the start are written."""
-        return self._filled[0][1] if self._filled and self._filled[0][0] == 0 else 0
-
     def _notify(self) -> None:
         self._progress.set()
         self._progress = asyncio.Event()

@@ -124,11 +124,8 @@ class Proxy:
         self.breaker.check()
         try:
             yield
-        except _BREAKER_FAILURES:
-            self.breaker.failure()
-            raise
-        except RegistryClientError:
-            self.breaker.success()  # a 404 or 401 is an answer: the upstream is up
+        except BaseException as exc:
+            self._count(exc)
             raise
         self.breaker.success()
 
@@ -308,7 +305,7 @@ class Proxy:
         if isinstance(exc, _BREAKER_FAILURES):
             self.breaker.failure()
         elif isinstance(exc, RegistryClientError):
-            self.breaker.success()
+            self.breaker.success()  # a 404 or 401 is an answer: the upstream is up
 
     def _in_background(self, key: tuple[str, ...], work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` once per ``key`` at a time, owned by the proxy (cancelled at shutdown)."""

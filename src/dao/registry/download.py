@@ -98,7 +98,6 @@ class Download:
         self.size: int | None = None
         self.head_pos = 0
         self.frontier: int | None = None  # lowest byte claimed by a helper; the head stops there
-        self.requests = 0
         self.started = False  # the head's first headers arrived
         self.ranges_work = False  # a helper got the 206 it asked for
         self._group: asyncio.TaskGroup | None = None
@@ -110,8 +109,7 @@ class Download:
                 group.create_task(self._head())
         except BaseExceptionGroup as eg:
             raise _first(eg) from None
-        size = self.size if self.size is not None else self.head_pos
-        return size
+        return self.size if self.size is not None else self.head_pos
 
     # -- head ----------------------------------------------------------------------------------------------
 
@@ -132,7 +130,6 @@ class Download:
                 await asyncio.sleep(self.policy.backoff(failures))
 
     async def _head_once(self) -> None:
-        self.requests += 1
         end = self.frontier - 1 if self.started and self.frontier is not None else None
         async with self.source.open(self.head_pos, end) as body:
             if not self.started:
@@ -193,21 +190,26 @@ class Download:
                 try:
                     await self._segment_once(segment)
                 except _RangeIgnored:
-                    # Only the probe sees this, before any other helper exists: the head takes it all back.
-                    if self.frontier == segment.start:
-                        self.frontier = segment.end
-                    log.info("upstream ignores Range; fetching in one stream")
+                    self._give_back(segment, "upstream ignores Range")
                     return
                 except RESUMABLE as exc:
+                    if not self.ranges_work:  # the probe failed: splitting is a bonus, not worth failing for
+                        self._give_back(segment, f"range probe failed: {exc}")
+                        return
                     failures = 0 if segment.pos > before else failures + 1
                     if failures >= self.policy.resume_attempts:
                         raise
                     log.info("resuming segment at byte %d after: %s", segment.pos, exc)
                     await asyncio.sleep(self.policy.backoff(failures))
 
+    def _give_back(self, segment: _Segment, why: str) -> None:
+        """The probe's segment returns to the head (it is the only claim so far); no more helpers start."""
+        if self.frontier == segment.start:
+            self.frontier = segment.end
+        log.info("%s; fetching in one stream", why)
+
     async def _segment_once(self, segment: _Segment) -> None:
         """Fetch the rest of ``segment`` once, advancing ``segment.pos`` as bytes land."""
-        self.requests += 1
         async with self.source.open(segment.pos, segment.end - 1) as body:
             if body.offset != segment.pos:
                 if not self.ranges_work:
