@@ -65,6 +65,44 @@ def mirror_serve(
         Path | None,
         typer.Option(help="Cache directory. [default: /var/lib/dao/mirror as root, else ~/.local/share/dao/mirror]"),
     ] = None,
+    registry: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--registry",
+            metavar="NAME=URL",
+            help="NAME=URL: also mirror this registry (repeatable). Built in: docker.io (--upstream), ghcr.io, "
+            "gcr.io, registry.k8s.io, k8s.gcr.io, quay.io, mcr.microsoft.com, public.ecr.aws, docker.elastic.co, "
+            "nvcr.io.",
+        ),
+    ] = None,
+    alias: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--alias",
+            metavar="ALIAS=REGISTRY",
+            help="ALIAS=REGISTRY: /v2/ALIAS/<repo> means REGISTRY/<repo> (repeatable).",
+        ),
+    ] = None,
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--host",
+            metavar="HOSTNAME=REGISTRY",
+            help="HOSTNAME=REGISTRY: requests sent to HOSTNAME are for REGISTRY (repeatable).",
+        ),
+    ] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            metavar="GLOB",
+            help="Only serve <registry>/<repository> matching one of these globs (repeatable).",
+        ),
+    ] = None,
+    deny: Annotated[
+        list[str] | None,
+        typer.Option("--deny", metavar="GLOB", help="Refuse <registry>/<repository> matching this glob (repeatable)."),
+    ] = None,
     manifest_ttl: Annotated[
         float | None,
         typer.Option(help="Seconds a tag's manifest is served before re-checking upstream. [default: 300]"),
@@ -108,13 +146,20 @@ def mirror_serve(
 ) -> None:
     """Run the pull-through mirror.
 
-    Point Docker at it with "registry-mirrors": ["http://HOST:PORT"] in daemon.json. Every setting can also
+    Point Docker at it with "registry-mirrors": ["http://HOST:PORT"] in daemon.json; containerd's hosts.toml
+    mirrors (which add ?ns=REGISTRY) reach every registry it knows; so does a path prefix, as in
+    docker pull HOST:PORT/ghcr.io/org/app:tag. Every setting can also
     come from the TOML file's [mirror] table or from DAO_MIRROR_<SETTING> environment variables (for example
     DAO_MIRROR_UPSTREAM_PASSWORD); flags win over the environment, which wins over the file.
     """
     flags = {
         "listen": listen,
         "upstream": upstream,
+        "registries": registry or None,
+        "aliases": alias or None,
+        "hosts": host or None,
+        "allow": allow or None,
+        "deny": deny or None,
         "data_dir": data_dir,
         "manifest_ttl": manifest_ttl,
         "manifest_timeout": manifest_timeout,
@@ -145,6 +190,8 @@ def mirror_serve(
 
     try:
         asyncio.run(serve(config))
+    except ConfigError as exc:
+        raise fail(str(exc), "see 'dao mirror serve --help'") from None
     except OSError as exc:
         raise fail(f"cannot listen on {config.listen}: {exc.strerror or exc}", code=1) from None
 

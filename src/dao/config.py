@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+from typing import Any, TypeVar, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 
@@ -32,7 +32,12 @@ def default_data_dir() -> Path:
 @dataclass(frozen=True)
 class MirrorConfig:
     listen: str = "127.0.0.1:5000"
-    upstream: str = "https://registry-1.docker.io"
+    upstream: str = "https://registry-1.docker.io"  # Docker Hub's upstream
+    registries: dict[str, str] = field(default_factory=dict)  # more registries (name -> URL), beside the built-in
+    aliases: dict[str, str] = field(default_factory=dict)  # short path prefix -> registry name
+    hosts: dict[str, str] = field(default_factory=dict)  # Host header -> registry name
+    allow: tuple[str, ...] = ()  # globs on <registry>/<repository>; when set, one must match
+    deny: tuple[str, ...] = ()  # globs on <registry>/<repository>; any match is refused
     data_dir: Path = field(default_factory=default_data_dir)
     manifest_ttl: float = 300.0  # seconds a tag's manifest is served without asking upstream
     manifest_timeout: float = 10.0  # seconds for an upstream manifest answer before serving stale / failing
@@ -53,6 +58,10 @@ class MirrorConfig:
         if split.scheme not in ("http", "https") or not split.netloc or split.path not in ("", "/"):
             raise ConfigError(f"upstream must be http(s)://host[:port], got {self.upstream!r}")
         parse_listen(self.listen)
+        for name, url in self.registries.items():
+            split = urlsplit(url)
+            if split.scheme not in ("http", "https") or not split.netloc or split.path not in ("", "/"):
+                raise ConfigError(f"registry {name!r}: URL must be http(s)://host[:port], got {url!r}")
         if self.manifest_ttl < 0 or self.manifest_timeout <= 0 or self.manifest_swr < 0:
             raise ConfigError("manifest_ttl and manifest_swr must be >= 0, manifest_timeout > 0")
         if self.negative_ttl < 0 or self.breaker_cooldown < 0 or self.breaker_failures < 1:
@@ -118,6 +127,12 @@ def load(cls: type[T], section: str, *, file: Path | None, env: Mapping[str, str
 
 
 def _coerce(kind: Any, value: Any, where: str) -> Any:
+    origin = get_origin(kind)
+    if origin is dict:
+        return _coerce_mapping(value, where)
+    if origin is tuple:
+        items = value if isinstance(value, list | tuple) else str(value).split(",")
+        return tuple(str(item).strip() for item in items if str(item).strip())
     try:
         if kind is bool:
             if isinstance(value, bool):
@@ -137,3 +152,17 @@ def _coerce(kind: Any, value: Any, where: str) -> Any:
         return str(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {value!r} is not a valid {getattr(kind, '__name__', kind)}") from exc
+
+
+def _coerce_mapping(value: Any, where: str) -> dict[str, str]:
+    """A TOML table, or ``KEY=VALUE`` items (a list from repeated flags, or one comma-separated string)."""
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    out = {}
+    for item in items:
+        key, sep, val = str(item).partition("=")
+        if not sep or not key.strip() or not val.strip():
+            raise ConfigError(f"{where}: {item!r} is not KEY=VALUE")
+        out[key.strip()] = val.strip()
+    return out

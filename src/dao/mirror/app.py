@@ -18,15 +18,17 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
-from dao.config import MirrorConfig
+from dao.config import ConfigError, MirrorConfig
 from dao.mirror.availability import CircuitBreaker
-from dao.mirror.proxy import STALE_WARNING, Proxy, RememberedError
+from dao.mirror.inflight import Inflight
+from dao.mirror.proxy import STALE_WARNING, Proxies, Proxy, RememberedError
+from dao.mirror.routing import Router
 from dao.mirror.serve import blob_headers, send_fetch, send_local
 from dao.mirror.storage import FilesystemBlobStore, FilesystemManifestStore
 from dao.oci.digest import Digest, DigestError
 from dao.oci.errors import ErrorCode, RegistryError
 from dao.oci.manifest import parse_accept
-from dao.oci.reference import ReferenceError, is_valid_tag, normalize_repository
+from dao.oci.reference import DOCKER_HUB_DOMAIN, is_valid_tag
 from dao.registry.auth import Credentials
 from dao.registry.client import RegistryClient
 from dao.registry.download import DownloadPolicy
@@ -35,7 +37,8 @@ log = logging.getLogger("dao.mirror")
 access_log = logging.getLogger("dao.mirror.access")
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
-PROXY_KEY = web.AppKey("proxy", Proxy)
+PROXIES_KEY = web.AppKey("proxies", Proxies)
+ROUTER_KEY = web.AppKey("router", Router)
 
 # Greedy name: the last /manifests/, /blobs/ or /tags/ splits it (tags and digests hold no '/').
 _ROUTE = re.compile(r"(?P<name>.+)/(?P<kind>manifests|blobs|tags)/(?P<rest>[^/]+)")
@@ -78,20 +81,19 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     match = _ROUTE.fullmatch(path)
     if match is None:
         raise RegistryError(ErrorCode.NAME_UNKNOWN, "no such route", status=404)
-    try:
-        name = normalize_repository(match["name"])
-    except ReferenceError as exc:
-        raise RegistryError(ErrorCode.NAME_INVALID, str(exc)) from exc
-    request["dao.repo"] = name
+    route = request.app[ROUTER_KEY].route(request.headers.get("Host"), request.query.get("ns"), match["name"])
+    name = route.repository
+    request["dao.repo"] = f"{route.registry}/{name}"
+    proxy = request.app[PROXIES_KEY].get(route.registry)
     kind, rest = match["kind"], match["rest"]
-    proxy = request.app[PROXY_KEY]
     if kind == "manifests":
         return await manifest(request, proxy, name, rest)
     if kind == "blobs":
         return await blob(request, proxy, name, _digest(rest))
     if rest != "list":
         raise RegistryError(ErrorCode.NAME_UNKNOWN, "no such route", status=404)
-    status, headers, body = await proxy.tags(name, dict(request.query))
+    query = {k: v for k, v in request.query.items() if k != "ns"}
+    status, headers, body = await proxy.tags(name, query)
     return web.Response(status=status, body=body, headers=headers)
 
 
@@ -170,16 +172,17 @@ class AccessLogger(AbstractAccessLogger):
         return self.logger.isEnabledFor(logging.INFO)
 
 
-def make_app(proxy: Proxy) -> web.Application:
+def make_app(router: Router, proxies: Proxies) -> web.Application:
     app = web.Application(middlewares=[errors], handler_args={"max_field_size": 8190, "max_line_size": 8190})
-    app[PROXY_KEY] = proxy
+    app[ROUTER_KEY] = router
+    app[PROXIES_KEY] = proxies
     app.router.add_route("GET", "/v2", base)
     app.router.add_route("GET", "/v2/", base)
     app.router.add_route("*", "/v2/{tail:.+}", dispatch)
     app.on_response_prepare.append(_api_version)
 
     async def close_proxy(app: web.Application) -> None:
-        await proxy.aclose()
+        await proxies.aclose()
 
     app.on_shutdown.append(close_proxy)
     return app
@@ -193,29 +196,44 @@ async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> 
     if leftovers:
         log.info("removed %d partial downloads left by an earlier run", leftovers)
     manifests = FilesystemManifestStore(config.data_dir)
+    try:
+        router = Router(
+            docker_hub=config.upstream,
+            registries=config.registries,
+            aliases=config.aliases,
+            hosts=config.hosts,
+            allow=config.allow,
+            deny=config.deny,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    inflight = Inflight(
+        blobs,
+        DownloadPolicy(connections=config.fetch_connections, split_threshold=int(config.fetch_split_mib * 1024 * 1024)),
+    )
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=64, ttl_dns_cache=300)
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
-        credentials = None
-        if config.upstream_username:
-            credentials = Credentials(config.upstream_username, config.upstream_password)
-        client = RegistryClient(config.upstream, session, credentials=credentials)
-        proxy = Proxy(
-            client,
-            blobs,
-            manifests,
-            manifest_ttl=config.manifest_ttl,
-            manifest_timeout=config.manifest_timeout,
-            manifest_swr=config.manifest_swr,
-            negative_ttl=config.negative_ttl,
-            breaker=CircuitBreaker(
-                config.upstream, threshold=config.breaker_failures, cooldown=config.breaker_cooldown
-            ),
-            prefetch_children=config.prefetch_children,
-            download=DownloadPolicy(
-                connections=config.fetch_connections, split_threshold=int(config.fetch_split_mib * 1024 * 1024)
-            ),
-        )
-        app = make_app(proxy)
+
+        def make_proxy(registry: str) -> Proxy:
+            credentials = None
+            if registry == DOCKER_HUB_DOMAIN and config.upstream_username:
+                credentials = Credentials(config.upstream_username, config.upstream_password)
+            upstream = router.upstream(registry)
+            client = RegistryClient(upstream, session, credentials=credentials)
+            return Proxy(
+                client,
+                blobs,
+                manifests,
+                manifest_ttl=config.manifest_ttl,
+                manifest_timeout=config.manifest_timeout,
+                manifest_swr=config.manifest_swr,
+                negative_ttl=config.negative_ttl,
+                breaker=CircuitBreaker(upstream, threshold=config.breaker_failures, cooldown=config.breaker_cooldown),
+                prefetch_children=config.prefetch_children,
+                inflight=inflight,
+            )
+
+        app = make_app(router, Proxies(make_proxy, inflight))
         runner = web.AppRunner(
             app,
             access_log_class=AccessLogger,

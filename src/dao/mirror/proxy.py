@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +39,6 @@ from dao.oci.manifest import (
     descriptors,
 )
 from dao.registry.client import RegistryClient
-from dao.registry.download import DownloadPolicy
 from dao.registry.errors import (
     RegistryClientError,
     UpstreamNotFound,
@@ -102,12 +101,14 @@ class Proxy:
         negative_ttl: float = 0.0,
         breaker: CircuitBreaker | None = None,
         prefetch_children: bool = False,
-        download: DownloadPolicy | None = None,
+        inflight: Inflight | None = None,
     ) -> None:
+        """``inflight`` is shared by every registry's proxy over one store: a layer two registries both
+        serve is fetched once and stored once."""
         self.client = client
         self.blobs = blobs
         self.manifests = manifests
-        self.inflight = Inflight(blobs, download)
+        self.inflight = inflight or Inflight(blobs)
         self.manifest_ttl = manifest_ttl
         self.manifest_timeout = manifest_timeout
         self.manifest_swr = manifest_swr
@@ -333,6 +334,25 @@ class Proxy:
         for task in list(self._background.values()):
             task.cancel()
         await asyncio.gather(*self._background.values(), return_exceptions=True)
+
+
+class Proxies:
+    """One :class:`Proxy` per upstream registry, made on first use; the in-flight fetches are shared."""
+
+    def __init__(self, make: Callable[[str], Proxy], inflight: Inflight) -> None:
+        self._make = make
+        self._proxies: dict[str, Proxy] = {}
+        self.inflight = inflight
+
+    def get(self, registry: str) -> Proxy:
+        proxy = self._proxies.get(registry)
+        if proxy is None:
+            proxy = self._proxies[registry] = self._make(registry)
+        return proxy
+
+    async def aclose(self) -> None:
+        for proxy in self._proxies.values():
+            await proxy.aclose()
         await self.inflight.aclose()
 
 
