@@ -3,7 +3,8 @@
 --rate B/s throttles blob bodies; --flip-byte flips one byte in the middle of every blob body;
 --cut-after N closes the connection after N bytes of a blob body; --manifest-status S answers every manifest
 request with status S; --manifest-stall T holds manifest requests T seconds before passing them on; --no-range drops the
-Range header of blob requests (an upstream that ignores Range). Every request is printed as
+Range header of blob requests (an upstream that ignores Range); --ratelimit-remaining V adds Docker Hub's
+header to manifest answers. Every request is printed as
 ``REQ <method> <path>`` when it arrives, and every blob GET as
 ``BLOB GET <path> <upstream status> range=<Range header or ->``, so tests see what the mirror asked for.
 Anything else passes through unchanged.
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--manifest-status", type=int, default=0)
     parser.add_argument("--manifest-stall", type=float, default=0)
     parser.add_argument("--no-range", action="store_true")
+    parser.add_argument("--ratelimit-remaining", default="")
     args = parser.parse_args()
 
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -57,6 +59,8 @@ def main() -> None:
                     resp.headers.add(k, v)
             if up.content_length is not None:
                 resp.content_length = up.content_length
+            if args.ratelimit_remaining and "/manifests/" in request.path:
+                resp.headers["ratelimit-remaining"] = args.ratelimit_remaining
             await resp.prepare(request)
             is_blob = request.method == "GET" and "/blobs/" in request.path and up.status in (200, 206)
             middle = (up.content_length or 0) // 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import signal
 
@@ -21,6 +22,8 @@ from aiohttp.typedefs import Handler
 from dao.config import ConfigError, MirrorConfig
 from dao.mirror.availability import CircuitBreaker
 from dao.mirror.inflight import Inflight
+from dao.mirror.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from dao.mirror.metrics import Metrics
 from dao.mirror.proxy import STALE_WARNING, Proxies, Proxy, RememberedError
 from dao.mirror.routing import Router
 from dao.mirror.serve import blob_headers, send_fetch, send_local
@@ -38,12 +41,30 @@ access_log = logging.getLogger("dao.mirror.access")
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 PROXIES_KEY = web.AppKey("proxies", Proxies)
+METRICS_KEY = web.AppKey("metrics", Metrics)
 ROUTER_KEY = web.AppKey("router", Router)
 
 # Greedy name: the last /manifests/, /blobs/ or /tags/ splits it (tags and digests hold no '/').
 _ROUTE = re.compile(r"(?P<name>.+)/(?P<kind>manifests|blobs|tags)/(?P<rest>[^/]+)")
 _UPLOAD = re.compile(r".+/blobs/uploads(?:/.*)?")
 _WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@web.middleware
+async def measure(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count every request (outermost, so it sees the status the error dispatcher chose) and its bytes."""
+    metrics = request.app[METRICS_KEY]
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics.requests.labels(request.get("dao.route", "other"), request.method, str(status)).inc()
+        metrics.served(request.get("dao.cache", "-"), request.get("dao.sent", 0))
 
 
 @web.middleware
@@ -71,7 +92,28 @@ async def _api_version(request: web.Request, response: web.StreamResponse) -> No
 
 
 async def base(request: web.Request) -> web.StreamResponse:
+    request["dao.route"] = "base"
     return web.json_response({})
+
+
+async def metrics_endpoint(request: web.Request) -> web.StreamResponse:
+    request["dao.route"] = "metrics"
+    return web.Response(body=request.app[METRICS_KEY].render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    """Alive: the process answers HTTP."""
+    request["dao.route"] = "health"
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.StreamResponse:
+    """Ready: the cache directory can take new blobs (exists, writable); otherwise 503 so a balancer skips us."""
+    request["dao.route"] = "health"
+    spool = request.app[PROXIES_KEY].inflight.store.spool_dir()
+    if not os.access(spool, os.W_OK | os.X_OK):
+        return web.Response(status=503, text=f"cache directory {spool} is not writable\n")
+    return web.Response(text="ok\n")
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
@@ -86,6 +128,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     request["dao.repo"] = f"{route.registry}/{name}"
     proxy = request.app[PROXIES_KEY].get(route.registry)
     kind, rest = match["kind"], match["rest"]
+    request["dao.route"] = kind
     if kind == "manifests":
         return await manifest(request, proxy, name, rest)
     if kind == "blobs":
@@ -118,6 +161,8 @@ async def manifest(request: web.Request, proxy: Proxy, name: str, reference: str
     }
     if answer.stale:
         headers["Warning"] = STALE_WARNING
+    if request.method == "GET":
+        request["dao.sent"] = len(answer.body)
     return web.Response(body=answer.body, headers=headers)  # aiohttp drops the body of a HEAD answer
 
 
@@ -159,8 +204,9 @@ class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         cache = request.get("dao.cache", "-")
         failure = request.get("dao.failure")
+        sent = request.get("dao.sent", response.body_length)
         line = (
-            f'{request.remote} "{request.method} {request.path_qs}" {response.status} {response.body_length} '
+            f'{request.remote} "{request.method} {request.path_qs}" {response.status} {sent} '
             f"cache={cache} {time * 1000:.1f}ms"
         )
         if failure:
@@ -172,13 +218,18 @@ class AccessLogger(AbstractAccessLogger):
         return self.logger.isEnabledFor(logging.INFO)
 
 
-def make_app(router: Router, proxies: Proxies) -> web.Application:
-    app = web.Application(middlewares=[errors], handler_args={"max_field_size": 8190, "max_line_size": 8190})
+def make_app(router: Router, proxies: Proxies, metrics: Metrics) -> web.Application:
+    app = web.Application(middlewares=[measure, errors], handler_args={"max_field_size": 8190, "max_line_size": 8190})
     app[ROUTER_KEY] = router
     app[PROXIES_KEY] = proxies
+    app[METRICS_KEY] = metrics
+    metrics.watch(lambda: len(proxies.inflight), proxies.states)
     app.router.add_route("GET", "/v2", base)
     app.router.add_route("GET", "/v2/", base)
     app.router.add_route("*", "/v2/{tail:.+}", dispatch)
+    app.router.add_route("GET", "/metrics", metrics_endpoint)
+    app.router.add_route("GET", "/healthz", healthz)
+    app.router.add_route("GET", "/readyz", readyz)
     app.on_response_prepare.append(_api_version)
 
     async def close_proxy(app: web.Application) -> None:
@@ -207,6 +258,7 @@ async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> 
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    metrics = Metrics()
     inflight = Inflight(
         blobs,
         DownloadPolicy(connections=config.fetch_connections, split_threshold=int(config.fetch_split_mib * 1024 * 1024)),
@@ -231,9 +283,11 @@ async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> 
                 breaker=CircuitBreaker(upstream, threshold=config.breaker_failures, cooldown=config.breaker_cooldown),
                 prefetch_children=config.prefetch_children,
                 inflight=inflight,
+                metrics=metrics,
+                registry=registry,
             )
 
-        app = make_app(router, Proxies(make_proxy, inflight))
+        app = make_app(router, Proxies(make_proxy, inflight), metrics)
         runner = web.AppRunner(
             app,
             access_log_class=AccessLogger,

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from dao.mirror.storage.base import BlobIngester
@@ -42,8 +42,15 @@ class Fetch:
     written byte runs, and a reader at ``pos`` may send up to the end of the run that holds ``pos``.
     """
 
-    def __init__(self, digest: Digest, store: BlobIngester, policy: DownloadPolicy) -> None:
+    def __init__(
+        self,
+        digest: Digest,
+        store: BlobIngester,
+        policy: DownloadPolicy,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
         self.digest = digest
+        self.on_bytes = on_bytes
         self.store = store
         self.policy = policy
         fd, name = tempfile.mkstemp(dir=store.spool_dir(), prefix=f"{digest.encoded[:16]}-")
@@ -101,6 +108,8 @@ class Fetch:
         if offset == self._verifier.size:
             self._verifier.update(data)  # the in-order head stream hashes as it goes; the rest at the end
         self._mark(offset, offset + len(data))
+        if self.on_bytes is not None:
+            self.on_bytes(len(data))
         self._notify()
 
     def _hash_rest(self) -> None:
@@ -206,7 +215,9 @@ class Inflight:
     def get(self, digest: Digest) -> Fetch | None:
         return self._fetches.get(digest)
 
-    def join_or_start(self, digest: Digest, source: Source) -> tuple[Fetch, bool]:
+    def join_or_start(
+        self, digest: Digest, source: Source, on_bytes: Callable[[int], None] | None = None
+    ) -> tuple[Fetch, bool]:
         """The fetch for ``digest``, already acquired for the caller, and whether this call started it.
 
         The caller must :meth:`~Fetch.release` it.
@@ -215,7 +226,7 @@ class Inflight:
         if fetch is not None:
             fetch.acquire()
             return fetch, False
-        fetch = Fetch(digest, self.store, self.policy)
+        fetch = Fetch(digest, self.store, self.policy, on_bytes)
         fetch.acquire()
         self._fetches[digest] = fetch
 

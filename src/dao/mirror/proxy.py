@@ -26,6 +26,7 @@ from typing import Any
 
 from dao.mirror.availability import CircuitBreaker, CircuitOpen, NegativeCache
 from dao.mirror.inflight import Fetch, Inflight
+from dao.mirror.metrics import Metrics
 from dao.mirror.storage.base import BlobStore, LocalBlob, ManifestRecord, ManifestStore
 from dao.oci.digest import Digest, DigestError
 from dao.oci.errors import ErrorCode, RegistryError
@@ -102,6 +103,8 @@ class Proxy:
         breaker: CircuitBreaker | None = None,
         prefetch_children: bool = False,
         inflight: Inflight | None = None,
+        metrics: Metrics | None = None,
+        registry: str = "",
     ) -> None:
         """``inflight`` is shared by every registry's proxy over one store: a layer two registries both
         serve is fetched once and stored once."""
@@ -109,6 +112,8 @@ class Proxy:
         self.blobs = blobs
         self.manifests = manifests
         self.inflight = inflight or Inflight(blobs)
+        self.metrics = metrics
+        self.registry = registry or client.host
         self.manifest_ttl = manifest_ttl
         self.manifest_timeout = manifest_timeout
         self.manifest_swr = manifest_swr
@@ -120,15 +125,26 @@ class Proxy:
         self._complete_indexes: set[Digest] = set()  # indexes whose children are all cached
 
     @asynccontextmanager
-    async def _upstream(self) -> AsyncIterator[None]:
+    async def _upstream(self, kind: str) -> AsyncIterator[None]:
         """Wrap every upstream conversation: refused at once while the circuit is open, outcome recorded."""
         self.breaker.check()
+        started = time.monotonic()
         try:
             yield
         except BaseException as exc:
             self._count(exc)
             raise
+        finally:
+            self._observe(kind, started)
         self.breaker.success()
+
+    def _observe(self, kind: str, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.upstream_seconds.labels(self.registry, kind).observe(time.monotonic() - started)
+
+    def _count_upstream_bytes(self, n: int) -> None:
+        if self.metrics is not None:
+            self.metrics.upstream_bytes.labels(self.registry).inc(n)
 
     # -- blobs ---------------------------------------------------------------------------------------------
 
@@ -147,7 +163,10 @@ class Proxy:
                 self.breaker.check()
             except CircuitOpen as exc:
                 raise upstream_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
-        fetch, started = self.inflight.join_or_start(digest, self.client.blob_source(repo, digest))
+        fetch, started = self.inflight.join_or_start(
+            digest, self.client.blob_source(repo, digest), self._count_upstream_bytes
+        )
+        began = time.monotonic()
         try:
             await asyncio.shield(fetch.headers_ready)
         except RegistryClientError as exc:
@@ -160,6 +179,7 @@ class Proxy:
             fetch.release()
             raise
         if started:
+            self._observe("blob", began)
             self.breaker.success()
         return BlobAnswer(fetch.size, fetch=fetch, cache="miss" if started else "join")
 
@@ -173,7 +193,7 @@ class Proxy:
         key = ("blob", repo, str(digest))
         self._check_negative(key, ErrorCode.BLOB_UNKNOWN)
         try:
-            async with self._upstream():
+            async with self._upstream("blob_head"):
                 return await self.client.head_blob(repo, digest), "miss"
         except (RegistryClientError, CircuitOpen) as exc:
             self._remember_missing(key, exc)
@@ -218,7 +238,7 @@ class Proxy:
             self._in_background(("tag", repo, tag, key), self._refresh_tag(repo, tag, accept, key, record.digest))
             return ManifestAnswer(body, media_type, record.digest, "swr")
         try:
-            async with self._upstream(), asyncio.timeout(self.manifest_timeout):
+            async with self._upstream("manifest_head"), asyncio.timeout(self.manifest_timeout):
                 head = await self.client.head_manifest(repo, tag, accept)
         except _STALE_OK as exc:
             log.warning("serving %s:%s stale: %s", repo, tag, exc)
@@ -239,7 +259,7 @@ class Proxy:
     async def _refresh_tag(self, repo: str, tag: str, accept: tuple[str, ...], key: str, known: Digest) -> None:
         """Background revalidation: a HEAD; the manifest itself only when the tag moved."""
         try:
-            async with self._upstream(), asyncio.timeout(self.manifest_timeout):
+            async with self._upstream("manifest_head"), asyncio.timeout(self.manifest_timeout):
                 head = await self.client.head_manifest(repo, tag, accept)
             if head.digest == known:
                 media_type = (await self.manifests.get(known) or (b"", head.media_type))[1]
@@ -254,7 +274,7 @@ class Proxy:
         key = ("manifest", repo, reference)
         self._check_negative(key, ErrorCode.MANIFEST_UNKNOWN)
         try:
-            async with self._upstream(), asyncio.timeout(self.manifest_timeout):
+            async with self._upstream("manifest"), asyncio.timeout(self.manifest_timeout):
                 m = await self.client.get_manifest(repo, reference, accept)
         except TimeoutError as exc:
             raise RegistryError(ErrorCode.UNAVAILABLE, "upstream registry timed out") from exc
@@ -321,7 +341,7 @@ class Proxy:
 
     async def tags(self, repo: str, query: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
         try:
-            async with self._upstream(), asyncio.timeout(self.manifest_timeout):
+            async with self._upstream("tags"), asyncio.timeout(self.manifest_timeout):
                 return await self.client.raw_get(
                     f"/v2/{repo}/tags/list", scope=f"repository:{repo}:pull", params=query or None
                 )
@@ -349,6 +369,12 @@ class Proxies:
         if proxy is None:
             proxy = self._proxies[registry] = self._make(registry)
         return proxy
+
+    def states(self) -> list[tuple[str, str, int | None]]:
+        """Per registry in use: circuit state and the upstream's remaining pull allowance (for metrics)."""
+        return [
+            (name, proxy.breaker.state.value, proxy.client.ratelimit_remaining) for name, proxy in self._proxies.items()
+        ]
 
     async def aclose(self) -> None:
         for proxy in self._proxies.values():

@@ -109,6 +109,7 @@ async def send_local(request: web.Request, digest: Digest, blob: LocalBlob) -> w
         while transport.get_write_buffer_size():  # noqa: ASYNC110 -- asyncio's transport has no "empty" event
             await asyncio.sleep(0.001)
         await _sendfile_in_thread(sock.fileno(), blob.fd, start, count)
+        request["dao.sent"] = count
         await resp.write_eof()
         return resp
     finally:
@@ -200,9 +201,12 @@ async def _send_fetch(request: web.Request, digest: Digest, fetch: Fetch) -> web
     if request.method == "HEAD":
         await resp.write_eof()
         return resp
+    sent = 0
     try:
         async for chunk in fetch.stream(start, end):
             await resp.write(chunk)
+            sent += len(chunk)
+            request["dao.sent"] = sent
     except FetchFailed as exc:
         request["dao.failure"] = str(exc)
         if request.transport is not None:

@@ -125,6 +125,7 @@ class RegistryClient:
         self.session = session
         self.auth = Authenticator(session, credentials)
         self.retry = retry or RetryPolicy()
+        self.ratelimit_remaining: int | None = None  # Docker Hub's count of pulls left, from its last answer
         self.timeout = timeout or aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=30)
 
     # -- API ---------------------------------------------------------------------------------------------
@@ -265,6 +266,9 @@ class RegistryClient:
                 )
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 raise UpstreamUnavailable(f"{method} {url}: {exc.__class__.__name__}: {exc}") from exc
+            remaining = resp.headers.get("ratelimit-remaining")
+            if remaining:
+                self.ratelimit_remaining = _leading_int(remaining)
             location = resp.headers.get("Location")
             if resp.status not in REDIRECT_STATUSES or not location:
                 return resp
@@ -343,6 +347,12 @@ def _digest_or_none(text: str) -> Digest | None:
         return Digest.parse(text)
     except DigestError:
         return None
+
+
+def _leading_int(value: str) -> int | None:
+    """``100;w=21600`` -> 100."""
+    head = value.split(";", 1)[0].strip()
+    return int(head) if head.isdigit() else None
 
 
 def _pull(repo: str) -> str:
