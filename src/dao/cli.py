@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from dao import __version__
 from dao.config import ConfigError, MirrorConfig, load
@@ -27,6 +31,19 @@ mirror_app = typer.Typer(
     rich_markup_mode=None,
 )
 app.add_typer(mirror_app, name="mirror")
+users_app = typer.Typer(
+    help="The mirror's users: accelerator IDs, tokens and monthly quotas.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+mirror_app.add_typer(users_app, name="users")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML file with a [mirror] table.")]
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="The mirror's data directory.")]
+DatabaseOpt = Annotated[
+    str | None, typer.Option("--database", help="SQLAlchemy URL. [default: sqlite:///DATA_DIR/dao.db]")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
 def _version(value: bool) -> None:
@@ -138,6 +155,21 @@ def mirror_serve(
     fetch_split_mib: Annotated[
         float | None, typer.Option(help="Blobs at least this many MiB are fetched as parallel ranges. [default: 8]")
     ] = None,
+    database: DatabaseOpt = None,
+    mirror_domain: Annotated[
+        str | None,
+        typer.Option(help="Users reach the mirror as http://<id>.<mirror-domain> (usage counted per user)."),
+    ] = None,
+    anonymous: Annotated[
+        bool | None, typer.Option(help="Serve requests that name no user, counted as 'anonymous'. [default: on]")
+    ] = None,
+    default_quota: Annotated[
+        str | None, typer.Option(help="Bytes a user may pull a month, e.g. 50GiB; 0 = no limit. [default: 0]")
+    ] = None,
+    usage_flush: Annotated[
+        float | None,
+        typer.Option(help="Seconds between usage writes and re-reads of users and quotas. [default: 5]"),
+    ] = None,
     upstream_username: Annotated[
         str | None, typer.Option(help="Upstream account (raises Docker Hub's rate limit).")
     ] = None,
@@ -170,6 +202,11 @@ def mirror_serve(
         "prefetch_children": prefetch_children,
         "fetch_connections": fetch_connections,
         "fetch_split_mib": fetch_split_mib,
+        "database": database,
+        "mirror_domain": mirror_domain,
+        "anonymous": anonymous,
+        "default_quota": default_quota,
+        "usage_flush": usage_flush,
         "upstream_username": upstream_username,
         "access_log": access_log,
         "log_level": log_level,
@@ -194,6 +231,179 @@ def mirror_serve(
         raise fail(str(exc), "see 'dao mirror serve --help'") from None
     except OSError as exc:
         raise fail(f"cannot listen on {config.listen}: {exc.strerror or exc}", code=1) from None
+
+
+def _accounts(config_file: Path | None, data_dir: Path | None, database: str | None) -> tuple[Any, MirrorConfig]:
+    from dao.mirror.accounts import AccountError, Accounts
+
+    try:
+        config = load(
+            MirrorConfig, "mirror", file=config_file, env=os.environ, flags={"data_dir": data_dir, "database": database}
+        )
+        if not config.database:
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+        return Accounts(config.database_url), config
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    except AccountError as exc:
+        raise fail(str(exc), code=1) from None
+    except OSError as exc:
+        raise fail(f"cannot create data directory {config.data_dir}: {exc.strerror}", code=1) from None
+
+
+def _size(text: str) -> int:
+    from dao.mirror.accounts import AccountError, parse_size
+
+    try:
+        return parse_size(text)
+    except AccountError as exc:
+        raise fail(str(exc)) from None
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="Who the user is (free text).")],
+    user_id: Annotated[str | None, typer.Option("--id", help="Accelerator ID (a DNS label). [default: random]")] = None,
+    quota: Annotated[str | None, typer.Option(help="Monthly allowance, e.g. 50GiB. [default: the mirror's]")] = None,
+    config_file: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database: DatabaseOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add a user; prints their ID, their token and their mirror address."""
+    from dao.mirror.accounts import AccountError
+
+    accounts, config = _accounts(config_file, data_dir, database)
+    try:
+        user = accounts.add_user(name, user_id=user_id, quota_bytes=_size(quota) if quota is not None else None)
+    except AccountError as exc:
+        raise fail(str(exc), code=1) from None
+    address = f"http://{user.id}.{config.mirror_domain}" if config.mirror_domain else None
+    if as_json:
+        typer.echo(json.dumps({"id": user.id, "name": user.name, "token": user.token, "address": address}))
+        return
+    typer.echo(f"id:      {user.id}\ntoken:   {user.token}")
+    typer.echo(f"address: {address}" if address else "address: set mirror_domain to give users their own address")
+
+
+@users_app.command("list")
+def users_list(
+    config_file: ConfigOpt = None, data_dir: DataDirOpt = None, database: DatabaseOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Every user with their quota."""
+    from dao.mirror.accounts import format_size
+
+    accounts, _ = _accounts(config_file, data_dir, database)
+    users = accounts.users()
+    if as_json:
+        typer.echo(json.dumps([{"id": u.id, "name": u.name, "quota_bytes": u.quota_bytes} for u in users]))
+        return
+    table = Table("id", "name", "quota / month")
+    for u in users:
+        table.add_row(u.id, u.name, format_size(u.quota_bytes) if u.quota_bytes is not None else "default")
+    Console().print(table)
+
+
+@users_app.command("show")
+def users_show(
+    user_id: Annotated[str, typer.Argument(metavar="ID")],
+    config_file: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database: DatabaseOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One user: quota, token and usage by month."""
+    from dao.mirror.accounts import AccountError, format_size
+
+    accounts, _ = _accounts(config_file, data_dir, database)
+    try:
+        user = accounts.user(user_id)
+    except AccountError as exc:
+        raise fail(str(exc), code=1) from None
+    months = accounts.usage(user_id=user_id)
+    if as_json:
+        doc = {"id": user.id, "name": user.name, "token": user.token, "quota_bytes": user.quota_bytes}
+        doc["usage"] = [{"month": m, **_usage_dict(u)} for _, m, u in months]
+        typer.echo(json.dumps(doc))
+        return
+    quota = format_size(user.quota_bytes) if user.quota_bytes is not None else "the mirror's default"
+    typer.echo(f"id:    {user.id}\nname:  {user.name}\ntoken: {user.token}\nquota: {quota} a month")
+    _print_usage(months)
+
+
+@users_app.command("quota")
+def users_quota(
+    user_id: Annotated[str, typer.Argument(metavar="ID")],
+    size: Annotated[str, typer.Argument(help="Monthly allowance (50GiB, 500MB, 0 = no limit) or 'default'.")],
+    config_file: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database: DatabaseOpt = None,
+) -> None:
+    """Set a user's monthly allowance; a running mirror applies it within --usage-flush seconds."""
+    from dao.mirror.accounts import AccountError
+
+    accounts, _ = _accounts(config_file, data_dir, database)
+    try:
+        accounts.set_quota(user_id, None if size == "default" else _size(size))
+    except AccountError as exc:
+        raise fail(str(exc), code=1) from None
+
+
+@users_app.command("remove")
+def users_remove(
+    user_id: Annotated[str, typer.Argument(metavar="ID")],
+    config_file: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database: DatabaseOpt = None,
+) -> None:
+    """Remove a user (their usage history stays)."""
+    from dao.mirror.accounts import AccountError
+
+    accounts, _ = _accounts(config_file, data_dir, database)
+    try:
+        accounts.remove_user(user_id)
+    except AccountError as exc:
+        raise fail(str(exc), code=1) from None
+
+
+@mirror_app.command("usage")
+def mirror_usage(
+    user: Annotated[str | None, typer.Option("--user", help="Only this user ID.")] = None,
+    month: Annotated[str | None, typer.Option("--month", help="Only this month, YYYY-MM (UTC).")] = None,
+    config_file: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database: DatabaseOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """What each user pulled, month by month: bytes and blobs served, pulls, bytes from the cache."""
+    if month is not None and not re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])", month):
+        raise fail(f"--month must be YYYY-MM, got {month!r}")
+    accounts, _ = _accounts(config_file, data_dir, database)
+    rows = accounts.usage(user_id=user, month=month)
+    if as_json:
+        typer.echo(json.dumps([{"user": u, "month": m, **_usage_dict(x)} for u, m, x in rows]))
+        return
+    _print_usage(rows)
+
+
+def _usage_dict(usage: Any) -> dict[str, int]:
+    return {
+        "bytes_served": usage.bytes_served,
+        "blobs_served": usage.blobs_served,
+        "pulls": usage.pulls,
+        "hit_bytes": usage.hit_bytes,
+    }
+
+
+def _print_usage(rows: list[Any]) -> None:
+    from dao.mirror.accounts import format_size
+
+    table = Table("month", "user", "served", "blobs", "pulls", "from cache")
+    for user_id, month, u in rows:
+        table.add_row(
+            month, user_id, format_size(u.bytes_served), str(u.blobs_served), str(u.pulls), format_size(u.hit_bytes)
+        )
+    Console().print(table)
 
 
 def main() -> None:

@@ -48,6 +48,11 @@ class MirrorConfig:
     prefetch_children: bool = True  # cache every child manifest of an index a client pulled
     fetch_connections: int = 6  # parallel upstream connections for one big blob
     fetch_split_mib: float = 8.0  # blobs at least this big are fetched as parallel ranges
+    database: str = ""  # SQLAlchemy URL for users and usage; default sqlite:///<data_dir>/dao.db
+    mirror_domain: str = ""  # users reach the mirror as <id>.<mirror_domain>
+    anonymous: bool = True  # serve requests that name no user (counted as "anonymous")
+    default_quota: str = "0"  # bytes a user may pull a month (50GiB, 500MB; 0 = no limit)
+    usage_flush: float = 5.0  # seconds between writes of usage counts (and reads of users and quotas)
     upstream_username: str = ""
     upstream_password: str = ""
     access_log: bool = True
@@ -66,10 +71,16 @@ class MirrorConfig:
             raise ConfigError("manifest_ttl and manifest_swr must be >= 0, manifest_timeout > 0")
         if self.negative_ttl < 0 or self.breaker_cooldown < 0 or self.breaker_failures < 1:
             raise ConfigError("negative_ttl and breaker_cooldown must be >= 0, breaker_failures >= 1")
+        if self.usage_flush <= 0:
+            raise ConfigError("usage_flush must be > 0")
         if not 1 <= self.fetch_connections <= 64 or self.fetch_split_mib <= 0:
             raise ConfigError("fetch_connections must be 1..64 and fetch_split_mib > 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+
+    @property
+    def database_url(self) -> str:
+        return self.database or f"sqlite:///{self.data_dir}/dao.db"
 
     @property
     def listen_address(self) -> tuple[str, int]:

@@ -54,7 +54,7 @@ class Mirror:
             ],
             self.log,
         )
-        wait_until(lambda: http_status(self.url + "/v2/") == 200, 20, "dao mirror", self.proc.proc)
+        wait_until(lambda: http_status(self.url + "/healthz") == 200, 20, "dao mirror", self.proc.proc)
 
     def stop(self) -> None:
         if self.proc:

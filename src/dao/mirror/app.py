@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -20,6 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from dao.config import ConfigError, MirrorConfig
+from dao.mirror.accounts import Accounts, parse_size
 from dao.mirror.availability import CircuitBreaker
 from dao.mirror.inflight import Inflight
 from dao.mirror.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -28,6 +30,7 @@ from dao.mirror.proxy import STALE_WARNING, Proxies, Proxy, RememberedError
 from dao.mirror.routing import Router
 from dao.mirror.serve import blob_headers, send_fetch, send_local
 from dao.mirror.storage import FilesystemBlobStore, FilesystemManifestStore
+from dao.mirror.usage import Meter
 from dao.oci.digest import Digest, DigestError
 from dao.oci.errors import ErrorCode, RegistryError
 from dao.oci.manifest import parse_accept
@@ -42,6 +45,7 @@ access_log = logging.getLogger("dao.mirror.access")
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 PROXIES_KEY = web.AppKey("proxies", Proxies)
 METRICS_KEY = web.AppKey("metrics", Metrics)
+METER_KEY = web.AppKey("meter", Meter)
 ROUTER_KEY = web.AppKey("router", Router)
 
 # Greedy name: the last /manifests/, /blobs/ or /tags/ splits it (tags and digests hold no '/').
@@ -85,6 +89,34 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def error_response(exc: RegistryError) -> web.Response:
     return web.Response(status=exc.status, body=exc.body(), content_type="application/json", headers=exc.headers)
+
+
+@web.middleware
+async def account(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Name the user, refuse them when over quota, and count what they got (inside ``errors``, so the quota
+    refusal is an OCI error like any other)."""
+    meter = request.app[METER_KEY]
+    if not request.path.startswith("/v2"):
+        return await handler(request)
+    user = meter.identify(request.headers.get("Host"), request.headers.get("Authorization"))
+    request["dao.user"] = user
+    route = request.path != "/v2" and request.path != "/v2/"
+    if route:
+        meter.check(user)
+    completed = False
+    try:
+        response = await handler(request)
+        completed = response.status < 300 and request.method == "GET"
+        return response
+    finally:
+        kind = request.get("dao.route")
+        meter.record(
+            user,
+            sent=request.get("dao.sent", 0),
+            blob=completed and kind == "blobs",
+            pull=completed and kind == "manifests",
+            hit=request.get("dao.cache") == "hit",
+        )
 
 
 async def _api_version(request: web.Request, response: web.StreamResponse) -> None:
@@ -209,6 +241,9 @@ class AccessLogger(AbstractAccessLogger):
             f'{request.remote} "{request.method} {request.path_qs}" {response.status} {sent} '
             f"cache={cache} {time * 1000:.1f}ms"
         )
+        user = request.get("dao.user")
+        if user:
+            line += f" user={user}"
         if failure:
             line += f" error={failure!r}"
         self.logger.info(line)
@@ -218,8 +253,11 @@ class AccessLogger(AbstractAccessLogger):
         return self.logger.isEnabledFor(logging.INFO)
 
 
-def make_app(router: Router, proxies: Proxies, metrics: Metrics) -> web.Application:
-    app = web.Application(middlewares=[measure, errors], handler_args={"max_field_size": 8190, "max_line_size": 8190})
+def make_app(router: Router, proxies: Proxies, metrics: Metrics, meter: Meter) -> web.Application:
+    app = web.Application(
+        middlewares=[measure, errors, account], handler_args={"max_field_size": 8190, "max_line_size": 8190}
+    )
+    app[METER_KEY] = meter
     app[ROUTER_KEY] = router
     app[PROXIES_KEY] = proxies
     app[METRICS_KEY] = metrics
@@ -235,7 +273,14 @@ def make_app(router: Router, proxies: Proxies, metrics: Metrics) -> web.Applicat
     async def close_proxy(app: web.Application) -> None:
         await proxies.aclose()
 
+    async def metering(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.get_running_loop().create_task(meter.run(), name="usage meter")
+        yield
+        task.cancel()  # its last act is a final flush
+        await asyncio.gather(task, return_exceptions=True)
+
     app.on_shutdown.append(close_proxy)
+    app.cleanup_ctx.append(metering)
     return app
 
 
@@ -256,7 +301,9 @@ async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> 
             allow=config.allow,
             deny=config.deny,
         )
-    except ValueError as exc:
+        default_quota = parse_size(config.default_quota)
+        accounts = Accounts(config.database_url)
+    except ValueError as exc:  # AccountError included
         raise ConfigError(str(exc)) from exc
     metrics = Metrics()
     inflight = Inflight(
@@ -287,7 +334,14 @@ async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> 
                 registry=registry,
             )
 
-        app = make_app(router, Proxies(make_proxy, inflight), metrics)
+        meter = Meter(
+            accounts,
+            domain=config.mirror_domain,
+            anonymous=config.anonymous,
+            default_quota=default_quota,
+            flush_interval=config.usage_flush,
+        )
+        app = make_app(router, Proxies(make_proxy, inflight), metrics, meter)
         runner = web.AppRunner(
             app,
             access_log_class=AccessLogger,

@@ -1,0 +1,206 @@
+"""Users of the mirror and their monthly usage, in SQL: SQLite by default, PostgreSQL by URL.
+
+The schema is two tables. ``users``: the accelerator ID (the ``<id>`` of ``<id>.<mirror-domain>``), a name,
+a secret token (for clients that can send credentials), and an optional monthly byte quota. ``usage``: one
+row per user per UTC calendar month (``YYYY-MM``) -- a new month starts a new row, so history stays.
+
+Everything here is blocking (SQLAlchemy Core); the server calls it from a thread, a few times a minute, never
+per request (see :mod:`dao.mirror.usage`).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    delete,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+metadata = MetaData()
+
+users_table = Table(
+    "dao_users",
+    metadata,
+    Column("id", String(63), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("token", String(100), nullable=False, unique=True),
+    Column("quota_bytes", BigInteger, nullable=True),  # None: the mirror's default
+    Column("created_at", Float, nullable=False),
+)
+
+usage_table = Table(
+    "dao_usage",
+    metadata,
+    Column("user_id", String(63), primary_key=True),
+    Column("month", String(7), primary_key=True),
+    Column("bytes_served", BigInteger, nullable=False, default=0),
+    Column("blobs_served", BigInteger, nullable=False, default=0),
+    Column("pulls", BigInteger, nullable=False, default=0),
+    Column("hit_bytes", BigInteger, nullable=False, default=0),
+)
+
+ANONYMOUS = "anonymous"
+_ID = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # one DNS label: it becomes a host name
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)b?")
+
+
+class AccountError(ValueError):
+    """A bad request to the account store (unknown user, duplicate ID, bad size); the message says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: str
+    name: str
+    token: str
+    quota_bytes: int | None
+    created_at: float
+
+
+@dataclass(slots=True)
+class Usage:
+    bytes_served: int = 0
+    blobs_served: int = 0
+    pulls: int = 0
+    hit_bytes: int = 0
+
+    def add(self, other: Usage) -> None:
+        self.bytes_served += other.bytes_served
+        self.blobs_served += other.blobs_served
+        self.pulls += other.pulls
+        self.hit_bytes += other.hit_bytes
+
+
+def parse_size(text: str) -> int:
+    """``10GiB``, ``500MB``, ``1.5T``, ``0`` -> bytes (``K``/``M``/``G`` are decimal, ``Ki``/``Mi``/``Gi`` binary)."""
+    match = _SIZE.fullmatch(text.strip().lower())
+    if match is None or (match[3] and not match[2]):
+        raise AccountError(f"not a size: {text!r} (examples: 50GiB, 500MB, 0 for none)")
+    power = "kmgtp".index(match[2]) + 1 if match[2] else 0
+    return int(float(match[1]) * (1024 if match[3] else 1000) ** power)
+
+
+def format_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= factor:
+            return f"{n / factor:.2f} {unit}"
+    return f"{n} B"
+
+
+class Accounts:
+    def __init__(self, url: str) -> None:
+        try:
+            self.engine: Engine = create_engine(url, future=True)
+            metadata.create_all(self.engine)
+        except SQLAlchemyError as exc:
+            raise AccountError(f"cannot open the accounts database {url}: {exc.__class__.__name__}: {exc}") from exc
+
+    # -- users ---------------------------------------------------------------------------------------------
+
+    def add_user(self, name: str, *, user_id: str | None = None, quota_bytes: int | None = None) -> User:
+        user_id = user_id or secrets.token_hex(4)
+        if not _ID.fullmatch(user_id) or user_id == ANONYMOUS:
+            raise AccountError(f"user ID must be a DNS label (a-z, 0-9, '-', up to 63) and not {ANONYMOUS!r}")
+        user = User(user_id, name, "dao_" + secrets.token_urlsafe(24), quota_bytes, time.time())
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(users_table).values(**user_row(user)))
+        except IntegrityError as exc:
+            raise AccountError(f"a user with ID {user_id!r} already exists") from exc
+        return user
+
+    def users(self) -> list[User]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(users_table).order_by(users_table.c.id)).all()
+        return [User(r.id, r.name, r.token, r.quota_bytes, r.created_at) for r in rows]
+
+    def user(self, user_id: str) -> User:
+        with self.engine.connect() as conn:
+            r = conn.execute(select(users_table).where(users_table.c.id == user_id)).first()
+        if r is None:
+            raise AccountError(f"no user {user_id!r} (see 'dao mirror users list')")
+        return User(r.id, r.name, r.token, r.quota_bytes, r.created_at)
+
+    def set_quota(self, user_id: str, quota_bytes: int | None) -> None:
+        with self.engine.begin() as conn:
+            done = conn.execute(update(users_table).where(users_table.c.id == user_id).values(quota_bytes=quota_bytes))
+        if done.rowcount == 0:
+            raise AccountError(f"no user {user_id!r} (see 'dao mirror users list')")
+
+    def remove_user(self, user_id: str) -> None:
+        """The user goes; their usage history stays (it is what was served)."""
+        with self.engine.begin() as conn:
+            done = conn.execute(delete(users_table).where(users_table.c.id == user_id))
+        if done.rowcount == 0:
+            raise AccountError(f"no user {user_id!r} (see 'dao mirror users list')")
+
+    # -- usage ---------------------------------------------------------------------------------------------
+
+    def add_usage(self, deltas: Iterable[tuple[str, str, Usage]]) -> None:
+        """Add ``(user, month, delta)`` counts in one transaction (insert the row the first time)."""
+        t = usage_table
+        with self.engine.begin() as conn:
+            for user_id, month, d in deltas:
+                done = conn.execute(
+                    update(t)
+                    .where(t.c.user_id == user_id, t.c.month == month)
+                    .values(
+                        bytes_served=t.c.bytes_served + d.bytes_served,
+                        blobs_served=t.c.blobs_served + d.blobs_served,
+                        pulls=t.c.pulls + d.pulls,
+                        hit_bytes=t.c.hit_bytes + d.hit_bytes,
+                    )
+                )
+                if done.rowcount == 0:
+                    conn.execute(
+                        insert(t).values(
+                            user_id=user_id,
+                            month=month,
+                            bytes_served=d.bytes_served,
+                            blobs_served=d.blobs_served,
+                            pulls=d.pulls,
+                            hit_bytes=d.hit_bytes,
+                        )
+                    )
+
+    def usage(self, *, user_id: str | None = None, month: str | None = None) -> list[tuple[str, str, Usage]]:
+        t = usage_table
+        query = select(t).order_by(t.c.month.desc(), t.c.user_id)
+        if user_id is not None:
+            query = query.where(t.c.user_id == user_id)
+        if month is not None:
+            query = query.where(t.c.month == month)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [(r.user_id, r.month, Usage(r.bytes_served, r.blobs_served, r.pulls, r.hit_bytes)) for r in rows]
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def user_row(user: User) -> dict[str, object]:
+    return {
+        "id": user.id,
+        "name": user.name,
+        "token": user.token,
+        "quota_bytes": user.quota_bytes,
+        "created_at": user.created_at,
+    }

@@ -1,0 +1,178 @@
+"""Who is pulling, whether their monthly allowance lets them, and what they got.
+
+A request is identified by the host it was sent to (``<id>.<mirror-domain>``), else by a token
+(``Authorization: Bearer <token>``, or Basic with the user ID and the token), else it is anonymous -- allowed
+or answered with a Basic challenge, as configured.
+
+Counting stays off the hot path: :meth:`Meter.record` adds to an in-memory table; every ``flush_interval``
+seconds one transaction adds those deltas to the database (from a thread), and the month's totals and the
+user list are read back (so a quota raised with the CLI, or usage counted by another mirror node on the same
+database, is seen within one interval). A clean shutdown flushes. A failed write keeps the deltas for the next
+try. Quotas compare the month's totals plus what is not yet written: a blob that starts under the quota is
+served whole, so a user can end a month up to one blob over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+from collections.abc import Callable
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from dao.mirror.accounts import ANONYMOUS, Accounts, Usage, User, format_size
+from dao.oci.errors import ErrorCode, RegistryError
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (user ID, YYYY-MM)
+
+
+def month_of(t: float) -> str:
+    tm = time.gmtime(t)
+    return f"{tm.tm_year:04d}-{tm.tm_mon:02d}"
+
+
+def next_month(month: str) -> str:
+    year, mon = int(month[:4]), int(month[5:])
+    return f"{year + mon // 12:04d}-{mon % 12 + 1:02d}"
+
+
+class Meter:
+    def __init__(
+        self,
+        accounts: Accounts,
+        *,
+        domain: str = "",
+        anonymous: bool = True,
+        default_quota: int = 0,
+        flush_interval: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.accounts = accounts
+        self.domain = domain.lower().strip(".")
+        self.anonymous = anonymous
+        self.default_quota = default_quota  # bytes a month; 0 = no limit
+        self.flush_interval = flush_interval
+        self.clock = clock
+        self._users: dict[str, User] = {}
+        self._by_token: dict[str, User] = {}
+        self._totals: dict[Key, Usage] = {}  # this month, as the database last said
+        self._pending: dict[Key, Usage] = {}  # counted, not yet written
+        self._flushing: dict[Key, Usage] = {}  # being written right now
+
+    # -- request path --------------------------------------------------------------------------------------
+
+    def identify(self, host: str | None, authorization: str | None) -> str:
+        """The user ID for a request, or :data:`ANONYMOUS`; raises UNAUTHORIZED when anonymity is off."""
+        if host and self.domain:
+            name = host.lower().rsplit(":", 1)[0] if not host.startswith("[") else ""
+            label, _, rest = name.partition(".")
+            if rest == self.domain and label in self._users:
+                return label
+        if authorization:
+            scheme, _, value = authorization.partition(" ")
+            user = self._from_credentials(scheme.lower(), value.strip())
+            if user is not None:
+                return user.id
+        if self.anonymous:
+            return ANONYMOUS
+        raise RegistryError(
+            ErrorCode.UNAUTHORIZED,
+            "this mirror serves its users only: use your address <id>."
+            + (self.domain or "<mirror domain>")
+            + " or log in with your user ID and token",
+            headers={"WWW-Authenticate": 'Basic realm="dao mirror"'},
+        )
+
+    def _from_credentials(self, scheme: str, value: str) -> User | None:
+        if scheme == "bearer":
+            return self._by_token.get(value)
+        if scheme == "basic":
+            try:
+                user_id, _, token = base64.b64decode(value, validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+            user = self._users.get(user_id)
+            if user is not None and token == user.token:
+                return user
+        return None
+
+    def quota_of(self, user_id: str) -> int:
+        user = self._users.get(user_id)
+        return user.quota_bytes if user is not None and user.quota_bytes is not None else self.default_quota
+
+    def used(self, user_id: str, month: str) -> int:
+        key = (user_id, month)
+        return sum(table[key].bytes_served for table in (self._totals, self._flushing, self._pending) if key in table)
+
+    def check(self, user_id: str) -> None:
+        """Raises TOOMANYREQUESTS once the user's bytes this month reached their quota."""
+        quota = self.quota_of(user_id)
+        if quota <= 0:
+            return
+        month = month_of(self.clock())
+        used = self.used(user_id, month)
+        if used >= quota:
+            raise RegistryError(
+                ErrorCode.TOOMANYREQUESTS,
+                f"monthly quota of {format_size(quota)} for {user_id} is used up: {format_size(used)} served in "
+                f"{month}; it resets at {next_month(month)}-01T00:00:00Z",
+            )
+
+    def record(self, user_id: str, *, sent: int, blob: bool = False, pull: bool = False, hit: bool = False) -> None:
+        key = (user_id, month_of(self.clock()))
+        usage = self._pending.get(key)
+        if usage is None:
+            usage = self._pending[key] = Usage()
+        usage.bytes_served += sent
+        usage.blobs_served += int(blob)
+        usage.pulls += int(pull)
+        if hit:
+            usage.hit_bytes += sent
+
+    # -- background ----------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Flush and reload every interval until cancelled; then flush once more (a clean stop loses nothing)."""
+        await self.refresh()
+        try:
+            while True:
+                await asyncio.sleep(self.flush_interval)
+                await self.refresh()
+        finally:
+            await asyncio.shield(self.flush())
+
+    async def refresh(self) -> None:
+        await self.flush()
+        try:
+            users, totals = await asyncio.to_thread(self._read, month_of(self.clock()))
+        except SQLAlchemyError as exc:
+            log.warning("cannot read users and usage, keeping the last known: %s", exc)
+            return
+        self._users = {u.id: u for u in users}
+        self._by_token = {u.token: u for u in users}
+        self._totals = totals
+
+    def _read(self, month: str) -> tuple[list[User], dict[Key, Usage]]:
+        return self.accounts.users(), {(u, m): usage for u, m, usage in self.accounts.usage(month=month)}
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, {}
+        self._flushing = batch
+        try:
+            await asyncio.to_thread(self.accounts.add_usage, [(u, m, d) for (u, m), d in batch.items()])
+        except SQLAlchemyError as exc:
+            log.warning("cannot write usage, keeping it for the next try: %s", exc)
+            for key, delta in batch.items():
+                self._pending.setdefault(key, Usage()).add(delta)
+            return
+        finally:
+            self._flushing = {}
+        for key, delta in batch.items():  # until the next read, count what was just written as known
+            self._totals.setdefault(key, Usage()).add(delta)

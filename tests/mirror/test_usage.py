@@ -1,0 +1,165 @@
+"""Users, monthly usage and quotas: the meter in process with a clock we move, then real clients pulling
+through their own host names, a quota refusal, a quota raise, and counts surviving a clean stop."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from dao.mirror.accounts import Accounts, parse_size
+from dao.mirror.usage import Meter
+from dao.oci.errors import RegistryError
+from tests.conftest import World
+from tests.mirror.test_faults import DOCKER_ACCEPT
+from tests.services.mirror import DAO, Mirror
+
+DOMAIN = "mirror.test"
+
+
+async def test_meter_counts_by_month_and_enforces_quota(tmp_path: Path) -> None:
+    accounts = Accounts(f"sqlite:///{tmp_path}/dao.db")
+    alice = accounts.add_user("Alice", user_id="alice", quota_bytes=1000)
+    now = [time.mktime((2026, 11, 30, 23, 59, 0, 0, 0, 0)) - time.timezone]  # 2026-11-30 23:59 UTC
+    meter = Meter(accounts, domain=DOMAIN, anonymous=False, clock=lambda: now[0])
+    await meter.refresh()
+    assert meter.identify(f"alice.{DOMAIN}:5000", None) == "alice"
+    assert meter.identify("x", f"Bearer {alice.token}") == "alice"
+    basic = base64.b64encode(f"alice:{alice.token}".encode()).decode()
+    assert meter.identify("x", f"Basic {basic}") == "alice"
+    for host, auth in [("x", None), (f"bob.{DOMAIN}", None), ("x", "Bearer nope"), ("x", "Basic !!!")]:
+        with pytest.raises(RegistryError) as info:
+            meter.identify(host, auth)
+        assert info.value.status == 401 and "Basic" in info.value.headers["WWW-Authenticate"]
+
+    meter.record("alice", sent=600, blob=True, hit=True)
+    meter.check("alice")  # 600 < 1000
+    meter.record("alice", sent=500, pull=True)
+    with pytest.raises(RegistryError) as info:
+        meter.check("alice")
+    assert info.value.status == 429
+    assert info.value.message == (
+        "monthly quota of 1000 B for alice is used up: 1.07 KiB served in 2026-11; it resets at 2026-12-01T00:00:00Z"
+    )
+    await meter.refresh()  # written, and read back: still over
+    with pytest.raises(RegistryError):
+        meter.check("alice")
+
+    now[0] += 120  # 2026-12-01 00:01 UTC: a new month, a new allowance
+    meter.check("alice")
+    meter.record("alice", sent=10, blob=True)
+    await meter.flush()
+    rows = {(u, m): (x.bytes_served, x.blobs_served, x.pulls, x.hit_bytes) for u, m, x in accounts.usage()}
+    assert rows == {("alice", "2026-11"): (1100, 1, 1, 600), ("alice", "2026-12"): (10, 1, 0, 0)}  # history kept
+
+    accounts.set_quota("alice", 0)  # no limit, seen at the next refresh
+    await meter.refresh()
+    meter.record("alice", sent=10**9)
+    meter.check("alice")
+
+
+def test_sizes() -> None:
+    assert parse_size("50GiB") == 50 * 1024**3
+    assert parse_size("500MB") == 500 * 10**6
+    assert parse_size("0") == 0
+    for bad in ("", "GiB", "5 XB", "-1", "iB5"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def dao(*args: str) -> str:
+    return subprocess.run([DAO, "mirror", *args], check=True, capture_output=True, text=True, timeout=60).stdout
+
+
+@pytest.fixture
+def named_hosts() -> Iterator[None]:
+    """alice.mirror.test and bob.mirror.test resolve to loopback, in this test's namespace only."""
+    hosts = Path("/etc/hosts")
+    original = hosts.read_text()
+    hosts.write_text(original + f"\n127.0.0.1 alice.{DOMAIN} bob.{DOMAIN}\n")
+    try:
+        yield
+    finally:
+        hosts.write_text(original)
+
+
+def skopeo_copy(host: str, port: int, ref: str, out: Path) -> subprocess.CompletedProcess[str]:
+    conf = out.with_suffix(".conf")
+    conf.write_text(
+        '[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n'
+        f'[[registry.mirror]]\nlocation = "{host}:{port}"\ninsecure = true\n'
+    )
+    argv = ["skopeo", "--registries-conf", str(conf), "copy", "--retry-times", "0"]
+    return subprocess.run(
+        [*argv, f"docker://docker.io/{ref}", f"dir:{out}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+async def test_users_pull_through_their_own_host_names(world: World, tmp_path: Path, named_hosts: None) -> None:
+    data = tmp_path / "mirror" / "data"
+    dao("users", "add", "Alice", "--id", "alice", "--data-dir", str(data))
+    dao("users", "add", "Bob", "--id", "bob", "--quota", "1GB", "--data-dir", str(data))
+    mirror = Mirror(
+        tmp_path / "mirror",
+        world.upstream.url,
+        args=("--mirror-domain", DOMAIN, "--usage-flush", "0.3", "--no-anonymous"),
+    )
+    image = world.image("dao-test/schema2:v1")
+    try:
+        done = skopeo_copy(f"alice.{DOMAIN}", mirror.port, "dao-test/schema2:v1", tmp_path / "alice")
+        assert done.returncode == 0, done.stderr
+        done = skopeo_copy(f"bob.{DOMAIN}", mirror.port, "dao-test/schema2:v1", tmp_path / "bob")
+        assert done.returncode == 0, done.stderr
+        dao("users", "quota", "bob", "1MB", "--data-dir", str(data))  # less than bob has pulled this month
+        await asyncio.sleep(0.8)  # two flush intervals: counts written, quotas re-read
+        rows = {r["user"]: r for r in json.loads(dao("usage", "--json", "--data-dir", str(data)))}
+        assert set(rows) == {"alice", "bob"}  # one row each; nobody anonymous
+        blobs_size = sum(p.stat().st_size for p in image.blobs.values())
+        for user in ("alice", "bob"):
+            assert rows[user]["blobs_served"] == len(image.blobs)
+            assert rows[user]["bytes_served"] >= blobs_size
+            assert rows[user]["pulls"] >= 1
+        assert rows["alice"]["hit_bytes"] == 0 and rows["bob"]["hit_bytes"] >= blobs_size  # bob got alice's cache
+        assert rows["alice"]["month"] == time.strftime("%Y-%m", time.gmtime())
+
+        url = f"{mirror.url}/v2/dao-test/schema2/manifests/v1"
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url, headers={"Host": f"bob.{DOMAIN}", "Accept": DOCKER_ACCEPT}) as r:
+                body = await r.json()
+                assert r.status == 429
+                message = body["errors"][0]["message"]
+                assert body["errors"][0]["code"] == "TOOMANYREQUESTS"
+                assert message.startswith("monthly quota of 976.56 KiB for bob is used up: ")
+                assert "resets at" in message
+            async with s.get(url, headers={"Host": "unknown.example", "Accept": DOCKER_ACCEPT}) as r:
+                assert r.status == 401 and "Basic" in r.headers["WWW-Authenticate"]
+            dao("users", "quota", "bob", "10GiB", "--data-dir", str(data))
+            await asyncio.sleep(0.8)
+            async with s.get(url, headers={"Host": f"bob.{DOMAIN}", "Accept": DOCKER_ACCEPT}) as r:
+                assert r.status == 200  # raised, and seen within a flush interval
+    finally:
+        mirror.stop()
+
+
+async def test_counts_survive_a_clean_stop(world: World, tmp_path: Path) -> None:
+    mirror = Mirror(tmp_path / "mirror", world.upstream.url, args=("--usage-flush", "3600"))
+    image = world.image("dao-test/schema2:v1")
+    digest = image.layer_digests()[1]
+    async with aiohttp.ClientSession() as s, s.get(f"{mirror.url}/v2/dao-test/schema2/blobs/{digest}") as r:
+        assert r.status == 200
+        await r.read()
+    mirror.stop()  # SIGTERM: the meter's last act is a flush
+    rows = json.loads(dao("usage", "--json", "--data-dir", str(mirror.data_dir)))
+    assert [(r["user"], r["bytes_served"], r["blobs_served"]) for r in rows] == [
+        ("anonymous", image.blobs[digest].stat().st_size, 1)
+    ]
