@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -170,6 +171,15 @@ def mirror_serve(
         float | None,
         typer.Option(help="Seconds between usage writes and re-reads of users and quotas. [default: 5]"),
     ] = None,
+    cache_max: Annotated[
+        str | None, typer.Option(help="Size limit of the cache, e.g. 200GiB; 0 = none. [default: 0]")
+    ] = None,
+    cache_min_free: Annotated[
+        str | None, typer.Option(help="Free space to keep on the cache's disk, e.g. 10GiB; 0 = none. [default: 0]")
+    ] = None,
+    gc_interval: Annotated[
+        float | None, typer.Option(help="Seconds between checks of the cache limits. [default: 60]")
+    ] = None,
     upstream_username: Annotated[
         str | None, typer.Option(help="Upstream account (raises Docker Hub's rate limit).")
     ] = None,
@@ -207,6 +217,9 @@ def mirror_serve(
         "anonymous": anonymous,
         "default_quota": default_quota,
         "usage_flush": usage_flush,
+        "cache_max": cache_max,
+        "cache_min_free": cache_min_free,
+        "gc_interval": gc_interval,
         "upstream_username": upstream_username,
         "access_log": access_log,
         "log_level": log_level,
@@ -384,6 +397,59 @@ def mirror_usage(
         typer.echo(json.dumps([{"user": u, "month": m, **_usage_dict(x)} for u, m, x in rows]))
         return
     _print_usage(rows)
+
+
+@mirror_app.command("gc")
+def mirror_gc(
+    max_size: Annotated[
+        str | None, typer.Option("--max-size", help="Cache size limit, e.g. 200GiB. [default: cache_max]")
+    ] = None,
+    min_free: Annotated[
+        str | None, typer.Option("--min-free", help="Free space to keep, e.g. 10GiB. [default: cache_min_free]")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", "-d", help="List what would go; remove nothing.")] = False,
+    config_file: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Bring the cache within its limits now: least recently used blobs first, with the manifests that use them.
+
+    A running mirror does the same every --gc-interval seconds; running this beside it is safe.
+    """
+    from dao.mirror.accounts import format_size
+    from dao.mirror.eviction import Collector
+
+    try:
+        config = load(MirrorConfig, "mirror", file=config_file, env=os.environ, flags={"data_dir": data_dir})
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    collector = Collector(
+        config.data_dir,
+        max_bytes=_size(max_size if max_size is not None else config.cache_max),
+        min_free=_size(min_free if min_free is not None else config.cache_min_free),
+    )
+    if not collector.enabled:
+        raise fail("no limit to enforce", "give --max-size or --min-free, or set cache_max / cache_min_free")
+    if not (config.data_dir / "blobs").is_dir():
+        raise fail(f"{config.data_dir} holds no mirror cache", code=1)
+    plan = collector.plan()
+    removed = 0 if dry_run else collector.apply(plan)
+    if as_json:
+        items = [{"kind": i.kind, "digest": i.digest, "size": i.size, "reason": i.reason} for i in plan.items]
+        doc = {"cache_bytes": plan.cache_bytes, "target_bytes": plan.target_bytes, "freed_bytes": plan.freed}
+        typer.echo(json.dumps({**doc, "dry_run": dry_run, "removed": removed, "items": items}))
+        return
+    table = Table("kind", "digest", "size", "last used (UTC)", "reason")
+    for i in plan.items:
+        used = time.strftime("%Y-%m-%d %H:%M", time.gmtime(i.last_used))
+        table.add_row(i.kind, i.digest[:19], format_size(i.size), used, i.reason)
+    if plan.items:
+        Console().print(table)
+    verb = "would free" if dry_run else "freed"
+    typer.echo(
+        f"cache {format_size(plan.cache_bytes)}, limit {format_size(plan.target_bytes)}: "
+        f"{verb} {format_size(plan.freed)} in {len(plan.items)} items"
+    )
 
 
 def _usage_dict(usage: Any) -> dict[str, int]:

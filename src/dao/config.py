@@ -53,6 +53,9 @@ class MirrorConfig:
     anonymous: bool = True  # serve requests that name no user (counted as "anonymous")
     default_quota: str = "0"  # bytes a user may pull a month (50GiB, 500MB; 0 = no limit)
     usage_flush: float = 5.0  # seconds between writes of usage counts (and reads of users and quotas)
+    cache_max: str = "0"  # size limit of the cache (blobs + manifests), e.g. 200GiB; 0 = none
+    cache_min_free: str = "0"  # keep this much free on the cache's filesystem, e.g. 10GiB; 0 = none
+    gc_interval: float = 60.0  # seconds between checks of those limits
     upstream_username: str = ""
     upstream_password: str = ""
     access_log: bool = True
@@ -71,8 +74,8 @@ class MirrorConfig:
             raise ConfigError("manifest_ttl and manifest_swr must be >= 0, manifest_timeout > 0")
         if self.negative_ttl < 0 or self.breaker_cooldown < 0 or self.breaker_failures < 1:
             raise ConfigError("negative_ttl and breaker_cooldown must be >= 0, breaker_failures >= 1")
-        if self.usage_flush <= 0:
-            raise ConfigError("usage_flush must be > 0")
+        if self.usage_flush <= 0 or self.gc_interval <= 0:
+            raise ConfigError("usage_flush and gc_interval must be > 0")
         if not 1 <= self.fetch_connections <= 64 or self.fetch_split_mib <= 0:
             raise ConfigError("fetch_connections must be 1..64 and fetch_split_mib > 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -8,6 +8,7 @@ with ``UNSUPPORTED``: a pull-through cache does not accept pushes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -23,6 +24,7 @@ from aiohttp.typedefs import Handler
 from dao.config import ConfigError, MirrorConfig
 from dao.mirror.accounts import Accounts, parse_size
 from dao.mirror.availability import CircuitBreaker
+from dao.mirror.eviction import AccessLog, Collector
 from dao.mirror.inflight import Inflight
 from dao.mirror.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dao.mirror.metrics import Metrics
@@ -217,6 +219,40 @@ async def blob(request: web.Request, proxy: Proxy, name: str, digest: Digest) ->
     return await send_fetch(request, digest, answer.fetch)
 
 
+async def _collecting(
+    collector: Collector, metrics: Metrics, interval: float, app: web.Application
+) -> AsyncIterator[None]:
+    """Every ``interval`` seconds: write the blobs' last-use times, and evict when over a limit (file walks and
+    unlinks in a thread). The last-use times are written once more at a clean stop."""
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not collector.enabled:
+                    await asyncio.to_thread(collector.access.persist, collector.blobs_dir)
+                    continue
+                plan = await asyncio.to_thread(collector.plan)
+                if plan.items:
+                    removed = await asyncio.to_thread(collector.apply, plan)
+                    metrics.evictions.inc(removed)
+                    log.info(
+                        "cache at %d bytes, limit %d: removed %d items, %d bytes",
+                        plan.cache_bytes,
+                        plan.target_bytes,
+                        removed,
+                        plan.freed,
+                    )
+            except OSError as exc:
+                log.warning("cache eviction failed, will retry: %s", exc)
+
+    task = asyncio.get_running_loop().create_task(loop(), name="cache eviction")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await asyncio.to_thread(collector.access.persist, collector.blobs_dir)
+
+
 class BadRequestFilter(logging.Filter):
     """aiohttp logs a malformed request (oversized header, broken request line) with a traceback; it is the
     client's fault and already answered with 400, so one warning line is enough."""
@@ -287,7 +323,8 @@ def make_app(router: Router, proxies: Proxies, metrics: Metrics, meter: Meter) -
 async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> None:
     """Run the mirror until SIGTERM/SIGINT; a clean stop cancels fetches (their spool files are removed)."""
     logging.getLogger("aiohttp.server").addFilter(BadRequestFilter())
-    blobs = FilesystemBlobStore(config.data_dir)
+    access = AccessLog()
+    blobs = FilesystemBlobStore(config.data_dir, access)
     leftovers = blobs.clean_spool()
     if leftovers:
         log.info("removed %d partial downloads left by an earlier run", leftovers)
@@ -302,6 +339,12 @@ async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> 
             deny=config.deny,
         )
         default_quota = parse_size(config.default_quota)
+        collector = Collector(
+            config.data_dir,
+            max_bytes=parse_size(config.cache_max),
+            min_free=parse_size(config.cache_min_free),
+            access=access,
+        )
         accounts = Accounts(config.database_url)
     except ValueError as exc:  # AccountError included
         raise ConfigError(str(exc)) from exc
@@ -342,6 +385,7 @@ async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> 
             flush_interval=config.usage_flush,
         )
         app = make_app(router, Proxies(make_proxy, inflight), metrics, meter)
+        app.cleanup_ctx.append(functools.partial(_collecting, collector, metrics, config.gc_interval))
         runner = web.AppRunner(
             app,
             access_log_class=AccessLogger,

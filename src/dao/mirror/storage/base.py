@@ -10,6 +10,7 @@ Contract shared by every backend:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -23,9 +24,12 @@ class LocalBlob:
 
     fd: int
     size: int
+    on_close: Callable[[], None] | None = None
 
     def close(self) -> None:
         os.close(self.fd)
+        if self.on_close is not None:
+            self.on_close()
 
 
 class BlobStatter(Protocol):

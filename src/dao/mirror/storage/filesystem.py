@@ -11,12 +11,14 @@ Layout (all writes are temp file + fsync + rename, so a crash leaves old or new,
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import stat as stat_mod
 import tempfile
 from pathlib import Path
 
+from dao.mirror.eviction import AccessLog
 from dao.mirror.storage.base import LocalBlob, ManifestRecord
 from dao.oci.digest import Digest, DigestError
 
@@ -50,8 +52,10 @@ def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
 
 
 class FilesystemBlobStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, access: AccessLog | None = None) -> None:
+        """``access`` learns of every blob served (its last use, and who is reading it) for eviction."""
         self.root = root
+        self.access = access
         self.blobs = root / "blobs"
         self.tmp = root / "tmp"
         for d in (self.blobs, self.tmp):
@@ -77,7 +81,13 @@ class FilesystemBlobStore:
         return st.st_size if stat_mod.S_ISREG(st.st_mode) else None
 
     async def open(self, digest: Digest) -> LocalBlob | None:
-        return await asyncio.to_thread(self._open, _digest_path(self.blobs, digest))
+        blob = await asyncio.to_thread(self._open, _digest_path(self.blobs, digest))
+        if blob is not None and self.access is not None:
+            name = str(digest)
+            self.access.touch(name)
+            self.access.opened(name)
+            blob.on_close = functools.partial(self.access.closed, name)
+        return blob
 
     @staticmethod
     def _open(path: Path) -> LocalBlob | None:

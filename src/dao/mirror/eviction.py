@@ -1,0 +1,202 @@
+"""Keeping the filesystem cache inside its disk: plan what to remove, then remove exactly that.
+
+The cache has a size limit (``cache_max``: blobs plus manifests) and/or a free-space watermark
+(``cache_min_free`` on the data directory's filesystem). When either is crossed, blobs go least recently used
+first, orphans (referenced by no cached manifest) before the rest; a blob that cached manifests reference goes
+*together with* those manifests and the tag records that point at them, so the cache never holds a manifest
+whose blobs it threw away.
+
+"Last used" is the file's mtime. Serving a blob only notes the time in memory (:meth:`AccessLog.touch`); the
+times are written to the files (``utime``, no fsync) in one batch before each plan, so a hit costs a dict
+update, and the order survives restarts. Blobs being read right now are skipped (a reader keeps its open file
+anyway: unlinking never breaks a transfer in progress). Blobs still being fetched live in ``tmp/`` and are not
+candidates at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dao.oci.digest import Digest, DigestError
+from dao.oci.manifest import descriptors
+
+log = logging.getLogger(__name__)
+
+
+class AccessLog:
+    """Blob digest -> last use, in memory, flushed to file mtimes in batches; and who is reading now."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self._touched: dict[str, float] = {}
+        self.reading: dict[str, int] = {}
+
+    def touch(self, digest: str) -> None:
+        self._touched[digest] = self.clock()
+
+    def opened(self, digest: str) -> None:
+        self.reading[digest] = self.reading.get(digest, 0) + 1
+
+    def closed(self, digest: str) -> None:
+        left = self.reading.get(digest, 0) - 1
+        if left > 0:
+            self.reading[digest] = left
+        else:
+            self.reading.pop(digest, None)
+
+    def persist(self, blobs_dir: Path) -> None:
+        touched, self._touched = self._touched, {}
+        for digest, at in touched.items():
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(_path(blobs_dir, digest), (at, at))
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    kind: str  # "blob" or "manifest"
+    digest: str
+    size: int
+    last_used: float
+    reason: str
+
+
+@dataclass(slots=True)
+class Plan:
+    cache_bytes: int
+    target_bytes: int  # remove until the cache is at most this big
+    items: list[Item] = field(default_factory=list)
+
+    @property
+    def freed(self) -> int:
+        return sum(i.size for i in self.items)
+
+
+@dataclass(slots=True)
+class _Entry:
+    path: Path
+    size: int
+    mtime: float
+
+
+class Collector:
+    def __init__(self, root: Path, *, max_bytes: int = 0, min_free: int = 0, access: AccessLog | None = None) -> None:
+        self.root = root
+        self.blobs_dir = root / "blobs"
+        self.manifests_dir = root / "manifests"
+        self.tags_dir = root / "tags"
+        self.max_bytes = max_bytes
+        self.min_free = min_free
+        self.access = access or AccessLog()
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0 or self.min_free > 0
+
+    def plan(self) -> Plan:
+        """What to remove now (blocking: walks the cache). Empty when within bounds."""
+        self.access.persist(self.blobs_dir)
+        blobs = dict(self._walk(self.blobs_dir))
+        manifests: dict[str, _Entry] = {}
+        for digest, entry in self._walk(self.manifests_dir):
+            type_file = entry.path.with_suffix(".type")
+            entry.size += type_file.stat().st_size if type_file.exists() else 0
+            manifests[digest] = entry
+        cache = sum(e.size for e in blobs.values()) + sum(e.size for e in manifests.values())
+        target = self._target(cache)
+        plan = Plan(cache, target)
+        if cache <= target:
+            return plan
+        referrers: dict[str, set[str]] = {}
+        for digest, entry in manifests.items():
+            for ref in self._references(entry.path):
+                referrers.setdefault(ref, set()).add(digest)
+        reading = self.access.reading.copy()  # atomic under the GIL; the loop thread keeps updating it
+        candidates = sorted((d for d in blobs if d not in reading), key=lambda d: (d in referrers, blobs[d].mtime, d))
+        gone: set[str] = set()
+        remaining = cache
+        for digest in candidates:
+            if remaining <= target:
+                break
+            entry = blobs[digest]
+            users = referrers.get(digest, set())
+            reason = "least recently used" if users else "referenced by no cached manifest"
+            plan.items.append(Item("blob", digest, entry.size, entry.mtime, reason))
+            remaining -= entry.size
+            for manifest in sorted(users - gone):
+                gone.add(manifest)
+                m = manifests[manifest]
+                plan.items.append(Item("manifest", manifest, m.size, m.mtime, f"references evicted blob {digest}"))
+                remaining -= m.size
+        return plan
+
+    def apply(self, plan: Plan) -> int:
+        """Remove the plan's items (re-checking that a blob is not being read); returns how many went."""
+        removed = 0
+        manifests: set[str] = set()
+        for item in plan.items:
+            if item.kind == "blob" and item.digest in self.access.reading:
+                continue
+            base = self.blobs_dir if item.kind == "blob" else self.manifests_dir
+            path = _path(base, item.digest)
+            try:
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                continue
+            if item.kind == "manifest":
+                path.with_suffix(".type").unlink(missing_ok=True)
+                manifests.add(item.digest)
+        if manifests:
+            self._drop_tags(manifests)
+        return removed
+
+    def _target(self, cache: int) -> int:
+        target = self.max_bytes if self.max_bytes > 0 else cache
+        if self.min_free > 0:
+            st = os.statvfs(self.root)
+            free = st.f_bavail * st.f_frsize
+            target = min(target, max(cache - (self.min_free - free), 0)) if free < self.min_free else target
+        return target
+
+    def _drop_tags(self, manifests: set[str]) -> None:
+        for record in self.tags_dir.rglob("*.json"):
+            try:
+                if json.loads(record.read_bytes()).get("digest") in manifests:
+                    record.unlink()
+            except (OSError, ValueError, AttributeError):
+                continue
+
+    @staticmethod
+    def _walk(base: Path) -> Iterable[tuple[str, _Entry]]:
+        if not base.is_dir():
+            return
+        for algorithm in base.iterdir():
+            for prefix in algorithm.iterdir() if algorithm.is_dir() else ():
+                for path in prefix.iterdir():
+                    if path.suffix:  # .type files ride with their manifest
+                        continue
+                    try:
+                        Digest.parse(f"{algorithm.name}:{path.name}")
+                        st = path.stat()
+                    except (DigestError, FileNotFoundError):
+                        continue
+                    yield f"{algorithm.name}:{path.name}", _Entry(path, st.st_size, st.st_mtime)
+
+    @staticmethod
+    def _references(path: Path) -> list[str]:
+        try:
+            return [str(d.digest) for d in descriptors(path.read_bytes())]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+
+
+def _path(base: Path, digest: str) -> Path:
+    algorithm, _, encoded = digest.partition(":")
+    return base / algorithm / encoded[:2] / encoded

@@ -1,0 +1,95 @@
+"""A bounded cache: least recently used first, manifests go with their blobs, a plan removes exactly what its
+dry run listed, and eviction running under concurrent pulls never breaks one."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import aiohttp
+
+from tests.conftest import World
+from tests.mirror.test_faults import DOCKER_ACCEPT
+from tests.services.mirror import DAO, Mirror
+
+IMAGES = ["dao-test/schema2:v1", "dao-test/oci:v1", "library/tiny:v1"]
+
+
+async def pull(mirror: Mirror, ref: str, world: World) -> None:
+    """Manifest and every blob of ``ref`` through the mirror, bytes checked."""
+    repo, tag = ref.split(":")
+    image = world.image(ref)
+    accept = DOCKER_ACCEPT + ", " + image.media_type
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{mirror.url}/v2/{repo}/manifests/{tag}", headers={"Accept": accept}) as r:
+            assert r.status == 200 and await r.read() == image.manifest
+        for digest in image.blobs:
+            async with s.get(f"{mirror.url}/v2/{repo}/blobs/{digest}") as r:
+                assert r.status == 200
+                assert hashlib.sha256(await r.read()).hexdigest() == digest.split(":")[1], digest
+
+
+def cache_size(data: Path) -> int:
+    return sum(p.stat().st_size for d in ("blobs", "manifests") for p in (data / d).rglob("*") if p.is_file())
+
+
+def gc(data: Path, *args: str) -> dict:
+    out = subprocess.run(
+        [DAO, "mirror", "gc", "--data-dir", str(data), "--json", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    return json.loads(out)
+
+
+async def test_dry_run_lists_lru_and_apply_removes_exactly_that(world: World, tmp_path: Path) -> None:
+    mirror = Mirror(tmp_path / "m", world.upstream.url)
+    try:
+        for ref in IMAGES:  # schema2 is the least recently used; tiny the most
+            await pull(mirror, ref, world)
+            await asyncio.sleep(1.1)  # distinct last-use times (file mtimes have 1 s resolution on some filesystems)
+        await pull(mirror, "library/tiny:v1", world)  # busybox layer used again, last
+    finally:
+        mirror.stop()  # a clean stop writes the last-use times it kept in memory
+    data = mirror.data_dir
+    before = cache_size(data)
+    committed = mirror.committed_blobs()
+    schema2 = world.image("dao-test/schema2:v1")
+    target = before - 1_000_000  # forces the 1.5 MB layer of schema2, the oldest, out first
+    dry = gc(data, "--dry-run", "--max-size", str(target))
+    assert dry["cache_bytes"] == before and dry["removed"] == 0
+    assert mirror.committed_blobs() == committed  # a dry run removes nothing
+    blobs = [i["digest"] for i in dry["items"] if i["kind"] == "blob"]
+    manifests = [i["digest"] for i in dry["items"] if i["kind"] == "manifest"]
+    assert blobs and set(blobs) <= set(schema2.blobs)  # only the least recently used image's blobs
+    assert "sha256:" + hashlib.sha256(schema2.manifest).hexdigest() in manifests  # gone together with them
+    assert world.image("library/tiny:v1").layer_digests()[0] not in blobs  # busybox was used last
+
+    done = gc(data, "--max-size", str(target))
+    assert [i["digest"] for i in done["items"]] == [i["digest"] for i in dry["items"]]
+    assert done["removed"] == len(done["items"])
+    assert mirror.committed_blobs() == committed - set(blobs)
+    assert cache_size(data) <= target
+    tags = [json.loads(p.read_bytes())["digest"] for p in (data / "tags").rglob("*.json")]
+    assert not set(manifests) & set(tags)  # no tag points at a manifest that is gone
+
+
+async def test_server_keeps_the_cache_bounded_under_concurrent_pulls(world: World, tmp_path: Path) -> None:
+    limit = 2_500_000
+    mirror = Mirror(tmp_path / "m", world.upstream.url, args=("--cache-max", str(limit), "--gc-interval", "0.1"))
+    try:
+        for _ in range(3):  # every image, several clients at once, while eviction runs ten times a second
+            await asyncio.gather(*(pull(mirror, ref, world) for ref in IMAGES for _ in range(2)))
+        await asyncio.sleep(0.5)
+        assert cache_size(mirror.data_dir) <= limit
+        async with aiohttp.ClientSession() as s, s.get(f"{mirror.url}/metrics") as r:
+            metrics = await r.text()
+        evicted = next(line for line in metrics.splitlines() if line.startswith("dao_mirror_evictions_total"))
+        assert float(evicted.split()[1]) > 0
+    finally:
+        mirror.stop()
