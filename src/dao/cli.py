@@ -452,6 +452,107 @@ def mirror_gc(
     )
 
 
+ENGINES = ("docker", "containerd", "podman")
+
+
+@mirror_app.command("use")
+def mirror_use(
+    url: Annotated[str | None, typer.Argument(help="The mirror, http(s)://host[:port].")] = None,
+    off: Annotated[bool, typer.Option("--off", help="Undo: take the mirror out again.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", "-d", help="Show the changes as diffs; write nothing.")] = False,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--only", metavar="ENGINE", help="docker, containerd or podman (repeatable). [default: those found]"
+        ),
+    ] = None,
+    registry: Annotated[
+        list[str] | None,
+        typer.Option("--registry", metavar="NAME", help="Registries containerd sends through the mirror. [docker.io]"),
+    ] = None,
+    docker_config: Annotated[Path, typer.Option(help="Docker's daemon.json.")] = Path("/etc/docker/daemon.json"),
+    docker_pidfile: Annotated[Path, typer.Option(help="dockerd's pid file (for the reload).")] = Path(
+        "/var/run/docker.pid"
+    ),
+    containerd_certs: Annotated[Path, typer.Option(help="containerd's hosts directory.")] = Path(
+        "/etc/containerd/certs.d"
+    ),
+    registries_conf: Annotated[Path, typer.Option(help="podman/skopeo registries.conf.")] = Path(
+        "/etc/containers/registries.conf"
+    ),
+) -> None:
+    """Configure this host's Docker, containerd and podman/skopeo to pull through a mirror (or, with --off, not).
+
+    Docker's daemon.json is merged (other settings and mirrors kept, a backup beside it) and dockerd reloaded;
+    containerd gets certs.d/<registry>/hosts.toml; registries.conf a marked block. --dry-run prints the diffs.
+    """
+    from dao.mirror import use
+
+    state = _state_dir() / "mirror-use.json"
+    if url is None and off:
+        try:
+            url = json.loads(state.read_text())["url"]
+        except (OSError, ValueError, KeyError):
+            raise fail("which mirror? give its URL", "dao mirror use --off http://MIRROR:5000") from None
+    if url is None:
+        raise fail("give the mirror's URL", "dao mirror use http://MIRROR:5000")
+    engines = only or [e for e, _ in _installed_engines(docker_config, containerd_certs, registries_conf)]
+    unknown = set(engines) - set(ENGINES)
+    if unknown:
+        raise fail(f"unknown engine {sorted(unknown)[0]!r}; choose from {', '.join(ENGINES)}")
+    try:
+        url = use.check_url(url)
+        changes: list[Any] = []
+        if "docker" in engines:
+            changes.append(use.docker_change(docker_config, url, off=off))
+        if "containerd" in engines:
+            changes += use.containerd_changes(containerd_certs, url, registry or ["docker.io"], off=off)
+        if "podman" in engines:
+            changes.append(use.registries_conf_change(registries_conf, url, off=off))
+    except use.UseError as exc:
+        raise fail(str(exc), code=1) from None
+    if not engines:
+        raise fail("no Docker, containerd or podman configuration found", "name one with --only", code=1)
+    for change in changes:
+        if dry_run:
+            typer.echo(change.diff() or f"{change.path}: unchanged", nl=not change.diff())
+            if change.note:
+                typer.echo(f"# {change.note}")
+            continue
+        try:
+            use.apply(change)
+        except OSError as exc:
+            raise fail(f"cannot write {change.path}: {exc.strerror}", "run it with sudo", code=1) from None
+        status = "changed" if change.changes else "unchanged"
+        typer.echo(f"{change.path}: {status}" + (f" ({change.note})" if change.note and change.changes else ""))
+        if change.path == docker_config and change.changes:
+            typer.echo(use.reload_docker(docker_pidfile))
+    if not dry_run:
+        try:
+            if off:
+                state.unlink(missing_ok=True)
+            else:
+                state.parent.mkdir(parents=True, exist_ok=True)
+                state.write_text(json.dumps({"url": url}))
+        except OSError:
+            pass  # only a convenience for a later --off without a URL
+
+
+def _state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/dao")
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "dao"
+
+
+def _installed_engines(docker: Path, certs: Path, registries: Path) -> list[tuple[str, bool]]:
+    found = [
+        ("docker", docker.parent.is_dir()),
+        ("containerd", certs.parent.is_dir()),
+        ("podman", registries.parent.is_dir()),
+    ]
+    return [(name, present) for name, present in found if present]
+
+
 def _usage_dict(usage: Any) -> dict[str, int]:
     return {
         "bytes_served": usage.bytes_served,

@@ -19,8 +19,9 @@ class Dockerd:
         # unix socket paths are limited to 108 bytes; containerd's lives under the exec root
         self.exec_root = Path(tempfile.mkdtemp(prefix="dao-x", dir="/tmp"))
         self.sock = self.exec_root / "docker.sock"
-        config = workdir / "daemon.json"
+        self.config = config = workdir / "daemon.json"
         config.write_text(json.dumps({"registry-mirrors": mirrors}))
+        self.pidfile = self.exec_root / "docker.pid"
         self.proc = Process(
             [
                 "dockerd",
@@ -33,7 +34,7 @@ class Dockerd:
                 "-H",
                 f"unix://{self.sock}",
                 "--pidfile",
-                str(self.exec_root / "docker.pid"),
+                str(self.pidfile),
                 "--bridge",
                 "none",
                 "--iptables=false",
