@@ -20,12 +20,30 @@ from dao.oci.errors import RegistryError
 from tests.conftest import World
 from tests.mirror.test_faults import DOCKER_ACCEPT
 from tests.services.mirror import DAO, Mirror
+from tests.services.postgres import Postgres
 
 DOMAIN = "mirror.test"
 
 
-async def test_meter_counts_by_month_and_enforces_quota(tmp_path: Path) -> None:
-    accounts = Accounts(f"sqlite:///{tmp_path}/dao.db")
+@pytest.fixture(scope="module")
+def postgres(isolated: None) -> Iterator[Postgres]:
+    server = Postgres()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/dao.db"
+    server: Postgres = request.getfixturevalue("postgres")
+    return server.create_database(f"dao_{tmp_path.name[-20:].replace('-', '_').lower()}")
+
+
+async def test_meter_counts_by_month_and_enforces_quota(database: str) -> None:
+    accounts = Accounts(database)
     alice = accounts.add_user("Alice", user_id="alice", quota_bytes=1000)
     now = [time.mktime((2026, 11, 30, 23, 59, 0, 0, 0, 0)) - time.timezone]  # 2026-11-30 23:59 UTC
     meter = Meter(accounts, domain=DOMAIN, anonymous=False, clock=lambda: now[0])

@@ -29,7 +29,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 metadata = MetaData()
@@ -110,8 +110,13 @@ class Accounts:
         try:
             self.engine: Engine = create_engine(url, future=True)
             metadata.create_all(self.engine)
+        except ImportError as exc:
+            raise AccountError(
+                f"no driver for {url.split(':', 1)[0]}: {exc.name or exc} (for PostgreSQL: pip install 'dao[postgres]')"
+            ) from exc
         except SQLAlchemyError as exc:
-            raise AccountError(f"cannot open the accounts database {url}: {exc.__class__.__name__}: {exc}") from exc
+            shown = make_url(url).render_as_string(hide_password=True)
+            raise AccountError(f"cannot open the accounts database {shown}: {exc.__class__.__name__}: {exc}") from exc
 
     # -- users ---------------------------------------------------------------------------------------------
 
