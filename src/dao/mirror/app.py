@@ -108,7 +108,7 @@ async def account(request: web.Request, handler: Handler) -> web.StreamResponse:
     completed = False
     try:
         response = await handler(request)
-        completed = response.status < 300 and request.method == "GET"
+        completed = response.status < 300 and request.method == "GET" and "dao.failure" not in request
         return response
     finally:
         kind = request.get("dao.route")
