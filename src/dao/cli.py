@@ -553,6 +553,43 @@ def _installed_engines(docker: Path, certs: Path, registries: Path) -> list[tupl
     return [(name, present) for name, present in found if present]
 
 
+@app.command("pull")
+def pull_command(
+    image: Annotated[str, typer.Argument(metavar="IMAGE[:TAG|@DIGEST]", help="What docker pull would take.")],
+    platform: Annotated[
+        str | None, typer.Option(help="os/arch[/variant] to pick from a multi-platform image. [default: the engine's]")
+    ] = None,
+    mirror: Annotated[
+        list[str] | None,
+        typer.Option("--mirror", metavar="URL", help="A mirror to try before the registry (repeatable)."),
+    ] = None,
+    engine_mirrors: Annotated[
+        bool, typer.Option(help="Also use the engine's registry-mirrors for Docker Hub images.")
+    ] = True,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, help="Blobs downloaded at once.")] = 4,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Content cache. [default: /var/cache/dao as root, else ~/.cache/dao]")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the image reference.")] = False,
+) -> None:
+    """Pull an image into the local Docker engine, like docker pull, through mirrors and many connections."""
+    from dao.docker import EngineError
+    from dao.oci.reference import ReferenceError
+    from dao.pull.plan import PullError
+    from dao.pull.run import PullOptions, pull
+
+    options = PullOptions(image, platform, tuple(mirror or ()), engine_mirrors, jobs, cache_dir, quiet)
+    try:
+        code = asyncio.run(pull(options, out=lambda line: typer.echo(line)))
+    except ReferenceError as exc:
+        raise fail(str(exc), code=1) from None
+    except (PullError, EngineError) as exc:
+        raise fail(str(exc), code=1) from None
+    except OSError as exc:
+        raise fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), code=1) from None
+    raise typer.Exit(code)
+
+
 def _usage_dict(usage: Any) -> dict[str, int]:
     return {
         "bytes_served": usage.bytes_served,

@@ -1,0 +1,166 @@
+"""The Docker Engine API, reached the way the docker CLI reaches it.
+
+``DOCKER_HOST`` (``unix://`` or ``tcp://``; default ``unix:///var/run/docker.sock``), with
+``DOCKER_TLS_VERIFY``/``DOCKER_CERT_PATH`` for TLS over TCP. The API version is negotiated: we ask
+``/version`` unversioned and speak the lower of the engine's version and ours, never below 1.24 (Docker 1.12).
+
+Errors come out as :class:`EngineError` with one line a person can act on (engine down, permission denied).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+
+DEFAULT_HOST = "unix:///var/run/docker.sock"
+OUR_API = (1, 43)
+MIN_API = (1, 24)
+
+
+class EngineError(Exception):
+    """The engine is unreachable, refused us, or answered an error; the message is for people."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    api_version: str
+    os: str  # Go names: linux
+    arch: str  # amd64, arm64
+    mirrors: tuple[str, ...]  # Docker Hub mirrors the engine is configured with
+    containerd_store: bool  # images in containerd's store (snapshotters), not the classic graph drivers
+
+
+def _parse_version(text: str) -> tuple[int, int]:
+    major, _, minor = text.partition(".")
+    return int(major), int(minor or 0)
+
+
+class Engine:
+    def __init__(self, host: str | None = None) -> None:
+        self.host = host or os.environ.get("DOCKER_HOST") or DEFAULT_HOST
+        split = urlsplit(self.host)
+        ssl_context: ssl.SSLContext | bool = False
+        if split.scheme == "unix":
+            self._connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=split.path)
+            self._base = "http://docker"
+        elif split.scheme in ("tcp", "http", "https"):
+            tls = split.scheme == "https" or os.environ.get("DOCKER_TLS_VERIFY") not in (None, "", "0")
+            if tls:
+                ssl_context = _tls_context(Path(os.environ.get("DOCKER_CERT_PATH") or Path.home() / ".docker"))
+            self._connector = aiohttp.TCPConnector(ssl=ssl_context)
+            self._base = f"{'https' if tls else 'http'}://{split.netloc}"
+        else:
+            raise EngineError(f"DOCKER_HOST {self.host!r}: use unix:///path or tcp://host:port")
+        self.session = aiohttp.ClientSession(connector=self._connector, timeout=aiohttp.ClientTimeout(total=None))
+        self.version = "v1.24"
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.session.close()
+
+    # -- API -----------------------------------------------------------------------------------------------
+
+    async def negotiate(self) -> EngineInfo:
+        doc = await self._json("GET", "/version", versioned=False)
+        engine = _parse_version(str(doc.get("ApiVersion", "1.24")))
+        if engine < MIN_API:
+            raise EngineError(f"the Docker engine speaks API {doc.get('ApiVersion')}; dao needs 1.24 or newer")
+        chosen = min(engine, OUR_API)
+        self.version = f"v{chosen[0]}.{chosen[1]}"
+        info = await self._json("GET", "/info")
+        registry = info.get("RegistryConfig") or {}
+        mirrors = tuple(str(m).rstrip("/") for m in registry.get("Mirrors") or [])
+        status = info.get("DriverStatus") or []
+        containerd_store = any("io.containerd.snapshotter" in str(value) for _, value in status)
+        return EngineInfo(
+            self.version[1:],
+            str(doc.get("Os", "linux")),
+            _go_arch(str(doc.get("Arch", "amd64"))),
+            mirrors,
+            containerd_store,
+        )
+
+    async def images(self) -> list[dict[str, Any]]:
+        result = await self._json("GET", "/images/json")
+        return result if isinstance(result, list) else []
+
+    async def inspect_image(self, ref: str) -> dict[str, Any] | None:
+        try:
+            return await self._json("GET", f"/images/{quote(ref, safe='')}/json")
+        except EngineError as exc:
+            if "404" in str(exc):
+                return None
+            raise
+
+    async def load(self, body: AsyncIterator[bytes]) -> list[dict[str, Any]]:
+        """POST a docker-archive stream to ``/images/load``; the engine's progress messages, errors raised."""
+        url = f"{self._base}/{self.version}/images/load?quiet=1"
+        try:
+            async with self.session.post(url, data=body, headers={"Content-Type": "application/x-tar"}) as resp:
+                text = await resp.text()
+                if resp.status >= 400:
+                    raise EngineError(f"the engine refused the image: {_message(text)}")
+        except aiohttp.ClientError as exc:
+            raise self._unreachable(exc) from exc
+        messages = []
+        for line in text.splitlines():
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(msg, dict) and msg.get("error"):
+                raise EngineError(f"the engine refused the image: {msg['error']}")
+            messages.append(msg)
+        return messages
+
+    # -- transport -----------------------------------------------------------------------------------------
+
+    async def _json(self, method: str, path: str, *, versioned: bool = True) -> Any:
+        url = f"{self._base}/{self.version}{path}" if versioned else f"{self._base}{path}"
+        try:
+            async with self.session.request(method, url) as resp:
+                text = await resp.text()
+                if resp.status >= 400:
+                    raise EngineError(f"{method} {path}: {resp.status} {_message(text)}")
+                return json.loads(text) if text else None
+        except aiohttp.ClientError as exc:
+            raise self._unreachable(exc) from exc
+
+    def _unreachable(self, exc: Exception) -> EngineError:
+        cause = exc.__cause__ or exc
+        if isinstance(cause, PermissionError) or "Permission denied" in str(exc):
+            return EngineError(
+                f"permission denied on {self.host}: run with sudo, or join the docker group (then log in again)"
+            )
+        return EngineError(f"cannot reach the Docker engine at {self.host}: is dockerd running? ({exc})")
+
+
+def _message(text: str) -> str:
+    try:
+        doc = json.loads(text)
+        return str(doc.get("message", text)).strip()
+    except (ValueError, AttributeError):
+        return text.strip()[:300]
+
+
+def _go_arch(arch: str) -> str:
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(arch, arch)
+
+
+def _tls_context(cert_path: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(cert_path / "ca.pem"))
+    context.load_cert_chain(str(cert_path / "cert.pem"), str(cert_path / "key.pem"))
+    return context

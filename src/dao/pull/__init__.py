@@ -1,0 +1,1 @@
+"""`dao pull`: a drop-in for `docker pull` (see docs/pull.md)."""

@@ -1,0 +1,83 @@
+"""``dao pull`` into a real engine, through a real mirror in front of the real registry."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import World
+from tests.services.dockerd import Dockerd
+from tests.services.mirror import DAO, Mirror
+
+
+@pytest.fixture
+def engine_mirror(world: World, tmp_path: Path, docker_mirror_port: int) -> Iterator[Mirror]:
+    """A mirror on the port the session's dockerd lists in registry-mirrors: dao pull finds it there."""
+    m = Mirror(tmp_path / "mirror", world.upstream.url, port=docker_mirror_port)
+    yield m
+    m.stop()
+
+
+def dao_pull(engine: Dockerd, cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [DAO, "pull", "--cache-dir", str(cache), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"DOCKER_HOST": f"unix://{engine.sock}", "PATH": "/usr/bin:/bin"},
+    )
+
+
+def blob_gets(mirror: Mirror) -> list[str]:
+    return [a.path.rsplit("/", 1)[1] for a in mirror.accesses() if "/blobs/" in a.path and a.status in (200, 206)]
+
+
+@pytest.mark.parametrize("ref", ["dao-test/schema2:v1", "dao-test/oci:v1", "dao-test/multi:v1", "dao-test/big:v1"])
+def test_pull_then_run(world: World, dockerd: Dockerd, engine_mirror: Mirror, tmp_path: Path, ref: str) -> None:
+    done = dao_pull(dockerd, tmp_path / "cache", ref)
+    assert done.returncode == 0, done.stderr
+    image = world.image(ref)
+    target = image.children[0] if image.children else image  # linux/amd64: the engine's platform
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"v1: Pulling from {ref.split(':')[0]}"
+    assert lines[-3:] == [f"Digest: {image.digest}", f"Status: Downloaded newer image for {ref}", f"docker.io/{ref}"]
+    assert sum(line.endswith(": Pull complete") for line in lines) == len(target.layer_digests())
+    assert set(target.layer_digests()) <= set(blob_gets(engine_mirror))  # every layer came through the mirror
+    config = next(d for d in target.blobs if d not in target.layer_digests())
+    assert dockerd.docker("image", "inspect", "-f", "{{.Id}}", ref).stdout.strip() == config
+    run = dockerd.docker("run", "--rm", "--network", "none", ref, "true", check=False)
+    assert run.returncode == 0, run.stderr
+    again = dao_pull(dockerd, tmp_path / "cache", ref)
+    assert again.returncode == 0 and f"Status: Image is up to date for {ref}" in again.stdout
+
+
+def test_layers_the_engine_has_are_not_downloaded(
+    world: World, dockerd: Dockerd, engine_mirror: Mirror, tmp_path: Path
+) -> None:
+    assert dao_pull(dockerd, tmp_path / "c1", "dao-test/schema2:v1").returncode == 0
+    before = len(blob_gets(engine_mirror))
+    done = dao_pull(dockerd, tmp_path / "c2", "library/tiny:v1")  # its only layer: busybox, already there
+    assert done.returncode == 0, done.stderr
+    busybox = world.image("library/tiny:v1").layer_digests()[0]
+    assert f"{busybox.split(':')[1][:12]}: Already exists" in done.stdout
+    assert busybox not in blob_gets(engine_mirror)[before:]  # not one byte of it fetched again
+    run = dockerd.docker("run", "--rm", "--network", "none", "tiny:v1", "true", check=False)
+    assert run.returncode == 0, run.stderr
+
+
+def test_clear_errors(dockerd: Dockerd, tmp_path: Path) -> None:
+    bad = dao_pull(dockerd, tmp_path, "bad reference!")
+    assert bad.returncode == 1 and bad.stderr.startswith("dao: error: invalid reference format")
+    assert len(bad.stderr.strip().splitlines()) == 1
+    gone = subprocess.run(
+        [DAO, "pull", "busybox"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"DOCKER_HOST": f"unix://{tmp_path}/nope.sock", "PATH": "/usr/bin:/bin"},
+    )
+    assert gone.returncode == 1 and "cannot reach the Docker engine" in gone.stderr
+    assert "Traceback" not in gone.stderr
