@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +13,7 @@ import pytest
 
 from tests.conftest import World
 from tests.services.dockerd import Dockerd
-from tests.services.mirror import DAO, Mirror
+from tests.services.mirror import DAO, FaultProxy, Mirror
 
 
 @pytest.fixture
@@ -81,3 +84,44 @@ def test_clear_errors(dockerd: Dockerd, tmp_path: Path) -> None:
     )
     assert gone.returncode == 1 and "cannot reach the Docker engine" in gone.stderr
     assert "Traceback" not in gone.stderr
+
+
+def test_killed_pull_resumes_with_only_the_missing_ranges(world: World, dockerd: Dockerd, tmp_path: Path) -> None:
+    image = world.image("dao-test/big:v1")
+    big = max(image.layer_digests(), key=lambda d: image.blobs[d].stat().st_size)
+    size = image.blobs[big].stat().st_size
+    proxy = FaultProxy(tmp_path, world.upstream.url, "--rate", "2000000")  # 2 MB/s per connection
+    cache = tmp_path / "cache"
+    runs = cache / "partial" / f"{big.split(':')[1]}.runs"
+    argv = [DAO, "pull", "--cache-dir", str(cache), "--mirror", proxy.url, "--no-engine-mirrors", "dao-test/big:v1"]
+    env = {"DOCKER_HOST": f"unix://{dockerd.sock}", "PATH": "/usr/bin:/bin"}
+    try:
+        first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        covered = 0
+        deadline = time.monotonic() + 120
+        while covered < 20_000_000 and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.1)
+            with contextlib.suppress(OSError, ValueError, KeyError):  # not written yet, or mid-replace
+                covered = sum(b - a for a, b in json.loads(runs.read_text())["runs"])
+        first.kill()  # SIGKILL: no chance to tidy up
+        first.wait(10)
+        assert 20_000_000 <= covered < size
+        asked_before = len(proxy.blob_ranges(big))
+        proxy = replace_proxy(proxy, tmp_path, world)  # full speed now
+        sent_before = len(proxy.blob_bytes_sent(big))
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        second = proxy.blob_ranges(big)[asked_before:]
+        assert second and "-" not in second  # every request names a range: never the whole blob again
+        sent = sum(proxy.blob_bytes_sent(big)[sent_before:])
+        # Only the missing part crossed again, plus what sat in socket buffers when a stream was dropped.
+        assert size - covered <= sent <= size - covered + 8_000_000, (sent, covered)
+        run = dockerd.docker("run", "--rm", "--network", "none", "dao-test/big:v1", "true", check=False)
+        assert run.returncode == 0, run.stderr
+    finally:
+        proxy.stop()
+
+
+def replace_proxy(proxy: FaultProxy, tmp_path: Path, world: World) -> FaultProxy:
+    proxy.stop()
+    return FaultProxy(tmp_path, world.upstream.url, port=proxy.port)

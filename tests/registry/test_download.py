@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dao.registry.download import Download, DownloadPolicy
+from dao.registry.download import Download, DownloadPolicy, Runs
 from dao.registry.errors import UpstreamNotFound, UpstreamUnavailable
 
 DATA = os.urandom(3_000_000)
@@ -155,3 +155,33 @@ async def test_a_failing_probe_leaves_the_head_to_finish(tmp_path: Path) -> None
     data, recorder = await download(tmp_path, upstream)
     assert data == DATA and recorder.written == len(DATA)
     assert len(upstream.asked) == 2  # the head, and one probe: no retries, no other helpers
+
+
+@pytest.mark.parametrize(
+    "have",
+    [
+        [(0, 1_000_000)],  # a prefix: the head resumes after it
+        [(0, 500_000), (1_200_000, 2_000_000), (2_500_000, 2_600_000)],  # a prefix and scattered runs
+        [(700_000, 3_000_000)],  # no prefix: the head starts at 0 and stops where the run begins
+    ],
+    ids=["prefix", "scattered", "tail"],
+)
+async def test_resume_asks_only_for_what_is_missing(tmp_path: Path, have: list[tuple[int, int]]) -> None:
+    path = tmp_path / "blob"
+    left = bytearray(os.urandom(len(DATA)))  # what an interrupted run left: the runs we have, garbage elsewhere
+    for start, end in have:
+        left[start:end] = DATA[start:end]
+    path.write_bytes(left)
+    upstream = Upstream()
+    fd = os.open(path, os.O_RDWR)
+    recorder = Recorder()
+    try:
+        await Download(upstream, fd, recorder, POLICY, have=Runs(have)).run()
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == DATA
+    had = sum(end - start for start, end in have)
+    assert recorder.written <= len(DATA) - had + 32 * 1024  # at most one chunk beyond the missing bytes
+    for start, end in upstream.asked[1:] if have[0][0] else upstream.asked:
+        for a, b in have:
+            assert end is None or not (start < b and a <= end), (start, end)  # no request into what we had

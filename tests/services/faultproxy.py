@@ -6,7 +6,8 @@ request with status S; --manifest-stall T holds manifest requests T seconds befo
 Range header of blob requests (an upstream that ignores Range); --ratelimit-remaining V adds Docker Hub's
 header to manifest answers. Every request is printed as
 ``REQ <method> <path>`` when it arrives, and every blob GET as
-``BLOB GET <path> <upstream status> range=<Range header or ->``, so tests see what the mirror asked for.
+``BLOB GET <path> <upstream status> range=<Range header or ->``, and when its body ends (or breaks)
+``BLOB SENT <path> <bytes>``, so tests see what the mirror asked for and got.
 Anything else passes through unchanged.
 """
 
@@ -65,23 +66,27 @@ def main() -> None:
             is_blob = request.method == "GET" and "/blobs/" in request.path and up.status in (200, 206)
             middle = (up.content_length or 0) // 2
             sent = 0
-            async for chunk in up.content.iter_chunked(64 * 1024):
-                if is_blob and args.flip_byte and sent <= middle < sent + len(chunk):
-                    data = bytearray(chunk)
-                    data[middle - sent] ^= 0xFF
-                    chunk = bytes(data)
-                if is_blob and args.cut_after >= 0 and sent + len(chunk) > args.cut_after:
-                    await resp.write(chunk[: args.cut_after - sent])
-                    await asyncio.sleep(0.1)
-                    assert request.transport is not None
-                    request.transport.abort()
-                    return resp
-                await resp.write(chunk)
-                sent += len(chunk)
-                if is_blob and args.rate:
-                    await asyncio.sleep(len(chunk) / args.rate)
-            await resp.write_eof()
-            return resp
+            try:
+                async for chunk in up.content.iter_chunked(64 * 1024):
+                    if is_blob and args.flip_byte and sent <= middle < sent + len(chunk):
+                        data = bytearray(chunk)
+                        data[middle - sent] ^= 0xFF
+                        chunk = bytes(data)
+                    if is_blob and args.cut_after >= 0 and sent + len(chunk) > args.cut_after:
+                        await resp.write(chunk[: args.cut_after - sent])
+                        await asyncio.sleep(0.1)
+                        assert request.transport is not None
+                        request.transport.abort()
+                        return resp
+                    await resp.write(chunk)
+                    sent += len(chunk)
+                    if is_blob and args.rate:
+                        await asyncio.sleep(len(chunk) / args.rate)
+                await resp.write_eof()
+                return resp
+            finally:
+                if is_blob:
+                    print(f"BLOB SENT {request.path} {sent}", flush=True)
 
     async def start(app: web.Application) -> None:
         app["session"] = aiohttp.ClientSession(auto_decompress=False)

@@ -119,6 +119,11 @@ class FaultProxy:
             m["range"] for m in _BLOB_GET.finditer(text) if m["path"].endswith(digest) and m["status"] in ("200", "206")
         ]
 
+    def blob_bytes_sent(self, digest: str) -> list[int]:
+        """Body bytes of each blob response for ``digest`` (written to the socket, delivered or not), in order."""
+        text = self.log.read_text(errors="replace")
+        return [int(m[2]) for m in re.finditer(r"^BLOB SENT (\S+) (\d+)$", text, re.M) if m[1].endswith(digest)]
+
     def requests(self, suffix: str = "") -> list[str]:
         """``METHOD path`` of every request that reached this port (any proxy on it), as they arrived."""
         text = self.log.read_text(errors="replace")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dao.mirror.storage.base import BlobIngester
 from dao.oci.digest import Digest, Verifier
-from dao.registry.download import Download, DownloadPolicy, Source
+from dao.registry.download import Download, DownloadPolicy, Runs, Source
 from dao.registry.errors import RegistryClientError, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class Fetch:
         self.error: BaseException | None = None
         self.headers_ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.download: Download | None = None
-        self._filled: list[list[int]] = []  # sorted, disjoint, non-adjacent [start, end) runs
+        self._filled = Runs()
         self._verifier = Verifier(digest)
         self._progress = asyncio.Event()
         self._readers = 0
@@ -107,7 +107,7 @@ class Fetch:
     def on_data(self, offset: int, data: memoryview) -> None:
         if offset == self._verifier.size:
             self._verifier.update(data)  # the in-order head stream hashes as it goes; the rest at the end
-        self._mark(offset, offset + len(data))
+        self._filled.add(offset, offset + len(data))
         if self.on_bytes is not None:
             self.on_bytes(len(data))
         self._notify()
@@ -122,26 +122,6 @@ class Fetch:
                 raise UpstreamUnavailable(f"spool file of {self.digest} shorter than its {self.size} bytes")
             self._verifier.update(chunk)
             pos += len(chunk)
-
-    def _mark(self, start: int, end: int) -> None:
-        runs = self._filled
-        i = 0
-        while i < len(runs) and runs[i][1] < start:
-            i += 1
-        j = i
-        while j < len(runs) and runs[j][0] <= end:
-            start, end = min(start, runs[j][0]), max(end, runs[j][1])
-            j += 1
-        runs[i:j] = [[start, end]]
-
-    def _run_end(self, pos: int) -> int:
-        """Exclusive end of the written run holding ``pos``; ``pos`` itself when that byte is not written yet."""
-        for start, end in self._filled:
-            if start <= pos < end:
-                return end
-            if start > pos:
-                break
-        return pos
 
     def _notify(self) -> None:
         self._progress.set()
@@ -196,7 +176,7 @@ class Fetch:
 
     def _readable_until(self, pos: int, end: int | None) -> int:
         """Exclusive bound of what a reader at ``pos`` may send now."""
-        limit = self._run_end(pos)
+        limit = self._filled.end_of(pos)
         if not self.done and self.size is not None and (end is None or end >= self.size - 1):
             limit = min(limit, self.size - 1)  # the blob's last byte waits for the digest
         if end is not None:

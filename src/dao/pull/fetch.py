@@ -2,14 +2,18 @@
 against its digest before it is used, from the first source that delivers.
 
 The cache lives in ``/var/cache/dao`` (root) or ``~/.cache/dao``: ``blobs/sha256/<hex>`` for verified blobs,
-``partial/<hex>`` while one is being written. A blob already in the cache is re-hashed and used without a
-byte of network.
+``partial/<hex>`` while one is being written, with ``<hex>.runs`` recording which byte runs it holds (saved
+twice a second and when the pull stops, however it stops): a pull killed mid-blob resumes by asking only for
+the missing ranges, from whichever source. A blob already in the cache is re-hashed and used without a byte of
+network. A lock per blob makes a second ``dao pull`` of the same blob wait for the first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
+import json
 import os
 import time
 from collections.abc import Callable
@@ -19,10 +23,11 @@ from pathlib import Path
 from dao.oci.digest import Digest
 from dao.oci.manifest import Descriptor
 from dao.pull.plan import PullError, Source
-from dao.registry.download import Download, DownloadPolicy
+from dao.registry.download import Download, DownloadPolicy, Runs
 from dao.registry.errors import RegistryClientError
 
 HASH_CHUNK = 4 * 1024 * 1024
+SAVE_EVERY = 0.5  # seconds between saves of a partial blob's written runs
 
 
 def default_cache_dir() -> Path:
@@ -38,17 +43,49 @@ class Stats:
     started: float = field(default_factory=time.monotonic)
 
 
-class _Counter:
-    """Download listener: counts bytes for the summary and the progress callback."""
+class _Recorder:
+    """Download listener: counts bytes, and keeps the written runs on disk (``<partial>.runs``) at most
+    every ``SAVE_EVERY`` seconds, so a killed pull resumes from what it had written."""
 
-    def __init__(self, on_bytes: Callable[[int], None]) -> None:
+    def __init__(self, runs: Runs, runs_file: Path, on_bytes: Callable[[int], None]) -> None:
+        self.runs = runs
+        self.runs_file = runs_file
         self.on_bytes = on_bytes
+        self.size: int | None = None
+        self._saved = time.monotonic()
 
     def on_size(self, size: int | None) -> None:
-        pass
+        self.size = size
 
     def on_data(self, offset: int, data: memoryview) -> None:
+        self.runs.add(offset, offset + len(data))
         self.on_bytes(len(data))
+        if time.monotonic() - self._saved >= SAVE_EVERY:
+            self.save()
+
+    def save(self) -> None:
+        tmp = self.runs_file.with_suffix(".runs-tmp")
+        tmp.write_text(json.dumps({"size": self.size, "runs": self.runs.runs}))
+        os.replace(tmp, self.runs_file)
+        self._saved = time.monotonic()
+
+
+def _remove(*paths: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def _load_runs(partial: Path, runs_file: Path, size: int) -> Runs:
+    """What an earlier, interrupted pull wrote; nothing when the record is missing or for another size."""
+    if not partial.exists():
+        return Runs()
+    try:
+        doc = json.loads(runs_file.read_text())
+        if doc.get("size") not in (size, None):
+            return Runs()
+        return Runs([(int(a), int(b)) for a, b in doc["runs"] if 0 <= int(a) < int(b) <= size])
+    except (OSError, ValueError, KeyError, TypeError):
+        return Runs()
 
 
 class BlobCache:
@@ -77,35 +114,61 @@ class BlobCache:
             return final
         for d in (final.parent, self.partial):
             d.mkdir(parents=True, exist_ok=True)
+        partial = self.partial / blob.digest.encoded
+        runs_file = partial.with_suffix(".runs")
+        lock = os.open(partial.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)  # another dao pull of the same blob waits
+            if final.exists() and await asyncio.to_thread(_hash_file, final, blob.digest) == blob.digest:
+                stats.cached_bytes += blob.size
+                progress(blob.size)
+                return final
+            return await self._download(repo, blob, sources, stats, progress, partial, runs_file, final)
+        finally:
+            os.close(lock)
+
+    async def _download(
+        self,
+        repo: str,
+        blob: Descriptor,
+        sources: list[Source],
+        stats: Stats,
+        progress: Callable[[int], None],
+        partial: Path,
+        runs_file: Path,
+        final: Path,
+    ) -> Path:
         errors = []
         for source in sources:
-            partial = self.partial / f"{blob.digest.encoded}.{os.getpid()}"
-            fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            got = 0
+            have = await asyncio.to_thread(_load_runs, partial, runs_file, blob.size)
+            if have.covered():
+                stats.cached_bytes += have.covered()
+                progress(have.covered())
 
             def count(n: int, source: Source = source) -> None:
-                nonlocal got
-                got += n
                 stats.bytes_by_source[source.url] = stats.bytes_by_source.get(source.url, 0) + n
                 progress(n)
 
+            recorder = _Recorder(have, runs_file, count)
+            fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                body = source.client.blob_source(repo, blob.digest)
-                size = await Download(body, fd, _Counter(count), self.policy).run()
+                if have.covered() < blob.size:
+                    body = source.client.blob_source(repo, blob.digest)
+                    await Download(body, fd, recorder, self.policy, have=have, size=blob.size).run()
                 os.fsync(fd)
             except RegistryClientError as exc:
                 errors.append(f"{source.url}: {exc}")
-                progress(-got)
                 continue
             finally:
                 os.close(fd)
+                recorder.save()  # also when interrupted: the next run starts from here
             actual = await asyncio.to_thread(_hash_file, partial, blob.digest)
-            if actual != blob.digest or size != blob.size:
-                partial.unlink(missing_ok=True)
-                errors.append(f"{source.url}: sent {size} bytes hashing to {actual}, not {blob.digest}")
-                progress(-got)
+            if actual != blob.digest:
+                await asyncio.to_thread(_remove, partial, runs_file)
+                errors.append(f"{source.url}: the bytes hash to {actual}, not {blob.digest}")
                 continue
             os.replace(partial, final)
+            await asyncio.to_thread(_remove, runs_file)
             return final
         raise PullError(f"cannot get {blob.digest}: " + "; ".join(errors))
 

@@ -90,14 +90,30 @@ class Download:
     a stream gave up; helper tasks are cancelled when anything fails.
     """
 
-    def __init__(self, source: Source, fd: int, listener: Listener, policy: DownloadPolicy | None = None) -> None:
+    def __init__(
+        self,
+        source: Source,
+        fd: int,
+        listener: Listener,
+        policy: DownloadPolicy | None = None,
+        *,
+        have: Runs | None = None,
+        size: int | None = None,
+    ) -> None:
+        """``have``: byte runs the file already holds (a resumed partial download); only the rest is asked for.
+        ``size``: the blob's size when the caller knows it (a descriptor says), so a resumed head asks for a
+        bounded range from its first request."""
         self.source = source
         self.fd = fd
         self.listener = listener
         self.policy = policy or DownloadPolicy()
-        self.size: int | None = None
-        self.head_pos = 0
+        self.size: int | None = size
+        self.have = have or Runs()
+        self.head_pos = self.have.end_of(0)
         self.frontier: int | None = None  # lowest byte claimed by a helper; the head stops there
+        self._holes: list[tuple[int, int]] = []  # gaps past the head's own, for helpers (resume)
+        if size is not None:
+            self._plan_holes(size)
         self.started = False  # the head's first headers arrived
         self.ranges_work = False  # a helper got the 206 it asked for
         self._group: asyncio.TaskGroup | None = None
@@ -130,13 +146,20 @@ class Download:
                 await asyncio.sleep(self.policy.backoff(failures))
 
     async def _head_once(self) -> None:
-        end = self.frontier - 1 if self.started and self.frontier is not None else None
-        async with self.source.open(self.head_pos, end) as body:
+        bounded = self.frontier is not None and (self.started or self.head_pos > 0)
+        async with self.source.open(self.head_pos, self.frontier - 1 if bounded and self.frontier else None) as body:
             if not self.started:
                 self.started = True
-                self.size = body.size
-                self.frontier = body.size
-                self.listener.on_size(body.size)
+                if self.size is not None and body.size is not None and body.size != self.size:
+                    raise UpstreamUnavailable(f"upstream says the blob has {body.size} bytes, not {self.size}")
+                if self.size is None and body.size is not None:
+                    self._plan_holes(body.size)
+                self.size = self.size if self.size is not None else body.size
+                if body.offset != self.head_pos:
+                    self._head_takes_all()  # a resume whose Range was ignored: skip what we have, read on
+                elif self.head_pos:
+                    self.ranges_work = True  # our resume's Range was honoured
+                self.listener.on_size(self.size)
                 self._maybe_split()
             skip = self.head_pos - body.offset  # > 0 when a resume's Range was ignored
             if skip < 0:
@@ -157,22 +180,51 @@ class Download:
         if self.size is not None and self.head_pos < (self.frontier or 0):
             raise UpstreamUnavailable(f"upstream body ended at byte {self.head_pos} of {self.size}")
 
+    def _plan_holes(self, size: int) -> None:
+        """The head's stretch ends at the first byte we have past it; later gaps wait for helpers."""
+        self.size = size
+        holes = self.have.holes(self.head_pos, size)
+        if holes and holes[0][0] == self.head_pos:
+            self.frontier, self._holes = holes[0][1], holes[1:]
+        else:
+            self.frontier, self._holes = self.head_pos, holes
+
     # -- helpers -------------------------------------------------------------------------------------------
 
     def _maybe_split(self) -> None:
         p = self.policy
-        if p.connections > 1 and self.size is not None and self.size >= max(p.split_threshold, 2 * p.segment_min):
+        splits = p.connections > 1 and self.size is not None
+        if self._holes and not splits:
+            self._head_takes_all()
+        elif self._holes and self.ranges_work:
+            for _ in range(p.connections - 1):
+                self._spawn()
+        elif self._holes:
+            self._spawn()  # the probe, on the first gap
+        elif splits and self.size is not None and self.size >= max(p.split_threshold, 2 * p.segment_min):
             self._spawn()  # the probe
+
+    def _head_takes_all(self) -> None:
+        """No helpers after all: the head goes on to the end (re-writing runs a resumed file already has)."""
+        self.frontier = self.size
+        self._holes.clear()
 
     def _spawn(self) -> None:
         assert self._group is not None
         self._group.create_task(self._helper())
 
     def _claim(self) -> tuple[int, int] | None:
-        """The next segment [start, end) below the frontier, or None when the head should finish the gap."""
+        """The next segment [start, end): a resumed file's gap first, else the top of the head's gap; None when
+        the head should finish what is left."""
         assert self.frontier is not None
-        gap = self.frontier - self.head_pos
         p = self.policy
+        if self._holes:
+            start, end = self._holes.pop()
+            if end - start > p.segment_max:
+                self._holes.append((start, end - p.segment_max))
+                start = end - p.segment_max
+            return start, end
+        gap = self.frontier - self.head_pos
         if gap < 2 * p.segment_min:
             return None
         segment = max(p.segment_min, min(p.segment_max, gap // (2 * p.connections)))
@@ -204,8 +256,7 @@ class Download:
 
     def _give_back(self, segment: _Segment, why: str) -> None:
         """The probe's segment returns to the head (it is the only claim so far); no more helpers start."""
-        if self.frontier == segment.start:
-            self.frontier = segment.end
+        self._head_takes_all()
         log.info("%s; fetching in one stream", why)
 
     async def _segment_once(self, segment: _Segment) -> None:
@@ -238,6 +289,53 @@ class Download:
         while done < len(view):  # page-cache writes: microseconds, not worth a thread hop per chunk
             done += os.pwrite(self.fd, view[done:], offset + done)
         self.listener.on_data(offset, view)
+
+
+class Runs:
+    """Disjoint, sorted ``[start, end)`` byte runs written so far; adjacent runs merge."""
+
+    def __init__(self, runs: list[tuple[int, int]] | None = None) -> None:
+        self.runs: list[list[int]] = []
+        for start, end in runs or []:
+            self.add(start, end)
+
+    def add(self, start: int, end: int) -> None:
+        runs = self.runs
+        i = 0
+        while i < len(runs) and runs[i][1] < start:
+            i += 1
+        j = i
+        while j < len(runs) and runs[j][0] <= end:
+            start, end = min(start, runs[j][0]), max(end, runs[j][1])
+            j += 1
+        runs[i:j] = [[start, end]]
+
+    def end_of(self, pos: int) -> int:
+        """Exclusive end of the run holding ``pos``; ``pos`` itself when that byte is not written."""
+        for start, end in self.runs:
+            if start <= pos < end:
+                return end
+            if start > pos:
+                break
+        return pos
+
+    def holes(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The unwritten gaps of ``[start, end)``, in order."""
+        out, pos = [], start
+        for a, b in self.runs:
+            if b <= pos:
+                continue
+            if a >= end:
+                break
+            if a > pos:
+                out.append((pos, a))
+            pos = max(pos, b)
+        if pos < end:
+            out.append((pos, end))
+        return out
+
+    def covered(self) -> int:
+        return sum(b - a for a, b in self.runs)
 
 
 class _RangeIgnored(Exception):
