@@ -125,3 +125,30 @@ def test_killed_pull_resumes_with_only_the_missing_ranges(world: World, dockerd:
 def replace_proxy(proxy: FaultProxy, tmp_path: Path, world: World) -> FaultProxy:
     proxy.stop()
     return FaultProxy(tmp_path, world.upstream.url, port=proxy.port)
+
+
+def test_a_mirror_sending_corrupt_bytes_is_dropped_and_the_pull_succeeds(
+    world: World, dockerd: Dockerd, tmp_path: Path
+) -> None:
+    liar = FaultProxy(tmp_path, world.upstream.url, "--flip-byte")  # one byte of every blob body flipped
+    honest = FaultProxy(tmp_path, world.upstream.url)
+    env = {"DOCKER_HOST": f"unix://{dockerd.sock}", "PATH": "/usr/bin:/bin"}
+    argv = [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), "--no-engine-mirrors"]
+    try:
+        done = subprocess.run(
+            [*argv, "--mirror", liar.url, "--mirror", honest.url, "dao-test/schema2:v1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"{liar.url} sent corrupt bytes" in done.stderr
+        assert done.stderr.count("sent corrupt bytes") == 1  # dropped after the first lie
+        image = world.image("dao-test/schema2:v1")
+        assert set(image.layer_digests()) <= {p.rsplit("/", 1)[1] for p in honest.requests() if "/blobs/" in p}
+        run = dockerd.docker("run", "--rm", "--network", "none", "dao-test/schema2:v1", "true", check=False)
+        assert run.returncode == 0, run.stderr
+    finally:
+        liar.stop()
+        honest.stop()

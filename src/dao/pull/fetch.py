@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ def default_cache_dir() -> Path:
 class Stats:
     bytes_by_source: dict[str, int] = field(default_factory=dict)
     cached_bytes: int = 0
+    dropped: set[str] = field(default_factory=set)  # sources that sent bytes not matching a digest
     started: float = field(default_factory=time.monotonic)
 
 
@@ -89,8 +91,11 @@ def _load_runs(partial: Path, runs_file: Path, size: int) -> Runs:
 
 
 class BlobCache:
-    def __init__(self, root: Path, policy: DownloadPolicy | None = None) -> None:
+    def __init__(
+        self, root: Path, policy: DownloadPolicy | None = None, warn: Callable[[str], None] | None = None
+    ) -> None:
         self.root = root
+        self.warn = warn or (lambda line: print(f"dao: warning: {line}", file=sys.stderr))
         self.blobs = root / "blobs"
         self.partial = root / "partial"
         self.policy = policy or DownloadPolicy(connections=4)
@@ -139,11 +144,15 @@ class BlobCache:
         final: Path,
     ) -> Path:
         errors = []
+        first = True
         for source in sources:
+            if source.url in stats.dropped:
+                continue
             have = await asyncio.to_thread(_load_runs, partial, runs_file, blob.size)
-            if have.covered():
+            if first and have.covered():  # resumed: what an earlier run wrote counts as local
                 stats.cached_bytes += have.covered()
                 progress(have.covered())
+            first = False
 
             def count(n: int, source: Source = source) -> None:
                 stats.bytes_by_source[source.url] = stats.bytes_by_source.get(source.url, 0) + n
@@ -166,6 +175,8 @@ class BlobCache:
             if actual != blob.digest:
                 await asyncio.to_thread(_remove, partial, runs_file)
                 errors.append(f"{source.url}: the bytes hash to {actual}, not {blob.digest}")
+                stats.dropped.add(source.url)  # a source that lies once is not asked again in this pull
+                self.warn(f"{source.url} sent corrupt bytes for {blob.digest}; not using it again")
                 continue
             os.replace(partial, final)
             await asyncio.to_thread(_remove, runs_file)
