@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 from tests.conftest import World
 from tests.services.dockerd import Dockerd
 from tests.services.mirror import DAO, FaultProxy, Mirror
+from tests.services.upstream import PrivateRegistry
 
 
 @pytest.fixture
@@ -152,3 +154,61 @@ def test_a_mirror_sending_corrupt_bytes_is_dropped_and_the_pull_succeeds(
     finally:
         liar.stop()
         honest.stop()
+
+
+@pytest.fixture(scope="module")
+def private(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRegistry]:
+    registry = PrivateRegistry(tmp_path_factory.mktemp("private"), "alice", "s3cret")
+    try:
+        registry.push("private/app", "v1", world.image("dao-test/schema2:v1"))
+        yield registry
+    finally:
+        registry.stop()
+
+
+def pull_private(
+    private: PrivateRegistry, dockerd: Dockerd, tmp_path: Path, config: dict, path: str = "/usr/bin:/bin"
+) -> subprocess.CompletedProcess[str]:
+    docker_config = tmp_path / "docker-config"
+    docker_config.mkdir(parents=True, exist_ok=True)
+    (docker_config / "config.json").write_text(json.dumps(config))
+    env = {"DOCKER_HOST": f"unix://{dockerd.sock}", "PATH": path, "DOCKER_CONFIG": str(docker_config)}
+    return subprocess.run(
+        [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), f"{private.host}/private/app:v1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_private_registry_with_docker_login_credentials(
+    private: PrivateRegistry, dockerd: Dockerd, tmp_path: Path
+) -> None:
+    auth = base64.b64encode(b"alice:s3cret").decode()
+    done = pull_private(private, dockerd, tmp_path, {"auths": {private.host: {"auth": auth}}})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == f"{private.host}/private/app:v1"
+    run = dockerd.docker("run", "--rm", "--network", "none", f"{private.host}/private/app:v1", "true", check=False)
+    assert run.returncode == 0, run.stderr
+
+    refused = pull_private(private, dockerd, tmp_path / "none", {"auths": {}})  # no credentials: one clear line
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert "401" in refused.stderr or "unauthorized" in refused.stderr.lower()
+
+
+def test_private_registry_with_a_credential_helper(private: PrivateRegistry, dockerd: Dockerd, tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    helper = bin_dir / "docker-credential-daotest"
+    helper.write_text(
+        "#!/bin/sh\n"
+        f'read server; [ "$server" = "{private.host}" ] || exit 1\n'
+        'echo \'{"ServerURL": "x", "Username": "alice", "Secret": "s3cret"}\'\n'
+    )
+    helper.chmod(0o755)
+    done = pull_private(private, dockerd, tmp_path, {"credsStore": "daotest"}, path=f"{bin_dir}:/usr/bin:/bin")
+    assert done.returncode == 0, done.stderr
+    missing = pull_private(private, dockerd, tmp_path / "m", {"credsStore": "nosuch"})
+    assert "docker-credential-nosuch is not installed; pulling anonymously" in missing.stderr
+    assert missing.returncode == 1  # anonymous is not enough for this registry

@@ -150,49 +150,7 @@ class Upstream:
     # -- seeding -------------------------------------------------------------------------------------------
 
     def push(self, repo: str, tag: str, image: Image) -> None:
-        token = self._admin_token(repo)
-        self._push_image(repo, image, token, reference=tag)
-
-    def _push_image(self, repo: str, image: Image, token: str, reference: str) -> None:
-        for child in image.children:
-            self._push_image(repo, child, token, reference=child.digest)
-        for digest, path in image.blobs.items():
-            self._push_blob(repo, digest, path, token)
-        req = urllib.request.Request(
-            f"{self.url}/v2/{repo}/manifests/{reference}",
-            data=image.manifest,
-            method="PUT",
-            headers={"Authorization": f"Bearer {token}", "Content-Type": image.media_type},
-        )
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            assert resp.status == 201, resp.status
-
-    def _push_blob(self, repo: str, digest: str, path: Path, token: str) -> None:
-        auth = {"Authorization": f"Bearer {token}"}
-        head = urllib.request.Request(f"{self.url}/v2/{repo}/blobs/{digest}", method="HEAD", headers=auth)
-        try:
-            with urllib.request.urlopen(head, timeout=30):
-                return
-        except urllib.error.HTTPError as exc:
-            if exc.code != 404:
-                raise
-        start = urllib.request.Request(f"{self.url}/v2/{repo}/blobs/uploads/", data=b"", method="POST", headers=auth)
-        with urllib.request.urlopen(start, timeout=30) as resp:
-            location = urllib.parse.urljoin(self.url, resp.headers["Location"])
-        sep = "&" if "?" in location else "?"
-        with open(path, "rb") as body:
-            put = urllib.request.Request(
-                f"{location}{sep}digest={urllib.parse.quote(digest)}",
-                data=body,
-                method="PUT",
-                headers={
-                    **auth,
-                    "Content-Type": "application/octet-stream",
-                    "Content-Length": str(path.stat().st_size),
-                },
-            )
-            with urllib.request.urlopen(put, timeout=300) as resp:
-                assert resp.status == 201, resp.status
+        push_image(self.url, repo, image, f"Bearer {self._admin_token(repo)}", reference=tag)
 
     def _admin_token(self, repo: str) -> str:
         creds = base64.b64encode(f"admin:{ADMIN_PASSWORD}".encode()).decode()
@@ -202,3 +160,83 @@ class Upstream:
         )
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())["token"]
+
+
+def push_image(url: str, repo: str, image: Image, authorization: str, reference: str) -> None:
+    """Seed ``image`` (children first) through the Registry API, monolithic uploads, with this Authorization."""
+    for child in image.children:
+        push_image(url, repo, child, authorization, reference=child.digest)
+    for digest, path in image.blobs.items():
+        _push_blob(url, repo, digest, path, authorization)
+    req = urllib.request.Request(
+        f"{url}/v2/{repo}/manifests/{reference}",
+        data=image.manifest,
+        method="PUT",
+        headers={"Authorization": authorization, "Content-Type": image.media_type},
+    )
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert resp.status == 201, resp.status
+
+
+def _push_blob(url: str, repo: str, digest: str, path: Path, authorization: str) -> None:
+    auth = {"Authorization": authorization}
+    head = urllib.request.Request(f"{url}/v2/{repo}/blobs/{digest}", method="HEAD", headers=auth)
+    try:
+        with urllib.request.urlopen(head, timeout=30):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code != 404:
+            raise
+    start = urllib.request.Request(f"{url}/v2/{repo}/blobs/uploads/", data=b"", method="POST", headers=auth)
+    with urllib.request.urlopen(start, timeout=30) as resp:
+        location = urllib.parse.urljoin(url, resp.headers["Location"])
+    sep = "&" if "?" in location else "?"
+    with open(path, "rb") as body:
+        put = urllib.request.Request(
+            f"{location}{sep}digest={urllib.parse.quote(digest)}",
+            data=body,
+            method="PUT",
+            headers={**auth, "Content-Type": "application/octet-stream", "Content-Length": str(path.stat().st_size)},
+        )
+        with urllib.request.urlopen(put, timeout=300) as resp:
+            assert resp.status == 201, resp.status
+
+
+class PrivateRegistry:
+    """The CNCF registry with htpasswd (Basic) auth: nothing is served without the user's password."""
+
+    def __init__(self, workdir: Path, user: str, password: str) -> None:
+        import bcrypt
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.user, self.password = user, password
+        htpasswd = workdir / "htpasswd"
+        htpasswd.write_text(f"{user}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()}\n")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.host = f"127.0.0.1:{self.port}"
+        config = workdir / "registry.yml"
+        config.write_text(
+            json.dumps(
+                {
+                    "version": 0.1,
+                    "log": {"level": "info", "accesslog": {"disabled": False}},
+                    "storage": {"filesystem": {"rootdirectory": str(workdir / "storage")}},
+                    "http": {"addr": f"127.0.0.1:{self.port}"},
+                    "auth": {"htpasswd": {"realm": "dao-private", "path": str(htpasswd)}},
+                }
+            )
+        )
+        self.log = workdir / "registry.log"
+        self.proc = Process(["docker-registry", "serve", str(config)], self.log)
+        wait_until(lambda: http_status(self.url + "/v2/") == 401, 15, "private registry", self.proc.proc)
+
+    @property
+    def basic(self) -> str:
+        return "Basic " + base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
+
+    def push(self, repo: str, tag: str, image: Image) -> None:
+        push_image(self.url, repo, image, self.basic, reference=tag)
+
+    def stop(self) -> None:
+        self.proc.stop()

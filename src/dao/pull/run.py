@@ -20,6 +20,7 @@ from dao.pull.fetch import BlobCache, Stats, default_cache_dir
 from dao.pull.load import chain_ids, docker_archive, engine_chain_ids
 from dao.pull.plan import PullError, Source, resolve
 from dao.registry.client import RegistryClient
+from dao.registry.dockerconfig import credentials_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +51,15 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
         mirror_urls = list(options.mirrors)
         if ref.domain == DOCKER_HUB_DOMAIN and options.engine_mirrors:
             mirror_urls += [m for m in info.mirrors if m not in mirror_urls]
-        sources = [Source(url, RegistryClient(url, session), True) for url in mirror_urls]
-        registry = f"https://{ref.registry_host}"
-        sources.append(Source(registry, RegistryClient(registry, session), False))
+
+        def client(url: str) -> RegistryClient:  # a mirror you logged in to gets its own credentials
+            creds = credentials_for(url.split("://", 1)[-1].rstrip("/"), warn=warn)
+            return RegistryClient(url, session, credentials=creds)
+
+        sources = [Source(url, client(url), True) for url in mirror_urls]
+        registry = registry_url(ref.registry_host)
+        registry_client = RegistryClient(registry, session, credentials=credentials_for(ref.domain, warn=warn))
+        sources.append(Source(registry, registry_client, False))
 
         if not options.quiet:
             name = dataclasses.replace(ref, tag=None, digest=None).familiar()
@@ -97,6 +104,17 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
         _finish(out, options, plan.digest, f"Downloaded newer image for {ref.familiar()}", ref)
         _summary(stats, skipped=len(skip))
         return 0
+
+
+def warn(line: str) -> None:
+    print(f"dao: warning: {line}", file=sys.stderr)
+
+
+def registry_url(host: str) -> str:
+    """Like docker: HTTPS, except plain HTTP for loopback registries (docker's default insecure registries)."""
+    name = host.rsplit(":", 1)[0] if not host.startswith("[") else host
+    loopback = name in ("localhost", "::1", "[::1]") or name.startswith("127.")
+    return f"{'http' if loopback else 'https'}://{host}"
 
 
 def _finish(out: Callable[[str], None], options: PullOptions, digest: object, status: str, ref: Reference) -> None:
