@@ -571,6 +571,12 @@ def pull_command(
         Path | None, typer.Option(help="Content cache. [default: /var/cache/dao as root, else ~/.cache/dao]")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the image reference.")] = False,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output", "-o", metavar="oci:DIR|docker-archive:FILE", help="Write the image there; no engine needed."
+        ),
+    ] = None,
 ) -> None:
     """Pull an image into the local Docker engine, like docker pull, through mirrors and many connections."""
     from dao.docker import EngineError
@@ -578,7 +584,7 @@ def pull_command(
     from dao.pull.plan import PullError
     from dao.pull.run import PullOptions, pull
 
-    options = PullOptions(image, platform, tuple(mirror or ()), engine_mirrors, jobs, cache_dir, quiet)
+    options = PullOptions(image, platform, tuple(mirror or ()), engine_mirrors, jobs, cache_dir, quiet, output)
     try:
         code = asyncio.run(pull(options, out=lambda line: typer.echo(line)))
     except ReferenceError as exc:

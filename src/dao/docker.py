@@ -88,7 +88,7 @@ class Engine:
         return EngineInfo(
             self.version[1:],
             str(doc.get("Os", "linux")),
-            _go_arch(str(doc.get("Arch", "amd64"))),
+            go_arch(str(doc.get("Arch", "amd64"))),
             mirrors,
             containerd_store,
         )
@@ -156,7 +156,7 @@ def _message(text: str) -> str:
         return text.strip()[:300]
 
 
-def _go_arch(arch: str) -> str:
+def go_arch(arch: str) -> str:
     return {"x86_64": "amd64", "aarch64": "arm64"}.get(arch, arch)
 
 

@@ -212,3 +212,45 @@ def test_private_registry_with_a_credential_helper(private: PrivateRegistry, doc
     missing = pull_private(private, dockerd, tmp_path / "m", {"credsStore": "nosuch"})
     assert "docker-credential-nosuch is not installed; pulling anonymously" in missing.stderr
     assert missing.returncode == 1  # anonymous is not enough for this registry
+
+
+def test_outputs_need_no_engine(world: World, dockerd: Dockerd, tmp_path: Path) -> None:
+    mirror = Mirror(tmp_path / "mirror", world.upstream.url)
+    no_engine = {"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock", "PATH": "/usr/bin:/bin"}
+    argv = [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), "--mirror", mirror.url]
+    try:
+        layout = tmp_path / "layout"
+        done = subprocess.run(
+            [*argv, "--platform", "linux/arm64", "--output", f"oci:{layout}", "dao-test/multi:v1"],
+            env=no_engine,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        arm64 = world.image("dao-test/multi:v1").children[1]
+        index = json.loads((layout / "index.json").read_text())
+        assert index["manifests"][0]["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+        copied = tmp_path / "copied"
+        subprocess.run(["skopeo", "copy", f"oci:{layout}:v1", f"dir:{copied}"], check=True, timeout=120)
+        got = json.loads((copied / "manifest.json").read_bytes())
+        want = json.loads(arm64.manifest)
+        assert got["config"]["digest"] == want["config"]["digest"]  # the platform asked for, not the machine's
+        assert [x["digest"] for x in got["layers"]] == [x["digest"] for x in want["layers"]]
+        for digest in [want["config"]["digest"]] + [x["digest"] for x in want["layers"]]:
+            assert (copied / digest.split(":")[1]).read_bytes() == arm64.blobs[digest].read_bytes()
+
+        archive = tmp_path / "schema2.tar"
+        done = subprocess.run(
+            [*argv, "--output", f"docker-archive:{archive}", "dao-test/schema2:v1"],
+            env=no_engine,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        dockerd.docker("load", "-i", str(archive))
+        run = dockerd.docker("run", "--rm", "--network", "none", "dao-test/schema2:v1", "true", check=False)
+        assert run.returncode == 0, run.stderr
+    finally:
+        mirror.stop()

@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import os
+import platform as py_platform
+import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
-from dao.docker import Engine
-from dao.oci.manifest import Platform
+from dao.docker import Engine, go_arch
+from dao.oci.digest import Digest
+from dao.oci.manifest import DOCKER_MANIFEST_V2, OCI_MANIFEST, Platform
 from dao.oci.reference import DOCKER_HUB_DOMAIN, Reference
 from dao.pull.fetch import BlobCache, Stats, default_cache_dir
 from dao.pull.load import chain_ids, docker_archive, engine_chain_ids
 from dao.pull.plan import PullError, Source, resolve
-from dao.registry.client import RegistryClient
+from dao.registry.client import Manifest, RegistryClient
 from dao.registry.dockerconfig import credentials_for
+
+REF_NAME = "org.opencontainers.image.ref.name"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +39,7 @@ class PullOptions:
     jobs: int = 4  # blobs at once
     cache_dir: Path | None = None
     quiet: bool = False
+    output: str | None = None  # oci:DIR or docker-archive:FILE instead of the engine
 
 
 def _platform(text: str | None, engine_os: str, engine_arch: str) -> Platform:
@@ -45,12 +53,21 @@ def _platform(text: str | None, engine_os: str, engine_arch: str) -> Platform:
 
 async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
     ref = Reference.parse(options.reference)
-    async with Engine() as engine, aiohttp.ClientSession(auto_decompress=False) as session:
-        info = await engine.negotiate()
-        platform = _platform(options.platform, info.os, info.arch)
+    output = parse_output(options.output) if options.output else None
+    async with contextlib.AsyncExitStack() as stack:
+        session = await stack.enter_async_context(aiohttp.ClientSession(auto_decompress=False))
+        engine: Engine | None = None
+        if output is None:  # into the engine: its platform, its mirrors, its layers
+            engine = await stack.enter_async_context(Engine())
+            info = await engine.negotiate()
+            platform = _platform(options.platform, info.os, info.arch)
+            engine_mirrors = info.mirrors if options.engine_mirrors else ()
+        else:
+            platform = _platform(options.platform, "linux", go_arch(py_platform.machine()))
+            engine_mirrors = ()
         mirror_urls = list(options.mirrors)
-        if ref.domain == DOCKER_HUB_DOMAIN and options.engine_mirrors:
-            mirror_urls += [m for m in info.mirrors if m not in mirror_urls]
+        if ref.domain == DOCKER_HUB_DOMAIN:
+            mirror_urls += [m for m in engine_mirrors if m not in mirror_urls]
 
         def client(url: str) -> RegistryClient:  # a mirror you logged in to gets its own credentials
             creds = credentials_for(url.split("://", 1)[-1].rstrip("/"), warn=warn)
@@ -74,15 +91,15 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
         if len(diff_ids) != len(plan.layers):
             raise PullError(f"{ref.familiar()}: config lists {len(diff_ids)} layers, manifest {len(plan.layers)}")
         tag = ref.familiar() if ref.tag else None
-        image_id = str(plan.config.digest)
-        present = await engine.inspect_image(tag) if tag else await engine.inspect_image(image_id)
-        if present is not None and present.get("Id") == image_id:
-            _finish(out, options, plan.digest, f"Image is up to date for {ref.familiar()}", ref)
-            return 0
-
-        have = set() if info.containerd_store else await engine_chain_ids(engine)
-        chains = chain_ids(diff_ids)
-        skip = {i for i, chain in enumerate(chains) if chain in have}
+        skip: set[int] = set()
+        if engine is not None:
+            image_id = str(plan.config.digest)
+            present = await engine.inspect_image(tag) if tag else await engine.inspect_image(image_id)
+            if present is not None and present.get("Id") == image_id:
+                _finish(out, options, plan.digest, f"Image is up to date for {ref.familiar()}", ref)
+                return 0
+            have = set() if info.containerd_store else await engine_chain_ids(engine)
+            skip = {i for i, chain in enumerate(chain_ids(diff_ids)) if chain in have}
         gate = asyncio.Semaphore(max(1, options.jobs))
 
         async def one(i: int) -> Path | None:
@@ -100,10 +117,95 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
 
         paths = await asyncio.gather(*(one(i) for i in range(len(plan.layers))))
         layers = [(f"{layer.digest.encoded}/layer.tar", path) for layer, path in zip(plan.layers, paths, strict=True)]
-        await engine.load(docker_archive(f"{plan.config.digest.encoded}.json", config, [tag] if tag else [], layers))
-        _finish(out, options, plan.digest, f"Downloaded newer image for {ref.familiar()}", ref)
+        archive = docker_archive(f"{plan.config.digest.encoded}.json", config, [tag] if tag else [], layers)
+        if engine is not None:
+            await engine.load(archive)
+            status = f"Downloaded newer image for {ref.familiar()}"
+        elif output is not None and output[0] == "docker-archive":
+            await write_stream(archive, output[1])
+            status = f"Saved {ref.familiar()} to {output[1]} (docker-archive)"
+        else:
+            assert output is not None
+            blobs = {plan.config.digest: config_path} | {
+                layer.digest: path for layer, path in zip(plan.layers, paths, strict=True) if path is not None
+            }
+            await asyncio.to_thread(write_oci_layout, output[1], plan.manifest, blobs, ref.tag)
+            status = f"Saved {ref.familiar()} to {output[1]} (OCI layout)"
+        _finish(out, options, plan.digest, status, ref)
         _summary(stats, skipped=len(skip))
         return 0
+
+
+_OCI_LAYER_TYPES = {
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": (
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+    ),
+}
+
+
+def as_oci(body: bytes, media_type: str) -> tuple[bytes, str]:
+    """A Docker schema2 manifest rewritten with OCI media types (what OCI layout readers expect; the blobs
+    are the same bytes, only the manifest -- and so its digest -- changes, as ``skopeo copy`` does)."""
+    if media_type != DOCKER_MANIFEST_V2:
+        return body, media_type
+    doc = json.loads(body)
+    doc["mediaType"] = OCI_MANIFEST
+    doc["config"]["mediaType"] = "application/vnd.oci.image.config.v1+json"
+    for layer in doc.get("layers", []):
+        layer["mediaType"] = _OCI_LAYER_TYPES.get(layer.get("mediaType"), layer.get("mediaType"))
+    return json.dumps(doc, separators=(",", ":")).encode(), OCI_MANIFEST
+
+
+def parse_output(text: str) -> tuple[str, Path]:
+    kind, sep, where = text.partition(":")
+    if not sep or not where or kind not in ("oci", "docker-archive"):
+        raise PullError(f"--output must be oci:DIR or docker-archive:FILE, got {text!r}")
+    return kind, Path(where)
+
+
+async def write_stream(stream: AsyncIterator[bytes], path: Path) -> None:
+    """The archive into ``path`` through a temp file, so a failed pull leaves no half archive."""
+    tmp = path.with_name(f".{path.name}.dao-tmp")
+    f = await asyncio.to_thread(open, tmp, "wb")
+    try:
+        async for chunk in stream:
+            await asyncio.to_thread(f.write, chunk)
+    except BaseException:
+        f.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    f.close()
+    os.replace(tmp, path)
+
+
+def write_oci_layout(root: Path, manifest: Manifest, blobs: dict[Digest, Path], tag: str | None) -> None:
+    """An OCI image layout holding the platform's manifest, its config and layers (hard links where possible)."""
+    blob_dir = root / "blobs" / "sha256"
+    blob_dir.mkdir(parents=True, exist_ok=True)
+    (root / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    for digest, path in blobs.items():
+        target = blob_dir / digest.encoded
+        if target.exists():
+            continue
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copyfile(path, target)
+    body, media_type = as_oci(manifest.body, manifest.media_type)
+    digest = Digest.of(body)
+    (blob_dir / digest.encoded).write_bytes(body)
+    entry: dict[str, object] = {"mediaType": media_type, "digest": str(digest), "size": len(body)}
+    if tag:
+        entry["annotations"] = {REF_NAME: tag}
+    index_path = root / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {"schemaVersion": 2, "manifests": []}
+    index["manifests"] = [
+        m
+        for m in index.get("manifests", [])
+        if (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") != tag
+    ] + [entry]
+    index_path.write_text(json.dumps(index, indent=2))
 
 
 def warn(line: str) -> None:
