@@ -1,7 +1,8 @@
 """The Docker Engine API, reached the way the docker CLI reaches it.
 
-``DOCKER_HOST`` (``unix://`` or ``tcp://``; default ``unix:///var/run/docker.sock``), with
-``DOCKER_TLS_VERIFY``/``DOCKER_CERT_PATH`` for TLS over TCP. The API version is negotiated: we ask
+``DOCKER_HOST`` (``unix://`` or ``tcp://``; default ``unix:///var/run/docker.sock``), else the docker context
+(``DOCKER_CONTEXT`` or ``currentContext`` in ``config.json``), with ``DOCKER_TLS_VERIFY``/``DOCKER_CERT_PATH``
+for TLS over TCP. The API version is negotiated: we ask
 ``/version`` unversioned and speak the lower of the engine's version and ours, never below 1.24 (Docker 1.12).
 
 Errors come out as :class:`EngineError` with one line a person can act on (engine down, permission denied).
@@ -9,6 +10,7 @@ Errors come out as :class:`EngineError` with one line a person can act on (engin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import ssl
@@ -44,9 +46,35 @@ def _parse_version(text: str) -> tuple[int, int]:
     return int(major), int(minor or 0)
 
 
+def docker_config_dir() -> Path:
+    return Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker")
+
+
+def resolve_host() -> str:
+    """Where the docker CLI would connect: ``DOCKER_HOST``, else the context (``DOCKER_CONTEXT``, else the
+    config's ``currentContext``), else the default socket."""
+    if os.environ.get("DOCKER_HOST"):
+        return os.environ["DOCKER_HOST"]
+    name = os.environ.get("DOCKER_CONTEXT")
+    config_dir = docker_config_dir()
+    if not name:
+        try:
+            name = json.loads((config_dir / "config.json").read_text()).get("currentContext")
+        except (OSError, ValueError, AttributeError):
+            name = None
+    if not name or name == "default":
+        return DEFAULT_HOST
+    meta = config_dir / "contexts" / "meta" / hashlib.sha256(name.encode()).hexdigest() / "meta.json"
+    try:
+        host = json.loads(meta.read_text())["Endpoints"]["docker"]["Host"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EngineError(f"docker context {name!r} not found or unreadable ({meta})") from exc
+    return str(host)
+
+
 class Engine:
     def __init__(self, host: str | None = None) -> None:
-        self.host = host or os.environ.get("DOCKER_HOST") or DEFAULT_HOST
+        self.host = host or resolve_host()
         split = urlsplit(self.host)
         ssl_context: ssl.SSLContext | bool = False
         if split.scheme == "unix":

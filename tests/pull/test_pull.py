@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import subprocess
 import time
@@ -254,3 +255,28 @@ def test_outputs_need_no_engine(world: World, dockerd: Dockerd, tmp_path: Path) 
         assert run.returncode == 0, run.stderr
     finally:
         mirror.stop()
+
+
+def test_the_engine_is_found_through_a_docker_context(
+    world: World, dockerd: Dockerd, engine_mirror: Mirror, tmp_path: Path
+) -> None:
+    config = tmp_path / "docker-config"
+    meta = config / "contexts" / "meta" / hashlib.sha256(b"testengine").hexdigest()
+    meta.mkdir(parents=True)
+    (meta / "meta.json").write_text(
+        json.dumps({"Name": "testengine", "Endpoints": {"docker": {"Host": f"unix://{dockerd.sock}"}}})
+    )
+    (config / "config.json").write_text(json.dumps({"currentContext": "testengine"}))
+    env = {"DOCKER_CONFIG": str(config), "PATH": "/usr/bin:/bin"}  # no DOCKER_HOST
+    done = subprocess.run(
+        [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), "library/tiny:v1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert dockerd.docker("image", "inspect", "tiny:v1", check=False).returncode == 0
+    env["DOCKER_CONTEXT"] = "missing"
+    gone = subprocess.run([DAO, "pull", "tiny:v1"], env=env, capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 1 and "docker context 'missing' not found" in gone.stderr
