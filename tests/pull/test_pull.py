@@ -280,3 +280,41 @@ def test_the_engine_is_found_through_a_docker_context(
     env["DOCKER_CONTEXT"] = "missing"
     gone = subprocess.run([DAO, "pull", "tiny:v1"], env=env, capture_output=True, text=True, timeout=60)
     assert gone.returncode == 1 and "docker context 'missing' not found" in gone.stderr
+
+
+def test_a_mirror_killed_mid_pull_hands_over_without_starting_again(
+    world: World, dockerd: Dockerd, tmp_path: Path
+) -> None:
+    image = world.image("dao-test/big:v1")
+    big = max(image.layer_digests(), key=lambda d: image.blobs[d].stat().st_size)
+    size = image.blobs[big].stat().st_size
+    first = FaultProxy(tmp_path, world.upstream.url, "--rate", "3000000")
+    second = FaultProxy(tmp_path, world.upstream.url)
+    cache = tmp_path / "cache"
+    runs = cache / "partial" / f"{big.split(':')[1]}.runs"
+    argv = [DAO, "pull", "--cache-dir", str(cache), "--no-engine-mirrors", "--mirror", first.url]
+    env = {"DOCKER_HOST": f"unix://{dockerd.sock}", "PATH": "/usr/bin:/bin"}
+    try:
+        pull = subprocess.Popen(
+            [*argv, "--mirror", second.url, "dao-test/big:v1"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while not runs.exists() and time.monotonic() < deadline and pull.poll() is None:
+            time.sleep(0.05)
+        time.sleep(2)  # some megabytes in
+        first.kill()
+        _, err = pull.communicate(timeout=300)
+        assert pull.returncode == 0, err
+        assert f"{first.url} failed" in err
+        taken_over = second.blob_ranges(big)
+        assert taken_over and "-" not in taken_over  # the second mirror only filled in what was missing
+        assert sum(second.blob_bytes_sent(big)) < size
+        run = dockerd.docker("run", "--rm", "--network", "none", "dao-test/big:v1", "true", check=False)
+        assert run.returncode == 0, run.stderr
+    finally:
+        first.stop()
+        second.stop()

@@ -25,7 +25,7 @@ from dao.oci.digest import Digest
 from dao.oci.manifest import Descriptor
 from dao.pull.plan import PullError, Source
 from dao.registry.download import Download, DownloadPolicy, Runs
-from dao.registry.errors import RegistryClientError
+from dao.registry.errors import RegistryClientError, UpstreamUnavailable
 
 HASH_CHUNK = 4 * 1024 * 1024
 SAVE_EVERY = 0.5  # seconds between saves of a partial blob's written runs
@@ -98,7 +98,8 @@ class BlobCache:
         self.warn = warn or (lambda line: print(f"dao: warning: {line}", file=sys.stderr))
         self.blobs = root / "blobs"
         self.partial = root / "partial"
-        self.policy = policy or DownloadPolicy(connections=4)
+        # Fewer, quicker resume attempts than the mirror's: a pull has other sources to turn to.
+        self.policy = policy or DownloadPolicy(connections=4, resume_attempts=3, backoff_base=0.2, backoff_max=1.0)
 
     def path(self, digest: Digest) -> Path:
         return self.blobs / digest.algorithm / digest.encoded
@@ -167,6 +168,9 @@ class BlobCache:
                 os.fsync(fd)
             except RegistryClientError as exc:
                 errors.append(f"{source.url}: {exc}")
+                if isinstance(exc, UpstreamUnavailable):  # gone or broken, not just without this blob
+                    stats.dropped.add(source.url)
+                    self.warn(f"{source.url} failed ({exc}); going on with the next source")
                 continue
             finally:
                 os.close(fd)
