@@ -584,7 +584,9 @@ def pull_command(
     from dao.pull.plan import PullError
     from dao.pull.run import PullOptions, pull
 
-    options = PullOptions(image, platform, tuple(mirror or ()), engine_mirrors, jobs, cache_dir, quiet, output)
+    options = PullOptions(
+        image, platform, tuple(mirror or ()), engine_mirrors, jobs, cache_dir, quiet, output, sys.stderr.isatty()
+    )
     try:
         code = asyncio.run(pull(options, out=lambda line: typer.echo(line)))
     except ReferenceError as exc:

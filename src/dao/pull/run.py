@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from dao.docker import Engine, go_arch
 from dao.oci.digest import Digest
@@ -40,6 +42,7 @@ class PullOptions:
     cache_dir: Path | None = None
     quiet: bool = False
     output: str | None = None  # oci:DIR or docker-archive:FILE instead of the engine
+    progress: bool = False  # live bars (a terminal); otherwise one line per layer
 
 
 def _platform(text: str | None, engine_os: str, engine_arch: str) -> Platform:
@@ -102,6 +105,8 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
             skip = {i for i, chain in enumerate(chain_ids(diff_ids)) if chain in have}
         gate = asyncio.Semaphore(max(1, options.jobs))
 
+        bars = _progress_bars() if options.progress and not options.quiet else None
+
         async def one(i: int) -> Path | None:
             layer = plan.layers[i]
             short = layer.digest.encoded[:12]
@@ -109,13 +114,21 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
                 if not options.quiet:
                     out(f"{short}: Already exists")
                 return None
+            task = bars.add_task(short, total=layer.size) if bars is not None else None
+            advance = (lambda n: bars.advance(task, n)) if bars is not None and task is not None else (lambda n: None)
             async with gate:
-                path = await cache.get(ref.path, layer, ordered, stats)
-            if not options.quiet:
+                path = await cache.get(ref.path, layer, ordered, stats, advance)
+            if not options.quiet and bars is None:  # with bars, the full bar says it
                 out(f"{short}: Pull complete")
             return path
 
-        paths = await asyncio.gather(*(one(i) for i in range(len(plan.layers))))
+        if bars is not None:
+            bars.start()
+        try:
+            paths = await asyncio.gather(*(one(i) for i in range(len(plan.layers))))
+        finally:
+            if bars is not None:
+                bars.stop()
         layers = [(f"{layer.digest.encoded}/layer.tar", path) for layer, path in zip(plan.layers, paths, strict=True)]
         archive = docker_archive(f"{plan.config.digest.encoded}.json", config, [tag] if tag else [], layers)
         if engine is not None:
@@ -206,6 +219,19 @@ def write_oci_layout(root: Path, manifest: Manifest, blobs: dict[Digest, Path], 
         if (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") != tag
     ] + [entry]
     index_path.write_text(json.dumps(index, indent=2))
+
+
+def _progress_bars() -> Progress:
+    """One bar per layer: bytes, speed, time left; on stderr, so stdout stays docker's lines."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
 
 
 def warn(line: str) -> None:
