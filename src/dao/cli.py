@@ -555,7 +555,9 @@ def _installed_engines(docker: Path, certs: Path, registries: Path) -> list[tupl
 
 @app.command("pull")
 def pull_command(
-    image: Annotated[str, typer.Argument(metavar="IMAGE[:TAG|@DIGEST]", help="What docker pull would take.")],
+    image: Annotated[
+        str | None, typer.Argument(metavar="IMAGE[:TAG|@DIGEST]", help="What docker pull would take.")
+    ] = None,
     platform: Annotated[
         str | None, typer.Option(help="os/arch[/variant] to pick from a multi-platform image. [default: the engine's]")
     ] = None,
@@ -577,15 +579,39 @@ def pull_command(
             "--output", "-o", metavar="oci:DIR|docker-archive:FILE", help="Write the image there; no engine needed."
         ),
     ] = None,
+    cache_max: Annotated[
+        str, typer.Option(help="Prune the content cache to this size after each pull (LRU).")
+    ] = "20GiB",
+    cache_prune: Annotated[
+        bool, typer.Option("--cache-prune", help="Empty the content cache (partial downloads in use stay); no IMAGE.")
+    ] = False,
 ) -> None:
     """Pull an image into the local Docker engine, like docker pull, through mirrors and many connections."""
     from dao.docker import EngineError
     from dao.oci.reference import ReferenceError
+    from dao.pull.fetch import BlobCache, default_cache_dir
     from dao.pull.plan import PullError
     from dao.pull.run import PullOptions, pull
 
+    if cache_prune:
+        if image is not None:
+            raise fail("--cache-prune takes no IMAGE")
+        removed, freed = BlobCache(cache_dir or default_cache_dir()).prune(0)
+        typer.echo(f"removed {removed} cached blobs, {freed / 1e6:.1f} MB")
+        return
+    if image is None:
+        raise fail("give an IMAGE to pull", "dao pull busybox")
     options = PullOptions(
-        image, platform, tuple(mirror or ()), engine_mirrors, jobs, cache_dir, quiet, output, sys.stderr.isatty()
+        image,
+        platform,
+        tuple(mirror or ()),
+        engine_mirrors,
+        jobs,
+        cache_dir,
+        quiet,
+        output,
+        sys.stderr.isatty(),
+        _size(cache_max),
     )
     try:
         code = asyncio.run(pull(options, out=lambda line: typer.echo(line)))

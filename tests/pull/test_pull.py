@@ -318,3 +318,29 @@ def test_a_mirror_killed_mid_pull_hands_over_without_starting_again(
     finally:
         first.stop()
         second.stop()
+
+
+def test_the_content_cache_stays_bounded(world: World, tmp_path: Path) -> None:
+    mirror = Mirror(tmp_path / "mirror", world.upstream.url)
+    cache = tmp_path / "cache"
+    no_engine = {"DOCKER_HOST": f"unix://{tmp_path}/none.sock", "PATH": "/usr/bin:/bin"}
+
+    def pull(ref: str, *extra: str) -> None:
+        argv = [DAO, "pull", "--cache-dir", str(cache), "--mirror", mirror.url, "--cache-max", "1MB", *extra]
+        out = f"docker-archive:{tmp_path / ref.replace('/', '_')}.tar"
+        done = subprocess.run([*argv, "-o", out, ref], env=no_engine, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+
+    def cached() -> set[str]:
+        return {f"sha256:{p.name}" for p in (cache / "blobs" / "sha256").glob("*")}
+
+    try:
+        pull("dao-test/schema2:v1")
+        schema2 = set(world.image("dao-test/schema2:v1").blobs)
+        assert cached() == schema2  # over the limit, but the image just pulled is kept whole
+        pull("dao-test/oci:v1")
+        assert cached() == set(world.image("dao-test/oci:v1").blobs)  # the older image made room
+        done = subprocess.run([DAO, "pull", "--cache-prune", "--cache-dir", str(cache)], capture_output=True, text=True)
+        assert done.returncode == 0 and cached() == set()
+    finally:
+        mirror.stop()

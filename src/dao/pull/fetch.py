@@ -72,6 +72,25 @@ class _Recorder:
         self._saved = time.monotonic()
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _unlocked(lock: Path) -> bool:
+    """True when no running pull holds this blob's lock."""
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def _remove(*paths: Path) -> None:
     for path in paths:
         path.unlink(missing_ok=True)
@@ -101,6 +120,35 @@ class BlobCache:
         # Fewer, quicker resume attempts than the mirror's: a pull has other sources to turn to.
         self.policy = policy or DownloadPolicy(connections=4, resume_attempts=3, backoff_base=0.2, backoff_max=1.0)
 
+    def prune(self, max_bytes: int, keep: frozenset[Digest] = frozenset()) -> tuple[int, int]:
+        """Bring the cache down to ``max_bytes``: partial downloads no running pull holds go first, then
+        verified blobs least recently used first; ``keep`` (the image just pulled) stays. Returns (items
+        removed, bytes freed). Blocking."""
+        items: list[tuple[float, int, list[Path]]] = []
+        for lock in self.partial.glob("*.lock"):
+            group = [lock.with_suffix(""), lock.with_suffix(".runs"), lock]
+            if _unlocked(lock):
+                items.append((0.0, sum(_size(p) for p in group), group))
+        for path in self.blobs.glob("*/*"):
+            if Digest(path.parent.name, path.name) in keep:
+                continue
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            items.append((max(st.st_atime, st.st_mtime), st.st_size, [path]))
+        total = sum(_size(p) for p in self.blobs.glob("*/*")) + sum(_size(p) for p in self.partial.glob("*"))
+        removed = freed = 0
+        for _, size, group in sorted(items, key=lambda item: item[0]):
+            if total <= max_bytes:
+                break
+            for path in group:
+                path.unlink(missing_ok=True)
+            total -= size
+            removed += 1
+            freed += size
+        return removed, freed
+
     def path(self, digest: Digest) -> Path:
         return self.blobs / digest.algorithm / digest.encoded
 
@@ -117,6 +165,7 @@ class BlobCache:
         if final.exists() and await asyncio.to_thread(_hash_file, final, blob.digest) == blob.digest:
             stats.cached_bytes += blob.size
             progress(blob.size)
+            await asyncio.to_thread(os.utime, final)  # last use, for pruning
             return final
         for d in (final.parent, self.partial):
             d.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ class PullOptions:
     quiet: bool = False
     output: str | None = None  # oci:DIR or docker-archive:FILE instead of the engine
     progress: bool = False  # live bars (a terminal); otherwise one line per layer
+    cache_max: int = 20 * 1024**3  # the content cache is pruned to this after each pull
 
 
 def _platform(text: str | None, engine_os: str, engine_arch: str) -> Platform:
@@ -146,6 +147,8 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
             status = f"Saved {ref.familiar()} to {output[1]} (OCI layout)"
         _finish(out, options, plan.digest, status, ref)
         _summary(stats, skipped=len(skip))
+        keep = frozenset({plan.config.digest, *(layer.digest for layer in plan.layers)})
+        await asyncio.to_thread(cache.prune, options.cache_max, keep)
         return 0
 
 
