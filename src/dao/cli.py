@@ -582,6 +582,9 @@ def pull_command(
     cache_max: Annotated[
         str, typer.Option(help="Prune the content cache to this size after each pull (LRU).")
     ] = "20GiB",
+    stall_timeout: Annotated[
+        float, typer.Option(help="Seconds without a byte before a source's stream counts as broken.")
+    ] = 15.0,
     cache_prune: Annotated[
         bool, typer.Option("--cache-prune", help="Empty the content cache (partial downloads in use stay); no IMAGE.")
     ] = False,
@@ -612,6 +615,7 @@ def pull_command(
         output,
         sys.stderr.isatty(),
         _size(cache_max),
+        stall_timeout,
     )
     try:
         code = asyncio.run(pull(options, out=lambda line: typer.echo(line)))

@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import World
 from tests.services.dockerd import Dockerd
 from tests.services.mirror import DAO, FaultProxy, Mirror
+from tests.services.procs import free_port
 from tests.services.upstream import PrivateRegistry
 
 
@@ -344,3 +345,22 @@ def test_the_content_cache_stays_bounded(world: World, tmp_path: Path) -> None:
         assert done.returncode == 0 and cached() == set()
     finally:
         mirror.stop()
+
+
+def test_a_dead_mirror_is_probed_away_and_the_live_one_serves(
+    world: World, dockerd: Dockerd, engine_mirror: Mirror, tmp_path: Path
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = {"DOCKER_HOST": f"unix://{dockerd.sock}", "PATH": "/usr/bin:/bin"}
+    started = time.monotonic()
+    done = subprocess.run(
+        [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), "--mirror", dead, "library/tiny:v1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"mirror {dead} does not answer" in done.stderr
+    assert time.monotonic() - started < 30  # one quick probe, not a timeout per blob
+    assert any("/blobs/" in a.path for a in engine_mirror.accesses())  # the engine's mirror served it

@@ -26,6 +26,7 @@ from dao.oci.reference import DOCKER_HUB_DOMAIN, Reference
 from dao.pull.fetch import BlobCache, Stats, default_cache_dir
 from dao.pull.load import chain_ids, docker_archive, engine_chain_ids
 from dao.pull.plan import PullError, Source, resolve
+from dao.pull.route import rank
 from dao.registry.client import Manifest, RegistryClient
 from dao.registry.dockerconfig import credentials_for
 
@@ -44,6 +45,7 @@ class PullOptions:
     output: str | None = None  # oci:DIR or docker-archive:FILE instead of the engine
     progress: bool = False  # live bars (a terminal); otherwise one line per layer
     cache_max: int = 20 * 1024**3  # the content cache is pruned to this after each pull
+    stall_timeout: float = 15.0  # seconds without a byte before a stream counts as broken
 
 
 def _platform(text: str | None, engine_os: str, engine_arch: str) -> Platform:
@@ -75,12 +77,15 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
 
         def client(url: str) -> RegistryClient:  # a mirror you logged in to gets its own credentials
             creds = credentials_for(url.split("://", 1)[-1].rstrip("/"), warn=warn)
-            return RegistryClient(url, session, credentials=creds)
+            return RegistryClient(url, session, credentials=creds, timeout=_timeout(options))
 
         sources = [Source(url, client(url), True) for url in mirror_urls]
         registry = registry_url(ref.registry_host)
-        registry_client = RegistryClient(registry, session, credentials=credentials_for(ref.domain, warn=warn))
+        registry_client = RegistryClient(
+            registry, session, credentials=credentials_for(ref.domain, warn=warn), timeout=_timeout(options)
+        )
         sources.append(Source(registry, registry_client, False))
+        sources = await rank(sources, warn)
 
         if not options.quiet:
             name = dataclasses.replace(ref, tag=None, digest=None).familiar()
@@ -235,6 +240,11 @@ def _progress_bars() -> Progress:
         console=Console(stderr=True),
         transient=True,
     )
+
+
+def _timeout(options: PullOptions) -> aiohttp.ClientTimeout:
+    """No bytes for ``stall_timeout`` seconds is a broken stream: resumed, then the source dropped."""
+    return aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=options.stall_timeout)
 
 
 def warn(line: str) -> None:
