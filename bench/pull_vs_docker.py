@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""``dao pull`` next to ``docker pull`` and ``skopeo copy ... docker-daemon:``, in the same run.
+
+    .venv/bin/python bench/pull_vs_docker.py [--size-mib 400] [--layers 25] [--layer-mib 4] [--rtt-ms 160] ...
+
+Re-runs itself in a private network namespace. In it: the upstream (CNCF registry + token server) behind the
+emulated long-haul link of ``bench/link.py``, two dao mirrors in front of that link, and a private dockerd
+whose ``registry-mirrors`` lists both. Two images: one big single layer, one of many small layers. Each tool
+pulls each image (a) straight from the upstream over the lossy link, (b) from the warm mirrors (loopback:
+a fast link), (c) from the warm mirrors with the first one killed a moment into the pull. The engine and
+dao's content cache are emptied before every measured pull.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.services import images  # noqa: E402
+from tests.services.dockerd import Dockerd  # noqa: E402
+from tests.services.mirror import DAO, Mirror  # noqa: E402
+from tests.services.procs import free_port  # noqa: E402
+from tests.services.upstream import Upstream  # noqa: E402
+
+from bench.link import Link  # noqa: E402
+from bench.mirror_vs_distribution import LinkThread, Stoppable, isolated  # noqa: E402
+
+MiB = 1024 * 1024
+TOOLS = ("docker", "skopeo", "dao")
+
+
+@dataclass
+class Run:
+    tool: str
+    image: str
+    scenario: str
+    seconds: float
+    ok: bool
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mib", type=int, default=400, help="the single-layer image's layer")
+    parser.add_argument("--layers", type=int, default=25, help="layers of the many-layer image")
+    parser.add_argument("--layer-mib", type=float, default=4, help="size of each of those layers")
+    parser.add_argument("--rtt-ms", type=float, default=160)
+    parser.add_argument("--link-mbit", type=float, default=40)
+    parser.add_argument("--conn-mbit", type=float, default=3)
+    parser.add_argument("--kill-after", type=float, default=1.0, help="seconds into a pull to kill mirror 1 in (c)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed for one pull")
+    parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of docker,skopeo,dao")
+    parser.add_argument("--workdir", type=Path, help="keep logs here (default: a temporary directory)")
+    args = parser.parse_args()
+    if not isolated():
+        script = ROOT / "tests" / "services" / "isolated.sh"
+        os.execv(str(script), [str(script), sys.executable, *sys.argv])
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        run(args, args.workdir)
+        return
+    with tempfile.TemporaryDirectory(prefix="dao-pullbench-") as tmp:
+        run(args, Path(tmp))
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    print("building images...", file=sys.stderr)
+    big = images.image(work, [images.data_layer(work, "pb-big", args.size_mib * MiB)])
+    many = images.image(
+        work, [images.data_layer(work, f"pb-{i}", int(args.layer_mib * MiB)) for i in range(args.layers)]
+    )
+    started: list[Stoppable] = []
+    try:
+        measure(args, work, {"big": big, "many": many}, started)
+    finally:
+        for thing in reversed(started):
+            try:
+                thing.stop()
+            except Exception as exc:
+                print(f"stopping {thing}: {exc}", file=sys.stderr)
+
+
+def measure(args: argparse.Namespace, work: Path, built: dict, started: list[Stoppable]) -> None:
+    links = LinkThread()
+    link_port, token_port = free_port(), free_port()
+    upstream = Upstream(work / "upstream", realm=f"http://127.0.0.1:{token_port}/token")
+    started.append(upstream)
+    for name, image in built.items():
+        upstream.push(f"library/pb-{name}", "v1", image)
+    delay = args.rtt_ms / 2000
+    link = Link(("127.0.0.1", upstream.port), delay=delay, link_bps=args.link_mbit * 1e6, conn_bps=args.conn_mbit * 1e6)
+    links.start(link, link_port)
+    links.start(Link(("127.0.0.1", upstream.token_port), delay=delay, link_bps=0, conn_bps=0), token_port)
+    remote = f"http://127.0.0.1:{link_port}"
+    mirrors = [Mirror(work / f"mirror{i}", remote) for i in (1, 2)]
+    started.extend(mirrors)
+    (work / "dockerd").mkdir()
+    engine = Dockerd(work / "dockerd", [m.url for m in mirrors])
+    started.append(engine)
+    cache = work / "dao-cache"
+    tools = [t for t in args.tools.split(",") if t in TOOLS]
+    results: list[Run] = []
+
+    def reset() -> None:
+        engine.reset()
+        shutil.rmtree(cache, ignore_errors=True)
+
+    def pull(tool: str, ref: str, *, kill_after: float | None = None) -> tuple[float, bool]:
+        reset()
+        killer = threading.Timer(kill_after, mirrors[0].kill) if kill_after is not None else None
+        env = {**os.environ, "DOCKER_HOST": f"unix://{engine.sock}"}
+        if tool == "docker":
+            argv = ["/usr/bin/docker", "-H", f"unix://{engine.sock}", "pull", ref]
+        elif tool == "dao":
+            argv = [DAO, "pull", "--cache-dir", str(cache), ref]
+        else:
+            conf = work / "registries.conf"
+            conf.write_text(
+                '[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n'
+                + "".join(f'[[registry.mirror]]\nlocation = "127.0.0.1:{m.port}"\ninsecure = true\n' for m in mirrors)
+            )
+            source = f"docker://{ref}" if ref.startswith("127.0.0.1") else f"docker://docker.io/{ref}"
+            argv = ["skopeo", "--registries-conf", str(conf), "copy", "--src-tls-verify=false",
+                    "--dest-daemon-host", f"unix://{engine.sock}", source,
+                    f"docker-daemon:{ref.rsplit('/', 1)[-1]}"]  # fmt: skip
+        begin = time.monotonic()
+        if killer is not None:
+            killer.start()
+        try:
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            return time.monotonic() - begin, False
+        finally:
+            if killer is not None:
+                killer.cancel()  # a pull done before the kill leaves the mirror up
+                killer.join()
+        ok = done.returncode == 0
+        if not ok:
+            print(f"    {tool} failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:200]}", file=sys.stderr)
+        return time.monotonic() - begin, ok
+
+    for name in built:
+        direct = f"127.0.0.1:{link_port}/library/pb-{name}:v1"
+        for tool in tools:
+            print(f"(a) {tool} {name} over the lossy link...", file=sys.stderr)
+            seconds, ok = pull(tool, direct)
+            results.append(Run(tool, name, "a", seconds, ok))
+        warm = f"library/pb-{name}:v1"
+        for m in mirrors:  # warm both mirrors (not measured)
+            argv = [DAO, "pull", "--cache-dir", str(work / "warm"), "--no-engine-mirrors", "--mirror", m.url]
+            subprocess.run([*argv, "-o", f"docker-archive:{work / 'warm.tar'}", warm], check=True, capture_output=True)
+            shutil.rmtree(work / "warm", ignore_errors=True)
+        for tool in tools:
+            print(f"(b) {tool} {name} from warm mirrors...", file=sys.stderr)
+            seconds, ok = pull(tool, warm)
+            results.append(Run(tool, name, "b", seconds, ok))
+        for tool in tools:
+            print(f"(c) {tool} {name}, mirror 1 killed mid-pull...", file=sys.stderr)
+            seconds, ok = pull(tool, warm, kill_after=args.kill_after)
+            results.append(Run(tool, name, "c", seconds, ok))
+            if mirrors[0].proc is None or not mirrors[0].proc.alive():
+                mirrors[0].start()  # same port and data: warm again
+    report(args, results, tools)
+
+
+def report(args: argparse.Namespace, results: list[Run], tools: list[str]) -> None:
+    print()
+    print(
+        f"link: {args.rtt_ms:g} ms RTT, {args.link_mbit:g} mbit shared, {args.conn_mbit:g} mbit per connection; "
+        f"big: 1 x {args.size_mib} MiB; many: {args.layers} x {args.layer_mib:g} MiB"
+    )
+    scenarios = {"a": "(a) lossy link, direct", "b": "(b) warm mirrors", "c": "(c) mirror 1 killed"}
+    header = f"{'image':<6} {'scenario':<24}" + "".join(f"{t:>16}" for t in tools)
+    print(header)
+    print("-" * len(header))
+    by = {(r.tool, r.image, r.scenario): r for r in results}
+    for image in ("big", "many"):
+        for key, label in scenarios.items():
+            cells = []
+            for tool in tools:
+                r = by.get((tool, image, key))
+                cells.append("-" if r is None else f"{r.seconds:.1f} s" + ("" if r.ok else " FAIL"))
+            print(f"{image:<6} {label:<24}" + "".join(f"{c:>16}" for c in cells))
+    if "docker" in tools and "dao" in tools:
+        print()
+        for image in ("big", "many"):
+            for key, target in (("a", 3.0), ("b", 1.3)):
+                d, k = by.get(("docker", image, key)), by.get(("dao", image, key))
+                if d and k and d.ok and k.ok:
+                    ratio = d.seconds / k.seconds
+                    print(f"{image} {scenarios[key]}: dao {ratio:.1f}x faster than docker (target >= {target})")
+            c = by.get(("dao", image, "c"))
+            if c:
+                print(f"{image} (c): dao {'completed' if c.ok else 'FAILED'}")
+
+
+if __name__ == "__main__":
+    main()
