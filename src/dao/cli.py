@@ -568,7 +568,7 @@ def pull_command(
     engine_mirrors: Annotated[
         bool, typer.Option(help="Also use the engine's registry-mirrors for Docker Hub images.")
     ] = True,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, help="Blobs downloaded at once.")] = 4,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, help="Blobs downloaded at once.")] = 8,
     cache_dir: Annotated[
         Path | None, typer.Option(help="Content cache. [default: /var/cache/dao as root, else ~/.cache/dao]")
     ] = None,

@@ -39,7 +39,7 @@ class PullOptions:
     platform: str | None = None
     mirrors: tuple[str, ...] = ()
     engine_mirrors: bool = True
-    jobs: int = 4  # blobs at once
+    jobs: int = 8  # blobs at once
     cache_dir: Path | None = None
     quiet: bool = False
     output: str | None = None  # oci:DIR or docker-archive:FILE instead of the engine
