@@ -16,21 +16,15 @@ or ``bench/sendfile_server.py`` where nginx is not installed.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import json
-import os
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -40,7 +34,8 @@ from tests.services.mirror import Mirror  # noqa: E402
 from tests.services.procs import Process, free_port, http_status, wait_until  # noqa: E402
 from tests.services.upstream import Upstream  # noqa: E402
 
-from bench.link import Link, serve  # noqa: E402
+from bench.common import LinkThread, Stoppable, run_isolated, stopping  # noqa: E402
+from bench.link import Link  # noqa: E402
 
 REPO = "library/benchbig"
 MiB = 1024 * 1024
@@ -60,25 +55,6 @@ class Result:
     offline_of: int = 0
     offline_s: float = 0.0  # the slowest offline pull
     notes: list[str] = field(default_factory=list)
-
-
-class Stoppable(Protocol):
-    def stop(self) -> None: ...
-
-
-class LinkThread:
-    """The emulated link's relays, on their own event loop thread (the rest of the script blocks freely)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def start(self, link: Link, port: int) -> None:
-        asyncio.run_coroutine_threadsafe(serve(link, port), self.loop).result(10)
-
-    def call(self, fn: Callable[[], None]) -> None:
-        self.loop.call_soon_threadsafe(fn)
 
 
 class ReferenceMirror:
@@ -176,11 +152,6 @@ def curl_throughput(url: str, clients: int, size: int, rounds: int, repeat: int)
     return statistics.median(speeds)
 
 
-def isolated() -> bool:
-    lines = Path("/proc/net/dev").read_text().splitlines()[2:]
-    return [line.split(":")[0].strip() for line in lines] == ["lo"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=48, help="the big layer's size")
@@ -203,15 +174,7 @@ def main() -> None:
     parser.add_argument("--dao-args", default="", help="extra flags for dao mirror serve")
     parser.add_argument("--workdir", type=Path, help="keep logs and caches here (default: a temporary directory)")
     args = parser.parse_args()
-    if not isolated():
-        script = ROOT / "tests" / "services" / "isolated.sh"
-        os.execv(str(script), [str(script), sys.executable, *sys.argv])
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        run(args, args.workdir)
-        return
-    with tempfile.TemporaryDirectory(prefix="dao-bench-") as tmp:
-        run(args, Path(tmp))
+    run_isolated(args, run, "dao-bench-")
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
@@ -221,15 +184,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
     layer = max(image.layer_digests(), key=lambda d: image.blobs[d].stat().st_size)
     blob_size = image.blobs[layer].stat().st_size
 
-    started: list[Stoppable] = []  # stopped whatever happens, so an interrupted run leaves nothing behind
-    try:
+    with stopping() as started:  # an interrupted run leaves nothing behind
         measure(args, work, image, layer, blob_size, started)
-    finally:
-        for thing in reversed(started):
-            try:
-                thing.stop()
-            except Exception as exc:
-                print(f"stopping {thing}: {exc}", file=sys.stderr)
 
 
 def measure(

@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -33,8 +32,8 @@ from tests.services.mirror import DAO, Mirror  # noqa: E402
 from tests.services.procs import free_port  # noqa: E402
 from tests.services.upstream import Upstream  # noqa: E402
 
+from bench.common import LinkThread, Stoppable, run_isolated, stopping  # noqa: E402
 from bench.link import Link  # noqa: E402
-from bench.mirror_vs_distribution import LinkThread, Stoppable, isolated  # noqa: E402
 
 MiB = 1024 * 1024
 TOOLS = ("docker", "skopeo", "dao")
@@ -62,15 +61,7 @@ def main() -> None:
     parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of docker,skopeo,dao")
     parser.add_argument("--workdir", type=Path, help="keep logs here (default: a temporary directory)")
     args = parser.parse_args()
-    if not isolated():
-        script = ROOT / "tests" / "services" / "isolated.sh"
-        os.execv(str(script), [str(script), sys.executable, *sys.argv])
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        run(args, args.workdir)
-        return
-    with tempfile.TemporaryDirectory(prefix="dao-pullbench-") as tmp:
-        run(args, Path(tmp))
+    run_isolated(args, run, "dao-pullbench-")
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
@@ -79,15 +70,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
     many = images.image(
         work, [images.data_layer(work, f"pb-{i}", int(args.layer_mib * MiB)) for i in range(args.layers)]
     )
-    started: list[Stoppable] = []
-    try:
+    with stopping() as started:
         measure(args, work, {"big": big, "many": many}, started)
-    finally:
-        for thing in reversed(started):
-            try:
-                thing.stop()
-            except Exception as exc:
-                print(f"stopping {thing}: {exc}", file=sys.stderr)
 
 
 def measure(args: argparse.Namespace, work: Path, built: dict, started: list[Stoppable]) -> None:
