@@ -272,7 +272,10 @@ class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         cache = request.get("dao.cache", "-")
         failure = request.get("dao.failure")
-        sent = request.get("dao.sent", response.body_length)
+        sent = request.get("dao.sent")
+        if sent is None:  # small answers (errors, /v2/, metrics): their body, as for blobs and manifests
+            body = response.body if isinstance(response, web.Response) else None
+            sent = len(body) if isinstance(body, bytes) else response.body_length
         line = (
             f'{request.remote} "{request.method} {request.path_qs}" {response.status} {sent} '
             f"cache={cache} {time * 1000:.1f}ms"
