@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -336,7 +337,7 @@ def users_show(
     months = accounts.usage(user_id=user_id)
     if as_json:
         doc = {"id": user.id, "name": user.name, "token": user.token, "quota_bytes": user.quota_bytes}
-        doc["usage"] = [{"month": m, **_usage_dict(u)} for _, m, u in months]
+        doc["usage"] = [{"month": m, **dataclasses.asdict(u)} for _, m, u in months]
         typer.echo(json.dumps(doc))
         return
     quota = format_size(user.quota_bytes) if user.quota_bytes is not None else "the mirror's default"
@@ -394,7 +395,7 @@ def mirror_usage(
     accounts, _ = _accounts(config_file, data_dir, database)
     rows = accounts.usage(user_id=user, month=month)
     if as_json:
-        typer.echo(json.dumps([{"user": u, "month": m, **_usage_dict(x)} for u, m, x in rows]))
+        typer.echo(json.dumps([{"user": u, "month": m, **dataclasses.asdict(x)} for u, m, x in rows]))
         return
     _print_usage(rows)
 
@@ -626,15 +627,6 @@ def pull_command(
     except OSError as exc:
         raise fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), code=1) from None
     raise typer.Exit(code)
-
-
-def _usage_dict(usage: Any) -> dict[str, int]:
-    return {
-        "bytes_served": usage.bytes_served,
-        "blobs_served": usage.blobs_served,
-        "pulls": usage.pulls,
-        "hit_bytes": usage.hit_bytes,
-    }
 
 
 def _print_usage(rows: list[Any]) -> None:

@@ -14,7 +14,7 @@ import re
 import secrets
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from sqlalchemy import (
     BigInteger,
@@ -127,7 +127,7 @@ class Accounts:
         user = User(user_id, name, "dao_" + secrets.token_urlsafe(24), quota_bytes, time.time())
         try:
             with self.engine.begin() as conn:
-                conn.execute(insert(users_table).values(**user_row(user)))
+                conn.execute(insert(users_table).values(**asdict(user)))
         except IntegrityError as exc:
             raise AccountError(f"a user with ID {user_id!r} already exists") from exc
         return user
@@ -175,16 +175,7 @@ class Accounts:
                     )
                 )
                 if done.rowcount == 0:
-                    conn.execute(
-                        insert(t).values(
-                            user_id=user_id,
-                            month=month,
-                            bytes_served=d.bytes_served,
-                            blobs_served=d.blobs_served,
-                            pulls=d.pulls,
-                            hit_bytes=d.hit_bytes,
-                        )
-                    )
+                    conn.execute(insert(t).values(user_id=user_id, month=month, **asdict(d)))
 
     def usage(self, *, user_id: str | None = None, month: str | None = None) -> list[tuple[str, str, Usage]]:
         t = usage_table
@@ -199,13 +190,3 @@ class Accounts:
 
     def close(self) -> None:
         self.engine.dispose()
-
-
-def user_row(user: User) -> dict[str, object]:
-    return {
-        "id": user.id,
-        "name": user.name,
-        "token": user.token,
-        "quota_bytes": user.quota_bytes,
-        "created_at": user.created_at,
-    }
