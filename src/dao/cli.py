@@ -569,7 +569,17 @@ def pull_command(
     engine_mirrors: Annotated[
         bool, typer.Option(help="Also use the engine's registry-mirrors for Docker Hub images.")
     ] = True,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, help="Blobs downloaded at once.")] = 8,
+    jobs: Annotated[
+        int,
+        typer.Option("--jobs", "-j", min=1, max=64, help="Connections at once, over all layers and sources."),
+    ] = 16,
+    per_source: Annotated[int, typer.Option(min=1, max=64, help="Connections to one mirror or registry at once.")] = 12,
+    verify_upstream: Annotated[
+        bool,
+        typer.Option(
+            "--verify-upstream", help="Resolve the tag at the registry itself; mirrors only serve that digest."
+        ),
+    ] = False,
     cache_dir: Annotated[
         Path | None, typer.Option(help="Content cache. [default: /var/cache/dao as root, else ~/.cache/dao]")
     ] = None,
@@ -597,6 +607,10 @@ def pull_command(
     from dao.pull.plan import PullError
     from dao.pull.run import PullOptions, pull
 
+    if os.environ.get("DAO_LOG"):  # what each chunk and source did, for the curious and for bug reports
+        logging.basicConfig(
+            level=os.environ["DAO_LOG"].upper(), format="%(relativeCreated)7.0fms %(name)s: %(message)s"
+        )
     if cache_prune:
         if image is not None:
             raise fail("--cache-prune takes no IMAGE")
@@ -607,16 +621,18 @@ def pull_command(
         raise fail("give an IMAGE to pull", "dao pull busybox")
     options = PullOptions(
         image,
-        platform,
-        tuple(mirror or ()),
-        engine_mirrors,
-        jobs,
-        cache_dir,
-        quiet,
-        output,
-        sys.stderr.isatty(),
-        _size(cache_max),
-        stall_timeout,
+        platform=platform,
+        mirrors=tuple(mirror or ()),
+        engine_mirrors=engine_mirrors,
+        jobs=jobs,
+        per_source=per_source,
+        verify_upstream=verify_upstream,
+        cache_dir=cache_dir,
+        quiet=quiet,
+        output=output,
+        progress=sys.stderr.isatty(),
+        cache_max=_size(cache_max),
+        stall_timeout=stall_timeout,
     )
     try:
         code = asyncio.run(pull(options, out=lambda line: typer.echo(line)))

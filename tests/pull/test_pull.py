@@ -169,14 +169,19 @@ def private(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 def pull_private(
-    private: PrivateRegistry, dockerd: Dockerd, tmp_path: Path, config: dict, path: str = "/usr/bin:/bin"
+    private: PrivateRegistry,
+    dockerd: Dockerd,
+    tmp_path: Path,
+    config: dict,
+    path: str = "/usr/bin:/bin",
+    *extra: str,
 ) -> subprocess.CompletedProcess[str]:
     docker_config = tmp_path / "docker-config"
     docker_config.mkdir(parents=True, exist_ok=True)
     (docker_config / "config.json").write_text(json.dumps(config))
     env = {"DOCKER_HOST": f"unix://{dockerd.sock}", "PATH": path, "DOCKER_CONFIG": str(docker_config)}
     return subprocess.run(
-        [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), f"{private.host}/private/app:v1"],
+        [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), *extra, f"{private.host}/private/app:v1"],
         env=env,
         capture_output=True,
         text=True,
@@ -193,6 +198,16 @@ def test_private_registry_with_docker_login_credentials(
     assert done.stdout.splitlines()[-1] == f"{private.host}/private/app:v1"
     run = dockerd.docker("run", "--rm", "--network", "none", f"{private.host}/private/app:v1", "true", check=False)
     assert run.returncode == 0, run.stderr
+
+    pinned = pull_private(
+        private,
+        dockerd,
+        tmp_path / "pinned",
+        {"auths": {private.host: {"auth": auth}}},
+        "/usr/bin:/bin",
+        "--verify-upstream",
+    )
+    assert pinned.returncode == 0, pinned.stderr
 
     refused = pull_private(private, dockerd, tmp_path / "none", {"auths": {}})  # no credentials: one clear line
     assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
@@ -289,8 +304,9 @@ def test_a_mirror_killed_mid_pull_hands_over_without_starting_again(
     image = world.image("dao-test/big:v1")
     big = max(image.layer_digests(), key=lambda d: image.blobs[d].stat().st_size)
     size = image.blobs[big].stat().st_size
-    first = FaultProxy(tmp_path, world.upstream.url, "--rate", "3000000")
-    second = FaultProxy(tmp_path, world.upstream.url)
+    # Both slow enough (1 MB/s per connection) that the pull is still running when the first one dies.
+    first = FaultProxy(tmp_path, world.upstream.url, "--rate", "1000000")
+    second = FaultProxy(tmp_path, world.upstream.url, "--rate", "1000000")
     cache = tmp_path / "cache"
     runs = cache / "partial" / f"{big.split(':')[1]}.runs"
     argv = [DAO, "pull", "--cache-dir", str(cache), "--no-engine-mirrors", "--mirror", first.url]
@@ -364,3 +380,64 @@ def test_a_dead_mirror_is_probed_away_and_the_live_one_serves(
     assert f"mirror {dead} does not answer" in done.stderr
     assert time.monotonic() - started < 30  # one quick probe, not a timeout per blob
     assert any("/blobs/" in a.path for a in engine_mirror.accesses())  # the engine's mirror served it
+
+
+def test_one_bad_chunk_among_several_sources_is_traced_to_its_mirror(
+    world: World, dockerd: Dockerd, tmp_path: Path
+) -> None:
+    image = world.image("dao-test/big:v1")
+    big = max(image.layer_digests(), key=lambda d: image.blobs[d].stat().st_size)
+    size = image.blobs[big].stat().st_size
+    # Same speed, so both serve chunks of the big layer; the liar flips one byte of its first ranged answer.
+    liar = FaultProxy(tmp_path, world.upstream.url, "--rate", "2000000", "--flip-once")
+    honest = FaultProxy(tmp_path, world.upstream.url, "--rate", "2000000")
+    argv = [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), "--no-engine-mirrors", "--mirror", liar.url]
+    env = {"DOCKER_HOST": f"unix://{dockerd.sock}", "PATH": "/usr/bin:/bin"}
+    try:
+        done = subprocess.run(
+            [*argv, "--mirror", honest.url, "dao-test/big:v1"], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stderr.count(f"{liar.url} sent corrupt bytes for {big}") == 1, done.stderr
+        liar_ranges = [r for r in liar.blob_ranges(big) if r != "-"]
+        assert liar_ranges and [r for r in honest.blob_ranges(big) if r != "-"]  # several sources, one blob
+        # The honest mirror sent its own chunks and the liar's again, nothing twice: the layer was not refetched.
+        assert sum(honest.blob_bytes_sent(big)) <= size + 8_000_000
+        run = dockerd.docker("run", "--rm", "--network", "none", "dao-test/big:v1", "true", check=False)
+        assert run.returncode == 0, run.stderr
+    finally:
+        liar.stop()
+        honest.stop()
+
+
+def test_the_slow_last_chunks_are_raced_by_a_faster_mirror(world: World, dockerd: Dockerd, tmp_path: Path) -> None:
+    image = world.image("dao-test/big:v1")
+    big = max(image.layer_digests(), key=lambda d: image.blobs[d].stat().st_size)
+    slow = FaultProxy(tmp_path, world.upstream.url, "--rate", "100000")  # 100 kB/s: a 4 MiB chunk takes 40 s
+    fast = FaultProxy(tmp_path, world.upstream.url)
+    argv = [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), "--no-engine-mirrors", "--mirror", slow.url]
+    env = {"DOCKER_HOST": f"unix://{dockerd.sock}", "PATH": "/usr/bin:/bin"}
+    try:
+        done = subprocess.run(
+            [*argv, "--mirror", fast.url, "dao-test/big:v1"], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr
+        slow_ranges = [r for r in slow.blob_ranges(big) if r != "-"]
+        fast_ends = {r.rsplit("-", 1)[1] for r in fast.blob_ranges(big)}
+        assert slow_ranges, "the slow mirror was never given a chunk"
+        # Every chunk the slow mirror was given was finished by the fast one: a range ending at the same byte.
+        assert all(r.rsplit("-", 1)[1] in fast_ends for r in slow_ranges), (slow_ranges, fast.blob_ranges(big))
+        asked = sum(int(b) + 1 - int(a) for a, b in (r.removeprefix("bytes=").split("-") for r in slow_ranges))
+        assert sum(slow.blob_bytes_sent(big)) < asked / 2  # the races were won long before the slow ones ended
+        assert "slow chunks raced" in done.stderr
+    finally:
+        slow.stop()
+        fast.stop()
+
+
+def test_verify_upstream_asks_the_registry_itself(dockerd: Dockerd, engine_mirror: Mirror, tmp_path: Path) -> None:
+    # Docker Hub's names point at a dead address in the test namespace: the mirror alone can answer.
+    assert dao_pull(dockerd, tmp_path / "c1", "dao-test/schema2:v1").returncode == 0
+    done = dao_pull(dockerd, tmp_path / "c2", "--verify-upstream", "dao-test/schema2:v1")
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "--verify-upstream: cannot resolve dao-test/schema2:v1 at https://registry-1.docker.io" in done.stderr

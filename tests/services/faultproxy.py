@@ -1,6 +1,7 @@
 """An HTTP proxy in front of the upstream registry that misbehaves on purpose, run as a subprocess.
 
---rate B/s throttles blob bodies; --flip-byte flips one byte in the middle of every blob body;
+--rate B/s throttles blob bodies; --flip-byte flips one byte in the middle of every blob body; --flip-once flips
+one byte in the middle of the first ranged (206) blob body only (one bad chunk);
 --cut-after N closes the connection after N bytes of a blob body; --manifest-status S answers every manifest
 request with status S; --manifest-stall T holds manifest requests T seconds before passing them on; --no-range drops the
 Range header of blob requests (an upstream that ignores Range); --ratelimit-remaining V adds Docker Hub's
@@ -28,14 +29,17 @@ def main() -> None:
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--rate", type=float, default=0)
     parser.add_argument("--flip-byte", action="store_true")
+    parser.add_argument("--flip-once", action="store_true")
     parser.add_argument("--cut-after", type=int, default=-1)
     parser.add_argument("--manifest-status", type=int, default=0)
     parser.add_argument("--manifest-stall", type=float, default=0)
     parser.add_argument("--no-range", action="store_true")
     parser.add_argument("--ratelimit-remaining", default="")
     args = parser.parse_args()
+    flipped = False
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        nonlocal flipped
         session: aiohttp.ClientSession = request.app["session"]
         print(f"REQ {request.method} {request.path}", flush=True)
         if "/manifests/" in request.path:
@@ -65,10 +69,12 @@ def main() -> None:
             await resp.prepare(request)
             is_blob = request.method == "GET" and "/blobs/" in request.path and up.status in (200, 206)
             middle = (up.content_length or 0) // 2
+            flip = is_blob and (args.flip_byte or (args.flip_once and up.status == 206 and not flipped))
+            flipped = flipped or flip
             sent = 0
             try:
                 async for chunk in up.content.iter_chunked(64 * 1024):
-                    if is_blob and args.flip_byte and sent <= middle < sent + len(chunk):
+                    if flip and sent <= middle < sent + len(chunk):
                         data = bytearray(chunk)
                         data[middle - sent] ^= 0xFF
                         chunk = bytes(data)

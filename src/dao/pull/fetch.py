@@ -1,20 +1,43 @@
-"""Getting blobs into the local content cache: several at once, big ones in parallel ranges, every one checked
-against its digest before it is used, from the first source that delivers.
+"""Getting a pull's blobs into the local content cache: every source at once, the whole pull cut into chunks,
+every blob checked against its digest before it is used.
+
+The pull's missing bytes are one pool of work. ``connections`` workers (``-j``) each claim the next chunk --
+the front of the first blob with unclaimed bytes -- and fetch it from the source :func:`~dao.pull.route.pick`
+chooses: mirrors before the registry, the unmeasured first, then the fastest with a free connection (at most
+``per_source`` each). A chunk is sized to ~``CHUNK_SECONDS`` of its source's measured per-connection speed,
+and to a fair share of what is left once the pull nears its end, so every connection stays busy until the
+last byte and a slow source never holds a big piece. A chunk that is a whole blob is a plain ``GET`` (what
+``docker pull`` sends); others are ``Range`` requests. A source that ignores ``Range`` only gets whole blobs.
+
+Failures: a mirror that errors, answers 429/5xx or stalls (no byte for ``stall_timeout``) is dropped for the
+rest of the pull and its chunks go back to the pool; a 404 only rules it out for that blob. The last source
+that can serve a blob is not dropped but retried with backoff, until ``resume_attempts`` tries in a row
+brought no byte. When nothing is left to claim, an idle worker re-issues the slowest running chunk to a
+source measured at least twice as fast; both write at the same cursor, first writer wins, the loser is
+cancelled.
+
+Integrity: a complete blob is hashed. On a mismatch, the byte runs each source wrote are fetched again from
+another source and compared; a source whose bytes differ is reported and dropped, the other source's bytes
+replace them, and the blob is hashed again. Without a second source (or when that finds nothing), the blob
+is fetched again from scratch, at most ``VERIFY_ROUNDS`` times.
 
 The cache lives in ``/var/cache/dao`` (root) or ``~/.cache/dao``: ``blobs/sha256/<hex>`` for verified blobs,
-``partial/<hex>`` while one is being written, with ``<hex>.runs`` recording which byte runs it holds (saved
+``partial/<hex>`` while one is being written, with ``<hex>.runs`` recording the byte runs it holds (saved
 twice a second and when the pull stops, however it stops): a pull killed mid-blob resumes by asking only for
-the missing ranges, from whichever source. A blob already in the cache is re-hashed and used without a byte of
-network. A lock per blob makes a second ``dao pull`` of the same blob wait for the first.
+the missing ranges, from whichever source. A lock per blob makes a second ``dao pull`` of the same blob wait
+for the first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -23,12 +46,26 @@ from pathlib import Path
 
 from dao.oci.digest import Digest
 from dao.oci.manifest import Descriptor
-from dao.pull.plan import PullError, Source
-from dao.registry.download import Download, DownloadPolicy, Runs
-from dao.registry.errors import RegistryClientError, UpstreamUnavailable
+from dao.pull.plan import PullError
+from dao.pull.route import Peer, can_serve, pick
+from dao.registry.download import Runs
+from dao.registry.errors import RegistryClientError, UpstreamNotFound, UpstreamUnavailable
 
-HASH_CHUNK = 4 * 1024 * 1024
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+HASH_CHUNK = 4 * MiB
 SAVE_EVERY = 0.5  # seconds between saves of a partial blob's written runs
+CHUNK_SECONDS = 4.0  # a chunk is this much of its source's measured per-connection speed...
+FIRST_CHUNK = 4 * MiB  # ...or this before the source is measured
+CHUNK_MIN = 1 * MiB  # below this a request's round trip costs more than its bytes
+CHUNK_MAX = 64 * MiB
+REISSUE_ETA = 2.0  # seconds a running chunk must still need before a faster source races it
+REISSUE_SPEEDUP = 2.0  # how much faster (measured) the second source must be
+RATE_SAMPLE = 1.0  # seconds between speed samples of a running chunk
+IDLE_RECHECK = 0.5  # seconds an idle worker waits before looking for a chunk to race again
+VERIFY_ROUNDS = 3  # full re-fetches of one blob before the pull gives up on it
+COMPARE_CHUNK = MiB
 
 
 def default_cache_dir() -> Path:
@@ -41,35 +78,12 @@ def default_cache_dir() -> Path:
 class Stats:
     bytes_by_source: dict[str, int] = field(default_factory=dict)
     cached_bytes: int = 0
-    dropped: set[str] = field(default_factory=set)  # sources that sent bytes not matching a digest
+    dropped: set[str] = field(default_factory=set)
+    reissued: int = 0  # chunks raced by a second source
     started: float = field(default_factory=time.monotonic)
 
-
-class _Recorder:
-    """Download listener: counts bytes, and keeps the written runs on disk (``<partial>.runs``) at most
-    every ``SAVE_EVERY`` seconds, so a killed pull resumes from what it had written."""
-
-    def __init__(self, runs: Runs, runs_file: Path, on_bytes: Callable[[int], None]) -> None:
-        self.runs = runs
-        self.runs_file = runs_file
-        self.on_bytes = on_bytes
-        self.size: int | None = None
-        self._saved = time.monotonic()
-
-    def on_size(self, size: int | None) -> None:
-        self.size = size
-
-    def on_data(self, offset: int, data: memoryview) -> None:
-        self.runs.add(offset, offset + len(data))
-        self.on_bytes(len(data))
-        if time.monotonic() - self._saved >= SAVE_EVERY:
-            self.save()
-
-    def save(self) -> None:
-        tmp = self.runs_file.with_suffix(".runs-tmp")
-        tmp.write_text(json.dumps({"size": self.size, "runs": self.runs.runs}))
-        os.replace(tmp, self.runs_file)
-        self._saved = time.monotonic()
+    def count(self, url: str, n: int) -> None:
+        self.bytes_by_source[url] = self.bytes_by_source.get(url, 0) + n
 
 
 def _size(path: Path) -> int:
@@ -91,11 +105,6 @@ def _unlocked(lock: Path) -> bool:
         os.close(fd)
 
 
-def _remove(*paths: Path) -> None:
-    for path in paths:
-        path.unlink(missing_ok=True)
-
-
 def _load_runs(partial: Path, runs_file: Path, size: int) -> Runs:
     """What an earlier, interrupted pull wrote; nothing when the record is missing or for another size."""
     if not partial.exists():
@@ -110,15 +119,10 @@ def _load_runs(partial: Path, runs_file: Path, size: int) -> Runs:
 
 
 class BlobCache:
-    def __init__(
-        self, root: Path, policy: DownloadPolicy | None = None, warn: Callable[[str], None] | None = None
-    ) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root
-        self.warn = warn or (lambda line: print(f"dao: warning: {line}", file=sys.stderr))
         self.blobs = root / "blobs"
         self.partial = root / "partial"
-        # Fewer, quicker resume attempts than the mirror's: a pull has other sources to turn to.
-        self.policy = policy or DownloadPolicy(connections=4, resume_attempts=3, backoff_base=0.2, backoff_max=1.0)
 
     def prune(self, max_bytes: int, keep: frozenset[Digest] = frozenset()) -> tuple[int, int]:
         """Bring the cache down to ``max_bytes``: partial downloads no running pull holds go first, then
@@ -152,89 +156,559 @@ class BlobCache:
     def path(self, digest: Digest) -> Path:
         return self.blobs / digest.algorithm / digest.encoded
 
-    async def get(
-        self,
-        repo: str,
-        blob: Descriptor,
-        sources: list[Source],
-        stats: Stats,
-        progress: Callable[[int], None] = lambda n: None,
-    ) -> Path:
-        """The verified blob's path; tries each source in turn. Raises PullError when none delivers."""
+    async def cached(self, blob: Descriptor) -> Path | None:
+        """The blob's path when the cache holds it with the right bytes (re-hashed: a cache is not proof)."""
         final = self.path(blob.digest)
         if final.exists() and await asyncio.to_thread(_hash_file, final, blob.digest) == blob.digest:
-            stats.cached_bytes += blob.size
-            progress(blob.size)
             await asyncio.to_thread(os.utime, final)  # last use, for pruning
             return final
-        for d in (final.parent, self.partial):
-            d.mkdir(parents=True, exist_ok=True)
-        partial = self.partial / blob.digest.encoded
-        runs_file = partial.with_suffix(".runs")
-        lock = os.open(partial.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)  # another dao pull of the same blob waits
-            if final.exists() and await asyncio.to_thread(_hash_file, final, blob.digest) == blob.digest:
-                stats.cached_bytes += blob.size
-                progress(blob.size)
-                return final
-            return await self._download(repo, blob, sources, stats, progress, partial, runs_file, final)
-        finally:
-            os.close(lock)
+        return None
 
-    async def _download(
+
+Progress = Callable[[int], None]  # bytes of the blob now in hand (it can go down when bad bytes are dropped)
+
+
+@dataclass(eq=False)
+class _Claim:
+    """A byte range [start, end) being fetched; ``pos``: the first byte of it nobody has written yet."""
+
+    blob: _Blob
+    start: int
+    end: int
+    peer: Peer  # who it was first given to
+    pos: int = 0
+    started: float = field(default_factory=time.monotonic)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    raced: bool = False
+
+    def __post_init__(self) -> None:
+        self.pos = self.start
+
+    def rate(self, now: float) -> float:
+        return (self.pos - self.start) / max(now - self.started, 1e-3)
+
+
+class _Blob:
+    """One blob being fetched: its partial file, the runs written, who wrote which, and the running claims."""
+
+    def __init__(
+        self, desc: Descriptor, order: int, cache: BlobCache, lock: int, have: Runs, progress: Progress
+    ) -> None:
+        self.desc = desc
+        self.order = order  # its place in the image: earlier layers are fetched first
+        self.digest = desc.digest
+        self.size = desc.size
+        self.partial = cache.partial / desc.digest.encoded
+        self.runs_file = self.partial.with_suffix(".runs")
+        self.final = cache.path(desc.digest)
+        self.lock = lock
+        self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644)
+        self.have = have
+        self.pieces: list[tuple[int, int, Peer | None]] = [(a, b, None) for a, b in have.runs]  # None: earlier run
+        self.claims: list[_Claim] = []
+        self.progress = progress
+        self.checking = False  # hashing or repairing: no new claims
+        self.rounds = 0
+        self.errors: dict[str, str] = {}
+        self.done: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
+        self._saved = time.monotonic()
+        progress(have.covered())
+
+    def unclaimed(self) -> list[tuple[int, int]]:
+        taken = Runs([(a, b) for a, b in self.have.runs])
+        for claim in self.claims:
+            if claim.pos < claim.end:
+                taken.add(claim.pos, claim.end)
+        return taken.holes(0, self.size)
+
+    def wrote(self, start: int, data: memoryview, peer: Peer) -> None:
+        done = 0
+        while done < len(data):  # page-cache writes: microseconds, not worth a thread hop per chunk
+            done += os.pwrite(self.fd, data[done:], start + done)
+        end = start + len(data)
+        self.have.add(start, end)
+        last = self.pieces[-1] if self.pieces else None
+        if last is not None and last[1] == start and last[2] is peer:
+            self.pieces[-1] = (last[0], end, peer)
+        else:
+            self.pieces.append((start, end, peer))
+        self.progress(self.have.covered())
+        if time.monotonic() - self._saved >= SAVE_EVERY:
+            self.save()
+
+    def complete(self) -> bool:
+        return self.have.covered() >= self.size
+
+    def forget(self, peer: Peer | None) -> None:
+        """Drop every byte ``peer`` wrote: they will be fetched again."""
+        keep = [(a, b, p) for a, b, p in self.pieces if p is not peer]
+        self.pieces = keep
+        self.have = Runs([(a, b) for a, b, _ in keep])
+        self.progress(self.have.covered())
+        self.save()
+
+    def reset(self) -> None:
+        self.pieces = []
+        self.have = Runs()
+        self.progress(0)
+        self.save()
+
+    def runs_of(self, peer: Peer | None) -> list[tuple[int, int]]:
+        return Runs([(a, b) for a, b, p in self.pieces if p is peer]).runs  # type: ignore[return-value]
+
+    def save(self) -> None:
+        tmp = self.runs_file.with_suffix(".runs-tmp")
+        tmp.write_text(json.dumps({"size": self.size, "runs": self.have.runs}))
+        os.replace(tmp, self.runs_file)
+        self._saved = time.monotonic()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        os.close(self.lock)
+
+
+class _RangeIgnored(Exception):
+    pass
+
+
+class Fetcher:
+    """The pull's blobs from its sources; one per pull (the sources' measured speeds carry over between
+    :meth:`fetch` calls)."""
+
+    def __init__(
+        self,
+        cache: BlobCache,
+        peers: list[Peer],
+        stats: Stats,
+        *,
+        connections: int = 16,
+        per_source: int = 12,
+        resume_attempts: int = 3,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
+        self.cache = cache
+        self.peers = peers
+        self.stats = stats
+        self.connections = max(1, connections)
+        self.per_source = max(1, per_source)
+        self.resume_attempts = resume_attempts
+        self.warn = warn or (lambda line: print(f"dao: warning: {line}", file=sys.stderr))
+        self._blobs: list[_Blob] = []
+        self._pulse = asyncio.Event()
+        self._unresolved = 0
+        self._checks: set[asyncio.Task[None]] = set()
+        self._repo = ""
+
+    async def fetch(
         self,
         repo: str,
-        blob: Descriptor,
-        sources: list[Source],
-        stats: Stats,
-        progress: Callable[[int], None],
-        partial: Path,
-        runs_file: Path,
-        final: Path,
-    ) -> Path:
-        errors = []
-        first = True
-        for source in sources:
-            if source.url in stats.dropped:
-                continue
-            have = await asyncio.to_thread(_load_runs, partial, runs_file, blob.size)
-            if first and have.covered():  # resumed: what an earlier run wrote counts as local
-                stats.cached_bytes += have.covered()
-                progress(have.covered())
-            first = False
+        blobs: list[Descriptor],
+        progress: Callable[[Descriptor], Progress] = lambda d: lambda n: None,
+        complete: Callable[[Descriptor], None] = lambda d: None,
+    ) -> dict[Digest, Path]:
+        """Every blob's verified path in the cache. Raises PullError when one cannot be had.
 
-            def count(n: int, source: Source = source) -> None:
-                stats.bytes_by_source[source.url] = stats.bytes_by_source.get(source.url, 0) + n
-                progress(n)
+        ``progress(blob)`` gives the callback told how many of the blob's bytes are in hand; ``complete(blob)``
+        is called as each blob is verified (or found in the cache), in the order that happens."""
+        self._repo = repo
+        unique = list({b.digest: b for b in blobs}.values())
+        out: dict[Digest, Path] = {}
+        for d in (self.cache.blobs / "sha256", self.cache.partial):
+            d.mkdir(parents=True, exist_ok=True)
+        mine: list[_Blob] = []
+        self._unresolved = len(unique)
 
-            recorder = _Recorder(have, runs_file, count)
-            fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+        async def prepare(order: int, desc: Descriptor) -> None:
+            hit = await self.cache.cached(desc)
+            if hit is None:
+                lock = os.open(self.cache.partial / f"{desc.digest.encoded}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)  # another dao pull of it: wait
+                    hit = await self.cache.cached(desc)
+                    if hit is None:
+                        partial = self.cache.partial / desc.digest.encoded
+                        have = await asyncio.to_thread(_load_runs, partial, partial.with_suffix(".runs"), desc.size)
+                        self.stats.cached_bytes += have.covered()  # resumed: an earlier run's bytes are local
+                        blob = _Blob(desc, order, self.cache, lock, have, progress(desc))
+                        lock = -1  # the blob holds it now
+                        mine.append(blob)
+                        self._blobs.append(blob)
+                        self._blobs.sort(key=lambda b: b.order)
+                        if blob.complete():
+                            self._check_soon(blob)
+                        self._wake()
+                        out[desc.digest] = await blob.done
+                        complete(desc)
+                        return
+                finally:
+                    if lock >= 0:
+                        os.close(lock)
+            self.stats.cached_bytes += desc.size
+            progress(desc)(desc.size)
+            out[desc.digest] = hit
+            self._resolved()
+            complete(desc)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for order, desc in enumerate(unique):
+                    group.create_task(prepare(order, desc))
+                for _ in range(min(self.connections, 1 + sum(d.size for d in unique) // CHUNK_MIN)):
+                    group.create_task(self._worker())
+        except BaseExceptionGroup as eg:
+            raise _first(eg) from None
+        finally:
+            for task in self._checks:
+                task.cancel()
+            for blob in mine:
+                self._blobs.remove(blob)
+                if blob.fd >= 0:
+                    blob.save()  # not finished: the next run starts from here
+                blob.close()
+        return out
+
+    def _wake(self) -> None:
+        """Idle workers look again: a chunk was released, a blob added or checked, a source dropped."""
+        self._pulse.set()
+        self._pulse = asyncio.Event()
+
+    def _resolved(self) -> None:
+        self._unresolved -= 1
+        self._wake()
+
+    # -- workers -------------------------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        while True:
+            while (job := self._next()) is None:
+                if self._unresolved <= 0:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._pulse.wait(), IDLE_RECHECK)
+            peer, claim, cursor = job
+            log.debug("%s bytes %d-%d from %s", claim.blob.digest.encoded[:12], cursor, claim.end - 1, peer.url)
+            task = asyncio.create_task(self._race(peer, claim, cursor))
+            claim.tasks.add(task)
             try:
-                if have.covered() < blob.size:
-                    body = source.client.blob_source(repo, blob.digest)
-                    await Download(body, fd, recorder, self.policy, have=have, size=blob.size).run()
-                os.fsync(fd)
-            except RegistryClientError as exc:
-                errors.append(f"{source.url}: {exc}")
-                if isinstance(exc, UpstreamUnavailable):  # gone or broken, not just without this blob
-                    stats.dropped.add(source.url)
-                    self.warn(f"{source.url} failed ({exc}); going on with the next source")
-                continue
+                await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # the pull itself is being stopped
+                # else: the other racer finished this chunk first, or its source was dropped
             finally:
-                os.close(fd)
-                recorder.save()  # also when interrupted: the next run starts from here
-            actual = await asyncio.to_thread(_hash_file, partial, blob.digest)
-            if actual != blob.digest:
-                await asyncio.to_thread(_remove, partial, runs_file)
-                errors.append(f"{source.url}: the bytes hash to {actual}, not {blob.digest}")
-                stats.dropped.add(source.url)  # a source that lies once is not asked again in this pull
-                self.warn(f"{source.url} sent corrupt bytes for {blob.digest}; not using it again")
+                claim.tasks.discard(task)
+                self._wake()
+
+    def _next(self) -> tuple[Peer, _Claim, int] | None:
+        """The next chunk and its source, or a slow running chunk to race; None when there is nothing to do."""
+        remaining = 0
+        candidates: list[tuple[_Blob, list[tuple[int, int]]]] = []
+        for blob in self._blobs:
+            if blob.done.done() or blob.checking:
                 continue
-            os.replace(partial, final)
-            await asyncio.to_thread(_remove, runs_file)
-            return final
-        raise PullError(f"cannot get {blob.digest}: " + "; ".join(errors))
+            holes = blob.unclaimed()
+            if not holes:
+                continue
+            remaining += sum(b - a for a, b in holes)
+            candidates.append((blob, holes))
+        for blob, holes in candidates:
+            if not can_serve(self.peers, blob.digest):
+                if not blob.claims:
+                    self._fail(blob)
+                continue
+            peer = pick(self.peers, blob.digest, self.per_source)
+            if peer is None:
+                continue
+            start, end = holes[0]
+            if not peer.ranges:
+                if blob.claims:
+                    continue  # it can only send the whole blob; leave this one to the others
+                end = blob.size
+            else:
+                size = self._chunk_size(peer, remaining)
+                if end - start > size + CHUNK_MIN:
+                    end = start + size
+            claim = _Claim(blob, start, end, peer)
+            blob.claims.append(claim)
+            peer.active += 1  # now: the next pick in this same loop turn must see it
+            return peer, claim, start
+        return self._reissue()
+
+    def _chunk_size(self, peer: Peer, remaining: int) -> int:
+        target = peer.rate * CHUNK_SECONDS if peer.rate else FIRST_CHUNK
+        fair = remaining // self.connections  # near the end: a share of what is left, so all finish together
+        return int(max(CHUNK_MIN, min(CHUNK_MAX, target, max(fair, CHUNK_MIN))))
+
+    def _reissue(self) -> tuple[Peer, _Claim, int] | None:
+        """The running chunk that would finish last, raced by a source measured much faster than it goes."""
+        now = time.monotonic()
+        best: tuple[float, Peer, _Claim] | None = None
+        for blob in self._blobs:
+            for claim in blob.claims:
+                left = claim.end - claim.pos
+                if claim.raced or left < CHUNK_MIN // 4 or now - claim.started < 1.0:
+                    continue
+                rate = claim.rate(now)
+                eta = left / max(rate, 1.0)
+                if eta < REISSUE_ETA:
+                    continue
+                peer = pick(self.peers, blob.digest, self.per_source, exclude=claim.peer)
+                if peer is None or peer.rate is None or peer.rate < REISSUE_SPEEDUP * rate:
+                    continue
+                if best is None or eta > best[0]:
+                    best = (eta, peer, claim)
+        if best is None:
+            return None
+        _, peer, claim = best
+        claim.raced = True
+        peer.active += 1
+        self.stats.reissued += 1
+        log.info("racing %s bytes %d-%d on %s", claim.blob.digest, claim.pos, claim.end - 1, peer.url)
+        return peer, claim, claim.pos
+
+    # -- one request ---------------------------------------------------------------------------------------
+
+    async def _race(self, peer: Peer, claim: _Claim, cursor: int) -> None:
+        """Fetch ``claim`` from ``cursor`` on; ``peer.active`` was counted when it was handed out."""
+        blob = claim.blob
+        mark = began = time.monotonic()
+        got = marked = 0
+        try:
+            whole = not peer.ranges or (cursor == 0 and claim.end == blob.size)
+            source = peer.source.client.blob_source(self._repo, blob.digest)
+            async with source.open(cursor, None if whole else claim.end - 1) as body:
+                if body.size is not None and body.size != blob.size:
+                    raise UpstreamUnavailable(f"says {blob.digest} has {body.size} bytes, not {blob.size}")
+                skip = cursor - body.offset
+                if skip < 0 or (skip > 0 and peer.ranges):
+                    peer.ranges = False
+                    raise _RangeIgnored
+                async for chunk in body.chunks():
+                    view = memoryview(chunk)
+                    if skip:
+                        dropped = min(skip, len(view))
+                        skip -= dropped
+                        view = view[dropped:]
+                    view = view[: claim.end - cursor]
+                    if not view:
+                        continue
+                    got += len(view)
+                    self.stats.count(peer.url, len(view))
+                    now = time.monotonic()
+                    if now - mark >= RATE_SAMPLE:  # measured while it runs: a slow source shows in a second
+                        peer.measured(got - marked, now - mark)
+                        mark, marked = now, got
+                    fresh = claim.pos - cursor  # > 0: the other racer already wrote that much of this
+                    if fresh < len(view):
+                        blob.wrote(max(cursor, claim.pos), view[max(fresh, 0) :], peer)
+                        claim.pos = cursor + len(view)
+                    cursor += len(view)
+                    if cursor >= claim.end or claim.pos >= claim.end:
+                        break
+            if claim.pos < claim.end and cursor < claim.end:
+                raise UpstreamUnavailable(f"body ended at byte {cursor}, wanted {claim.end}")
+        except _RangeIgnored:
+            self._release(claim)
+            return
+        except UpstreamNotFound as exc:
+            peer.missing.add(blob.digest)
+            blob.errors[peer.url] = f"not found ({exc})"
+            self._release(claim)
+            return
+        except (RegistryClientError, TimeoutError) as exc:
+            self._release(claim)
+            blob.errors[peer.url] = str(exc)
+            await self._failed(peer, blob, exc, got)
+            return
+        except asyncio.CancelledError:
+            self._release(claim)
+            raise
+        finally:
+            peer.active -= 1
+        if mark == began:  # a short chunk: one sample for all of it
+            peer.measured(got, time.monotonic() - began)
+        peer.failures = 0
+        if claim.pos >= claim.end:
+            self._finish(claim)
+
+    def _release(self, claim: _Claim) -> None:
+        """This racer is out; with no other racer the chunk's unwritten rest is free for anyone."""
+        if len(claim.tasks) <= 1 and claim in claim.blob.claims:
+            claim.blob.claims.remove(claim)
+
+    def _finish(self, claim: _Claim) -> None:
+        blob = claim.blob
+        if claim in blob.claims:
+            blob.claims.remove(claim)
+        current = asyncio.current_task()
+        for task in claim.tasks:
+            if task is not current:
+                task.cancel()  # the slower racer
+        if blob.complete() and not blob.checking and not blob.done.done():
+            self._check_soon(blob)
+
+    async def _failed(self, peer: Peer, blob: _Blob, exc: BaseException, got: int) -> None:
+        others = any(p is not peer and p.out is None and blob.digest not in p.missing for p in self.peers)
+        if others:
+            self._drop(peer, f"{peer.url} failed ({exc}); going on with the other sources")
+            return
+        peer.failures = 0 if got else peer.failures + 1
+        if peer.failures >= self.resume_attempts:
+            self._drop(peer, f"{peer.url} failed {peer.failures} times in a row ({exc})")
+            return
+        log.info("retrying %s after: %s", peer.url, exc)
+        await asyncio.sleep(min(0.2 * 2**peer.failures, 2.0) * random.uniform(0.5, 1.0))
+
+    def _drop(self, peer: Peer, why: str, *, lied: bool = False) -> None:
+        if peer.out is not None:
+            return
+        peer.out = why
+        peer.lied = lied
+        self.stats.dropped.add(peer.url)
+        self.warn(why)
+        current = asyncio.current_task()
+        for blob in self._blobs:
+            for claim in blob.claims:
+                if claim.peer is peer and not claim.raced:
+                    for task in claim.tasks:
+                        if task is not current:
+                            task.cancel()  # a stalled stream of a dropped source would hold its chunk
+        self._wake()
+
+    def _fail(self, blob: _Blob) -> None:
+        if not blob.done.done():
+            why = "; ".join(f"{url}: {err}" for url, err in blob.errors.items()) or "no source left"
+            blob.done.set_exception(PullError(f"cannot get {blob.digest}: {why}"))
+
+    # -- verification --------------------------------------------------------------------------------------
+
+    def _check_soon(self, blob: _Blob) -> None:
+        blob.checking = True
+        task = asyncio.get_running_loop().create_task(self._check(blob))
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    async def _check(self, blob: _Blob) -> None:
+        try:
+            actual = await asyncio.to_thread(_sync_and_hash, blob.fd, blob.digest)
+            if actual != blob.digest:
+                actual = await self._repair(blob, actual)
+                if not blob.complete():
+                    return  # a known liar's bytes were dropped: the workers fetch them again
+            if actual == blob.digest:
+                os.close(blob.fd)
+                blob.fd = -1
+                os.replace(blob.partial, blob.final)
+                blob.runs_file.unlink(missing_ok=True)
+                blob.done.set_result(blob.final)
+                self._resolved()
+                return
+            blob.rounds += 1
+            if blob.rounds >= VERIFY_ROUNDS:
+                blob.errors["verify"] = f"the bytes hash to {actual}, not {blob.digest}, {blob.rounds} times"
+                self._fail(blob)
+                return
+            self.warn(f"{blob.digest}: the bytes hash to {actual}; fetching it again")
+            blob.reset()
+        except Exception as exc:  # whatever broke, the pull must hear of it, not hang
+            if not blob.done.done():
+                blob.done.set_exception(exc)
+        finally:
+            blob.checking = False
+            self._wake()
+
+    async def _repair(self, blob: _Blob, actual: Digest) -> Digest:
+        """Find who sent the bad bytes: each source's runs fetched again from another source and compared."""
+        writers = list(dict.fromkeys(p for _, _, p in blob.pieces))
+        liars = [p for p in writers if p is not None and p.lied]
+        for peer in liars:  # already caught lying elsewhere: just drop what they wrote
+            blob.forget(peer)
+        if liars:
+            return actual
+        # The least proven first: an earlier run's bytes, then sources in order of how little they wrote.
+        writers.sort(key=lambda p: (p is not None, sum(b - a for a, b in blob.runs_of(p))))
+        for writer in writers:
+            for checker in self._checkers(blob, writer):
+                try:
+                    bad = await self._compare(blob, blob.runs_of(writer), checker)
+                    break
+                except (RegistryClientError, TimeoutError) as exc:
+                    log.info("could not check %s against %s: %s", blob.digest, checker.url, exc)
+            else:
+                continue  # nobody to check this writer against
+            if not bad:
+                continue
+            where = ", ".join(f"{a}-{b - 1}" for a, b in bad[:3]) + (" ..." if len(bad) > 3 else "")
+            if writer is not None:
+                why = f"{writer.url} sent corrupt bytes for {blob.digest} (bytes {where} differ from {checker.url}'s)"
+                self._drop(writer, f"{why}; not using it again", lied=True)
+            else:
+                self.warn(f"the partial download of {blob.digest} had bad bytes ({where}); replaced them")
+            actual = await asyncio.to_thread(_sync_and_hash, blob.fd, blob.digest)
+            if actual == blob.digest:
+                return actual
+        return actual
+
+    def _checkers(self, blob: _Blob, writer: Peer | None) -> list[Peer]:
+        """Who to compare ``writer``'s bytes with: other live sources, mirrors first, fastest first."""
+        usable = [p for p in self.peers if p is not writer and p.out is None and blob.digest not in p.missing]
+        return sorted(usable, key=lambda p: (not p.source.mirror, -(p.rate or 0.0), p.rank))
+
+    async def _compare(self, blob: _Blob, runs: list[tuple[int, int]], checker: Peer) -> list[tuple[int, int]]:
+        """Fetch ``runs`` from ``checker`` (in chunks, several at once); where its bytes differ, they replace
+        ours. Returns the differing runs."""
+        source = checker.source.client.blob_source(self._repo, blob.digest)
+        bad = Runs()
+        pieces = [(a, min(a + FIRST_CHUNK, end)) for start, end in runs for a in range(start, end, FIRST_CHUNK)]
+        gate = asyncio.Semaphore(self.per_source)
+
+        async def one(start: int, end: int) -> None:
+            pos = start
+            async with gate, source.open(start, None if (start, end) == (0, blob.size) else end - 1) as body:
+                if body.offset != start:
+                    raise UpstreamUnavailable(f"answered from byte {body.offset}, wanted {start}")
+                async for chunk in body.chunks():
+                    theirs = memoryview(chunk)[: end - pos]
+                    self.stats.count(checker.url, len(theirs))
+                    if os.pread(blob.fd, len(theirs), pos) != theirs:
+                        os.pwrite(blob.fd, theirs, pos)
+                        bad.add(pos, pos + len(theirs))
+                    pos += len(theirs)
+                    if pos >= end:
+                        break
+            if pos < end:
+                raise UpstreamUnavailable(f"body ended at byte {pos}, wanted {end}")
+
+        checker.active += 1
+        try:
+            async with asyncio.TaskGroup() as group:
+                for start, end in pieces:
+                    group.create_task(one(start, end))
+        except BaseExceptionGroup as eg:
+            raise _first(eg) from None
+        finally:
+            checker.active -= 1
+        for start, end in bad.runs:  # those bytes are the checker's now
+            blob.pieces = [
+                piece
+                for a, b, p in blob.pieces
+                for piece in ((a, min(b, start), p), (max(a, end), b, p))
+                if piece[0] < piece[1]
+            ] + [(start, end, checker)]
+        return [(a, b) for a, b in bad.runs]
+
+
+def _sync_and_hash(fd: int, want: Digest) -> Digest:
+    os.fsync(fd)
+    h = hashlib.new(want.algorithm)
+    pos = 0
+    while chunk := os.pread(fd, HASH_CHUNK, pos):
+        h.update(chunk)
+        pos += len(chunk)
+    return Digest(want.algorithm, h.hexdigest())
 
 
 def _hash_file(path: Path, want: Digest) -> Digest:
@@ -243,3 +717,11 @@ def _hash_file(path: Path, want: Digest) -> Digest:
         while chunk := f.read(HASH_CHUNK):
             h.update(chunk)
     return Digest(want.algorithm, h.hexdigest())
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first(exc)
+        return exc
+    return group

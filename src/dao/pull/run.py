@@ -17,18 +17,27 @@ from pathlib import Path
 
 import aiohttp
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from dao.docker import Engine, go_arch
 from dao.oci.digest import Digest
-from dao.oci.manifest import DOCKER_MANIFEST_V2, OCI_MANIFEST, Platform
+from dao.oci.manifest import DEFAULT_ACCEPT, DOCKER_MANIFEST_V2, OCI_MANIFEST, Descriptor, Platform
 from dao.oci.reference import DOCKER_HUB_DOMAIN, Reference
-from dao.pull.fetch import BlobCache, Stats, default_cache_dir
+from dao.pull.fetch import BlobCache, Fetcher, Stats, default_cache_dir
 from dao.pull.load import chain_ids, docker_archive, engine_chain_ids
 from dao.pull.plan import PullError, Source, resolve
-from dao.pull.route import rank
+from dao.pull.route import Peer, rank
 from dao.registry.client import Manifest, RegistryClient
 from dao.registry.dockerconfig import credentials_for
+from dao.registry.errors import RegistryClientError
 
 REF_NAME = "org.opencontainers.image.ref.name"
 
@@ -39,7 +48,9 @@ class PullOptions:
     platform: str | None = None
     mirrors: tuple[str, ...] = ()
     engine_mirrors: bool = True
-    jobs: int = 8  # blobs at once
+    jobs: int = 16  # connections at once, across all blobs and sources
+    per_source: int = 12  # connections to one source at once
+    verify_upstream: bool = False  # resolve the tag at the registry itself, not through a mirror
     cache_dir: Path | None = None
     quiet: bool = False
     output: str | None = None  # oci:DIR or docker-archive:FILE instead of the engine
@@ -90,11 +101,22 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
         if not options.quiet:
             name = dataclasses.replace(ref, tag=None, digest=None).familiar()
             out(f"{ref.tag or ref.digest}: Pulling from {name}")
-        plan = await resolve(ref, sources, platform)
+        target = ref
+        if options.verify_upstream and ref.digest is None:
+            target = await pinned(ref, registry_client, registry)
+        plan = await resolve(target, sources, platform)
         ordered = [plan.source] + [s for s in sources if s is not plan.source]
         cache = BlobCache(options.cache_dir or default_cache_dir())
         stats = Stats()
-        config_path = await cache.get(ref.path, plan.config, ordered, stats)
+        fetcher = Fetcher(
+            cache,
+            [Peer(s, i) for i, s in enumerate(ordered)],
+            stats,
+            connections=options.jobs,
+            per_source=options.per_source,
+            warn=warn,
+        )
+        config_path = (await fetcher.fetch(ref.path, [plan.config]))[plan.config.digest]
         config = await asyncio.to_thread(config_path.read_bytes)
         diff_ids = [str(d) for d in json.loads(config).get("rootfs", {}).get("diff_ids", [])]
         if len(diff_ids) != len(plan.layers):
@@ -109,32 +131,33 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
                 return 0
             have = set() if info.containerd_store else await engine_chain_ids(engine)
             skip = {i for i, chain in enumerate(chain_ids(diff_ids)) if chain in have}
-        gate = asyncio.Semaphore(max(1, options.jobs))
-
         bars = _progress_bars() if options.progress and not options.quiet else None
+        wanted = [layer for i, layer in enumerate(plan.layers) if i not in skip]
+        for i in sorted(skip):
+            if not options.quiet:
+                out(f"{plan.layers[i].digest.encoded[:12]}: Already exists")
+        tasks: dict[Digest, TaskID] = {}
 
-        async def one(i: int) -> Path | None:
-            layer = plan.layers[i]
-            short = layer.digest.encoded[:12]
-            if i in skip:
-                if not options.quiet:
-                    out(f"{short}: Already exists")
-                return None
-            task = bars.add_task(short, total=layer.size) if bars is not None else None
-            advance = (lambda n: bars.advance(task, n)) if bars is not None and task is not None else (lambda n: None)
-            async with gate:
-                path = await cache.get(ref.path, layer, ordered, stats, advance)
+        def progress(layer: Descriptor) -> Callable[[int], None]:
+            if bars is None:
+                return lambda n: None
+            if layer.digest not in tasks:
+                tasks[layer.digest] = bars.add_task(layer.digest.encoded[:12], total=layer.size)
+            task = tasks[layer.digest]
+            return lambda n: bars.update(task, completed=n)
+
+        def complete(layer: Descriptor) -> None:
             if not options.quiet and bars is None:  # with bars, the full bar says it
-                out(f"{short}: Pull complete")
-            return path
+                out(f"{layer.digest.encoded[:12]}: Pull complete")
 
         if bars is not None:
             bars.start()
         try:
-            paths = await asyncio.gather(*(one(i) for i in range(len(plan.layers))))
+            got = await fetcher.fetch(ref.path, wanted, progress, complete)
         finally:
             if bars is not None:
                 bars.stop()
+        paths = [None if i in skip else got[layer.digest] for i, layer in enumerate(plan.layers)]
         layers = [(f"{layer.digest.encoded}/layer.tar", path) for layer, path in zip(plan.layers, paths, strict=True)]
         archive = docker_archive(f"{plan.config.digest.encoded}.json", config, [tag] if tag else [], layers)
         if engine is not None:
@@ -155,6 +178,18 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
         keep = frozenset({plan.config.digest, *(layer.digest for layer in plan.layers)})
         await asyncio.to_thread(cache.prune, options.cache_max, keep)
         return 0
+
+
+async def pinned(ref: Reference, registry: RegistryClient, url: str) -> Reference:
+    """``ref`` by the digest its tag has at the registry itself (``--verify-upstream``): mirrors then serve
+    exactly that manifest, or nothing."""
+    try:
+        head = await registry.head_manifest(ref.path, ref.reference, DEFAULT_ACCEPT)
+    except RegistryClientError as exc:
+        raise PullError(f"--verify-upstream: cannot resolve {ref.familiar()} at {url}: {exc}") from exc
+    if head.digest is None:
+        raise PullError(f"--verify-upstream: {url} did not say which digest {ref.familiar()} has")
+    return dataclasses.replace(ref, digest=head.digest)
 
 
 _OCI_LAYER_TYPES = {
@@ -270,9 +305,10 @@ def _finish(out: Callable[[str], None], options: PullOptions, digest: object, st
 def _summary(stats: Stats, *, skipped: int) -> None:
     elapsed = max(time.monotonic() - stats.started, 1e-6)
     total = sum(stats.bytes_by_source.values())
+    raced = f"; {stats.reissued} slow chunks raced by a faster source" if stats.reissued else ""
     per_source = ", ".join(f"{n / 1e6:.1f} MB from {url}" for url, n in stats.bytes_by_source.items()) or "nothing"
     print(
         f"dao: {per_source}; {stats.cached_bytes / 1e6:.1f} MB from the local cache; {skipped} layers already "
-        f"in the engine; {elapsed:.1f} s, {total / elapsed / 1e6:.1f} MB/s",
+        f"in the engine{raced}; {elapsed:.1f} s, {total / elapsed / 1e6:.1f} MB/s",
         file=sys.stderr,
     )
