@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--kill-after", type=float, default=1.0, help="seconds into a pull to kill mirror 1 in (c)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed for one pull")
     parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of docker,skopeo,dao")
+    parser.add_argument("--scenarios", default="a,b,c", help="comma-separated subset of a,b,c")
+    parser.add_argument("--repeat", type=int, default=3, help="(b) pulls per tool; the median is reported")
     parser.add_argument("--workdir", type=Path, help="keep logs here (default: a temporary directory)")
     args = parser.parse_args()
     run_isolated(args, run, "dao-pullbench-")
@@ -99,7 +101,7 @@ def measure(args: argparse.Namespace, work: Path, built: dict, started: list[Sto
         engine.reset()
         shutil.rmtree(cache, ignore_errors=True)
 
-    def pull(tool: str, ref: str, *, kill_after: float | None = None) -> tuple[float, bool]:
+    def pull(tool: str, ref: str, label: str, *, kill_after: float | None = None) -> tuple[float, bool]:
         reset()
         killer = threading.Timer(kill_after, mirrors[0].kill) if kill_after is not None else None
         env = {**os.environ, "DOCKER_HOST": f"unix://{engine.sock}"}
@@ -129,28 +131,33 @@ def measure(args: argparse.Namespace, work: Path, built: dict, started: list[Sto
                 killer.cancel()  # a pull done before the kill leaves the mirror up
                 killer.join()
         ok = done.returncode == 0
+        (work / f"{label}-{tool}.log").write_text(done.stdout + done.stderr)
         if not ok:
             print(f"    {tool} failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:200]}", file=sys.stderr)
         return time.monotonic() - begin, ok
 
+    scenarios = args.scenarios.split(",")
     for name in built:
         direct = f"127.0.0.1:{link_port}/library/pb-{name}:v1"
-        for tool in tools:
+        for tool in tools if "a" in scenarios else ():
             print(f"(a) {tool} {name} over the lossy link...", file=sys.stderr)
-            seconds, ok = pull(tool, direct)
+            seconds, ok = pull(tool, direct, f"a-{name}")
             results.append(Run(tool, name, "a", seconds, ok))
+        if not {"b", "c"} & set(scenarios):
+            continue
         warm = f"library/pb-{name}:v1"
         for m in mirrors:  # warm both mirrors (not measured)
             argv = [DAO, "pull", "--cache-dir", str(work / "warm"), "--no-engine-mirrors", "--mirror", m.url]
             subprocess.run([*argv, "-o", f"docker-archive:{work / 'warm.tar'}", warm], check=True, capture_output=True)
             shutil.rmtree(work / "warm", ignore_errors=True)
-        for tool in tools:
-            print(f"(b) {tool} {name} from warm mirrors...", file=sys.stderr)
-            seconds, ok = pull(tool, warm)
-            results.append(Run(tool, name, "b", seconds, ok))
-        for tool in tools:
+        for round_ in range(max(1, args.repeat) if "b" in scenarios else 0):
+            for tool in tools:  # interleaved, so a slow moment of the machine hits every tool alike
+                print(f"(b) {tool} {name} from warm mirrors ({round_ + 1})...", file=sys.stderr)
+                seconds, ok = pull(tool, warm, f"b{round_}-{name}")
+                results.append(Run(tool, name, "b", seconds, ok))
+        for tool in tools if "c" in scenarios else ():
             print(f"(c) {tool} {name}, mirror 1 killed mid-pull...", file=sys.stderr)
-            seconds, ok = pull(tool, warm, kill_after=args.kill_after)
+            seconds, ok = pull(tool, warm, f"c-{name}", kill_after=args.kill_after)
             results.append(Run(tool, name, "c", seconds, ok))
             if mirrors[0].proc is None or not mirrors[0].proc.alive():
                 mirrors[0].start()  # same port and data: warm again
@@ -167,7 +174,10 @@ def report(args: argparse.Namespace, results: list[Run], tools: list[str]) -> No
     header = f"{'image':<6} {'scenario':<24}" + "".join(f"{t:>16}" for t in tools)
     print(header)
     print("-" * len(header))
-    by = {(r.tool, r.image, r.scenario): r for r in results}
+    by: dict[tuple[str, str, str], Run] = {}
+    for key in {(r.tool, r.image, r.scenario) for r in results}:  # repeated runs: the median, failed if any failed
+        runs = sorted((r for r in results if (r.tool, r.image, r.scenario) == key), key=lambda r: r.seconds)
+        by[key] = Run(*key, runs[len(runs) // 2].seconds, all(r.ok for r in runs))
     for image in ("big", "many"):
         for key, label in scenarios.items():
             cells = []

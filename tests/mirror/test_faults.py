@@ -4,8 +4,10 @@ request recovers, and a warm cache keeps serving when the upstream is gone."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -167,6 +169,31 @@ async def test_client_range_on_a_blob_in_flight(world: World, proxied) -> None:
         assert not whole.done()  # answered from the growing file, long before the blob is complete
         assert await whole == data
     assert proxy.blob_ranges(digest) == ["-"]  # one upstream transfer for both clients
+
+
+async def test_a_range_far_ahead_of_a_cold_fetch_is_fetched_first(world: World, proxied) -> None:
+    make, _ = proxied
+    proxy, mirror = make("--rate", "1000000", mirror_args=("--fetch-connections", "4"))
+    digest, data = biggest_layer(world)
+    url = f"{mirror.url}/v2/dao-test/big/blobs/{digest}"
+    start = len(data) // 2 + 12345  # in the head's gap: neither the head nor the top-down helpers are near it
+    async with aiohttp.ClientSession() as s:
+        whole = asyncio.create_task(fetch(url))
+        await asyncio.sleep(1.0)  # the cold fetch is under way: head from 0, helpers from the end
+        async with s.get(url, headers={"Range": f"bytes={start}-{start + 999_999}"}) as r:
+            assert r.status == 206
+            assert await r.read() == data[start : start + 1_000_000]
+        assert not whole.done()  # 100 MiB at a few MB/s: far from done
+        whole.cancel()  # the client hangs up: routine for the mirror, not an error
+        with contextlib.suppress(asyncio.CancelledError):
+            await whole
+    wanted = [r for r in proxy.blob_ranges(digest) if r.startswith(f"bytes={start}-")]
+    assert wanted, proxy.blob_ranges(digest)  # a helper started exactly where the client waited
+    deadline = time.monotonic() + 5
+    while not any(a.status == 499 for a in mirror.accesses()) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.1)  # another process's log file: nothing to wait on but the clock
+    assert any(a.status == 499 for a in mirror.accesses())
+    assert "unhandled error" not in mirror.output()
 
 
 async def test_first_bytes_reach_the_client_before_the_blob_is_complete(world: World, proxied) -> None:

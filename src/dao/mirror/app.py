@@ -84,6 +84,11 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(exc)
     except web.HTTPException:
         raise
+    except ConnectionResetError:
+        # The client hung up mid-response (a pull cancelled, a chunk raced and lost): routine, not a fault.
+        # 499 is what the access log and /metrics show, as nginx does; nothing more can be sent anyway.
+        request["dao.failure"] = "client went away"
+        return web.Response(status=499)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(RegistryError(ErrorCode.UNKNOWN, "internal error in the mirror"))

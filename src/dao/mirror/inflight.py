@@ -172,6 +172,8 @@ class Fetch:
                 return  # the whole range is out; its last byte was held back if it ended the blob
             if self.done:  # size is known once done, so ``last`` is too: the range ran past the blob
                 raise FetchFailed(f"range beyond the end of {self.digest}")
+            if self.download is not None and pos > 0:
+                self.download.want(pos)  # nobody may be fetching this part yet
             await self._progress.wait()
 
     def _readable_until(self, pos: int, end: int | None) -> int:

@@ -536,7 +536,8 @@ class Fetcher:
 
     def _release(self, claim: _Claim) -> None:
         """This racer is out; with no other racer the chunk's unwritten rest is free for anyone."""
-        if len(claim.tasks) <= 1 and claim in claim.blob.claims:
+        claim.tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+        if not claim.tasks and claim in claim.blob.claims:
             claim.blob.claims.remove(claim)
 
     def _finish(self, claim: _Claim) -> None:

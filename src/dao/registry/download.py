@@ -112,6 +112,8 @@ class Download:
         self.head_pos = self.have.end_of(0)
         self.frontier: int | None = None  # lowest byte claimed by a helper; the head stops there
         self._holes: list[tuple[int, int]] = []  # gaps past the head's own, for helpers (resume)
+        self._wanted: list[tuple[int, int]] = []  # gaps a reader waits at: fetched from their start, newest first
+        self._helpers = 0
         if size is not None:
             self._plan_holes(size)
         self.started = False  # the head's first headers arrived
@@ -208,9 +210,35 @@ class Download:
         """No helpers after all: the head goes on to the end (re-writing runs a resumed file already has)."""
         self.frontier = self.size
         self._holes.clear()
+        self._wanted.clear()
+
+    def want(self, pos: int) -> None:
+        """A reader waits for byte ``pos``. When no stream is on it (it lies in the head's gap, far ahead of the
+        head), the gap is split there and a helper starts at ``pos`` -- an extra connection if all are busy,
+        up to twice the policy's -- so a client's ``Range`` in the middle of a cold blob gets its first bytes
+        in a round trip instead of when the head or the top-down helpers get there."""
+        p = self.policy
+        if not self.ranges_work or self.frontier is None or self.size is None or self._group is None:
+            return
+        for i, (start, end) in enumerate(self._wanted):
+            if start <= pos < end:
+                if start == pos:
+                    return  # wanted already; a helper takes it as soon as one is free
+                del self._wanted[i]  # split, so this reader's byte comes first
+                self._wanted += [(start, pos), (pos, end)]
+                break
+        else:
+            if not self.head_pos + 2 * p.segment_min <= pos < self.frontier:
+                return  # the head is nearly there, or a helper already has it
+            self._wanted.append((pos, self.frontier))
+            self.frontier = pos
+            log.debug("a reader waits at byte %d: fetching from there", pos)
+        if self._helpers < 2 * p.connections - 1:
+            self._spawn()
 
     def _spawn(self) -> None:
         assert self._group is not None
+        self._helpers += 1
         self._group.create_task(self._helper())
 
     def _claim(self) -> tuple[int, int] | None:
@@ -218,6 +246,13 @@ class Download:
         the head should finish what is left."""
         assert self.frontier is not None
         p = self.policy
+        if self._wanted:
+            start, end = self._wanted.pop()
+            segment = max(p.segment_min, min(p.segment_max, (end - start) // (2 * p.connections)))
+            if end - start > segment + p.segment_min:
+                self._wanted.append((start + segment, end))
+                end = start + segment
+            return start, end
         if self._holes:
             start, end = self._holes.pop()
             if end - start > p.segment_max:
@@ -234,6 +269,12 @@ class Download:
         return self.frontier, end
 
     async def _helper(self) -> None:
+        try:
+            await self._helper_loop()
+        finally:
+            self._helpers -= 1
+
+    async def _helper_loop(self) -> None:
         while (claimed := self._claim()) is not None:
             segment = _Segment(*claimed)
             failures = 0
