@@ -6,16 +6,20 @@
 Re-runs itself in a private network namespace. In it: the upstream (CNCF registry + token server) behind the
 emulated long-haul link of ``bench/link.py``, two dao mirrors in front of that link, and a private dockerd
 whose ``registry-mirrors`` lists both. Two images: one big single layer, one of many small layers. Each tool
-pulls each image (a) straight from the upstream over the lossy link, (b) from the warm mirrors (loopback:
-a fast link), (c) from the warm mirrors with the first one killed a moment into the pull. The engine and
+pulls each image (a) straight from the upstream over the lossy link, (b) from the warm mirrors over an emulated
+fast link (a mirror in the same region: short RTT, wide, but still a per-connection ceiling), (l) from the
+warm mirrors on loopback (no link at all: what is left is each tool's own overhead and the engine's unpacking),
+(c) from the warm mirrors (fast link) with the first one killed a moment into the pull. The engine and
 dao's content cache are emptied before every measured pull.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -56,10 +60,14 @@ def main() -> None:
     parser.add_argument("--rtt-ms", type=float, default=160)
     parser.add_argument("--link-mbit", type=float, default=40)
     parser.add_argument("--conn-mbit", type=float, default=3)
+    parser.add_argument("--fast-rtt-ms", type=float, default=20, help="(b, c): the link to the mirrors")
+    parser.add_argument("--fast-link-mbit", type=float, default=1000)
+    parser.add_argument("--fast-conn-mbit", type=float, default=100)
     parser.add_argument("--kill-after", type=float, default=1.0, help="seconds into a pull to kill mirror 1 in (c)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed for one pull")
     parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of docker,skopeo,dao")
-    parser.add_argument("--scenarios", default="a,b,c", help="comma-separated subset of a,b,c")
+    parser.add_argument("--images", default="big,many", help="comma-separated subset of big,many")
+    parser.add_argument("--scenarios", default="a,b,l,c", help="comma-separated subset of a,b,l,c")
     parser.add_argument("--repeat", type=int, default=3, help="(b) pulls per tool; the median is reported")
     parser.add_argument("--workdir", type=Path, help="keep logs here (default: a temporary directory)")
     args = parser.parse_args()
@@ -72,8 +80,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
     many = images.image(
         work, [images.data_layer(work, f"pb-{i}", int(args.layer_mib * MiB)) for i in range(args.layers)]
     )
+    chosen = args.images.split(",")
     with stopping() as started:
-        measure(args, work, {"big": big, "many": many}, started)
+        measure(args, work, {k: v for k, v in {"big": big, "many": many}.items() if k in chosen}, started)
 
 
 def measure(args: argparse.Namespace, work: Path, built: dict, started: list[Stoppable]) -> None:
@@ -90,9 +99,31 @@ def measure(args: argparse.Namespace, work: Path, built: dict, started: list[Sto
     remote = f"http://127.0.0.1:{link_port}"
     mirrors = [Mirror(work / f"mirror{i}", remote) for i in (1, 2)]
     started.extend(mirrors)
+    fast_ports = [free_port() for _ in mirrors]  # the mirrors behind the fast link
+    for m, port in zip(mirrors, fast_ports, strict=True):
+        fast = Link(
+            ("127.0.0.1", m.port),
+            delay=args.fast_rtt_ms / 2000,
+            link_bps=args.fast_link_mbit * 1e6,
+            conn_bps=args.fast_conn_mbit * 1e6,
+        )
+        links.start(fast, port)
     (work / "dockerd").mkdir()
-    engine = Dockerd(work / "dockerd", [m.url for m in mirrors])
+    engine = Dockerd(work / "dockerd", [f"http://127.0.0.1:{p}" for p in fast_ports])
     started.append(engine)
+    mirror_ports = fast_ports
+
+    def use_mirrors(ports: list[int]) -> None:
+        """The engine's registry-mirrors (reloaded with SIGHUP) and skopeo's, for the next pulls."""
+        nonlocal mirror_ports
+        mirror_ports = ports
+        engine.config.write_text(json.dumps({"registry-mirrors": [f"http://127.0.0.1:{p}" for p in ports]}))
+        os.kill(int(engine.pidfile.read_text()), signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        want = f"127.0.0.1:{ports[0]}"
+        while time.monotonic() < deadline and want not in engine.docker("info").stdout:
+            time.sleep(0.1)
+
     cache = work / "dao-cache"
     tools = [t for t in args.tools.split(",") if t in TOOLS]
     results: list[Run] = []
@@ -113,7 +144,7 @@ def measure(args: argparse.Namespace, work: Path, built: dict, started: list[Sto
             conf = work / "registries.conf"
             conf.write_text(
                 '[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n'
-                + "".join(f'[[registry.mirror]]\nlocation = "127.0.0.1:{m.port}"\ninsecure = true\n' for m in mirrors)
+                + "".join(f'[[registry.mirror]]\nlocation = "127.0.0.1:{p}"\ninsecure = true\n' for p in mirror_ports)
             )
             source = f"docker://{ref}" if ref.startswith("127.0.0.1") else f"docker://docker.io/{ref}"
             argv = ["skopeo", "--registries-conf", str(conf), "copy", "--src-tls-verify=false",
@@ -150,11 +181,16 @@ def measure(args: argparse.Namespace, work: Path, built: dict, started: list[Sto
             argv = [DAO, "pull", "--cache-dir", str(work / "warm"), "--no-engine-mirrors", "--mirror", m.url]
             subprocess.run([*argv, "-o", f"docker-archive:{work / 'warm.tar'}", warm], check=True, capture_output=True)
             shutil.rmtree(work / "warm", ignore_errors=True)
-        for round_ in range(max(1, args.repeat) if "b" in scenarios else 0):
-            for tool in tools:  # interleaved, so a slow moment of the machine hits every tool alike
-                print(f"(b) {tool} {name} from warm mirrors ({round_ + 1})...", file=sys.stderr)
-                seconds, ok = pull(tool, warm, f"b{round_}-{name}")
-                results.append(Run(tool, name, "b", seconds, ok))
+        for key, ports in (("b", fast_ports), ("l", [m.port for m in mirrors])):
+            if key not in scenarios:
+                continue
+            use_mirrors(ports)
+            for round_ in range(max(1, args.repeat)):
+                for tool in tools:  # interleaved, so a slow moment of the machine hits every tool alike
+                    print(f"({key}) {tool} {name} from warm mirrors ({round_ + 1})...", file=sys.stderr)
+                    seconds, ok = pull(tool, warm, f"{key}{round_}-{name}")
+                    results.append(Run(tool, name, key, seconds, ok))
+        use_mirrors(fast_ports)
         for tool in tools if "c" in scenarios else ():
             print(f"(c) {tool} {name}, mirror 1 killed mid-pull...", file=sys.stderr)
             seconds, ok = pull(tool, warm, f"c-{name}", kill_after=args.kill_after)
@@ -170,7 +206,16 @@ def report(args: argparse.Namespace, results: list[Run], tools: list[str]) -> No
         f"link: {args.rtt_ms:g} ms RTT, {args.link_mbit:g} mbit shared, {args.conn_mbit:g} mbit per connection; "
         f"big: 1 x {args.size_mib} MiB; many: {args.layers} x {args.layer_mib:g} MiB"
     )
-    scenarios = {"a": "(a) lossy link, direct", "b": "(b) warm mirrors", "c": "(c) mirror 1 killed"}
+    print(
+        f"fast link to the mirrors (b, c): {args.fast_rtt_ms:g} ms RTT, {args.fast_link_mbit:g} mbit shared, "
+        f"{args.fast_conn_mbit:g} mbit per connection; (l): the mirrors on loopback, no link at all"
+    )
+    scenarios = {
+        "a": "(a) lossy link, direct",
+        "b": "(b) warm mirrors",
+        "l": "(l) warm, loopback",
+        "c": "(c) mirror 1 killed",
+    }
     header = f"{'image':<6} {'scenario':<24}" + "".join(f"{t:>16}" for t in tools)
     print(header)
     print("-" * len(header))
@@ -188,7 +233,7 @@ def report(args: argparse.Namespace, results: list[Run], tools: list[str]) -> No
     if "docker" in tools and "dao" in tools:
         print()
         for image in ("big", "many"):
-            for key, target in (("a", 3.0), ("b", 1.3)):
+            for key, target in (("a", 3.0), ("b", 1.3), ("l", 1.3)):
                 d, k = by.get(("docker", image, key)), by.get(("dao", image, key))
                 if d and k and d.ok and k.ok:
                     ratio = d.seconds / k.seconds

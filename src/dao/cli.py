@@ -573,7 +573,10 @@ def pull_command(
         int,
         typer.Option("--jobs", "-j", min=1, max=64, help="Connections at once, over all layers and sources."),
     ] = 16,
-    per_source: Annotated[int, typer.Option(min=1, max=64, help="Connections to one mirror or registry at once.")] = 12,
+    per_source: Annotated[
+        int | None,
+        typer.Option(min=1, max=64, help="Connections to one mirror or registry at once. [default: as -j]"),
+    ] = None,
     verify_upstream: Annotated[
         bool,
         typer.Option(
@@ -625,7 +628,7 @@ def pull_command(
         mirrors=tuple(mirror or ()),
         engine_mirrors=engine_mirrors,
         jobs=jobs,
-        per_source=per_source,
+        per_source=per_source or jobs,
         verify_upstream=verify_upstream,
         cache_dir=cache_dir,
         quiet=quiet,

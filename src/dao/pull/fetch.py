@@ -58,7 +58,7 @@ HASH_CHUNK = 4 * MiB
 SAVE_EVERY = 0.5  # seconds between saves of a partial blob's written runs
 CHUNK_SECONDS = 4.0  # a chunk is this much of its source's measured per-connection speed...
 FIRST_CHUNK = 4 * MiB  # ...or this before the source is measured
-CHUNK_MIN = 1 * MiB  # below this a request's round trip costs more than its bytes
+CHUNK_MIN = 512 * 1024  # below this a request's round trip costs too much of its time on a long path
 CHUNK_MAX = 64 * MiB
 REISSUE_ETA = 2.0  # seconds a running chunk must still need before a faster source races it
 REISSUE_SPEEDUP = 2.0  # how much faster (measured) the second source must be
@@ -165,7 +165,9 @@ class BlobCache:
         return None
 
 
-Progress = Callable[[int], None]  # bytes of the blob now in hand (it can go down when bad bytes are dropped)
+# Bytes of the blob now in hand (it can go down when bad bytes are dropped) and where the latest came from
+# (a source's URL; "cache" for the local content cache).
+Progress = Callable[[int, str], None]
 
 
 @dataclass(eq=False)
@@ -212,7 +214,7 @@ class _Blob:
         self.errors: dict[str, str] = {}
         self.done: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
         self._saved = time.monotonic()
-        progress(have.covered())
+        progress(have.covered(), "cache")
 
     def unclaimed(self) -> list[tuple[int, int]]:
         taken = Runs([(a, b) for a, b in self.have.runs])
@@ -232,7 +234,7 @@ class _Blob:
             self.pieces[-1] = (last[0], end, peer)
         else:
             self.pieces.append((start, end, peer))
-        self.progress(self.have.covered())
+        self.progress(self.have.covered(), peer.url)
         if time.monotonic() - self._saved >= SAVE_EVERY:
             self.save()
 
@@ -244,13 +246,13 @@ class _Blob:
         keep = [(a, b, p) for a, b, p in self.pieces if p is not peer]
         self.pieces = keep
         self.have = Runs([(a, b) for a, b, _ in keep])
-        self.progress(self.have.covered())
+        self.progress(self.have.covered(), "")
         self.save()
 
     def reset(self) -> None:
         self.pieces = []
         self.have = Runs()
-        self.progress(0)
+        self.progress(0, "")
         self.save()
 
     def runs_of(self, peer: Peer | None) -> list[tuple[int, int]]:
@@ -284,7 +286,7 @@ class Fetcher:
         stats: Stats,
         *,
         connections: int = 16,
-        per_source: int = 12,
+        per_source: int = 16,
         resume_attempts: int = 3,
         warn: Callable[[str], None] | None = None,
     ) -> None:
@@ -305,13 +307,13 @@ class Fetcher:
         self,
         repo: str,
         blobs: list[Descriptor],
-        progress: Callable[[Descriptor], Progress] = lambda d: lambda n: None,
-        complete: Callable[[Descriptor], None] = lambda d: None,
+        progress: Callable[[Descriptor], Progress] = lambda d: lambda n, source: None,
+        complete: Callable[[Descriptor, Path], None] = lambda d, p: None,
     ) -> dict[Digest, Path]:
         """Every blob's verified path in the cache. Raises PullError when one cannot be had.
 
-        ``progress(blob)`` gives the callback told how many of the blob's bytes are in hand; ``complete(blob)``
-        is called as each blob is verified (or found in the cache), in the order that happens."""
+        ``progress(blob)`` gives the callback told how many of the blob's bytes are in hand; ``complete(blob,
+        path)`` is called as each blob is verified (or found in the cache), in the order that happens."""
         self._repo = repo
         unique = list({b.digest: b for b in blobs}.values())
         out: dict[Digest, Path] = {}
@@ -340,16 +342,16 @@ class Fetcher:
                             self._check_soon(blob)
                         self._wake()
                         out[desc.digest] = await blob.done
-                        complete(desc)
+                        complete(desc, out[desc.digest])
                         return
                 finally:
                     if lock >= 0:
                         os.close(lock)
             self.stats.cached_bytes += desc.size
-            progress(desc)(desc.size)
+            progress(desc)(desc.size, "cache")
             out[desc.digest] = hit
             self._resolved()
-            complete(desc)
+            complete(desc, hit)
 
         try:
             async with asyncio.TaskGroup() as group:

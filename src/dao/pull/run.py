@@ -11,9 +11,10 @@ import platform as py_platform
 import shutil
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiohttp
 from rich.console import Console
@@ -40,6 +41,7 @@ from dao.registry.dockerconfig import credentials_for
 from dao.registry.errors import RegistryClientError
 
 REF_NAME = "org.opencontainers.image.ref.name"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +51,7 @@ class PullOptions:
     mirrors: tuple[str, ...] = ()
     engine_mirrors: bool = True
     jobs: int = 16  # connections at once, across all blobs and sources
-    per_source: int = 12  # connections to one source at once
+    per_source: int = 16  # connections to one source at once
     verify_upstream: bool = False  # resolve the tag at the registry itself, not through a mirror
     cache_dir: Path | None = None
     quiet: bool = False
@@ -116,6 +118,9 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
             per_source=options.per_source,
             warn=warn,
         )
+        scan = None  # the engine's layers, read while the config downloads
+        if engine is not None and not info.containerd_store:
+            scan = stack.enter_context(_background(engine_chain_ids(engine)))
         config_path = (await fetcher.fetch(ref.path, [plan.config]))[plan.config.digest]
         config = await asyncio.to_thread(config_path.read_bytes)
         diff_ids = [str(d) for d in json.loads(config).get("rootfs", {}).get("diff_ids", [])]
@@ -129,7 +134,7 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
             if present is not None and present.get("Id") == image_id:
                 _finish(out, options, plan.digest, f"Image is up to date for {ref.familiar()}", ref)
                 return 0
-            have = set() if info.containerd_store else await engine_chain_ids(engine)
+            have = await scan if scan is not None else set()
             skip = {i for i, chain in enumerate(chain_ids(diff_ids)) if chain in have}
         bars = _progress_bars() if options.progress and not options.quiet else None
         wanted = [layer for i, layer in enumerate(plan.layers) if i not in skip]
@@ -138,18 +143,31 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
                 out(f"{plan.layers[i].digest.encoded[:12]}: Already exists")
         tasks: dict[Digest, TaskID] = {}
 
-        def progress(layer: Descriptor) -> Callable[[int], None]:
+        def progress(layer: Descriptor) -> Callable[[int, str], None]:
             if bars is None:
-                return lambda n: None
+                return lambda n, source: None
             if layer.digest not in tasks:
-                tasks[layer.digest] = bars.add_task(layer.digest.encoded[:12], total=layer.size)
+                tasks[layer.digest] = bars.add_task(layer.digest.encoded[:12], total=layer.size, source="")
             task = tasks[layer.digest]
-            return lambda n: bars.update(task, completed=n)
+            return lambda n, source: bars.update(task, completed=n, source=source.split("://", 1)[-1])
 
-        def complete(layer: Descriptor) -> None:
+        ready = {layer.digest: asyncio.get_running_loop().create_future() for layer in wanted}
+
+        def complete(layer: Descriptor, path: Path) -> None:
+            ready[layer.digest].set_result(path)
             if not options.quiet and bars is None:  # with bars, the full bar says it
                 out(f"{layer.digest.encoded[:12]}: Pull complete")
 
+        def archive(paths: list[Path | asyncio.Future[Path] | None]) -> AsyncIterator[bytes]:
+            names = [f"{layer.digest.encoded}/layer.tar" for layer in plan.layers]
+            return docker_archive(
+                f"{plan.config.digest.encoded}.json", config, [tag] if tag else [], zip(names, paths, strict=True)
+            )
+
+        loading = None
+        if engine is not None:  # streamed into the engine as the layers arrive, in order
+            entries = [None if i in skip else ready[layer.digest] for i, layer in enumerate(plan.layers)]
+            loading = stack.enter_context(_background(engine.load(archive(entries))))
         if bars is not None:
             bars.start()
         try:
@@ -157,14 +175,12 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
         finally:
             if bars is not None:
                 bars.stop()
-        paths = [None if i in skip else got[layer.digest] for i, layer in enumerate(plan.layers)]
-        layers = [(f"{layer.digest.encoded}/layer.tar", path) for layer, path in zip(plan.layers, paths, strict=True)]
-        archive = docker_archive(f"{plan.config.digest.encoded}.json", config, [tag] if tag else [], layers)
-        if engine is not None:
-            await engine.load(archive)
+        paths: list[Path | None] = [None if i in skip else got[layer.digest] for i, layer in enumerate(plan.layers)]
+        if loading is not None:
+            await loading
             status = f"Downloaded newer image for {ref.familiar()}"
         elif output is not None and output[0] == "docker-archive":
-            await write_stream(archive, output[1])
+            await write_stream(archive(list(paths)), output[1])
             status = f"Saved {ref.familiar()} to {output[1]} (docker-archive)"
         else:
             assert output is not None
@@ -211,6 +227,18 @@ def as_oci(body: bytes, media_type: str) -> tuple[bytes, str]:
     for layer in doc.get("layers", []):
         layer["mediaType"] = _OCI_LAYER_TYPES.get(layer.get("mediaType"), layer.get("mediaType"))
     return json.dumps(doc, separators=(",", ":")).encode(), OCI_MANIFEST
+
+
+@contextlib.contextmanager
+def _background(work: Coroutine[Any, Any, T]) -> Iterator[asyncio.Task[T]]:
+    """``work`` running beside the pull; cancelled (and its failure dropped) if the pull ends without it."""
+    task = asyncio.get_running_loop().create_task(work)
+    try:
+        yield task
+    finally:
+        if not task.done():
+            task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 def parse_output(text: str) -> tuple[str, Path]:
@@ -265,13 +293,14 @@ def write_oci_layout(root: Path, manifest: Manifest, blobs: dict[Digest, Path], 
 
 
 def _progress_bars() -> Progress:
-    """One bar per layer: bytes, speed, time left; on stderr, so stdout stays docker's lines."""
+    """One bar per layer: bytes, speed, time left, source; on stderr, so stdout stays docker's lines."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[source]}"),  # where the latest bytes came from
         console=Console(stderr=True),
         transient=True,
     )
