@@ -174,7 +174,7 @@ def measure(args: argparse.Namespace, work: Path, built: dict, started: list[Sto
             print(f"(a) {tool} {name} over the lossy link...", file=sys.stderr)
             seconds, ok = pull(tool, direct, f"a-{name}")
             results.append(Run(tool, name, "a", seconds, ok))
-        if not {"b", "c"} & set(scenarios):
+        if not {"b", "l", "c"} & set(scenarios):
             continue
         warm = f"library/pb-{name}:v1"
         for m in mirrors:  # warm both mirrors (not measured)

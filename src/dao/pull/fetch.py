@@ -607,6 +607,7 @@ class Fetcher:
                 os.replace(blob.partial, blob.final)
                 blob.runs_file.unlink(missing_ok=True)
                 blob.done.set_result(blob.final)
+                log.debug("%s verified", blob.digest.encoded[:12])
                 self._resolved()
                 return
             blob.rounds += 1
