@@ -62,10 +62,12 @@ CHUNK_MIN = 512 * 1024  # below this a request's round trip costs too much of it
 CHUNK_MAX = 64 * MiB
 REISSUE_ETA = 2.0  # seconds a running chunk must still need before a faster source races it
 REISSUE_SPEEDUP = 2.0  # how much faster (measured) the second source must be
+SPLIT_ETA = 1.5  # seconds a running chunk must still need before an idle connection takes half of it
+SPLIT_MIN = 256 * 1024  # neither half smaller than this
 RATE_SAMPLE = 1.0  # seconds between speed samples of a running chunk
 IDLE_RECHECK = 0.5  # seconds an idle worker waits before looking for a chunk to race again
 VERIFY_ROUNDS = 3  # full re-fetches of one blob before the pull gives up on it
-COMPARE_CHUNK = MiB
+UNDO_MAX = 64 * MiB  # differing bytes kept to put back when a comparison proves nothing
 
 
 def default_cache_dir() -> Path:
@@ -80,6 +82,7 @@ class Stats:
     cached_bytes: int = 0
     dropped: set[str] = field(default_factory=set)
     reissued: int = 0  # chunks raced by a second source
+    split: int = 0  # running chunks halved for an idle connection
     started: float = field(default_factory=time.monotonic)
 
     def count(self, url: str, n: int) -> None:
@@ -301,6 +304,7 @@ class Fetcher:
         self._pulse = asyncio.Event()
         self._unresolved = 0
         self._checks: set[asyncio.Task[None]] = set()
+        self._repairing = asyncio.Lock()
         self._repo = ""
 
     async def fetch(
@@ -399,9 +403,11 @@ class Fetcher:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     raise  # the pull itself is being stopped
-                # else: the other racer finished this chunk first, or its source was dropped
+                # else: the other racer finished this chunk first, or its source was dropped (maybe before
+                # the racer even started: so the bookkeeping is done here, not in the racer)
             finally:
-                claim.tasks.discard(task)
+                peer.active -= 1
+                self._release(claim, task)
                 self._wake()
 
     def _next(self) -> tuple[Peer, _Claim, int] | None:
@@ -437,7 +443,7 @@ class Fetcher:
             blob.claims.append(claim)
             peer.active += 1  # now: the next pick in this same loop turn must see it
             return peer, claim, start
-        return self._reissue()
+        return self._reissue() or self._split()
 
     def _chunk_size(self, peer: Peer, remaining: int) -> int:
         target = peer.rate * CHUNK_SECONDS if peer.rate else FIRST_CHUNK
@@ -471,10 +477,43 @@ class Fetcher:
         log.info("racing %s bytes %d-%d on %s", claim.blob.digest, claim.pos, claim.end - 1, peer.url)
         return peer, claim, claim.pos
 
+    def _split(self) -> tuple[Peer, _Claim, int] | None:
+        """Nothing left to hand out and no faster source to race with: the running chunk with the most left
+        gives its second half to this idle connection (the same source is welcome), so no connection idles
+        while another still has seconds of work. The first request stops at the new boundary."""
+        now = time.monotonic()
+        best: tuple[int, _Claim] | None = None
+        for blob in self._blobs:
+            if blob.done.done() or blob.checking:
+                continue
+            for claim in blob.claims:
+                left = claim.end - claim.pos
+                if claim.raced or left < 2 * SPLIT_MIN or now - claim.started < 0.5:
+                    continue
+                if left / max(claim.rate(now), 1.0) < SPLIT_ETA:
+                    continue  # done soon anyway: a new request's round trips would cost more
+                if best is None or left > best[0]:
+                    best = (left, claim)
+        if best is None:
+            return None
+        left, claim = best
+        peer = pick(self.peers, claim.blob.digest, self.per_source)
+        if peer is None or not peer.ranges:
+            return None
+        middle = claim.pos + left // 2
+        second = _Claim(claim.blob, middle, claim.end, peer)
+        claim.end = middle
+        claim.blob.claims.append(second)
+        peer.active += 1
+        self.stats.split += 1
+        log.info("splitting %s at byte %d for %s", claim.blob.digest, middle, peer.url)
+        return peer, second, middle
+
     # -- one request ---------------------------------------------------------------------------------------
 
     async def _race(self, peer: Peer, claim: _Claim, cursor: int) -> None:
-        """Fetch ``claim`` from ``cursor`` on; ``peer.active`` was counted when it was handed out."""
+        """Fetch ``claim`` from ``cursor`` on. The worker that runs it keeps ``peer.active`` and releases the
+        claim when it ends; failures release it at once, so others can take it during a backoff."""
         blob = claim.blob
         mark = began = time.monotonic()
         got = marked = 0
@@ -525,20 +564,15 @@ class Fetcher:
             blob.errors[peer.url] = str(exc)
             await self._failed(peer, blob, exc, got)
             return
-        except asyncio.CancelledError:
-            self._release(claim)
-            raise
-        finally:
-            peer.active -= 1
         if mark == began:  # a short chunk: one sample for all of it
             peer.measured(got, time.monotonic() - began)
         peer.failures = 0
         if claim.pos >= claim.end:
             self._finish(claim)
 
-    def _release(self, claim: _Claim) -> None:
+    def _release(self, claim: _Claim, racer: asyncio.Task[None] | None = None) -> None:
         """This racer is out; with no other racer the chunk's unwritten rest is free for anyone."""
-        claim.tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+        claim.tasks.discard(racer or asyncio.current_task())  # type: ignore[arg-type]
         if not claim.tasks and claim in claim.blob.claims:
             claim.blob.claims.remove(claim)
 
@@ -607,6 +641,8 @@ class Fetcher:
                 os.replace(blob.partial, blob.final)
                 blob.runs_file.unlink(missing_ok=True)
                 blob.done.set_result(blob.final)
+                for peer in {p for _, _, p in blob.pieces if p is not None}:
+                    peer.proven += 1
                 log.debug("%s verified", blob.digest.encoded[:12])
                 self._resolved()
                 return
@@ -625,51 +661,80 @@ class Fetcher:
             self._wake()
 
     async def _repair(self, blob: _Blob, actual: Digest) -> Digest:
-        """Find who sent the bad bytes: each source's runs fetched again from another source and compared."""
-        writers = list(dict.fromkeys(p for _, _, p in blob.pieces))
-        liars = [p for p in writers if p is not None and p.lied]
-        for peer in liars:  # already caught lying elsewhere: just drop what they wrote
-            blob.forget(peer)
-        if liars:
-            return actual
-        # The least proven first: an earlier run's bytes, then sources in order of how little they wrote.
-        writers.sort(key=lambda p: (p is not None, sum(b - a for a, b in blob.runs_of(p))))
-        for writer in writers:
-            for checker in self._checkers(blob, writer):
-                try:
-                    bad = await self._compare(blob, blob.runs_of(writer), checker)
-                    break
-                except (RegistryClientError, TimeoutError) as exc:
-                    log.info("could not check %s against %s: %s", blob.digest, checker.url, exc)
-            else:
-                continue  # nobody to check this writer against
-            if not bad:
-                continue
-            where = ", ".join(f"{a}-{b - 1}" for a, b in bad[:3]) + (" ..." if len(bad) > 3 else "")
-            if writer is not None:
-                why = f"{writer.url} sent corrupt bytes for {blob.digest} (bytes {where} differ from {checker.url}'s)"
-                self._drop(writer, f"{why}; not using it again", lied=True)
-            else:
-                self.warn(f"the partial download of {blob.digest} had bad bytes ({where}); replaced them")
-            actual = await asyncio.to_thread(_sync_and_hash, blob.fd, blob.digest)
-            if actual == blob.digest:
+        """Find who sent the bad bytes: each source's runs fetched again from another source and compared.
+
+        Differing bytes only say that one of the two lies, so the blame goes to the writer only when its bytes
+        replaced by the checker's make the digest right; otherwise ours go back and the search goes on. One
+        repair at a time, so each knows who the ones before caught."""
+        async with self._repairing:
+            writers = list(dict.fromkeys(p for _, _, p in blob.pieces))
+            liars = [p for p in writers if p is not None and p.lied]
+            for peer in liars:  # already caught lying elsewhere: just drop what they wrote
+                blob.forget(peer)
+            if liars:
                 return actual
-        return actual
+            # The least proven first: an earlier run's bytes, then sources by blobs verified, then bytes written.
+            writers.sort(key=lambda p: (p is not None, p.proven if p else 0, sum(b - a for a, b in blob.runs_of(p))))
+            for writer in writers:
+                runs = blob.runs_of(writer)
+                for checker in self._checkers(blob, writer):
+                    try:
+                        undo = await self._compare(blob, runs, checker)
+                    except (RegistryClientError, TimeoutError) as exc:
+                        log.info("could not check %s against %s: %s", blob.digest, checker.url, exc)
+                        continue
+                    if not undo:
+                        break  # the same bytes: this writer is not the one
+                    actual = await asyncio.to_thread(_sync_and_hash, blob.fd, blob.digest)
+                    where = _where([(pos, pos + len(data)) for pos, data in undo])
+                    if actual == blob.digest:
+                        self._blame(blob, writer, checker, where, undo)
+                        return actual
+                    for pos, data in undo:  # inconclusive: maybe the checker lies; our bytes go back
+                        os.pwrite(blob.fd, data, pos)
+                    log.info(
+                        "%s: bytes %s differ between %s and %s; no proof yet",
+                        blob.digest,
+                        where,
+                        writer.url if writer else "the partial file",
+                        checker.url,
+                    )
+            return actual
+
+    def _blame(
+        self, blob: _Blob, writer: Peer | None, checker: Peer, where: str, undo: list[tuple[int, bytes]]
+    ) -> None:
+        if writer is not None:
+            why = f"{writer.url} sent corrupt bytes for {blob.digest} (bytes {where} differ from {checker.url}'s)"
+            self._drop(writer, f"{why}; not using it again", lied=True)
+        else:
+            self.warn(f"the partial download of {blob.digest} had bad bytes ({where}); replaced them")
+        for pos, data in undo:  # those bytes are the checker's now
+            start, end = pos, pos + len(data)
+            blob.pieces = [
+                piece
+                for a, b, p in blob.pieces
+                for piece in ((a, min(b, start), p), (max(a, end), b, p))
+                if piece[0] < piece[1]
+            ] + [(start, end, checker)]
 
     def _checkers(self, blob: _Blob, writer: Peer | None) -> list[Peer]:
-        """Who to compare ``writer``'s bytes with: other live sources, mirrors first, fastest first."""
+        """Who to compare ``writer``'s bytes with: other live sources, those whose bytes verified first, then
+        mirrors, fastest first."""
         usable = [p for p in self.peers if p is not writer and p.out is None and blob.digest not in p.missing]
-        return sorted(usable, key=lambda p: (not p.source.mirror, -(p.rate or 0.0), p.rank))
+        return sorted(usable, key=lambda p: (-p.proven, not p.source.mirror, -(p.rate or 0.0), p.rank))
 
-    async def _compare(self, blob: _Blob, runs: list[tuple[int, int]], checker: Peer) -> list[tuple[int, int]]:
+    async def _compare(self, blob: _Blob, runs: list[tuple[int, int]], checker: Peer) -> list[tuple[int, bytes]]:
         """Fetch ``runs`` from ``checker`` (in chunks, several at once); where its bytes differ, they replace
-        ours. Returns the differing runs."""
+        ours. Returns what they replaced (offset, our bytes), to put back if that proves nothing."""
         source = checker.source.client.blob_source(self._repo, blob.digest)
-        bad = Runs()
+        undo: list[tuple[int, bytes]] = []
+        kept = 0
         pieces = [(a, min(a + FIRST_CHUNK, end)) for start, end in runs for a in range(start, end, FIRST_CHUNK)]
         gate = asyncio.Semaphore(self.per_source)
 
         async def one(start: int, end: int) -> None:
+            nonlocal kept
             pos = start
             async with gate, source.open(start, None if (start, end) == (0, blob.size) else end - 1) as body:
                 if body.offset != start:
@@ -677,9 +742,13 @@ class Fetcher:
                 async for chunk in body.chunks():
                     theirs = memoryview(chunk)[: end - pos]
                     self.stats.count(checker.url, len(theirs))
-                    if os.pread(blob.fd, len(theirs), pos) != theirs:
+                    ours = os.pread(blob.fd, len(theirs), pos)
+                    if ours != theirs:
+                        kept += len(ours)
+                        if kept > UNDO_MAX:
+                            raise UpstreamUnavailable(f"more than {UNDO_MAX} bytes differ: not a bad chunk")
                         os.pwrite(blob.fd, theirs, pos)
-                        bad.add(pos, pos + len(theirs))
+                        undo.append((pos, ours))
                     pos += len(theirs)
                     if pos >= end:
                         break
@@ -692,17 +761,17 @@ class Fetcher:
                 for start, end in pieces:
                     group.create_task(one(start, end))
         except BaseExceptionGroup as eg:
+            for pos, data in undo:
+                os.pwrite(blob.fd, data, pos)
             raise _first(eg) from None
         finally:
             checker.active -= 1
-        for start, end in bad.runs:  # those bytes are the checker's now
-            blob.pieces = [
-                piece
-                for a, b, p in blob.pieces
-                for piece in ((a, min(b, start), p), (max(a, end), b, p))
-                if piece[0] < piece[1]
-            ] + [(start, end, checker)]
-        return [(a, b) for a, b in bad.runs]
+        return sorted(undo)
+
+
+def _where(runs: list[tuple[int, int]]) -> str:
+    merged = Runs(runs).runs
+    return ", ".join(f"{a}-{b - 1}" for a, b in merged[:3]) + (" ..." if len(merged) > 3 else "")
 
 
 def _sync_and_hash(fd: int, want: Digest) -> Digest:

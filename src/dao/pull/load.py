@@ -64,7 +64,7 @@ def _padding(size: int) -> bytes:
 
 async def docker_archive(
     config_name: str,
-    config: bytes,
+    config: bytes | Awaitable[bytes],
     repo_tags: list[str],
     layers: Iterable[tuple[str, Path | Awaitable[Path] | None]],
 ) -> AsyncIterator[bytes]:
@@ -72,6 +72,8 @@ async def docker_archive(
     awaitable of the file: the archive waits for each layer in turn, so the engine unpacks the first layers
     while the last ones still download)."""
     layers = list(layers)
+    if not isinstance(config, bytes):
+        config = await config  # the archive may be opened before the config is in
     manifest = json.dumps([{"Config": config_name, "RepoTags": repo_tags, "Layers": [n for n, _ in layers]}])
     for name, data in (("manifest.json", manifest.encode()), (config_name, config)):
         yield _header(name, len(data)) + data + _padding(len(data))

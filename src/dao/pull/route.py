@@ -57,6 +57,7 @@ class Peer:
     failures: int = 0  # consecutive chunks that brought no byte
     out: str | None = None  # why it was dropped for the rest of the pull
     lied: bool = False  # dropped for sending bytes that did not match a digest
+    proven: int = 0  # blobs it wrote bytes of that verified
     ranges: bool = True  # False once it answered a Range with the whole blob
     missing: set[Digest] = field(default_factory=set)  # blobs it answered 404 for
 

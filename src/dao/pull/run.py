@@ -118,23 +118,25 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
             per_source=options.per_source,
             warn=warn,
         )
-        scan = None  # the engine's layers, read while the config downloads
-        if engine is not None and not info.containerd_store:
-            scan = stack.enter_context(_background(engine_chain_ids(engine)))
-        config_path = (await fetcher.fetch(ref.path, [plan.config]))[plan.config.digest]
-        config = await asyncio.to_thread(config_path.read_bytes)
-        diff_ids = [str(d) for d in json.loads(config).get("rootfs", {}).get("diff_ids", [])]
-        if len(diff_ids) != len(plan.layers):
-            raise PullError(f"{ref.familiar()}: config lists {len(diff_ids)} layers, manifest {len(plan.layers)}")
         tag = ref.familiar() if ref.tag else None
-        skip: set[int] = set()
+        have: set[str] = set()
         if engine is not None:
             image_id = str(plan.config.digest)
             present = await engine.inspect_image(tag) if tag else await engine.inspect_image(image_id)
             if present is not None and present.get("Id") == image_id:
                 _finish(out, options, plan.digest, f"Image is up to date for {ref.familiar()}", ref)
                 return 0
-            have = await scan if scan is not None else set()
+            if not info.containerd_store:
+                have = await engine_chain_ids(engine)
+        loop = asyncio.get_running_loop()
+        config_ready: asyncio.Future[Path] = loop.create_future()
+        skip: set[int] = set()
+        # The config names the layers' chains; only an engine holding layers needs it before the layers.
+        # Otherwise it comes with them, as docker fetches it, and the first round trip is not spent alone.
+        config_first = bool(have)
+        if config_first:
+            config_ready.set_result((await fetcher.fetch(ref.path, [plan.config]))[plan.config.digest])
+            diff_ids = await _diff_ids(config_ready.result(), ref, len(plan.layers))
             skip = {i for i, chain in enumerate(chain_ids(diff_ids)) if chain in have}
         bars = _progress_bars() if options.progress and not options.quiet else None
         wanted = [layer for i, layer in enumerate(plan.layers) if i not in skip]
@@ -143,25 +145,35 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
                 out(f"{plan.layers[i].digest.encoded[:12]}: Already exists")
         tasks: dict[Digest, TaskID] = {}
 
-        def progress(layer: Descriptor) -> Callable[[int, str], None]:
-            if bars is None:
+        def progress(blob: Descriptor) -> Callable[[int, str], None]:
+            if bars is None or blob.digest == plan.config.digest:
                 return lambda n, source: None
-            if layer.digest not in tasks:
-                tasks[layer.digest] = bars.add_task(layer.digest.encoded[:12], total=layer.size, source="")
-            task = tasks[layer.digest]
+            if blob.digest not in tasks:
+                tasks[blob.digest] = bars.add_task(blob.digest.encoded[:12], total=blob.size, source="")
+            task = tasks[blob.digest]
             return lambda n, source: bars.update(task, completed=n, source=source.split("://", 1)[-1])
 
-        ready = {layer.digest: asyncio.get_running_loop().create_future() for layer in wanted}
+        ready = {layer.digest: loop.create_future() for layer in wanted}
 
-        def complete(layer: Descriptor, path: Path) -> None:
-            ready[layer.digest].set_result(path)
+        def complete(blob: Descriptor, path: Path) -> None:
+            if blob.digest == plan.config.digest:
+                if not config_ready.done():
+                    config_ready.set_result(path)
+                return
+            ready[blob.digest].set_result(path)
             if not options.quiet and bars is None:  # with bars, the full bar says it
-                out(f"{layer.digest.encoded[:12]}: Pull complete")
+                out(f"{blob.digest.encoded[:12]}: Pull complete")
+
+        async def config_bytes() -> bytes:
+            return await asyncio.to_thread((await config_ready).read_bytes)
 
         def archive(paths: list[Path | asyncio.Future[Path] | None]) -> AsyncIterator[bytes]:
             names = [f"{layer.digest.encoded}/layer.tar" for layer in plan.layers]
             return docker_archive(
-                f"{plan.config.digest.encoded}.json", config, [tag] if tag else [], zip(names, paths, strict=True)
+                f"{plan.config.digest.encoded}.json",
+                config_bytes(),
+                [tag] if tag else [],
+                zip(names, paths, strict=True),
             )
 
         loading = None
@@ -171,10 +183,13 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
         if bars is not None:
             bars.start()
         try:
-            got = await fetcher.fetch(ref.path, wanted, progress, complete)
+            got = await fetcher.fetch(ref.path, wanted if config_first else [plan.config, *wanted], progress, complete)
         finally:
             if bars is not None:
                 bars.stop()
+        config_path = config_ready.result()
+        if not config_first:
+            await _diff_ids(config_path, ref, len(plan.layers))
         paths: list[Path | None] = [None if i in skip else got[layer.digest] for i, layer in enumerate(plan.layers)]
         if loading is not None:
             await loading
@@ -194,6 +209,15 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
         keep = frozenset({plan.config.digest, *(layer.digest for layer in plan.layers)})
         await asyncio.to_thread(cache.prune, options.cache_max, keep)
         return 0
+
+
+async def _diff_ids(config: Path, ref: Reference, layers: int) -> list[str]:
+    """The config's layer DiffIDs, which must be one per manifest layer."""
+    doc = json.loads(await asyncio.to_thread(config.read_bytes))
+    diff_ids = [str(d) for d in (doc.get("rootfs") or {}).get("diff_ids") or []]
+    if len(diff_ids) != layers:
+        raise PullError(f"{ref.familiar()}: config lists {len(diff_ids)} layers, manifest {layers}")
+    return diff_ids
 
 
 async def pinned(ref: Reference, registry: RegistryClient, url: str) -> Reference:
@@ -335,6 +359,7 @@ def _summary(stats: Stats, *, skipped: int) -> None:
     elapsed = max(time.monotonic() - stats.started, 1e-6)
     total = sum(stats.bytes_by_source.values())
     raced = f"; {stats.reissued} slow chunks raced by a faster source" if stats.reissued else ""
+    raced += f"; {stats.split} running chunks split for idle connections" if stats.split else ""
     per_source = ", ".join(f"{n / 1e6:.1f} MB from {url}" for url, n in stats.bytes_by_source.items()) or "nothing"
     print(
         f"dao: {per_source}; {stats.cached_bytes / 1e6:.1f} MB from the local cache; {skipped} layers already "
