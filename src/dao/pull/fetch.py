@@ -48,7 +48,7 @@ from dao.oci.digest import Digest
 from dao.oci.manifest import Descriptor
 from dao.pull.plan import PullError
 from dao.pull.route import Peer, can_serve, pick
-from dao.registry.download import Runs
+from dao.registry.download import Runs, first_error, skipping
 from dao.registry.errors import RegistryClientError, UpstreamNotFound, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
@@ -364,7 +364,7 @@ class Fetcher:
                 for _ in range(min(self.connections, 1 + sum(d.size for d in unique) // CHUNK_MIN)):
                     group.create_task(self._worker())
         except BaseExceptionGroup as eg:
-            raise _first(eg) from None
+            raise first_error(eg) from None
         finally:
             for task in self._checks:
                 task.cancel()
@@ -527,12 +527,7 @@ class Fetcher:
                 if skip < 0 or (skip > 0 and peer.ranges):
                     peer.ranges = False
                     raise _RangeIgnored
-                async for chunk in body.chunks():
-                    view = memoryview(chunk)
-                    if skip:
-                        dropped = min(skip, len(view))
-                        skip -= dropped
-                        view = view[dropped:]
+                async for view in skipping(body.chunks(), skip):
                     view = view[: claim.end - cursor]
                     if not view:
                         continue
@@ -763,7 +758,7 @@ class Fetcher:
         except BaseExceptionGroup as eg:
             for pos, data in undo:
                 os.pwrite(blob.fd, data, pos)
-            raise _first(eg) from None
+            raise first_error(eg) from None
         finally:
             checker.active -= 1
         return sorted(undo)
@@ -790,11 +785,3 @@ def _hash_file(path: Path, want: Digest) -> Digest:
         while chunk := f.read(HASH_CHUNK):
             h.update(chunk)
     return Digest(want.algorithm, h.hexdigest())
-
-
-def _first(group: BaseExceptionGroup) -> BaseException:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _first(exc)
-        return exc
-    return group

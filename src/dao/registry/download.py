@@ -126,7 +126,7 @@ class Download:
                 self._group = group
                 group.create_task(self._head())
         except BaseExceptionGroup as eg:
-            raise _first(eg) from None
+            raise first_error(eg) from None
         return self.size if self.size is not None else self.head_pos
 
     # -- head ----------------------------------------------------------------------------------------------
@@ -166,12 +166,7 @@ class Download:
             skip = self.head_pos - body.offset  # > 0 when a resume's Range was ignored
             if skip < 0:
                 raise UpstreamUnavailable(f"upstream answered from byte {body.offset}, wanted {self.head_pos}")
-            async for chunk in body.chunks():
-                view = memoryview(chunk)
-                if skip:
-                    dropped = min(skip, len(view))
-                    skip -= dropped
-                    view = view[dropped:]
+            async for view in skipping(body.chunks(), skip):
                 if self.frontier is not None:
                     view = view[: self.frontier - self.head_pos]
                 if view:
@@ -332,6 +327,19 @@ class Download:
         self.listener.on_data(offset, view)
 
 
+async def skipping(chunks: AsyncIterator[bytes], skip: int) -> AsyncIterator[memoryview]:
+    """A body's chunks without its first ``skip`` bytes: what a source that ignored ``Range`` sent before the
+    byte we asked for."""
+    async for chunk in chunks:
+        view = memoryview(chunk)
+        if skip:
+            dropped = min(skip, len(view))
+            skip -= dropped
+            view = view[dropped:]
+        if view:
+            yield view
+
+
 class Runs:
     """Disjoint, sorted ``[start, end)`` byte runs written so far; adjacent runs merge."""
 
@@ -393,9 +401,10 @@ class _Segment:
         self.pos = self.start
 
 
-def _first(group: BaseExceptionGroup) -> BaseException:
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first real exception in a task group's (possibly nested) group: the one to show the caller."""
     for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
-            return _first(exc)
+            return first_error(exc)
         return exc
     return group
