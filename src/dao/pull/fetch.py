@@ -291,6 +291,7 @@ class Fetcher:
         connections: int = 16,
         per_source: int = 16,
         resume_attempts: int = 3,
+        stall_timeout: float = 15.0,
         warn: Callable[[str], None] | None = None,
     ) -> None:
         self.cache = cache
@@ -299,6 +300,7 @@ class Fetcher:
         self.connections = max(1, connections)
         self.per_source = max(1, per_source)
         self.resume_attempts = resume_attempts
+        self.stall_timeout = stall_timeout
         self.warn = warn or (lambda line: print(f"dao: warning: {line}", file=sys.stderr))
         self._blobs: list[_Blob] = []
         self._pulse = asyncio.Event()
@@ -391,8 +393,11 @@ class Fetcher:
             while (job := self._next()) is None:
                 if self._unresolved <= 0:
                     return
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that comes as the
+                # pulse fires, and a worker that misses the task group's cancel would keep the pull waiting.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._pulse.wait(), IDLE_RECHECK)
+                    async with asyncio.timeout(IDLE_RECHECK):
+                        await self._pulse.wait()
             peer, claim, cursor = job
             log.debug("%s bytes %d-%d from %s", claim.blob.digest.encoded[:12], cursor, claim.end - 1, peer.url)
             task = asyncio.create_task(self._race(peer, claim, cursor))
@@ -518,14 +523,15 @@ class Fetcher:
         mark = began = time.monotonic()
         got = marked = 0
         try:
-            whole = not peer.ranges or (cursor == 0 and claim.end == blob.size)
+            rest = not peer.ranges  # a source known to ignore Range gets the rest of a blob, read from byte 0
+            whole = rest or (cursor == 0 and claim.end == blob.size)
             source = peer.source.client.blob_source(self._repo, blob.digest)
             async with source.open(cursor, None if whole else claim.end - 1) as body:
                 if body.size is not None and body.size != blob.size:
                     raise UpstreamUnavailable(f"says {blob.digest} has {body.size} bytes, not {blob.size}")
                 skip = cursor - body.offset
-                if skip < 0 or (skip > 0 and peer.ranges):
-                    peer.ranges = False
+                if skip < 0 or (skip > 0 and not rest):
+                    peer.ranges = False  # this chunk goes back; the next claim is the blob's rest
                     raise _RangeIgnored
                 async for view in skipping(body.chunks(), skip):
                     view = view[: claim.end - cursor]
@@ -533,7 +539,7 @@ class Fetcher:
                         continue
                     got += len(view)
                     self.stats.count(peer.url, len(view))
-                    now = time.monotonic()
+                    now = peer.last_byte = time.monotonic()
                     if now - mark >= RATE_SAMPLE:  # measured while it runs: a slow source shows in a second
                         peer.measured(got - marked, now - mark)
                         mark, marked = now, got
@@ -557,11 +563,18 @@ class Fetcher:
         except (RegistryClientError, TimeoutError) as exc:
             self._release(claim)
             blob.errors[peer.url] = str(exc)
+            if _stalled(exc) and time.monotonic() - peer.last_byte < self.stall_timeout:
+                # Its other streams still flow: busy (a cold mirror fetching other parts first), not dead.
+                peer.cap = max(1, peer.active - 1)
+                log.info("%s is busy (a stream stalled while others flow): %d connections to it", peer.url, peer.cap)
+                return
             await self._failed(peer, blob, exc, got)
             return
         if mark == began:  # a short chunk: one sample for all of it
             peer.measured(got, time.monotonic() - began)
         peer.failures = 0
+        if peer.cap is not None:  # it kept up: one more connection (additive increase)
+            peer.cap = None if peer.cap + 1 >= self.per_source else peer.cap + 1
         if claim.pos >= claim.end:
             self._finish(claim)
 
@@ -614,6 +627,7 @@ class Fetcher:
         if not blob.done.done():
             why = "; ".join(f"{url}: {err}" for url, err in blob.errors.items()) or "no source left"
             blob.done.set_exception(PullError(f"cannot get {blob.digest}: {why}"))
+            self._resolved()  # resolved, badly: the workers need not wait for it
 
     # -- verification --------------------------------------------------------------------------------------
 
@@ -651,6 +665,7 @@ class Fetcher:
         except Exception as exc:  # whatever broke, the pull must hear of it, not hang
             if not blob.done.done():
                 blob.done.set_exception(exc)
+                self._resolved()
         finally:
             blob.checking = False
             self._wake()
@@ -762,6 +777,16 @@ class Fetcher:
         finally:
             checker.active -= 1
         return sorted(undo)
+
+
+def _stalled(exc: BaseException | None) -> bool:
+    """Whether a failure was a read timeout (no byte for the stall timeout), through the wrapping errors."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, TimeoutError):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _where(runs: list[tuple[int, int]]) -> str:

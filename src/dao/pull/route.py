@@ -58,6 +58,8 @@ class Peer:
     out: str | None = None  # why it was dropped for the rest of the pull
     lied: bool = False  # dropped for sending bytes that did not match a digest
     proven: int = 0  # blobs it wrote bytes of that verified
+    cap: int | None = None  # its own connection limit, lowered when some of its streams stall while others flow
+    last_byte: float = 0.0  # monotonic time it last delivered a byte, on any connection
     ranges: bool = True  # False once it answered a Range with the whole blob
     missing: set[Digest] = field(default_factory=set)  # blobs it answered 404 for
 
@@ -78,7 +80,7 @@ def pick(peers: list[Peer], digest: Digest, cap: int, exclude: Peer | None = Non
     with a free connection (the unmeasured count as slowest: their first bytes measure them within a second)."""
     usable = [p for p in peers if p.out is None and digest not in p.missing and p is not exclude]
     mirrors = [p for p in usable if p.source.mirror]
-    free = [p for p in mirrors or usable if p.active < cap]
+    free = [p for p in mirrors or usable if p.active < min(cap, p.cap or cap)]
     if not free:
         return None
     unknown = [p for p in free if p.rate is None and p.active == 0]

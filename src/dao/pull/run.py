@@ -116,6 +116,7 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
             stats,
             connections=options.jobs,
             per_source=options.per_source,
+            stall_timeout=options.stall_timeout,
             warn=warn,
         )
         tag = ref.familiar() if ref.tag else None

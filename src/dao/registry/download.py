@@ -112,7 +112,7 @@ class Download:
         self.head_pos = self.have.end_of(0)
         self.frontier: int | None = None  # lowest byte claimed by a helper; the head stops there
         self._holes: list[tuple[int, int]] = []  # gaps past the head's own, for helpers (resume)
-        self._wanted: list[tuple[int, int]] = []  # gaps a reader waits at: fetched from their start, newest first
+        self._wanted: list[tuple[int, int]] = []  # gaps a reader waits at: from their start, oldest wait first
         self._helpers = 0
         if size is not None:
             self._plan_holes(size)
@@ -210,8 +210,9 @@ class Download:
     def want(self, pos: int) -> None:
         """A reader waits for byte ``pos``. When no stream is on it (it lies in the head's gap, far ahead of the
         head), the gap is split there and a helper starts at ``pos`` -- an extra connection if all are busy,
-        up to twice the policy's -- so a client's ``Range`` in the middle of a cold blob gets its first bytes
-        in a round trip instead of when the head or the top-down helpers get there."""
+        up to twice the policy's; when none is free, the longest wait is served first -- so a client's
+        ``Range`` in the middle of a cold blob gets its first bytes in a round trip instead of when the head
+        or the top-down helpers get there."""
         p = self.policy
         if not self.ranges_work or self.frontier is None or self.size is None or self._group is None:
             return
@@ -219,8 +220,8 @@ class Download:
             if start <= pos < end:
                 if start == pos:
                     return  # wanted already; a helper takes it as soon as one is free
-                del self._wanted[i]  # split, so this reader's byte comes first
-                self._wanted += [(start, pos), (pos, end)]
+                self._wanted[i : i + 1] = [(start, pos)]  # split: both parts have a reader waiting
+                self._wanted.append((pos, end))
                 break
         else:
             if not self.head_pos + 2 * p.segment_min <= pos < self.frontier:
@@ -242,7 +243,7 @@ class Download:
         assert self.frontier is not None
         p = self.policy
         if self._wanted:
-            start, end = self._wanted.pop()
+            start, end = self._wanted.pop(0)  # the longest wait first
             segment = max(p.segment_min, min(p.segment_max, (end - start) // (2 * p.connections)))
             if end - start > segment + p.segment_min:
                 self._wanted.append((start + segment, end))
