@@ -514,3 +514,22 @@ def test_a_cold_mirror_whose_streams_stall_while_others_flow_is_kept(
     finally:
         mirror.stop()
         slow.stop()
+
+
+def test_mirrors_from_dao_config_file(world: World, dockerd: Dockerd, tmp_path: Path) -> None:
+    mirror = FaultProxy(tmp_path, world.upstream.url)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[pull]\nmirrors = ["{mirror.url}/"]\n')
+    env = {"DOCKER_HOST": f"unix://{dockerd.sock}", "PATH": "/usr/bin:/bin", "DAO_CONFIG": str(config)}
+    argv = [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), "--no-engine-mirrors", "dao-test/schema2:v1"]
+    try:
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        image = world.image("dao-test/schema2:v1")
+        assert set(image.layer_digests()) <= {p.rsplit("/", 1)[1] for p in mirror.requests() if "/blobs/" in p}
+        config.write_text("[pull]\nmirrors = 5\n")
+        bad = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 1
+        assert bad.stderr.strip() == f"dao: error: {config}: [pull] mirrors must be a list of URLs"
+    finally:
+        mirror.stop()

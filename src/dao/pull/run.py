@@ -11,6 +11,7 @@ import platform as py_platform
 import shutil
 import sys
 import time
+import tomllib
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,7 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
         else:
             platform = _platform(options.platform, "linux", go_arch(py_platform.machine()))
             engine_mirrors = ()
-        mirror_urls = list(options.mirrors)
+        mirror_urls = list(options.mirrors) + [m for m in configured_mirrors() if m not in options.mirrors]
         if ref.domain == DOCKER_HUB_DOMAIN:
             mirror_urls += [m for m in engine_mirrors if m not in mirror_urls]
 
@@ -210,6 +211,29 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
         keep = frozenset({plan.config.digest, *(layer.digest for layer in plan.layers)})
         await asyncio.to_thread(cache.prune, options.cache_max, keep)
         return 0
+
+
+def config_file() -> Path:
+    """``$DAO_CONFIG``, else ``$XDG_CONFIG_HOME/dao/config.toml`` (``~/.config``), else ``/etc/dao/config.toml``."""
+    if os.environ.get("DAO_CONFIG"):
+        return Path(os.environ["DAO_CONFIG"])
+    home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "dao" / "config.toml"
+    return home if home.exists() else Path("/etc/dao/config.toml")
+
+
+def configured_mirrors() -> list[str]:
+    """``mirrors`` of the ``[pull]`` table in dao's config file: tried after ``--mirror``, before the engine's."""
+    path = config_file()
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        raise PullError(f"{path}: {exc}") from exc
+    mirrors = (doc.get("pull") or {}).get("mirrors") or []
+    if not isinstance(mirrors, list) or not all(isinstance(m, str) for m in mirrors):
+        raise PullError(f"{path}: [pull] mirrors must be a list of URLs")
+    return [m.rstrip("/") for m in mirrors]
 
 
 async def _diff_ids(config: Path, ref: Reference, layers: int) -> list[str]:
