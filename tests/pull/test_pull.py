@@ -444,31 +444,6 @@ def test_verify_upstream_asks_the_registry_itself(dockerd: Dockerd, engine_mirro
     assert "--verify-upstream: cannot resolve dao-test/schema2:v1 at https://registry-1.docker.io" in done.stderr
 
 
-def test_an_idle_connection_takes_half_of_a_long_running_chunk(world: World, dockerd: Dockerd, tmp_path: Path) -> None:
-    image = world.image("dao-test/schema2:v1")
-    layer = max(image.layer_digests(), key=lambda d: image.blobs[d].stat().st_size)  # 1.5 MB
-    size = image.blobs[layer].stat().st_size
-    mirror = FaultProxy(tmp_path, world.upstream.url, "--rate", "200000")  # one source, 200 kB/s a connection
-    argv = [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), "--no-engine-mirrors", "-j", "2"]
-    env = {"DOCKER_HOST": f"unix://{dockerd.sock}", "PATH": "/usr/bin:/bin"}
-    try:
-        done = subprocess.run(
-            [*argv, "--mirror", mirror.url, "dao-test/schema2:v1"], env=env, capture_output=True, text=True, timeout=300
-        )
-        assert done.returncode == 0, done.stderr
-        asked = mirror.blob_ranges(layer)
-        spans = [(0, size - 1) if r == "-" else tuple(map(int, r.removeprefix("bytes=").split("-"))) for r in asked]
-        # Some later request took the second half of an earlier one: it starts inside it and ends where it did.
-        halves = [b for i, a in enumerate(spans) for b in spans[i + 1 :] if a[0] < b[0] <= a[1] and b[1] == a[1]]
-        assert halves, asked
-        assert "running chunks split for idle connections" in done.stderr
-        assert sum(mirror.blob_bytes_sent(layer)) < size + 300_000  # the first request stopped at the boundary
-        run = dockerd.docker("run", "--rm", "--network", "none", "dao-test/schema2:v1", "true", check=False)
-        assert run.returncode == 0, run.stderr
-    finally:
-        mirror.stop()
-
-
 def test_a_mirror_that_ignores_range_gets_whole_blobs(world: World, dockerd: Dockerd, tmp_path: Path) -> None:
     image = world.image("dao-test/big:v1")
     big = max(image.layer_digests(), key=lambda d: image.blobs[d].stat().st_size)
