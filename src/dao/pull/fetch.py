@@ -80,7 +80,6 @@ def default_cache_dir() -> Path:
 class Stats:
     bytes_by_source: dict[str, int] = field(default_factory=dict)
     cached_bytes: int = 0
-    dropped: set[str] = field(default_factory=set)
     reissued: int = 0  # chunks raced by a second source
     split: int = 0  # running chunks halved for an idle connection
     started: float = field(default_factory=time.monotonic)
@@ -199,7 +198,6 @@ class _Blob:
     def __init__(
         self, desc: Descriptor, order: int, cache: BlobCache, lock: int, have: Runs, progress: Progress
     ) -> None:
-        self.desc = desc
         self.order = order  # its place in the image: earlier layers are fetched first
         self.digest = desc.digest
         self.size = desc.size
@@ -612,7 +610,6 @@ class Fetcher:
             return
         peer.out = why
         peer.lied = lied
-        self.stats.dropped.add(peer.url)
         self.warn(why)
         current = asyncio.current_task()
         for blob in self._blobs:
