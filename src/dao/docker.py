@@ -29,7 +29,14 @@ MIN_API = (1, 24)
 
 
 class EngineError(Exception):
-    """The engine is unreachable, refused us, or answered an error; the message is for people."""
+    """The engine is unreachable, refused us, or answered an error; the message is for people.
+
+    ``status`` is the engine's HTTP status when it answered (404 gone, 409 conflict/in use), else None.
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +46,8 @@ class EngineInfo:
     arch: str  # amd64, arm64
     mirrors: tuple[str, ...]  # Docker Hub mirrors the engine is configured with
     containerd_store: bool  # images in containerd's store (snapshotters), not the classic graph drivers
+    root_dir: str = ""  # DockerRootDir: the data root, as the engine's host sees it
+    driver: str = ""  # the storage driver: overlay2, ...
 
 
 def _parse_version(text: str) -> tuple[int, int]:
@@ -119,6 +128,8 @@ class Engine:
             go_arch(str(doc.get("Arch", "amd64"))),
             mirrors,
             containerd_store,
+            str(info.get("DockerRootDir") or ""),
+            str(info.get("Driver") or ""),
         )
 
     async def images(self) -> list[dict[str, Any]]:
@@ -129,9 +140,18 @@ class Engine:
         try:
             return await self._json("GET", f"/images/{quote(ref, safe='')}/json")
         except EngineError as exc:
-            if "404" in str(exc):
+            if exc.status == 404:
                 return None
             raise
+
+    async def get(self, path: str, **params: str) -> Any:
+        return await self._json("GET", path, params=params)
+
+    async def post(self, path: str, **params: str) -> Any:
+        return await self._json("POST", path, params=params)
+
+    async def delete(self, path: str, **params: str) -> Any:
+        return await self._json("DELETE", path, params=params)
 
     async def load(self, body: AsyncIterator[bytes]) -> list[dict[str, Any]]:
         """POST a docker-archive stream to ``/images/load``; the engine's progress messages, errors raised."""
@@ -156,13 +176,15 @@ class Engine:
 
     # -- transport -----------------------------------------------------------------------------------------
 
-    async def _json(self, method: str, path: str, *, versioned: bool = True) -> Any:
+    async def _json(
+        self, method: str, path: str, *, versioned: bool = True, params: dict[str, str] | None = None
+    ) -> Any:
         url = f"{self._base}/{self.version}{path}" if versioned else f"{self._base}{path}"
         try:
-            async with self.session.request(method, url) as resp:
+            async with self.session.request(method, url, params=params or None) as resp:
                 text = await resp.text()
                 if resp.status >= 400:
-                    raise EngineError(f"{method} {path}: {resp.status} {_message(text)}")
+                    raise EngineError(f"{method} {path}: {resp.status} {_message(text)}", resp.status)
                 return json.loads(text) if text else None
         except aiohttp.ClientError as exc:
             raise self._unreachable(exc) from exc

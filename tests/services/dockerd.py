@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.services.procs import Process, wait_until
@@ -22,6 +23,11 @@ class Dockerd:
         self.config = config = workdir / "daemon.json"
         config.write_text(json.dumps({"registry-mirrors": mirrors}))
         self.pidfile = self.exec_root / "docker.pid"
+        self.data_root = workdir / "data"
+        self._start()
+
+    def _start(self) -> None:
+        workdir, config = self.workdir, self.config
         self.proc = Process(
             [
                 "dockerd",
@@ -60,6 +66,12 @@ class Dockerd:
             check=check,
             timeout=timeout,
         )
+
+    def restart(self, between: Callable[[], None]) -> None:
+        """Stop the engine, run ``between`` (it may edit the data root: the engine is down), start it again."""
+        self.proc.stop(60)
+        between()
+        self._start()
 
     def reset(self) -> None:
         """Remove every container and image, so the next test pulls from scratch."""

@@ -1,0 +1,1 @@
+"""`dao clean`: plan-then-apply garbage collection for Docker hosts."""

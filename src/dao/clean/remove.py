@@ -1,0 +1,227 @@
+"""Remove what a plan lists, through the engine only, re-checking each item just before it goes.
+
+Applying a plan means: scan again with the plan's options, keep the plan's items that the fresh scan still
+finds to be garbage (in the fresh plan's order, so containers go before their images), then for each one ask
+the engine about that very item once more and remove it without ``force``: a container started since the
+scan, an image a new container uses, a volume or network something attached to, is skipped, not removed. The
+engine's own refusals (409) are the last line and are reported as skips too.
+
+Orphan layers have no removal call. We load a tiny image whose rootfs is the orphan chain (a docker-archive
+with the config only: the engine already has every layer and never opens a layer file it has, moby
+``image/tarexport/load.go``) and delete that image; the engine's reference counting then drops the layers
+unless something else (a running pull, the build cache) still holds them, which only leaves them in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import secrets
+import tarfile
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dao.clean.plan import Item, Plan
+from dao.clean.scan import LayerBook, State
+from dao.docker import Engine, EngineError
+
+RECLAIM_LABEL = "dao.clean.reclaim"
+
+
+@dataclass
+class Outcome:
+    item: Item
+    status: str  # removed, skipped, failed
+    detail: str = ""
+
+
+@dataclass
+class Result:
+    outcomes: list[Outcome] = field(default_factory=list)
+    size: int = 0  # bytes docker system df no longer counts
+    hidden: int = 0  # bytes df never counted (orphan layers) that are gone from disk
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "removed": [_row(o) for o in self.outcomes if o.status == "removed"],
+            "skipped": [_row(o) for o in self.outcomes if o.status == "skipped"],
+            "failed": [_row(o) for o in self.outcomes if o.status == "failed"],
+            "size": self.size,
+            "hidden": self.hidden,
+        }
+
+
+def _row(outcome: Outcome) -> dict[str, Any]:
+    item = outcome.item
+    return {"kind": item.kind, "id": item.id, "name": item.name, "size": item.size, "detail": outcome.detail}
+
+
+def select(wanted: Plan, fresh: Plan) -> tuple[list[Item], list[Outcome]]:
+    """The items of ``wanted`` that ``fresh`` still lists (fresh order and data), and skips for the rest."""
+    keys = {item.key for item in wanted.items}
+    todo = [item for item in fresh.items if item.key in keys]
+    now_garbage = {item.key for item in todo}
+    rules = {(s.kind, s.id): s.rule for s in fresh.spared}
+    skipped = [
+        Outcome(item, "skipped", rules.get(item.key) or "no longer garbage")
+        for item in wanted.items
+        if item.key not in now_garbage
+    ]
+    return todo, skipped
+
+
+async def apply(
+    engine: Engine, items: list[Item], state: State, report: Callable[[Outcome], None] = lambda o: None
+) -> Result:
+    result = Result()
+    removed_images: list[str] = []
+    book = LayerBook(state)  # before removing: it reads the configs of broken images from the data root
+    for item in items:
+        try:
+            detail = await _REMOVERS[item.kind](engine, item)
+        except EngineError as exc:
+            if exc.status in (404, 409):  # gone already, or the engine says it is in use: not ours to force
+                outcome = Outcome(item, "skipped", str(exc).split(": ", 1)[-1])
+            else:
+                outcome = Outcome(item, "failed", str(exc))
+        else:
+            outcome = Outcome(item, "skipped", detail) if detail else Outcome(item, "removed")
+        if outcome.status == "removed":
+            if item.kind in ("image", "broken-image"):
+                removed_images.append(item.id)
+            elif item.kind == "layer":
+                result.hidden += item.hidden
+            else:
+                result.size += item.size
+        result.outcomes.append(outcome)
+        report(outcome)
+    # what the removed images free depends on which of them really went: count their layers again
+    sizes = book.freed_bytes(removed_images)
+    result.size += sum(sizes.values())
+    for outcome in result.outcomes:
+        if outcome.item.id in sizes:
+            outcome.item.size = sizes[outcome.item.id]
+    return result
+
+
+# Each remover re-checks its item and removes it; it returns why it skipped, or "" when it removed.
+
+
+async def _container(engine: Engine, item: Item) -> str:
+    doc = await engine.get(f"/containers/{item.id}/json")
+    state = doc.get("State") or {}
+    status = state.get("Status")
+    if status not in ("exited", "dead", "created"):
+        return f"now {status}"
+    if state.get("FinishedAt") != item.data.get("finished"):
+        return "ran again since the scan"
+    await engine.delete(f"/containers/{item.id}")
+    return ""
+
+
+async def _users(engine: Engine, **filters: list[str]) -> list[str]:
+    found = await engine.get("/containers/json", all="1", filters=json.dumps(filters))
+    return [str((c.get("Names") or ["?"])[0]).lstrip("/") for c in found]
+
+
+async def _image(engine: Engine, item: Item) -> str:
+    containers = await engine.get("/containers/json", all="1")
+    users = [str((c.get("Names") or ["?"])[0]).lstrip("/") for c in containers if c.get("ImageID") == item.id]
+    if users:
+        return f"now used by container {', '.join(users)}"
+    if item.kind == "image" and not item.reason.startswith("unused"):  # it was garbage for having no tag
+        doc = await engine.inspect_image(item.id)
+        if doc is None:
+            return "gone already"
+        if [t for t in doc.get("RepoTags") or [] if t != "<none>:<none>"]:
+            return "tagged since the scan"
+    # noprune: untagged parents are items of their own, planned and re-checked like this one
+    await engine.delete(f"/images/{item.id}", noprune="1")
+    return ""
+
+
+async def _volume(engine: Engine, item: Item) -> str:
+    users = await _users(engine, volume=[item.id])
+    if users:
+        return f"now used by container {', '.join(users)}"
+    await engine.delete(f"/volumes/{item.id}")
+    return ""
+
+
+async def _network(engine: Engine, item: Item) -> str:
+    doc = await engine.get(f"/networks/{item.id}")
+    users = await _users(engine, network=[item.id])
+    if doc.get("Containers") or users:
+        return f"now used by container {', '.join(users) or 'attached'}"
+    await engine.delete(f"/networks/{item.id}")
+    return ""
+
+
+async def _build_cache(engine: Engine, item: Item) -> str:
+    answer = await engine.post("/build/prune", filters=json.dumps({"id": [item.id]}))
+    if item.id not in (answer or {}).get("CachesDeleted") or []:
+        return "in use by a build, or gone already"
+    return ""
+
+
+async def _layer(engine: Engine, item: Item) -> str:
+    archive, image_id = reclaim_archive(item.data["diff_ids"])
+
+    async def body() -> AsyncIterator[bytes]:
+        yield archive
+
+    await engine.load(body())
+    doc = await engine.inspect_image(image_id)
+    labels = ((doc or {}).get("Config") or {}).get("Labels") or {}
+    if RECLAIM_LABEL not in labels:  # never delete an image we did not just make
+        return "the engine did not take the reclaim image"
+    answer = await engine.delete(f"/images/{image_id}")
+    deleted = {str(entry.get("Deleted")) for entry in answer or [] if isinstance(entry, dict)}
+    if not set(item.data.get("chains", [])) & deleted:
+        return "the engine still holds these layers (a pull or the build cache uses them)"
+    return ""
+
+
+_REMOVERS = {
+    "container": _container,
+    "image": _image,
+    "broken-image": _image,
+    "volume": _volume,
+    "network": _network,
+    "build-cache": _build_cache,
+    "layer": _layer,
+}
+
+
+def reclaim_archive(diff_ids: list[str]) -> tuple[bytes, str]:
+    """A docker-archive of one untagged image over these layers, with no layer files in it, and its ID.
+
+    A random label makes the ID one no other image has, so deleting it can only drop what it referenced.
+    """
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "created": "1970-01-01T00:00:00Z",
+            "config": {"Labels": {RECLAIM_LABEL: secrets.token_hex(8)}},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        },
+        sort_keys=True,
+    ).encode()
+    digest = hashlib.sha256(config).hexdigest()
+    manifest = json.dumps(
+        [{"Config": f"{digest}.json", "RepoTags": None, "Layers": [f"{d[7:]}/layer.tar" for d in diff_ids]}]
+    ).encode()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in ((f"{digest}.json", config), ("manifest.json", manifest)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue(), f"sha256:{digest}"

@@ -1,0 +1,113 @@
+"""``dao clean`` end to end: connect, scan, decide, then print the plan (dry run) or apply it."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from dao.clean.plan import Options, Plan, PlanError, format_age
+from dao.clean.remove import Outcome, Result, apply, select
+from dao.clean.scan import decide, read_state
+from dao.docker import Engine
+from dao.mirror.accounts import format_size
+
+
+@dataclass(frozen=True)
+class Request:
+    options: Options
+    dry_run: bool = False
+    plan_in: Path | None = None
+    plan_out: Path | None = None
+    as_json: bool = False
+    verbose: bool = False
+
+
+async def clean(request: Request, console: Console) -> int:
+    """Exit status: 0 when everything planned was removed or skipped by a re-check, 1 when a removal failed."""
+    wanted = Plan.read(request.plan_in) if request.plan_in else None
+    options = wanted.options if wanted else request.options
+    async with Engine() as engine:
+        if wanted and wanted.host != engine.host:
+            raise PlanError(f"the plan was made for the engine at {wanted.host}, not {engine.host}")
+        info = await engine.negotiate()
+        state = await read_state(engine, info, build_cache="build-cache" in options.kinds)
+        fresh = decide(state, options, time.time())
+        if request.plan_out:
+            fresh.write(request.plan_out)
+        if request.dry_run:
+            shown = fresh
+            if wanted:
+                todo, skipped = select(wanted, fresh)
+                shown = Plan(fresh.host, options, todo, fresh.spared, fresh.notes, fresh.created)
+            _print_plan(shown, console, request)
+            return 0
+        todo, skipped = select(wanted or fresh, fresh)
+        report = (lambda o: None) if request.as_json else (lambda o: _print_outcome(o, console))
+        for outcome in skipped:
+            report(outcome)
+        result = await apply(engine, todo, state, report)
+        result.outcomes[:0] = skipped
+    _print_result(result, console, request)
+    return 1 if result.failed else 0
+
+
+def _print_plan(plan: Plan, console: Console, request: Request) -> None:
+    if request.as_json:
+        console.print_json(json.dumps(plan.to_json()))
+        return
+    now = time.time()
+    if plan.items:
+        table = Table("KIND", "ID", "NAME", "REASON", "SIZE", "LAST USED", box=None, pad_edge=False)
+        for item in plan.items:
+            size = format_size(item.size) if not item.hidden else f"{format_size(item.hidden)}*"
+            last = f"{format_age(now - item.last_used)} ago" if item.last_used else "-"
+            table.add_row(item.kind, _short(item.id), item.name, item.reason, size, last)
+            for line in item.evidence:
+                table.add_row("", "", "", f"  {line}", "", "")
+        console.print(table)
+    total = f"would free {format_size(plan.size)}"
+    if plan.hidden:
+        total += f" (+ {format_size(plan.hidden)}* on disk that docker system df does not count)"
+    console.print(f"{len(plan.items)} items; {total}" if plan.items else "nothing to clean")
+    _print_spared(plan, console, request.verbose)
+
+
+def _print_spared(plan: Plan, console: Console, verbose: bool) -> None:
+    if plan.spared and verbose:
+        table = Table("KIND", "ID", "NAME", "SPARED BECAUSE", box=None, pad_edge=False, title="spared")
+        for s in plan.spared:
+            table.add_row(s.kind, _short(s.id), s.name, s.rule)
+        console.print(table)
+    elif plan.spared:
+        console.print(f"{len(plan.spared)} more spared by the safety rules (-v lists them)")
+    for note in plan.notes:
+        console.print(f"note: {note}")
+
+
+def _print_outcome(outcome: Outcome, console: Console) -> None:
+    item = outcome.item
+    what = f"{item.kind} {_short(item.id)} {item.name}".rstrip()
+    if outcome.status == "removed":
+        console.print(f"removed {what}")
+    else:
+        console.print(f"{outcome.status} {what}: {outcome.detail}")
+
+
+def _print_result(result: Result, console: Console, request: Request) -> None:
+    if request.as_json:
+        console.print_json(json.dumps(result.to_json()))
+        return
+    removed = sum(1 for o in result.outcomes if o.status == "removed")
+    line = f"removed {removed} items, freed {format_size(result.size)}"
+    if result.hidden:
+        line += f" (+ {format_size(result.hidden)} on disk that docker system df does not count)"
+    console.print(line if removed or result.outcomes else "nothing to clean")
+
+
+def _short(id_: str) -> str:
+    return id_.removeprefix("sha256:")[:12] if len(id_) >= 32 else id_

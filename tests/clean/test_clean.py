@@ -1,0 +1,348 @@
+"""``dao clean`` against a real Docker engine holding real garbage.
+
+The host fixture builds, on its own dockerd: exited containers finished at different times, a container that
+never started, dangling images (re-tagged over), one whose only user is an exited container, a dangling image
+labelled dao.keep=true, anonymous volumes (one in use, two not), named volumes, networks in and out of use, a
+running container whose image, volumes and network must survive, a broken image (its layer directory deleted
+while the engine was down) and the layers of an image whose metadata never got written (what an engine killed
+mid-pull leaves: layers no image references).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.services import images
+from tests.services.dockerd import Dockerd
+from tests.services.mirror import DAO
+
+
+@dataclass
+class Host:
+    engine: Dockerd
+    ids: dict[str, str] = field(default_factory=dict)  # what the fixture made: name -> id
+    ghost_chains: list[str] = field(default_factory=list)  # orphan layer chains (interrupted pull)
+    ghost_dirs: list[Path] = field(default_factory=list)
+    broken_dir: Path | None = None
+
+    def docker(self, *args: str) -> str:
+        return self.engine.docker(*args).stdout.strip()
+
+    def dao(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [DAO, "clean", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={"DOCKER_HOST": f"unix://{self.engine.sock}", "PATH": "/usr/bin:/bin", **(env or {})},
+        )
+
+    def dao_json(self, *args: str) -> dict:
+        proc = self.dao("--json", *args)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    def api(self, path: str) -> object:
+        out = subprocess.run(
+            ["curl", "-sf", "--unix-socket", str(self.engine.sock), f"http://docker/v1.41{path}"],
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
+        return json.loads(out)
+
+    def df_total(self) -> int:
+        """The numbers behind ``docker system df``: image layers, containers' writable layers, volumes and the
+        build cache not shared with images."""
+        df = self.api("/system/df")
+        assert isinstance(df, dict)
+        return (
+            df["LayersSize"]
+            + sum(c.get("SizeRw", 0) for c in df["Containers"])
+            + sum(max(v["UsageData"]["Size"], 0) for v in df["Volumes"])
+            + sum(b["Size"] for b in df.get("BuildCache") or [] if not b["Shared"])
+        )
+
+    def exists(self, kind: str, id_: str) -> bool:
+        path = {"container": "/containers/{}/json", "volume": "/volumes/{}", "network": "/networks/{}"}.get(kind)
+        if path is None:  # images: the list, since a broken image cannot be inspected
+            return any(i["Id"] == id_ for i in self.api("/images/json?all=1"))  # type: ignore[union-attr]
+        return (
+            subprocess.run(
+                [
+                    "curl",
+                    "-sf",
+                    "-o",
+                    "/dev/null",
+                    "--unix-socket",
+                    str(self.engine.sock),
+                    f"http://docker/v1.41{path.format(urllib.parse.quote(id_))}",
+                ],
+                timeout=60,
+            ).returncode
+            == 0
+        )
+
+
+def _layer_dirs(engine: Dockerd, chain: str) -> tuple[Path, Path]:
+    layerdb = engine.data_root / "image" / "overlay2" / "layerdb" / "sha256" / chain.removeprefix("sha256:")
+    cache_id = (layerdb / "cache-id").read_text().strip()
+    return layerdb, engine.data_root / "overlay2" / cache_id
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory, isolated: None) -> Iterator[Host]:
+    work = tmp_path_factory.mktemp("clean")
+    engine = Dockerd(work, [])
+    h = Host(engine)
+    layers = work / "layers"
+    layers.mkdir()
+
+    def imported(ref: str, size: int, *changes: str) -> str:
+        layer = images.data_layer(layers, ref.replace(":", "-").replace("/", "-"), size)
+        args = [a for change in changes for a in ("--change", change)]
+        return h.docker("import", *args, str(layer.path), ref)
+
+    try:
+        h.ids["base"] = h.docker(
+            "import", "--change", 'CMD ["/bin/sh"]', str(images.busybox_layer(layers).path), "base:1"
+        )
+        h.ids["broken"] = imported("broken:1", 300_000)
+        h.ids["ghost"] = imported("ghost:1", 500_000)
+        h.docker("run", "--name", "old-exit", "base:1", "true")
+        ghost_doc = json.loads(h.docker("image", "inspect", "ghost:1"))[0]
+        broken_doc = json.loads(h.docker("image", "inspect", "broken:1"))[0]
+        ghost_chain = ghost_doc["RootFS"]["Layers"][0]  # one layer: its chain is its diff ID
+        broken_chain = broken_doc["RootFS"]["Layers"][0]
+
+        def damage() -> None:
+            # broken:1 loses its layer's files; ghost:1 loses its image record but keeps its layers
+            h.broken_dir = _layer_dirs(engine, broken_chain)[1]
+            shutil.rmtree(h.broken_dir)
+            image_db = engine.data_root / "image" / "overlay2" / "imagedb"
+            ghost_id = h.ids["ghost"].removeprefix("sha256:")
+            (image_db / "content" / "sha256" / ghost_id).unlink()
+            shutil.rmtree(image_db / "metadata" / "sha256" / ghost_id, ignore_errors=True)
+            repos = engine.data_root / "image" / "overlay2" / "repositories.json"
+            doc = json.loads(repos.read_text())
+            del doc["Repositories"]["ghost"]
+            repos.write_text(json.dumps(doc))
+            h.ghost_chains.append(ghost_chain)
+            h.ghost_dirs.extend(_layer_dirs(engine, ghost_chain))
+
+        engine.restart(damage)
+
+        # images: re-tagging leaves the first app:1 dangling; app2's old image is used by an exited container
+        h.ids["app-old"] = imported("app:1", 400_000)
+        h.ids["app-new"] = imported("app:1", 100_000)
+        h.ids["app2-old"] = imported("app2:1", 200_000, 'CMD ["/bin/true"]')
+        h.docker("create", "--name", "uses-old", h.ids["app2-old"])
+        h.ids["app2-new"] = imported("app2:1", 100_000)
+        h.ids["kept-old"] = imported("kept:1", 100_000, "LABEL dao.keep=true")
+        imported("kept:1", 100_000)
+        h.ids["u-old"] = imported("unused-old:1", 2_000_000)
+        h.ids["u-new"] = imported("unused-new:1", 100_000)
+
+        # volumes and networks
+        h.docker("volume", "create", "keepvol")
+        h.docker("volume", "create", "named-unused")
+        h.docker("network", "create", "keepnet")
+        h.ids["unused-net"] = h.docker("network", "create", "unused-net")
+        h.docker("network", "create", "--label", "dao.keep=true", "kept-net")
+        h.docker("run", "--name", "filler", "-v", "/data", "base:1", "sh", "-c", "cat /bin/busybox > /data/f")
+        h.ids["filler-vol"] = json.loads(h.docker("inspect", "filler"))[0]["Mounts"][0]["Name"]
+        h.docker("rm", "filler")  # without -v: its anonymous volume stays behind, orphaned
+        h.docker("run", "--name", "with-anon", "-v", "/data", "base:1", "true")
+        h.ids["with-anon-vol"] = json.loads(h.docker("inspect", "with-anon"))[0]["Mounts"][0]["Name"]
+        h.docker("create", "--name", "never-started", "base:1")
+        h.docker(
+            "run", "-d", "--name", "running", "--network", "keepnet", "-v", "keepvol:/kv", "-v", "/anon",
+            "base:1", "sh", "-c", "sleep 3600",
+        )  # fmt: skip
+        h.ids["running-vol"] = next(
+            m["Name"] for m in json.loads(h.docker("inspect", "running"))[0]["Mounts"] if m["Destination"] == "/anon"
+        )
+        h.docker("run", "--name", "new-exit", "base:1", "true")
+        for name in ("old-exit", "new-exit", "uses-old", "with-anon", "never-started", "running"):
+            h.ids[name] = json.loads(h.docker("inspect", name))[0]["Id"]
+        yield h
+    finally:
+        engine.stop()
+
+
+def _keys(items: list[dict]) -> set[tuple[str, str]]:
+    return {(i["kind"], i["id"]) for i in items}
+
+
+def _expected(h: Host) -> set[tuple[str, str]]:
+    ids = h.ids
+    return {
+        *(("container", ids[n]) for n in ("old-exit", "new-exit", "uses-old", "with-anon", "never-started")),
+        ("image", ids["app-old"]),
+        ("image", ids["app2-old"]),  # its only user, uses-old, goes in the same plan
+        ("broken-image", ids["broken"]),
+        ("layer", h.ghost_chains[0]),
+        ("volume", ids["filler-vol"]),
+        ("volume", ids["with-anon-vol"]),
+        ("network", ids["unused-net"]),
+    }
+
+
+def test_default_grace_spares_everything_young(host: Host) -> None:
+    plan = host.dao_json("-d")
+    assert plan["items"] == []
+    spared = {(s["kind"], s["id"]): s["rule"] for s in plan["spared"]}
+    assert "within 1h" in spared[("container", host.ids["old-exit"])]
+    assert "within 1h" in spared[("layer", host.ghost_chains[0])]
+
+
+def test_until_picks_containers_by_when_they_finished(host: Host) -> None:
+    finished = {
+        name: json.loads(host.docker("inspect", host.ids[name]))[0]["State"]["FinishedAt"]
+        for name in ("old-exit", "new-exit")
+    }
+    plan = host.dao_json("-d", "--only", "containers", "--grace", "0", "--until", "1h")
+    assert plan["items"] == [], finished
+    # old-exit finished before the engine restart, new-exit at the end of the fixture
+    age_new = time.time() - _unix(finished["new-exit"])
+    age_old = time.time() - _unix(finished["old-exit"])
+    assert age_old - age_new > 2, finished
+    until = f"{int((age_old + age_new) / 2)}s"
+    plan = host.dao_json("-d", "--only", "containers", "--grace", "0", "--until", until)
+    names = {i["name"] for i in plan["items"]}
+    assert "old-exit" in names and "new-exit" not in names, (until, finished)
+
+
+def _unix(stamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(stamp[:26].rstrip("Z") + "+00:00").timestamp()
+
+
+def test_dry_run_lists_exactly_the_garbage_with_evidence(host: Host) -> None:
+    before = host.df_total()
+    plan = host.dao_json("-d", "--grace", "0")
+    assert _keys(plan["items"]) == _expected(host)
+    by_key = {(i["kind"], i["id"]): i for i in plan["items"]}
+    broken = by_key[("broken-image", host.ids["broken"])]
+    assert any(str(host.broken_dir) in line for line in broken["evidence"]), broken
+    ghost = by_key[("layer", host.ghost_chains[0])]
+    assert ghost["hidden"] >= 500_000 and ghost["size"] == 0
+    spared = {(s["kind"], s["id"]): s["rule"] for s in plan["spared"]}
+    assert spared[("image", host.ids["kept-old"])] == "labelled dao.keep=true"
+    assert "kept-net" in {s["name"] for s in plan["spared"]}
+    assert host.df_total() == before  # a dry run changes nothing
+    human = host.dao("-d", "--grace", "0")
+    assert human.returncode == 0
+    assert "would free" in human.stdout and "with-anon" in human.stdout
+
+
+KEEP_OTHERS = ("--keep", "app*", "--keep", "docker.io/library/kept:*")
+
+
+def test_options_select_kinds_and_keep_patterns(host: Host) -> None:
+    plan = host.dao_json("-d", "--grace", "0", "--only", "volumes,networks", "--volumes-named")
+    assert {i["kind"] for i in plan["items"]} == {"volume", "network"}
+    assert "named-unused" in {i["id"] for i in plan["items"]}
+    assert "keepvol" not in {i["id"] for i in plan["items"]}  # the running container uses it
+    plan = host.dao_json("-d", "--grace", "0", "--skip", "containers")
+    kinds = {i["kind"] for i in plan["items"]}
+    assert "container" not in kinds
+    # without removing uses-old, its dangling image stays in use
+    assert ("image", host.ids["app2-old"]) not in _keys(plan["items"])
+    plan = host.dao_json("-d", "--grace", "0", "--only", "images", "--images-unused", "--keep", "unused-new:*")
+    unused = [i["id"] for i in plan["items"] if i["reason"].startswith("unused")]
+    # least recently used first: the re-tagged app:1, app2:1 and kept:1 images came before unused-old:1
+    assert unused[-1] == host.ids["u-old"] and len(unused) == 4, unused
+    plan = host.dao_json(
+        "-d", "--grace", "0", "--only", "images", "--images-unused", "--keep", "unused-new:*", *KEEP_OTHERS
+    )
+    unused = [i["id"] for i in plan["items"] if i["reason"].startswith("unused")]
+    assert unused == [host.ids["u-old"]]
+    assert any(s["rule"] == "matches --keep unused-new:*" for s in plan["spared"])
+    assert host.ids["base"] not in {i["id"] for i in plan["items"]}  # the running container's
+
+
+def test_keep_free_stops_once_enough_is_free(host: Host) -> None:
+    free = shutil.disk_usage(host.engine.data_root).free
+    dangling = sum(i["size"] for i in host.dao_json("-d", "--grace", "0", "--only", "images")["items"])
+    # enough free space once the dangling images and the LRU unused image (2 MB) go, not the next one
+    target = free + dangling + 1_000_000
+    plan = host.dao_json(
+        "-d", "--grace", "0", "--only", "images", "--images-unused", "--keep-free", str(target), *KEEP_OTHERS
+    )
+    unused = [i["id"] for i in plan["items"] if i["reason"].startswith("unused")]
+    assert unused == [host.ids["u-old"]], plan["notes"]
+
+
+def test_usage_and_engine_errors(host: Host, tmp_path: Path) -> None:
+    for args in (["--only", "pictures"], ["--grace", "soon"], ["--keep-free", "1GB"], ["--plan", "/nonexistent"]):
+        proc = host.dao(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.startswith("dao: error:") and "Traceback" not in proc.stderr
+    bad = tmp_path / "plan.json"
+    bad.write_text("{not json")
+    assert host.dao("--plan", str(bad)).returncode == 2
+    proc = host.dao("-d", env={"DOCKER_HOST": f"unix://{tmp_path}/none.sock"})
+    assert proc.returncode == 1 and "cannot reach the Docker engine" in proc.stderr
+
+
+def test_plan_then_apply_removes_exactly_the_plan(host: Host, tmp_path: Path) -> None:
+    plan_file = tmp_path / "plan.json"
+    plan = host.dao_json("-d", "--grace", "0", "--plan-out", str(plan_file))
+    listed = _keys(plan["items"])
+    assert listed == _expected(host)
+    assert _keys(json.loads(plan_file.read_text())["items"]) == listed
+    # after the scan, a new container starts using a planned dangling image: it must keep it
+    host.docker("create", "--name", "late", host.ids["app-old"], "true")
+    before = host.df_total()
+    result = host.dao_json("--plan", str(plan_file))
+    after = host.df_total()
+
+    removed = _keys(result["removed"])
+    assert removed == listed - {("image", host.ids["app-old"])}
+    assert _keys(result["skipped"]) == {("image", host.ids["app-old"])}
+    assert "late" in result["skipped"][0]["detail"]
+    assert result["failed"] == []
+    for kind, id_ in removed:
+        if kind != "layer":
+            assert not host.exists(kind.replace("broken-", ""), id_), (kind, id_)
+    # what docker system df counts fell by what dao said it freed
+    assert abs((before - after) - result["size"]) <= 0.01 * (before - after), (before, after, result["size"])
+    # the orphan layers are gone from the data root, though df never counted them
+    assert result["hidden"] >= 500_000
+    assert not any(p.exists() for p in host.ghost_dirs)
+    # survivors: the running container, its image, volumes and network; kept things; tagged images
+    for kind, id_ in (
+        ("container", host.ids["running"]),
+        ("image", host.ids["base"]),
+        ("image", host.ids["app-old"]),
+        ("image", host.ids["kept-old"]),
+        ("image", host.ids["u-old"]),
+        ("volume", "keepvol"),
+        ("volume", "named-unused"),
+        ("volume", host.ids["running-vol"]),
+        ("network", "keepnet"),
+        ("network", "kept-net"),
+    ):
+        assert host.exists(kind, id_), (kind, id_)
+    assert host.docker("inspect", "-f", "{{.State.Running}}", "running") == "true"
+
+    # a dry run and a real run with the same options agree
+    host.docker("rm", "late")
+    host.docker("run", "--name", "one-more", "base:1", "true")
+    one_more = json.loads(host.docker("inspect", "one-more"))[0]["Id"]
+    dry = host.dao_json("-d", "--grace", "0")
+    real = host.dao_json("--grace", "0")
+    assert _keys(real["removed"]) == _keys(dry["items"]) == {("container", one_more), ("image", host.ids["app-old"])}
+    assert host.dao_json("-d", "--grace", "0")["items"] == []
+    assert host.dao("--grace", "0").returncode == 0
