@@ -11,6 +11,7 @@ mid-pull leaves: layers no image references).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.services import images
-from tests.services.dockerd import Dockerd
+from tests.services.dockerd import DOCKER_CLI, Dockerd
 from tests.services.mirror import DAO
 
 
@@ -116,6 +117,19 @@ def host(tmp_path_factory: pytest.TempPathFactory, isolated: None) -> Iterator[H
         h.ids["base"] = h.docker(
             "import", "--change", 'CMD ["/bin/sh"]', str(images.busybox_layer(layers).path), "base:1"
         )
+        # BuildKit's cache: build on base:1, then drop the image so the cache records are nobody's
+        ctx = work / "ctx"
+        ctx.mkdir()
+        (ctx / "Dockerfile").write_text("FROM base:1\nCOPY blob /blob\n")
+        (ctx / "blob").write_bytes(os.urandom(300_000))
+        subprocess.run(
+            [DOCKER_CLI, "-H", f"unix://{engine.sock}", "build", "--network", "none", "-t", "built:1", str(ctx)],
+            env={**os.environ, "DOCKER_BUILDKIT": "1"},
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        h.docker("rmi", "built:1")
         h.ids["broken"] = imported("broken:1", 300_000)
         h.ids["ghost"] = imported("ghost:1", 500_000)
         h.docker("run", "--name", "old-exit", "base:1", "true")
@@ -296,6 +310,19 @@ def test_usage_and_engine_errors(host: Host, tmp_path: Path) -> None:
     assert proc.returncode == 1 and "cannot reach the Docker engine" in proc.stderr
 
 
+def test_orphan_layers_wait_while_a_pull_is_in_progress(host: Host) -> None:
+    download = host.engine.data_root / "tmp" / "GetImageBlob123456"  # what the engine writes while it pulls
+    download.parent.mkdir(exist_ok=True)
+    download.write_bytes(b"partial layer")
+    try:
+        plan = host.dao_json("-d", "--grace", "0", "--only", "broken")
+    finally:
+        download.unlink()
+    assert ("layer", host.ghost_chains[0]) not in _keys(plan["items"])
+    assert "a pull is in progress" in next(s["rule"] for s in plan["spared"] if s["kind"] == "layer")
+    assert ("broken-image", host.ids["broken"]) in _keys(plan["items"])
+
+
 def test_plan_then_apply_removes_exactly_the_plan(host: Host, tmp_path: Path) -> None:
     plan_file = tmp_path / "plan.json"
     plan = host.dao_json("-d", "--grace", "0", "--plan-out", str(plan_file))
@@ -346,3 +373,17 @@ def test_plan_then_apply_removes_exactly_the_plan(host: Host, tmp_path: Path) ->
     assert _keys(real["removed"]) == _keys(dry["items"]) == {("container", one_more), ("image", host.ids["app-old"])}
     assert host.dao_json("-d", "--grace", "0")["items"] == []
     assert host.dao("--grace", "0").returncode == 0
+
+
+def test_build_cache_only_when_asked(host: Host) -> None:
+    assert not [i for i in host.dao_json("-d", "--grace", "0")["items"] if i["kind"] == "build-cache"]
+    dry = host.dao_json("-d", "--grace", "0", "--build-cache")
+    cache = [i for i in dry["items"] if i["kind"] == "build-cache"]
+    assert sum(i["size"] for i in cache) >= 300_000, cache  # the COPY of 300 kB
+    before = host.df_total()
+    real = host.dao_json("--grace", "0", "--only", "build-cache")
+    after = host.df_total()
+    assert _keys(real["removed"]) == _keys(cache)
+    assert abs((before - after) - real["size"]) <= 0.01 * (before - after), (before, after, real["size"])
+    df = host.api("/system/df")
+    assert isinstance(df, dict) and [b for b in df["BuildCache"] if not b["InUse"] and not b["Shared"]] == []

@@ -1,0 +1,159 @@
+"""The pure parts of dao clean: durations, reference spellings, and decide() on hand-made engine states."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dao.clean.plan import Item, Options, Plan, PlanError, Spared, parse_duration
+from dao.clean.policy import ref_names
+from dao.clean.remove import reclaim_archive, select
+from dao.clean.scan import State, decide
+
+NOW = 2_000_000_000.0
+OLD = "2020-01-01T00:00:00.123456789Z"
+
+
+@given(st.integers(0, 10_000), st.sampled_from("smhdw"))
+def test_durations(n: int, unit: str) -> None:
+    assert parse_duration(f"{n}{unit}") == n * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
+
+
+@pytest.mark.parametrize("text", ["", "1", "h", "1x", "-1h", "1h-", "soon"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(PlanError):
+        parse_duration(text)
+
+
+def test_compound_duration() -> None:
+    assert parse_duration("1h30m") == 5400 and parse_duration("0") == 0
+
+
+def test_reference_spellings() -> None:
+    assert {"nginx:1", "library/nginx:1", "docker.io/library/nginx:1"} <= ref_names("nginx:1")
+    assert "nginx:1" in ref_names("docker.io/library/nginx:1")
+    assert ref_names("ghcr.io/a/b:1") == {"ghcr.io/a/b:1"}
+
+
+def _container(id_: str, status: str, image: str = "sha256:img", **extra: Any) -> dict[str, Any]:
+    return {
+        "Id": id_,
+        "Name": f"/{id_}",
+        "Image": image,
+        "Created": OLD,
+        "State": {"Status": status, "FinishedAt": OLD, "ExitCode": 0},
+        "HostConfig": {"RestartPolicy": {"Name": extra.pop("restart", "no")}, "NetworkMode": "default"},
+        "Config": {"Labels": {}},
+        "Mounts": [],
+        "NetworkSettings": {"Networks": {}},
+        **extra,
+    }
+
+
+def _image(id_: str, tags: list[str] | None = None, parent: str = "", digests: list[str] | None = None) -> dict:
+    return {"Id": id_, "RepoTags": tags, "RepoDigests": digests, "ParentId": parent, "Created": 1, "Size": 10}
+
+
+def _state(**parts: Any) -> State:
+    return State(
+        host="unix:///x",
+        containers=parts.get("containers", []),
+        images=parts.get("images", []),
+        inspected={},
+        uninspectable={},
+        df=parts.get("df", {}),
+        volumes=parts.get("volumes", []),
+        networks=parts.get("networks", []),
+        dataroot=None,
+        free=None,
+    )
+
+
+def _plan(state: State, **options: Any) -> Plan:
+    return decide(state, Options(grace=0, **options), NOW)
+
+
+def test_restart_always_containers_are_spared() -> None:
+    plan = _plan(_state(containers=[_container("a", "exited", restart="always"), _container("b", "created")]))
+    assert [(i.id, i.reason) for i in plan.items] == [("b", "created, never started")]
+    assert "restart policy always" in plan.spared[0].rule
+
+
+def test_keep_label_spares_a_container_and_what_it_uses() -> None:
+    kept = _container("k", "exited", image="sha256:old")
+    kept["Config"]["Labels"] = {"dao.keep": "true"}
+    plan = _plan(_state(containers=[kept], images=[_image("sha256:old")]))
+    assert plan.items == []
+    assert {s.rule for s in plan.spared} == {"labelled dao.keep=true", "used by container k"}
+
+
+def test_untagged_parents_go_after_their_child() -> None:
+    # a classic build: tagged app <- untagged step <- untagged step; re-tagging app left the top dangling
+    images = [
+        _image("sha256:top", parent="sha256:mid"),
+        _image("sha256:mid", parent="sha256:low"),
+        _image("sha256:low"),
+    ]
+    images.append(_image("sha256:digest-only", digests=["x@sha256:1"]))
+    plan = _plan(_state(images=images))
+    assert [i.id for i in plan.items] == ["sha256:top", "sha256:mid", "sha256:low"]
+    assert plan.items[1].reason.startswith("untagged parent of")
+
+
+def test_networks_volumes_and_build_cache() -> None:
+    nets = [
+        {"Name": n, "Id": n, "Driver": d, "Scope": s, "Created": OLD}
+        for n, d, s in [("bridge", "bridge", "local"), ("mine", "bridge", "local"), ("ov", "overlay", "swarm")]
+    ]
+    user = _container("run", "running")
+    user["NetworkSettings"]["Networks"] = {"used": {"NetworkID": "used-id"}}
+    user["Mounts"] = [{"Type": "volume", "Name": "a" * 64}]
+    nets.append({"Name": "used", "Id": "used-id", "Driver": "bridge", "Scope": "local", "Created": OLD})
+    volumes = [
+        {"Name": "a" * 64, "CreatedAt": OLD, "UsageData": {"Size": 5}},
+        {"Name": "b" * 64, "CreatedAt": OLD, "UsageData": {"Size": 7}},
+        {"Name": "named", "CreatedAt": OLD, "UsageData": {"Size": 9}},
+    ]
+    cache = [
+        {"ID": "p", "Parent": "", "Type": "regular", "Size": 3, "LastUsedAt": OLD},
+        {"ID": "c", "Parent": "p", "Type": "regular", "Size": 4, "LastUsedAt": OLD},
+        {"ID": "s", "Parent": "", "Type": "regular", "Size": 5, "LastUsedAt": OLD, "Shared": True},
+        {"ID": "u", "Parent": "", "Type": "regular", "Size": 6, "LastUsedAt": OLD, "InUse": True},
+    ]
+    state = _state(containers=[user], networks=nets, volumes=volumes, df={"BuildCache": cache})
+    plan = _plan(state, kinds=("volumes", "networks", "build-cache"))
+    assert [(i.kind, i.id, i.size) for i in plan.items] == [
+        ("volume", "b" * 64, 7),
+        ("network", "mine", 0),
+        ("build-cache", "c", 4),  # children before their parent
+        ("build-cache", "p", 3),
+    ]
+    plan = _plan(state, kinds=("volumes",), volumes_named=True)
+    assert {i.id for i in plan.items} == {"b" * 64, "named"}
+
+
+def test_grace_and_until() -> None:
+    young = _container("y", "exited")
+    young["State"]["FinishedAt"] = datetime.fromtimestamp(NOW - 20, UTC).isoformat()
+    plan = decide(_state(containers=[young]), Options(grace=60), NOW)
+    assert plan.items == [] and "within 1m" in plan.spared[0].rule
+    assert [i.id for i in decide(_state(containers=[young]), Options(grace=0, until=10), NOW).items] == ["y"]
+    assert decide(_state(containers=[young]), Options(grace=0, until=30), NOW).items == []
+
+
+def test_select_keeps_only_what_is_still_garbage() -> None:
+    wanted = Plan("h", Options(), [Item("container", "a", "a", "r"), Item("container", "b", "b", "r")])
+    fresh = Plan("h", Options(), [Item("container", "a", "a", "r")], [Spared("container", "b", "b", "now running")])
+    todo, skipped = select(wanted, fresh)
+    assert [i.id for i in todo] == ["a"]
+    assert [(o.item.id, o.detail) for o in skipped] == [("b", "now running")]
+
+
+def test_reclaim_archives_are_unique() -> None:
+    a, id_a = reclaim_archive(["sha256:" + "1" * 64])
+    b, id_b = reclaim_archive(["sha256:" + "1" * 64])
+    assert id_a != id_b and a != b
