@@ -3,7 +3,8 @@
 ``DOCKER_HOST`` (``unix://`` or ``tcp://``; default ``unix:///var/run/docker.sock``), else the docker context
 (``DOCKER_CONTEXT`` or ``currentContext`` in ``config.json``), with ``DOCKER_TLS_VERIFY``/``DOCKER_CERT_PATH``
 for TLS over TCP. The API version is negotiated: we ask
-``/version`` unversioned and speak the lower of the engine's version and ours, never below 1.24 (Docker 1.12).
+``/version`` unversioned and speak the lower of the engine's version and ours, never below 1.24 (Docker 1.12);
+``DOCKER_API_VERSION`` pins one, as it does for the docker CLI.
 
 Errors come out as :class:`EngineError` with one line a person can act on (engine down, permission denied).
 """
@@ -116,6 +117,14 @@ class Engine:
         if engine < MIN_API:
             raise EngineError(f"the Docker engine speaks API {doc.get('ApiVersion')}; dao needs 1.24 or newer")
         chosen = min(engine, OUR_API)
+        pinned = os.environ.get("DOCKER_API_VERSION")  # as the docker CLI: speak exactly this version
+        if pinned:
+            try:
+                chosen = _parse_version(pinned.removeprefix("v"))
+            except ValueError:
+                raise EngineError(f"DOCKER_API_VERSION={pinned!r}: give a version like 1.41") from None
+            if not MIN_API <= chosen <= engine:
+                raise EngineError(f"DOCKER_API_VERSION={pinned}: this engine speaks 1.24 to {doc.get('ApiVersion')}")
         self.version = f"v{chosen[0]}.{chosen[1]}"
         info = await self._json("GET", "/info")
         registry = info.get("RegistryConfig") or {}

@@ -10,9 +10,11 @@ mid-pull leaves: layers no image references).
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -25,6 +27,7 @@ import pytest
 from tests.services import images
 from tests.services.dockerd import DOCKER_CLI, Dockerd
 from tests.services.mirror import DAO
+from tests.services.procs import free_port
 
 
 @dataclass
@@ -34,6 +37,8 @@ class Host:
     ghost_chains: list[str] = field(default_factory=list)  # orphan layer chains (interrupted pull)
     ghost_dirs: list[Path] = field(default_factory=list)
     broken_dir: Path | None = None
+    tcp: str = ""  # the same engine over TCP with TLS
+    certs: Path | None = None
 
     def docker(self, *args: str) -> str:
         return self.engine.docker(*args).stdout.strip()
@@ -53,13 +58,16 @@ class Host:
         return json.loads(proc.stdout)
 
     def api(self, path: str) -> object:
-        out = subprocess.run(
-            ["curl", "-sf", "--unix-socket", str(self.engine.sock), f"http://docker/v1.41{path}"],
-            capture_output=True,
-            check=True,
-            timeout=60,
-        ).stdout
-        return json.loads(out)
+        return json.loads(self._get(path)[1])
+
+    def _get(self, path: str) -> tuple[int, bytes]:
+        conn = _UnixHTTP(str(self.engine.sock))
+        try:
+            conn.request("GET", f"/v1.41{path}")
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
 
     def df_total(self) -> int:
         """The numbers behind ``docker system df``: image layers, containers' writable layers, volumes and the
@@ -77,21 +85,18 @@ class Host:
         path = {"container": "/containers/{}/json", "volume": "/volumes/{}", "network": "/networks/{}"}.get(kind)
         if path is None:  # images: the list, since a broken image cannot be inspected
             return any(i["Id"] == id_ for i in self.api("/images/json?all=1"))  # type: ignore[union-attr]
-        return (
-            subprocess.run(
-                [
-                    "curl",
-                    "-sf",
-                    "-o",
-                    "/dev/null",
-                    "--unix-socket",
-                    str(self.engine.sock),
-                    f"http://docker/v1.41{path.format(urllib.parse.quote(id_))}",
-                ],
-                timeout=60,
-            ).returncode
-            == 0
-        )
+        return self._get(path.format(urllib.parse.quote(id_)))[0] == 200
+
+
+class _UnixHTTP(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("docker", timeout=60)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(60)
+        self.sock.connect(self.unix_path)
 
 
 def _layer_dirs(engine: Dockerd, chain: str) -> tuple[Path, Path]:
@@ -100,11 +105,39 @@ def _layer_dirs(engine: Dockerd, chain: str) -> tuple[Path, Path]:
     return layerdb, engine.data_root / "overlay2" / cache_id
 
 
+def _tls_certs(work: Path) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, laid out as DOCKER_CERT_PATH wants."""
+    d = work / "certs"
+    d.mkdir()
+
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=dao-test-ca")  # fmt: skip
+    for name, subject, ext in (
+        ("server", "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+        ("client", "/CN=client", "extendedKeyUsage=clientAuth\n"),
+    ):
+        (d / f"{name}.ext").write_text(ext)
+        ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}-key.pem", "-out", f"{name}.csr",
+            "-subj", subject)  # fmt: skip
+        ssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
+            "-out", f"{name}-cert.pem", "-days", "2", "-extfile", f"{name}.ext")  # fmt: skip
+    shutil.copy(d / "client-cert.pem", d / "cert.pem")
+    shutil.copy(d / "client-key.pem", d / "key.pem")
+    return d
+
+
 @pytest.fixture(scope="module")
 def host(tmp_path_factory: pytest.TempPathFactory, isolated: None) -> Iterator[Host]:
     work = tmp_path_factory.mktemp("clean")
-    engine = Dockerd(work, [])
-    h = Host(engine)
+    certs = _tls_certs(work)
+    port = free_port()
+    tls = ["--tlsverify", "--tlscacert", str(certs / "ca.pem"), "--tlscert", str(certs / "server-cert.pem")]
+    tls += ["--tlskey", str(certs / "server-key.pem"), "-H", f"tcp://127.0.0.1:{port}"]
+    engine = Dockerd(work, [], tls)
+    h = Host(engine, tcp=f"tcp://127.0.0.1:{port}", certs=certs)
     layers = work / "layers"
     layers.mkdir()
 
@@ -308,6 +341,23 @@ def test_usage_and_engine_errors(host: Host, tmp_path: Path) -> None:
     assert host.dao("--plan", str(bad)).returncode == 2
     proc = host.dao("-d", env={"DOCKER_HOST": f"unix://{tmp_path}/none.sock"})
     assert proc.returncode == 1 and "cannot reach the Docker engine" in proc.stderr
+
+
+def test_any_engine_the_docker_cli_reaches(host: Host) -> None:
+    """TCP with TLS (DOCKER_TLS_VERIFY, DOCKER_CERT_PATH), and the oldest API dao speaks, see the same plan."""
+    unix = host.dao_json("-d", "--grace", "0")
+    tls = {"DOCKER_HOST": host.tcp, "DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": str(host.certs)}
+    proc = host.dao("-d", "--grace", "0", "--json", env=tls)
+    assert proc.returncode == 0, proc.stderr
+    over_tls = json.loads(proc.stdout)
+    assert over_tls["host"] == host.tcp
+    assert _keys(over_tls["items"]) == _keys(unix["items"])
+    old = json.loads(host.dao("-d", "--grace", "0", "--json", env={"DOCKER_API_VERSION": "1.24"}).stdout)
+    assert _keys(old["items"]) == _keys(unix["items"])
+    plain = host.dao("-d", env={"DOCKER_HOST": host.tcp})  # the engine wants TLS
+    assert plain.returncode == 1 and plain.stderr.startswith("dao: error:") and "Traceback" not in plain.stderr
+    wrong = host.dao("-d", env={"DOCKER_API_VERSION": "1.12"})
+    assert wrong.returncode == 1 and "DOCKER_API_VERSION" in wrong.stderr
 
 
 def test_orphan_layers_wait_while_a_pull_is_in_progress(host: Host) -> None:

@@ -15,8 +15,9 @@ DOCKER_CLI = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
 
 
 class Dockerd:
-    def __init__(self, workdir: Path, mirrors: list[str]) -> None:
+    def __init__(self, workdir: Path, mirrors: list[str], extra_args: list[str] | None = None) -> None:
         self.workdir = workdir
+        self.extra_args = extra_args or []
         # unix socket paths are limited to 108 bytes; containerd's lives under the exec root
         self.exec_root = Path(tempfile.mkdtemp(prefix="dao-x", dir="/tmp"))
         self.sock = self.exec_root / "docker.sock"
@@ -44,6 +45,7 @@ class Dockerd:
                 "--bridge",
                 "none",
                 "--iptables=false",
+                *self.extra_args,
             ],
             workdir / "dockerd.log",
         )
