@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -24,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import images
-from tests.services.dockerd import DOCKER_CLI, Dockerd
+from tests.services import garbage
+from tests.services.dockerd import Dockerd
 from tests.services.mirror import DAO
 from tests.services.procs import free_port
 
@@ -99,12 +98,6 @@ class _UnixHTTP(http.client.HTTPConnection):
         self.sock.connect(self.unix_path)
 
 
-def _layer_dirs(engine: Dockerd, chain: str) -> tuple[Path, Path]:
-    layerdb = engine.data_root / "image" / "overlay2" / "layerdb" / "sha256" / chain.removeprefix("sha256:")
-    cache_id = (layerdb / "cache-id").read_text().strip()
-    return layerdb, engine.data_root / "overlay2" / cache_id
-
-
 def _tls_certs(work: Path) -> Path:
     """A CA, a server certificate for 127.0.0.1 and a client certificate, laid out as DOCKER_CERT_PATH wants."""
     d = work / "certs"
@@ -137,90 +130,9 @@ def host(tmp_path_factory: pytest.TempPathFactory, isolated: None) -> Iterator[H
     tls = ["--tlsverify", "--tlscacert", str(certs / "ca.pem"), "--tlscert", str(certs / "server-cert.pem")]
     tls += ["--tlskey", str(certs / "server-key.pem"), "-H", f"tcp://127.0.0.1:{port}"]
     engine = Dockerd(work, [], tls)
-    h = Host(engine, tcp=f"tcp://127.0.0.1:{port}", certs=certs)
-    layers = work / "layers"
-    layers.mkdir()
-
-    def imported(ref: str, size: int, *changes: str) -> str:
-        layer = images.data_layer(layers, ref.replace(":", "-").replace("/", "-"), size)
-        args = [a for change in changes for a in ("--change", change)]
-        return h.docker("import", *args, str(layer.path), ref)
-
     try:
-        h.ids["base"] = h.docker(
-            "import", "--change", 'CMD ["/bin/sh"]', str(images.busybox_layer(layers).path), "base:1"
-        )
-        # BuildKit's cache: build on base:1, then drop the image so the cache records are nobody's
-        ctx = work / "ctx"
-        ctx.mkdir()
-        (ctx / "Dockerfile").write_text("FROM base:1\nCOPY blob /blob\n")
-        (ctx / "blob").write_bytes(os.urandom(300_000))
-        subprocess.run(
-            [DOCKER_CLI, "-H", f"unix://{engine.sock}", "build", "--network", "none", "-t", "built:1", str(ctx)],
-            env={**os.environ, "DOCKER_BUILDKIT": "1"},
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-        h.docker("rmi", "built:1")
-        h.ids["broken"] = imported("broken:1", 300_000)
-        h.ids["ghost"] = imported("ghost:1", 500_000)
-        h.docker("run", "--name", "old-exit", "base:1", "true")
-        ghost_doc = json.loads(h.docker("image", "inspect", "ghost:1"))[0]
-        broken_doc = json.loads(h.docker("image", "inspect", "broken:1"))[0]
-        ghost_chain = ghost_doc["RootFS"]["Layers"][0]  # one layer: its chain is its diff ID
-        broken_chain = broken_doc["RootFS"]["Layers"][0]
-
-        def damage() -> None:
-            # broken:1 loses its layer's files; ghost:1 loses its image record but keeps its layers
-            h.broken_dir = _layer_dirs(engine, broken_chain)[1]
-            shutil.rmtree(h.broken_dir)
-            image_db = engine.data_root / "image" / "overlay2" / "imagedb"
-            ghost_id = h.ids["ghost"].removeprefix("sha256:")
-            (image_db / "content" / "sha256" / ghost_id).unlink()
-            shutil.rmtree(image_db / "metadata" / "sha256" / ghost_id, ignore_errors=True)
-            repos = engine.data_root / "image" / "overlay2" / "repositories.json"
-            doc = json.loads(repos.read_text())
-            del doc["Repositories"]["ghost"]
-            repos.write_text(json.dumps(doc))
-            h.ghost_chains.append(ghost_chain)
-            h.ghost_dirs.extend(_layer_dirs(engine, ghost_chain))
-
-        engine.restart(damage)
-
-        # images: re-tagging leaves the first app:1 dangling; app2's old image is used by an exited container
-        h.ids["app-old"] = imported("app:1", 400_000)
-        h.ids["app-new"] = imported("app:1", 100_000)
-        h.ids["app2-old"] = imported("app2:1", 200_000, 'CMD ["/bin/true"]')
-        h.docker("create", "--name", "uses-old", h.ids["app2-old"])
-        h.ids["app2-new"] = imported("app2:1", 100_000)
-        h.ids["kept-old"] = imported("kept:1", 100_000, "LABEL dao.keep=true")
-        imported("kept:1", 100_000)
-        h.ids["u-old"] = imported("unused-old:1", 2_000_000)
-        h.ids["u-new"] = imported("unused-new:1", 100_000)
-
-        # volumes and networks
-        h.docker("volume", "create", "keepvol")
-        h.docker("volume", "create", "named-unused")
-        h.docker("network", "create", "keepnet")
-        h.ids["unused-net"] = h.docker("network", "create", "unused-net")
-        h.docker("network", "create", "--label", "dao.keep=true", "kept-net")
-        h.docker("run", "--name", "filler", "-v", "/data", "base:1", "sh", "-c", "cat /bin/busybox > /data/f")
-        h.ids["filler-vol"] = json.loads(h.docker("inspect", "filler"))[0]["Mounts"][0]["Name"]
-        h.docker("rm", "filler")  # without -v: its anonymous volume stays behind, orphaned
-        h.docker("run", "--name", "with-anon", "-v", "/data", "base:1", "true")
-        h.ids["with-anon-vol"] = json.loads(h.docker("inspect", "with-anon"))[0]["Mounts"][0]["Name"]
-        h.docker("create", "--name", "never-started", "base:1")
-        h.docker(
-            "run", "-d", "--name", "running", "--network", "keepnet", "-v", "keepvol:/kv", "-v", "/anon",
-            "base:1", "sh", "-c", "sleep 3600",
-        )  # fmt: skip
-        h.ids["running-vol"] = next(
-            m["Name"] for m in json.loads(h.docker("inspect", "running"))[0]["Mounts"] if m["Destination"] == "/anon"
-        )
-        h.docker("run", "--name", "new-exit", "base:1", "true")
-        for name in ("old-exit", "new-exit", "uses-old", "with-anon", "never-started", "running"):
-            h.ids[name] = json.loads(h.docker("inspect", name))[0]["Id"]
+        g = garbage.make(engine, work)
+        h = Host(engine, g.ids, g.ghost_chains, g.ghost_dirs, g.broken_dir, f"tcp://127.0.0.1:{port}", certs)
         yield h
     finally:
         engine.stop()
