@@ -149,6 +149,7 @@ def _expected(h: Host) -> set[tuple[str, str]]:
         ("image", ids["app-old"]),
         ("image", ids["app2-old"]),  # its only user, uses-old, goes in the same plan
         ("broken-image", ids["broken"]),
+        ("broken-image", ids["orphaned"]),
         ("layer", h.ghost_chains[0]),
         ("volume", ids["filler-vol"]),
         ("volume", ids["with-anon-vol"]),
@@ -194,6 +195,11 @@ def test_dry_run_lists_exactly_the_garbage_with_evidence(host: Host) -> None:
     by_key = {(i["kind"], i["id"]): i for i in plan["items"]}
     broken = by_key[("broken-image", host.ids["broken"])]
     assert any(str(host.broken_dir) in line for line in broken["evidence"]), broken
+    orphaned = by_key[("broken-image", host.ids["orphaned"])]
+    assert orphaned["reason"] == "broken: its parent image is gone", orphaned
+    # its own COPY layer; the lost parent's COPY layer is byte-identical to the BuildKit build's, which the
+    # build cache holds: it stays on disk (df counts it as build cache once no image shares it)
+    assert orphaned["size"] == 300_000
     ghost = by_key[("layer", host.ghost_chains[0])]
     assert ghost["hidden"] >= 500_000 and ghost["size"] == 0
     spared = {(s["kind"], s["id"]): s["rule"] for s in plan["spared"]}

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from dao.clean.plan import Item, Options, Plan, PlanError, Spared, parse_duration
 from dao.clean.policy import ref_names
-from dao.clean.remove import reclaim_archive, select
+from dao.clean.remove import _waves, reclaim_archive, select
 from dao.clean.scan import State, decide
 
 NOW = 2_000_000_000.0
@@ -157,3 +157,17 @@ def test_reclaim_archives_are_unique() -> None:
     a, id_a = reclaim_archive(["sha256:" + "1" * 64])
     b, id_b = reclaim_archive(["sha256:" + "1" * 64])
     assert id_a != id_b and a != b
+
+
+def test_removal_waves_keep_kinds_and_parents_in_order() -> None:
+    items = [
+        Item("container", "c1", "", ""),
+        Item("container", "c2", "", ""),
+        Item("broken-image", "b", "", ""),
+        Item("image", "child", "", ""),
+        Item("image", "parent", "", "", data={"after": ["child"]}),
+        Item("image", "grandparent", "", "", data={"after": ["parent"]}),
+        Item("volume", "v", "", ""),
+    ]
+    waves = [[i.id for i in wave] for wave in _waves(items)]
+    assert waves == [["c1", "c2"], ["b", "child"], ["parent"], ["grandparent"], ["v"]]

@@ -7,7 +7,8 @@ tagged images (unused-old:1, unused-new:1), anonymous volumes (one orphaned by `
 one of an exited container, one of the running container), named volumes (keepvol in use, named-unused),
 networks (keepnet in use, unused-net, kept-net labelled keep), a running container using base:1, keepvol and
 keepnet, BuildKit cache no image shares, a broken image (broken:1, its layer directory deleted while the engine
-was down) and the layers of an image whose record never got written (ghost:1: what an engine killed mid-pull
+was down), an image whose parent image is gone (orphaned:1, built by the classic builder), and the layers of
+an image whose record never got written (ghost:1: what an engine killed mid-pull
 leaves). ``extra`` adds that many more of each cheap kind (exited containers, dangling images, orphan anonymous
 volumes, unused networks) for benchmarks.
 """
@@ -67,6 +68,18 @@ def make(engine: Dockerd, work: Path, extra: int = 0) -> Garbage:
         timeout=300,
     )
     docker("rmi", "built:1")
+    # the classic builder: orphaned:1 sits on an untagged build-step image, which the damage below deletes
+    (ctx / "Dockerfile.classic").write_text("FROM base:1\nCOPY blob /blob\nCOPY blob /blob2\n")
+    subprocess.run(
+        [DOCKER_CLI, "-H", f"unix://{engine.sock}", "build", "--network", "none", "-f", str(ctx / "Dockerfile.classic"),
+         "-t", "orphaned:1", str(ctx)],
+        env={**os.environ, "DOCKER_BUILDKIT": "0"},
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )  # fmt: skip
+    orphaned = json.loads(docker("image", "inspect", "orphaned:1"))[0]
+    h.ids["orphaned"], step = orphaned["Id"], orphaned["Parent"]
     h.ids["broken"] = imported("broken:1", 300_000)
     h.ids["ghost"] = imported("ghost:1", 500_000)
     docker("run", "--name", "old-exit", "base:1", "true")
@@ -80,9 +93,9 @@ def make(engine: Dockerd, work: Path, extra: int = 0) -> Garbage:
         h.broken_dir = layer_dirs(engine, broken_chain)[1]
         shutil.rmtree(h.broken_dir)
         image_db = engine.data_root / "image" / "overlay2" / "imagedb"
-        ghost_id = h.ids["ghost"].removeprefix("sha256:")
-        (image_db / "content" / "sha256" / ghost_id).unlink()
-        shutil.rmtree(image_db / "metadata" / "sha256" / ghost_id, ignore_errors=True)
+        for gone in (h.ids["ghost"], step):  # ghost:1's record; orphaned:1's parent image
+            (image_db / "content" / "sha256" / gone.removeprefix("sha256:")).unlink()
+            shutil.rmtree(image_db / "metadata" / "sha256" / gone.removeprefix("sha256:"), ignore_errors=True)
         repos = engine.data_root / "image" / "overlay2" / "repositories.json"
         doc = json.loads(repos.read_text())
         del doc["Repositories"]["ghost"]
@@ -130,5 +143,5 @@ def make(engine: Dockerd, work: Path, extra: int = 0) -> Garbage:
         imported(f"extra-{i}:1", 50_000)
         imported(f"extra-{i}:1", 50_000)
         docker("volume", "create", "--label", "com.docker.volume.anonymous=", os.urandom(32).hex())
-        docker("network", "create", f"extra-net-{i}")
+        docker("network", "create", "--subnet", f"10.99.{i % 250}.0/24", f"extra-net-{i}")  # default pools: ~30
     return h

@@ -14,6 +14,7 @@ unless something else (a running pull, the build cache) still holds them, which 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -77,21 +78,36 @@ def select(wanted: Plan, fresh: Plan) -> tuple[list[Item], list[Outcome]]:
 
 
 async def apply(
-    engine: Engine, items: list[Item], state: State, report: Callable[[Outcome], None] = lambda o: None
+    engine: Engine,
+    items: list[Item],
+    state: State,
+    report: Callable[[Outcome], None] = lambda o: None,
+    at_once: int = 8,
 ) -> Result:
+    """Remove ``items`` in waves: each kind after the kinds before it, an item after the items listed in its
+    ``data["after"]`` (an image's children, a cache record's), up to ``at_once`` removals at a time."""
     result = Result()
     removed_images: list[str] = []
     book = LayerBook(state)  # before removing: it reads the configs of broken images from the data root
-    for item in items:
-        try:
-            detail = await _REMOVERS[item.kind](engine, item)
-        except EngineError as exc:
-            if exc.status in (404, 409):  # gone already, or the engine says it is in use: not ours to force
-                outcome = Outcome(item, "skipped", str(exc).split(": ", 1)[-1])
-            else:
-                outcome = Outcome(item, "failed", str(exc))
-        else:
-            outcome = Outcome(item, "skipped", detail) if detail else Outcome(item, "removed")
+    gate = asyncio.Semaphore(at_once)
+
+    async def remove(item: Item) -> Outcome:
+        async with gate:
+            try:
+                detail = await _REMOVERS[item.kind](engine, item)
+            except EngineError as exc:
+                if exc.status in (404, 409):  # gone already, or the engine says it is in use: not ours to force
+                    return Outcome(item, "skipped", str(exc).split(": ", 1)[-1])
+                return Outcome(item, "failed", str(exc))
+            return Outcome(item, "skipped", detail) if detail else Outcome(item, "removed")
+
+    outcomes: list[Outcome] = []
+    for wave in _waves(items):
+        outcomes += await asyncio.gather(*(remove(item) for item in wave))
+        for outcome in outcomes[-len(wave) :]:
+            report(outcome)
+    for outcome in outcomes:
+        item = outcome.item
         if outcome.status == "removed":
             if item.kind in ("image", "broken-image"):
                 removed_images.append(item.id)
@@ -100,7 +116,6 @@ async def apply(
             else:
                 result.size += item.size
         result.outcomes.append(outcome)
-        report(outcome)
     # what the removed images free depends on which of them really went: count their layers again
     sizes = book.freed_bytes(removed_images)
     result.size += sum(sizes.values())
@@ -108,6 +123,29 @@ async def apply(
         if outcome.item.id in sizes:
             outcome.item.size = sizes[outcome.item.id]
     return result
+
+
+_PHASE = {"broken-image": "image"}  # one phase: a broken image may be a dangling one's parent
+
+
+def _waves(items: list[Item]) -> list[list[Item]]:
+    waves: list[list[Item]] = []
+    i = 0
+    while i < len(items):
+        phase = _PHASE.get(items[i].kind, items[i].kind)
+        j = i
+        while j < len(items) and _PHASE.get(items[j].kind, items[j].kind) == phase:
+            j += 1
+        pending = items[i:j]
+        while pending:
+            waiting = {item.id for item in pending}
+            ready = [item for item in pending if not waiting & set(item.data.get("after", []))]
+            if not ready:  # a cycle cannot happen in a parent chain; never loop on bad data
+                ready = pending
+            waves.append(ready)
+            pending = [item for item in pending if item not in ready]
+        i = j
+    return waves
 
 
 # Each remover re-checks its item and removes it; it returns why it skipped, or "" when it removed.

@@ -164,6 +164,8 @@ class LayerBook:
         self.by_id = {i["Id"]: i for i in state.images}
         self.df_images = {i["Id"]: i for i in state.df.get("Images") or []}
         self.chains = {image_id: self._chains(image_id) for image_id in self.by_id}
+        # a layer BuildKit also holds stays on disk when its images go: df then counts it as build cache
+        self.buildkit = state.dataroot.buildkit_chains() if state.dataroot else set()
 
     def _chains(self, image_id: str) -> list[str]:
         doc = self.state.inspected.get(image_id)
@@ -192,7 +194,7 @@ class LayerBook:
         for image_id in removed:
             total = 0
             for chain in self.chains[image_id]:
-                if chain in kept_chains or chain in counted:
+                if chain in kept_chains or chain in counted or chain in self.buildkit:
                     continue
                 counted.add(chain)
                 layer = root.layers.get(chain)
@@ -288,7 +290,9 @@ class _Decider:
             for image_id in sorted(self.by_id, key=lambda i: self.image_last_used(i) or 0):
                 evidence = self.broken(image_id)
                 if evidence and self.childless(image_id):
-                    self.consider(image_id, "broken-image", "broken: its layer data is gone", evidence)
+                    only_parent = all(line.startswith("parent image") for line in evidence)
+                    what = "its parent image is gone" if only_parent else "its layer data is gone"
+                    self.consider(image_id, "broken-image", f"broken: {what}", evidence)
                 elif evidence:
                     self.spare("broken-image", image_id, "", "has child images; remove them first")
 
@@ -315,6 +319,7 @@ class _Decider:
         for item in self.plan.items:
             if item.kind in ("image", "broken-image"):
                 item.size = sizes.get(item.id, 0)
+                item.data["after"] = sorted(self.children.get(item.id, set()) & self.planned_set)
 
     def childless(self, image_id: str) -> bool:
         """No child image stays: the engine refuses to remove a parent before its children."""
@@ -500,6 +505,7 @@ class _Decider:
                 n, parent = n + 1, records[parent].get("Parent")
             return n
 
+        planned: set[str] = set()
         for r in sorted(records.values(), key=lambda r: (-depth(r), str(r["ID"]))):
             if r.get("InUse") or r.get("Shared"):
                 continue  # in use by a build, or its bytes are an image's: removing it frees nothing
@@ -517,8 +523,10 @@ class _Decider:
                     f"build cache ({r.get('Type')})",
                     int(r.get("Size") or 0),
                     last_used=last,
+                    data={"after": sorted(i for i in planned if records[i].get("Parent") == r["ID"])},
                 )
             )
+            planned.add(str(r["ID"]))
 
 
 def _config_layers(root: DataRoot, image_id: str) -> list[str] | None:
