@@ -278,6 +278,30 @@ def test_any_engine_the_docker_cli_reaches(host: Host) -> None:
     assert wrong.returncode == 1 and "DOCKER_API_VERSION" in wrong.stderr
 
 
+def test_permission_denied_says_what_to_do(tmp_path: Path) -> None:
+    """A socket the user may not open, as the docker group's socket is to others. We are root here, so drop
+    the capability that lets root open anything."""
+    path = tmp_path / "docker.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind(str(path))
+        server.listen()
+        path.chmod(0)
+        proc = subprocess.run(
+            ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", DAO, "clean", "-d"],
+            env={"DOCKER_HOST": f"unix://{path}", "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        server.close()
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"dao: error: permission denied on unix://{path}: run with sudo, or join the docker group (then log in again)"
+    ]
+
+
 def test_orphan_layers_wait_while_a_pull_is_in_progress(host: Host) -> None:
     download = host.engine.data_root / "tmp" / "GetImageBlob123456"  # what the engine writes while it pulls
     download.parent.mkdir(exist_ok=True)
