@@ -98,6 +98,8 @@ async def apply(
             except EngineError as exc:
                 if exc.status in (404, 409):  # gone already, or the engine says it is in use: not ours to force
                     return Outcome(item, "skipped", str(exc).split(": ", 1)[-1])
+                if exc.status is None:  # the engine went away: stop, rather than fail every item the same way
+                    raise
                 return Outcome(item, "failed", str(exc))
             return Outcome(item, "skipped", detail) if detail else Outcome(item, "removed")
 
