@@ -223,6 +223,11 @@ class _Decider:
         self.users: dict[str, list[str]] = {}  # image id -> names of the containers that stay and use it
         self.planned: list[str] = []  # images to remove, in order
         self.planned_set: set[str] = set()
+        self.ran: dict[str, float] = {}  # image id -> when a container of it last finished (or was created)
+        for c in state.containers:
+            if (t := _finished(c)) is not None:
+                self.ran[str(c.get("Image"))] = max(self.ran.get(str(c.get("Image")), 0.0), t)
+        self._broken: dict[str, list[str]] = {}
 
     def spare(self, kind: str, id_: str, name: str, rule: str) -> None:
         self.plan.spared.append(Spared(kind, id_, name, rule))
@@ -276,8 +281,7 @@ class _Decider:
 
     def image_last_used(self, image_id: str) -> float | None:
         doc = self.state.inspected.get(image_id) or {}
-        times = [_time((doc.get("Metadata") or {}).get("LastTagTime"))]
-        times += [_finished(c) for c in self.state.containers if c.get("Image") == image_id]
+        times = [_time((doc.get("Metadata") or {}).get("LastTagTime")), self.ran.get(image_id)]
         known = [t for t in times if t]
         if known:
             return max(known)
@@ -372,6 +376,11 @@ class _Decider:
     def broken(self, image_id: str) -> list[str]:
         """Evidence that an image cannot be used: the engine cannot inspect it, its layers' files are gone,
         or its parent image is."""
+        if image_id not in self._broken:
+            self._broken[image_id] = self._evidence(image_id)
+        return self._broken[image_id]
+
+    def _evidence(self, image_id: str) -> list[str]:
         evidence = []
         if image_id in self.state.uninspectable:
             evidence.append(f"inspect fails: {self.state.uninspectable[image_id]}")
