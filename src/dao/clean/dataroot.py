@@ -106,10 +106,12 @@ class DataRoot:
         return {m.decode() for m in _CHAIN.findall(data)}
 
     def pull_in_progress(self, within: float = 600.0) -> str | None:
-        """Evidence that the engine is pulling or loading right now: download temp files or layer write-sets
-        touched in the last ``within`` seconds (moby ``distribution/xfer``, ``layer/filestore.go``)."""
+        """Evidence that the engine is pulling or loading right now: a pull's download temp files, a load's
+        unpack directory or a layer write-set touched in the last ``within`` seconds (moby
+        ``distribution/pull_v2.go``, ``image/tarexport/load.go``, ``layer/filestore.go``)."""
         now = time.time()
-        for pattern, where in (("GetImageBlob*", self.root / "tmp"), ("write-set-*", self.layerdb / "tmp")):
+        tmp = self.root / "tmp"
+        for pattern, where in (("GetImageBlob*", tmp), ("docker-import-*", tmp), ("write-set-*", self.layerdb / "tmp")):
             for path in _glob(where, pattern):
                 try:
                     if now - path.stat().st_mtime < within:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,8 @@ async def clean(request: Request, console: Console) -> int:
         if wanted and wanted.host != engine.host:
             raise PlanError(f"the plan was made for the engine at {wanted.host}, not {engine.host}")
         info = await engine.negotiate()
-        state = await read_state(engine, info, build_cache="build-cache" in options.kinds)
+        with console.status("reading the engine's state ...") if console.is_terminal else nullcontext():
+            state = await read_state(engine, info, build_cache="build-cache" in options.kinds)
         fresh = decide(state, options, time.time())
         if request.plan_out:
             fresh.write(request.plan_out)

@@ -361,6 +361,11 @@ class _Decider:
             and (_tags(self.by_id[i]) or _digests(self.by_id[i]))
             and not self.broken(i)
         ]
+        if self.policy.pull_in_progress:  # the pull may be of one of these: it is not garbage yet
+            for image_id in candidates:
+                name = ", ".join(_tags(self.by_id[image_id]) or _digests(self.by_id[image_id]))
+                self.spare("image", image_id, name, f"a pull is in progress ({self.policy.pull_in_progress})")
+            return
         for image_id in sorted(candidates, key=lambda i: self.image_last_used(i) or 0):
             if target is not None:
                 others = sum(i.size + i.hidden for i in self.plan.items if i.kind not in ("image", "broken-image"))
