@@ -10,6 +10,7 @@ mid-pull leaves: layers no image references).
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import shutil
@@ -262,7 +263,8 @@ def test_usage_and_engine_errors(host: Host, tmp_path: Path) -> None:
 
 
 def test_any_engine_the_docker_cli_reaches(host: Host) -> None:
-    """TCP with TLS (DOCKER_TLS_VERIFY, DOCKER_CERT_PATH), and the oldest API dao speaks, see the same plan."""
+    """TCP with TLS (DOCKER_TLS_VERIFY, DOCKER_CERT_PATH), a docker context, and the oldest API dao speaks
+    all see the same plan."""
     unix = host.dao_json("-d", "--grace", "0")
     tls = {"DOCKER_HOST": host.tcp, "DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": str(host.certs)}
     proc = host.dao("-d", "--grace", "0", "--json", env=tls)
@@ -272,6 +274,20 @@ def test_any_engine_the_docker_cli_reaches(host: Host) -> None:
     assert _keys(over_tls["items"]) == _keys(unix["items"])
     old = json.loads(host.dao("-d", "--grace", "0", "--json", env={"DOCKER_API_VERSION": "1.24"}).stdout)
     assert _keys(old["items"]) == _keys(unix["items"])
+    # a docker context (what `docker context use` leaves), no DOCKER_HOST: TLS over TCP again
+    config = host.certs.parent / "docker-config"
+    meta = config / "contexts" / "meta" / hashlib.sha256(b"tls-engine").hexdigest()
+    meta.mkdir(parents=True, exist_ok=True)
+    (meta / "meta.json").write_text(json.dumps({"Name": "tls-engine", "Endpoints": {"docker": {"Host": host.tcp}}}))
+    (config / "config.json").write_text(json.dumps({"currentContext": "tls-engine"}))
+    context = {
+        "DOCKER_HOST": "",
+        "DOCKER_CONFIG": str(config),
+        "DOCKER_TLS_VERIFY": "1",
+        "DOCKER_CERT_PATH": str(host.certs),
+    }
+    via_context = json.loads(host.dao("-d", "--grace", "0", "--json", env=context).stdout)
+    assert via_context["host"] == host.tcp and _keys(via_context["items"]) == _keys(unix["items"])
     plain = host.dao("-d", env={"DOCKER_HOST": host.tcp})  # the engine wants TLS
     assert plain.returncode == 1 and plain.stderr.startswith("dao: error:") and "Traceback" not in plain.stderr
     wrong = host.dao("-d", env={"DOCKER_API_VERSION": "1.12"})
