@@ -9,10 +9,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dao.clean.decide import decide
 from dao.clean.plan import Item, Options, Plan, PlanError, Spared, parse_duration
 from dao.clean.policy import ref_names
 from dao.clean.remove import _waves, reclaim_archive, select
-from dao.clean.scan import State, decide
+from dao.clean.scan import State
 
 NOW = 2_000_000_000.0
 OLD = "2020-01-01T00:00:00.123456789Z"

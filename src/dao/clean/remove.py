@@ -24,8 +24,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dao.clean.decide import LayerBook
 from dao.clean.plan import Item, Plan
-from dao.clean.scan import LayerBook, State
+from dao.clean.scan import State
 from dao.docker import Engine, EngineError
 
 RECLAIM_LABEL = "dao.clean.reclaim"

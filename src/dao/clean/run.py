@@ -11,9 +11,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from dao.clean.decide import decide
 from dao.clean.plan import Options, Plan, PlanError, format_age
 from dao.clean.remove import Outcome, Result, apply, select
-from dao.clean.scan import decide, read_state
+from dao.clean.scan import read_state
 from dao.docker import Engine
 from dao.mirror.accounts import format_size
 
