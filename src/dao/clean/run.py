@@ -65,7 +65,13 @@ def _print_plan(plan: Plan, console: Console, request: Request) -> None:
         return
     now = time.time()
     if plan.items:
-        table = Table("KIND", "ID", "NAME", "REASON", "SIZE", "LAST USED", box=None, pad_edge=False)
+        table = Table(box=None, pad_edge=False)
+        table.add_column("KIND")
+        table.add_column("ID")
+        table.add_column("NAME", max_width=32, overflow="fold")
+        table.add_column("REASON", max_width=64, overflow="fold")  # evidence lines wrap; sizes stay in view
+        table.add_column("SIZE", justify="right", no_wrap=True)
+        table.add_column("LAST USED", no_wrap=True)
         for item in plan.items:
             size = format_size(item.size) if not item.hidden else f"{format_size(item.hidden)}*"
             last = f"{format_age(now - item.last_used)} ago" if item.last_used else "-"
