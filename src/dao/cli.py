@@ -266,11 +266,11 @@ def _accounts(config_file: Path | None, data_dir: Path | None, database: str | N
 
 
 def _size(text: str) -> int:
-    from dao.mirror.accounts import AccountError, parse_size
+    from dao.units import UnitError, parse_size
 
     try:
         return parse_size(text)
-    except AccountError as exc:
+    except UnitError as exc:
         raise fail(str(exc)) from None
 
 
@@ -305,7 +305,7 @@ def users_list(
     config_file: ConfigOpt = None, data_dir: DataDirOpt = None, database: DatabaseOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Every user with their quota."""
-    from dao.mirror.accounts import format_size
+    from dao.units import format_size
 
     accounts, _ = _accounts(config_file, data_dir, database)
     users = accounts.users()
@@ -327,7 +327,8 @@ def users_show(
     as_json: JsonOpt = False,
 ) -> None:
     """One user: quota, token and usage by month."""
-    from dao.mirror.accounts import AccountError, format_size
+    from dao.mirror.accounts import AccountError
+    from dao.units import format_size
 
     accounts, _ = _accounts(config_file, data_dir, database)
     try:
@@ -417,8 +418,8 @@ def mirror_gc(
 
     A running mirror does the same every --gc-interval seconds; running this beside it is safe.
     """
-    from dao.mirror.accounts import format_size
     from dao.mirror.eviction import Collector
+    from dao.units import format_size
 
     try:
         config = load(MirrorConfig, "mirror", file=config_file, env=os.environ, flags={"data_dir": data_dir})
@@ -703,9 +704,10 @@ def clean_command(
 
     Exit status: 0 cleaned or nothing to do, 1 error (engine unreachable, a removal failed), 2 bad usage.
     """
-    from dao.clean.plan import DEFAULT_KINDS, KINDS, Options, PlanError, parse_duration
+    from dao.clean.plan import DEFAULT_KINDS, KINDS, Options, PlanError
     from dao.clean.run import Request, clean
     from dao.docker import EngineError
+    from dao.units import UnitError, parse_duration
 
     def kinds_of(values: list[str] | None) -> list[str]:
         names = [k.strip() for v in values or [] for k in v.split(",") if k.strip()]
@@ -738,7 +740,7 @@ def clean_command(
         request = Request(options, dry_run, plan, plan_out, as_json, verbose)
         console = Console(soft_wrap=as_json) if as_json or sys.stdout.isatty() else Console(width=200)
         code = asyncio.run(clean(request, console))
-    except PlanError as exc:
+    except (PlanError, UnitError) as exc:
         raise fail(str(exc)) from None
     except EngineError as exc:
         raise fail(str(exc), code=1) from None
@@ -748,7 +750,7 @@ def clean_command(
 
 
 def _print_usage(rows: list[Any]) -> None:
-    from dao.mirror.accounts import format_size
+    from dao.units import format_size
 
     table = Table("month", "user", "served", "blobs", "pulls", "from cache")
     for user_id, month, u in rows:

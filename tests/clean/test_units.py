@@ -10,10 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dao.clean.decide import decide
-from dao.clean.plan import Item, Options, Plan, PlanError, Spared, parse_duration
+from dao.clean.plan import Item, Options, Plan, Spared
 from dao.clean.policy import ref_names
 from dao.clean.remove import _waves, reclaim_archive, select
 from dao.clean.scan import State
+from dao.units import UnitError, parse_duration
 
 NOW = 2_000_000_000.0
 OLD = "2020-01-01T00:00:00.123456789Z"
@@ -26,7 +27,7 @@ def test_durations(n: int, unit: str) -> None:
 
 @pytest.mark.parametrize("text", ["", "1", "h", "1x", "-1h", "1h-", "soon"])
 def test_bad_durations(text: str) -> None:
-    with pytest.raises(PlanError):
+    with pytest.raises(UnitError):
         parse_duration(text)
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from dao.mirror.accounts import Accounts, parse_size
+from dao.mirror.accounts import Accounts
 from dao.mirror.usage import Meter
 from dao.oci.errors import RegistryError
+from dao.units import parse_size
 from tests.conftest import World
 from tests.mirror.test_faults import DOCKER_ACCEPT
 from tests.services.mirror import DAO, Mirror

@@ -14,10 +14,11 @@ from datetime import datetime
 from typing import Any
 
 from dao.clean.dataroot import DataRoot
-from dao.clean.plan import KINDS, Item, Options, Plan, PlanError, Spared, format_age
+from dao.clean.plan import KINDS, Item, Options, Plan, PlanError, Spared
 from dao.clean.policy import Policy
 from dao.clean.scan import State
 from dao.pull.load import chain_ids
+from dao.units import format_age
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _PREDEFINED_NETWORKS = {"bridge", "host", "none", "ingress", "docker_gwbridge"}

@@ -9,7 +9,6 @@ references, left by interrupted pulls).
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -120,27 +119,3 @@ class Plan:
             raise PlanError(f"cannot read the plan {path}: {exc.strerror or exc}") from None
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise PlanError(f"{path}: not a dao clean plan ({exc})") from None
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_duration(text: str) -> float:
-    """``90s``, ``15m``, ``1h30m``, ``7d``, ``2w``, ``0`` -> seconds."""
-    text = text.strip().lower()
-    if text in ("0", "0s"):
-        return 0.0
-    parts = _DURATION.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise PlanError(f"not a duration: {text!r} (examples: 30m, 1h, 7d, 0)")
-    return sum(float(n) * _UNIT[u] for n, u in parts)
-
-
-def format_age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{max(seconds, 0):.0f}s"

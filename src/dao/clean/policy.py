@@ -10,7 +10,8 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Mapping
 
-from dao.clean.plan import Options, format_age
+from dao.clean.plan import Options
+from dao.units import format_age
 
 
 class Policy:

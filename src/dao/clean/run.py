@@ -12,11 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 from dao.clean.decide import decide
-from dao.clean.plan import Options, Plan, PlanError, format_age
+from dao.clean.plan import Options, Plan, PlanError
 from dao.clean.remove import Outcome, Result, apply, select
 from dao.clean.scan import read_state
 from dao.docker import Engine
-from dao.mirror.accounts import format_size
+from dao.units import format_age, format_size
 
 
 @dataclass(frozen=True)

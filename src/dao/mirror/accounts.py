@@ -57,7 +57,6 @@ usage_table = Table(
 
 ANONYMOUS = "anonymous"
 _ID = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # one DNS label: it becomes a host name
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)b?")
 
 
 class AccountError(ValueError):
@@ -85,24 +84,6 @@ class Usage:
         self.blobs_served += other.blobs_served
         self.pulls += other.pulls
         self.hit_bytes += other.hit_bytes
-
-
-def parse_size(text: str) -> int:
-    """``10GiB``, ``500MB``, ``1.5T``, ``0`` -> bytes (``K``/``M``/``G`` are decimal, ``Ki``/``Mi``/``Gi`` binary)."""
-    match = _SIZE.fullmatch(text.strip().lower())
-    if match is None or (match[3] and not match[2]):
-        raise AccountError(f"not a size: {text!r} (examples: 50GiB, 500MB, 0 for none)")
-    power = "kmgtp".index(match[2]) + 1 if match[2] else 0
-    return int(float(match[1]) * (1024 if match[3] else 1000) ** power)
-
-
-def format_size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= factor:
-            return f"{n / factor:.2f} {unit}"
-    return f"{n} B"
 
 
 class Accounts:

@@ -22,7 +22,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from dao.config import ConfigError, MirrorConfig
-from dao.mirror.accounts import Accounts, parse_size
+from dao.mirror.accounts import Accounts
 from dao.mirror.availability import CircuitBreaker
 from dao.mirror.eviction import AccessLog, Collector
 from dao.mirror.inflight import Inflight
@@ -40,6 +40,7 @@ from dao.oci.reference import DOCKER_HUB_DOMAIN, is_valid_tag
 from dao.registry.auth import Credentials
 from dao.registry.client import RegistryClient
 from dao.registry.download import DownloadPolicy
+from dao.units import parse_size
 
 log = logging.getLogger("dao.mirror")
 access_log = logging.getLogger("dao.mirror.access")

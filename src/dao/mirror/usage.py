@@ -23,8 +23,9 @@ from collections.abc import Callable
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from dao.mirror.accounts import ANONYMOUS, Accounts, Usage, User, format_size
+from dao.mirror.accounts import ANONYMOUS, Accounts, Usage, User
 from dao.oci.errors import ErrorCode, RegistryError
+from dao.units import format_size
 
 log = logging.getLogger(__name__)
 
