@@ -149,6 +149,7 @@ def _expected(h: Host) -> set[tuple[str, str]]:
         *(("container", ids[n]) for n in ("old-exit", "new-exit", "uses-old", "with-anon", "never-started")),
         ("image", ids["app-old"]),
         ("image", ids["app2-old"]),  # its only user, uses-old, goes in the same plan
+        ("image", ids["pulled-old"]),  # untagged, though a registry digest still names it
         ("broken-image", ids["broken"]),
         ("broken-image", ids["orphaned"]),
         ("layer", h.ghost_chains[0]),
@@ -212,7 +213,7 @@ def test_dry_run_lists_exactly_the_garbage_with_evidence(host: Host) -> None:
     assert "would free" in human.stdout and "with-anon" in human.stdout
 
 
-KEEP_OTHERS = ("--keep", "app*", "--keep", "docker.io/library/kept:*")
+KEEP_OTHERS = ("--keep", "app*", "--keep", "docker.io/library/kept:*", "--keep", "*/pulled:*")
 
 
 def test_options_select_kinds_and_keep_patterns(host: Host) -> None:
@@ -227,8 +228,8 @@ def test_options_select_kinds_and_keep_patterns(host: Host) -> None:
     assert ("image", host.ids["app2-old"]) not in _keys(plan["items"])
     plan = host.dao_json("-d", "--grace", "0", "--only", "images", "--images-unused", "--keep", "unused-new:*")
     unused = [i["id"] for i in plan["items"] if i["reason"].startswith("unused")]
-    # least recently used first: the re-tagged app:1, app2:1 and kept:1 images came before unused-old:1
-    assert unused[-1] == host.ids["u-old"] and len(unused) == 4, unused
+    # least recently used first: the re-tagged pulled:1, app:1, app2:1 and kept:1 came before unused-old:1
+    assert unused[-1] == host.ids["u-old"] and len(unused) == 5, unused
     plan = host.dao_json(
         "-d", "--grace", "0", "--only", "images", "--images-unused", "--keep", "unused-new:*", *KEEP_OTHERS
     )

@@ -100,10 +100,18 @@ def test_untagged_parents_go_after_their_child() -> None:
         _image("sha256:mid", parent="sha256:low"),
         _image("sha256:low"),
     ]
-    images.append(_image("sha256:digest-only", digests=["x@sha256:1"]))
+    images.append(_image("sha256:tagged", tags=["x:1"], digests=["x@sha256:1"]))
     plan = _plan(_state(images=images))
     assert [i.id for i in plan.items] == ["sha256:top", "sha256:mid", "sha256:low"]
     assert plan.items[1].reason.startswith("untagged parent of")
+
+
+def test_an_untagged_image_with_a_digest_is_dangling() -> None:
+    # docker pull x:1 twice across an update: the old image keeps x@sha256:... and loses the tag
+    plan = _plan(_state(images=[_image("sha256:old", digests=["x@sha256:1"]), _image("sha256:new", tags=["x:1"])]))
+    assert [(i.id, i.name) for i in plan.items] == [("sha256:old", "x@sha256:1")]
+    plan = _plan(_state(images=[_image("sha256:new", tags=["x:1"])]), images_unused=True)
+    assert [i.id for i in plan.items] == ["sha256:new"]
 
 
 def test_networks_volumes_and_build_cache() -> None:

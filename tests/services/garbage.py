@@ -1,7 +1,8 @@
 """Real garbage on a real Docker engine, built the same way for the dao clean tests and bench/clean_vs_prune.
 
 What :func:`make` leaves (names in ``Garbage.ids``): exited containers finished at different times (old-exit
-before an engine restart, new-exit last), a container that never started, dangling images (app:1 re-tagged),
+before an engine restart, new-exit last), a container that never started, dangling images (app:1 re-tagged;
+pulled:1 pushed to a registry and re-tagged, so its old image keeps a digest reference),
 one whose only user is an exited container (app2:1), a dangling image labelled dao.keep=true (kept:1), unused
 tagged images (unused-old:1, unused-new:1), anonymous volumes (one orphaned by ``docker rm`` without ``-v``,
 one of an exited container, one of the running container), named volumes (keepvol in use, named-unused),
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from tests.services import images
 from tests.services.dockerd import DOCKER_CLI, Dockerd
+from tests.services.procs import Process, free_port, http_status, wait_until
 
 
 @dataclass
@@ -38,6 +40,25 @@ def layer_dirs(engine: Dockerd, chain: str) -> tuple[Path, Path]:
     layerdb = engine.data_root / "image" / "overlay2" / "layerdb" / "sha256" / chain.removeprefix("sha256:")
     cache_id = (layerdb / "cache-id").read_text().strip()
     return layerdb, engine.data_root / "overlay2" / cache_id
+
+
+def _registry(workdir: Path) -> tuple[Process, int]:
+    """A plain CNCF registry on loopback (which docker trusts over HTTP), to push to."""
+    workdir.mkdir()
+    port = free_port()
+    config = workdir / "registry.yml"
+    config.write_text(
+        json.dumps(
+            {
+                "version": 0.1,
+                "storage": {"filesystem": {"rootdirectory": str(workdir / "storage")}},
+                "http": {"addr": f"127.0.0.1:{port}"},
+            }
+        )
+    )
+    proc = Process(["docker-registry", "serve", str(config)], workdir / "registry.log")
+    wait_until(lambda: http_status(f"http://127.0.0.1:{port}/v2/") == 200, 15, "registry", proc.proc)
+    return proc, port
 
 
 def make(engine: Dockerd, work: Path, extra: int = 0) -> Garbage:
@@ -104,6 +125,17 @@ def make(engine: Dockerd, work: Path, extra: int = 0) -> Garbage:
         h.ghost_dirs.extend(layer_dirs(engine, ghost_chain))
 
     engine.restart(damage)
+
+    # a re-pulled tag: the old image keeps its digest reference (it came from a registry) but loses its tag,
+    # the commonest dangling image on real hosts (docker counts it as dangling)
+    registry = _registry(work / "registry")
+    try:
+        ref = f"127.0.0.1:{registry[1]}/pulled:1"
+        h.ids["pulled-old"] = imported(ref, 150_000)
+        docker("push", ref)
+        h.ids["pulled-new"] = imported(ref, 100_000)
+    finally:
+        registry[0].stop()
 
     # images: re-tagging leaves the first app:1 dangling; app2's old image is used by an exited container
     h.ids["app-old"] = imported("app:1", 400_000)

@@ -201,8 +201,9 @@ class _Decider:
                     self.spare("broken-image", image_id, "", "has child images; remove them first")
 
         if "image" in self.kinds:
-            # dangling: no tag, no digest, no child image; then the untagged parents they leave behind
-            untagged = [i for i in self.by_id if not _tags(self.by_id[i]) and not _digests(self.by_id[i])]
+            # dangling: no tag (a digest reference may remain: a re-pulled tag's old image), no child image;
+            # then the untagged parents they leave behind. As docker's dangling=true.
+            untagged = [i for i in self.by_id if not _tags(self.by_id[i])]
             for image_id in sorted(untagged, key=lambda i: self.image_last_used(i) or 0):
                 if image_id not in self.planned_set and not self.children.get(image_id) and not self.broken(image_id):
                     self.consider(image_id, "image", "dangling: untagged, no container uses it")
@@ -258,7 +259,7 @@ class _Decider:
             for i in self.by_id
             if i not in self.planned_set
             and i not in self.users
-            and (_tags(self.by_id[i]) or _digests(self.by_id[i]))
+            and _tags(self.by_id[i])
             and not self.broken(i)
         ]
         if self.policy.pull_in_progress:  # the pull may be of one of these: it is not garbage yet
