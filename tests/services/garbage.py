@@ -130,10 +130,13 @@ def make(engine: Dockerd, work: Path, extra: int = 0) -> Garbage:
     # the commonest dangling image on real hosts (docker counts it as dangling)
     registry = _registry(work / "registry")
     try:
-        ref = f"127.0.0.1:{registry[1]}/pulled:1"
+        ref, mirrored = f"127.0.0.1:{registry[1]}/pulled:1", f"127.0.0.1:{registry[1]}/pulled-too:1"
         h.ids["pulled-old"] = imported(ref, 150_000)
+        docker("tag", ref, mirrored)  # named by two repositories: the engine wants force to delete it by ID
         docker("push", ref)
+        docker("push", mirrored)
         h.ids["pulled-new"] = imported(ref, 100_000)
+        docker("tag", h.ids["pulled-new"], mirrored)
     finally:
         registry[0].stop()
 
