@@ -177,24 +177,26 @@ async def _image(engine: Engine, item: Item) -> str:
     users = [str((c.get("Names") or ["?"])[0]).lstrip("/") for c in containers if c.get("ImageID") == item.id]
     if users:
         return f"now used by container {', '.join(users)}"
-    digests: list[str] = []
     if item.kind == "image" and not item.reason.startswith("unused"):  # it was garbage for having no tag
         doc = await engine.inspect_image(item.id)
         if doc is None:
             return "gone already"
         if [t for t in doc.get("RepoTags") or [] if t != "<none>:<none>"]:
             return "tagged since the scan"
-        digests = [d for d in doc.get("RepoDigests") or [] if d != "<none>@<none>"]
     # noprune: untagged parents are items of their own, planned and re-checked like this one
     try:
         await engine.delete(f"/images/{item.id}", noprune="1")
     except EngineError as exc:
-        if exc.status != 409 or "multiple repositories" not in str(exc) or not digests:
+        if exc.status != 409 or "multiple repositories" not in str(exc):
             raise
-        # by ID the engine wants force when digests of several repositories name it; drop each name
-        # instead (as docker image prune does): the last one takes the image
-        for ref in digests:
-            await engine.delete(f"/images/{quote(ref, safe='')}", noprune="1")
+        # by ID the engine wants force when several repositories name it; drop each name instead (as docker
+        # image prune does): the last one takes the image
+        doc = await engine.inspect_image(item.id) or {}
+        names = [n for n in (doc.get("RepoTags") or []) + (doc.get("RepoDigests") or []) if "<none>" not in n]
+        if not names:
+            raise
+        for name in names:
+            await engine.delete(f"/images/{quote(name, safe='')}", noprune="1")
     return ""
 
 
