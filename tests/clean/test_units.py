@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dao.clean.dataroot import DataRoot
 from dao.clean.decide import decide
 from dao.clean.plan import Item, Options, Plan, Spared
 from dao.clean.policy import ref_names
@@ -181,3 +183,19 @@ def test_removal_waves_keep_kinds_and_parents_in_order() -> None:
     ]
     waves = [[i.id for i in wave] for wave in _waves(items)]
     assert waves == [["c1", "c2"], ["b", "child"], ["parent"], ["grandparent"], ["v"]]
+
+
+def test_the_data_root_is_used_only_when_it_is_the_engines(tmp_path: Path) -> None:
+    content = tmp_path / "image" / "overlay2" / "imagedb" / "content" / "sha256"
+    content.mkdir(parents=True)
+    (content / ("1" * 64)).write_text("{}")
+    (tmp_path / "image" / "overlay2" / "layerdb" / "sha256").mkdir(parents=True)
+    (tmp_path / "containers" / "c1").mkdir(parents=True)
+    image = {"sha256:" + "1" * 64}
+    root = str(tmp_path)
+    assert DataRoot.open(root, "overlay2", image, {"c1"}, local=False) is not None
+    assert DataRoot.open(root, "overlay2", set(), set(), local=True) is not None
+    assert DataRoot.open(root, "overlay2", set(), set(), local=False) is None  # nothing to compare over TCP
+    assert DataRoot.open(root, "overlay2", {"sha256:" + "2" * 64}, set(), local=True) is None  # another engine
+    assert DataRoot.open(root, "overlay2", image, {"c2"}, local=True) is None
+    assert DataRoot.open(str(tmp_path / "nowhere"), "overlay2", set(), set(), local=True) is None

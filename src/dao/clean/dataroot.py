@@ -55,15 +55,18 @@ class DataRoot:
                 self.layers[layer.chain] = layer
 
     @classmethod
-    def open(cls, root: str, driver: str, image_ids: set[str]) -> DataRoot | None:
-        """The data root if it is here, readable, and the engine's own (its image DB holds the API's images)."""
-        if not root or not driver:
+    def open(cls, root: str, driver: str, image_ids: set[str], container_ids: set[str], local: bool) -> DataRoot | None:
+        """The data root if it is here, readable, and the engine's own: its image DB and container directory
+        hold the API's images and containers. An engine reached over TCP with nothing to compare could be
+        another machine's with the same path; then we do not use it."""
+        if not root or not driver or (not local and not image_ids and not container_ids):
             return None
         path = Path(root)
         content = path / "image" / driver / "imagedb" / "content" / "sha256"
         try:
-            here = {"sha256:" + p.name for p in content.iterdir()}
-            if not image_ids <= here:
+            images = {"sha256:" + p.name for p in content.iterdir()}
+            containers = {p.name for p in (path / "containers").iterdir()}
+            if not image_ids <= images or not container_ids <= containers:
                 return None
             return cls(path, driver)
         except OSError:

@@ -257,10 +257,7 @@ class _Decider:
         candidates = [
             i
             for i in self.by_id
-            if i not in self.planned_set
-            and i not in self.users
-            and _tags(self.by_id[i])
-            and not self.broken(i)
+            if i not in self.planned_set and i not in self.users and _tags(self.by_id[i]) and not self.broken(i)
         ]
         if self.policy.pull_in_progress:  # the pull may be of one of these: it is not garbage yet
             for image_id in candidates:

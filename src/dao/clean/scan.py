@@ -85,7 +85,13 @@ async def read_state(engine: Engine, info: EngineInfo, *, build_cache: bool) -> 
     if info.containerd_store:
         notes.append("the engine keeps images in containerd: broken images and orphan layers are not checked")
     else:
-        dataroot = DataRoot.open(info.root_dir, info.driver, {i["Id"] for i in images})
+        dataroot = DataRoot.open(
+            info.root_dir,
+            info.driver,
+            {i["Id"] for i in images},
+            {c["Id"] for c in containers},
+            local=engine.host.startswith("unix://"),
+        )
         if dataroot is None:
             notes.append(
                 f"the data root {info.root_dir or '?'} is not readable here (remote engine, or not root): "
