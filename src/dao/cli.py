@@ -724,8 +724,9 @@ def clean_command(
         raise fail("--keep-free only limits --images-unused", "dao clean --images-unused --keep-free 20GB")
     if "=" not in keep_label:
         raise fail(f"--keep-label {keep_label!r}: give KEY=VALUE", "--keep-label dao.keep=true")
-    if plan is not None and (only or skip or images_unused or volumes_named or build_cache or keep):
-        raise fail("--plan applies the plan's own options; give no kind or keep options with it")
+    chose = only or skip or images_unused or volumes_named or build_cache or keep or keep_free is not None
+    if plan is not None and (chose or grace != "1h" or until != "0" or keep_label != "dao.keep=true"):
+        raise fail("--plan applies the plan's own options; give no kind, keep, grace or until options with it")
     try:
         options = Options(
             kinds=tuple(chosen),

@@ -256,6 +256,7 @@ def test_usage_and_engine_errors(host: Host, tmp_path: Path) -> None:
         proc = host.dao(*args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert proc.stderr.startswith("dao: error:") and "Traceback" not in proc.stderr
+    assert host.dao("--plan", "p.json", "--grace", "0").returncode == 2  # a plan brings its own options
     bad = tmp_path / "plan.json"
     bad.write_text("{not json")
     assert host.dao("--plan", str(bad)).returncode == 2
