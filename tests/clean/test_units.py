@@ -108,6 +108,13 @@ def test_untagged_parents_go_after_their_child() -> None:
     assert plan.items[1].reason.startswith("untagged parent of")
 
 
+def test_build_steps_behind_an_unused_image_go_with_it() -> None:
+    images = [_image("sha256:app", tags=["app:1"], parent="sha256:step"), _image("sha256:step")]
+    assert _plan(_state(images=images)).items == []
+    plan = _plan(_state(images=images), images_unused=True)
+    assert [(i.id, i.data["after"]) for i in plan.items] == [("sha256:app", []), ("sha256:step", ["sha256:app"])]
+
+
 def test_an_untagged_image_with_a_digest_is_dangling() -> None:
     # docker pull x:1 twice across an update: the old image keeps x@sha256:... and loses the tag
     plan = _plan(_state(images=[_image("sha256:old", digests=["x@sha256:1"]), _image("sha256:new", tags=["x:1"])]))

@@ -207,24 +207,30 @@ class _Decider:
             for image_id in sorted(untagged, key=lambda i: self.image_last_used(i) or 0):
                 if image_id not in self.planned_set and not self.children.get(image_id) and not self.broken(image_id):
                     self.consider(image_id, "image", "dangling: untagged, no container uses it")
-            grew = True
-            while grew:
-                grew = False
-                for image_id in untagged:
-                    child_images = self.children.get(image_id)
-                    if image_id in self.planned_set or not child_images or not self.childless(image_id):
-                        continue
-                    if image_id in self.users or self.broken(image_id):
-                        continue
-                    child = sorted(child_images)[0][7:19]
-                    grew |= self.consider(image_id, "image", f"untagged parent of {child}, which goes too")
+            self.untagged_parents(untagged)
             if self.options.images_unused:
                 self.unused_images()
+                self.untagged_parents(untagged)  # build steps behind the unused images
         sizes = self.book.freed_bytes(self.planned)
         for item in self.plan.items:
             if item.kind in ("image", "broken-image"):
                 item.size = sizes.get(item.id, 0)
                 item.data["after"] = sorted(self.children.get(item.id, set()) & self.planned_set)
+
+    def untagged_parents(self, untagged: list[str]) -> None:
+        """Untagged images whose every child goes: the build steps a removed image leaves behind (what
+        ``docker rmi`` removes with it unless told ``--no-prune``)."""
+        grew = True
+        while grew:
+            grew = False
+            for image_id in untagged:
+                child_images = self.children.get(image_id)
+                if image_id in self.planned_set or not child_images or not self.childless(image_id):
+                    continue
+                if image_id in self.users or self.broken(image_id):
+                    continue
+                child = sorted(child_images)[0][7:19]
+                grew |= self.consider(image_id, "image", f"untagged parent of {child}, which goes too")
 
     def childless(self, image_id: str) -> bool:
         """No child image stays: the engine refuses to remove a parent before its children."""
