@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from dao.clean.dataroot import DataRoot
 from dao.clean.decide import decide
 from dao.clean.plan import Item, Options, Plan, Spared
 from dao.clean.policy import ref_names
-from dao.clean.remove import _waves, reclaim_archive, select
+from dao.clean.remove import _waves, reclaim_config, select
 from dao.clean.scan import State
 from dao.units import UnitError, parse_duration
 
@@ -172,10 +173,11 @@ def test_select_keeps_only_what_is_still_garbage() -> None:
     assert [(o.item.id, o.detail) for o in skipped] == [("b", "now running")]
 
 
-def test_reclaim_archives_are_unique() -> None:
-    a, id_a = reclaim_archive(["sha256:" + "1" * 64])
-    b, id_b = reclaim_archive(["sha256:" + "1" * 64])
+def test_reclaim_images_are_new_every_time() -> None:
+    a, id_a = reclaim_config(["sha256:" + "1" * 64])
+    b, id_b = reclaim_config(["sha256:" + "1" * 64])
     assert id_a != id_b and a != b
+    assert id_a == "sha256:" + hashlib.sha256(a).hexdigest()
 
 
 def test_removal_waves_keep_kinds_and_parents_in_order() -> None:

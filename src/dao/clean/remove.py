@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import json
 import secrets
-import tarfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -29,6 +27,7 @@ from dao.clean.decide import LayerBook
 from dao.clean.plan import Item, Plan
 from dao.clean.scan import State
 from dao.docker import Engine, EngineError
+from dao.pull.load import docker_archive
 
 RECLAIM_LABEL = "dao.clean.reclaim"
 
@@ -225,12 +224,12 @@ async def _build_cache(engine: Engine, item: Item) -> str:
 
 
 async def _layer(engine: Engine, item: Item) -> str:
-    archive, image_id = reclaim_archive(item.data["diff_ids"])
-
-    async def body() -> AsyncIterator[bytes]:
-        yield archive
-
-    await engine.load(body())
+    diff_ids = item.data["diff_ids"]
+    config, image_id = reclaim_config(diff_ids)
+    # no layer files: the engine has every layer of the chain, and never opens the file of one it has
+    await engine.load(
+        docker_archive(f"{image_id[7:]}.json", config, [], [(f"{d[7:]}/layer.tar", None) for d in diff_ids])
+    )
     doc = await engine.inspect_image(image_id)
     labels = ((doc or {}).get("Config") or {}).get("Labels") or {}
     if RECLAIM_LABEL not in labels:  # never delete an image we did not just make
@@ -253,11 +252,9 @@ _REMOVERS = {
 }
 
 
-def reclaim_archive(diff_ids: list[str]) -> tuple[bytes, str]:
-    """A docker-archive of one untagged image over these layers, with no layer files in it, and its ID.
-
-    A random label makes the ID one no other image has, so deleting it can only drop what it referenced.
-    """
+def reclaim_config(diff_ids: list[str]) -> tuple[bytes, str]:
+    """The config of one image over these layers, and its ID. A random label makes the ID one no other image
+    has, so deleting it can only drop what it referenced."""
     config = json.dumps(
         {
             "architecture": "amd64",
@@ -268,14 +265,4 @@ def reclaim_archive(diff_ids: list[str]) -> tuple[bytes, str]:
         },
         sort_keys=True,
     ).encode()
-    digest = hashlib.sha256(config).hexdigest()
-    manifest = json.dumps(
-        [{"Config": f"{digest}.json", "RepoTags": None, "Layers": [f"{d[7:]}/layer.tar" for d in diff_ids]}]
-    ).encode()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in ((f"{digest}.json", config), ("manifest.json", manifest)):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue(), f"sha256:{digest}"
+    return config, "sha256:" + hashlib.sha256(config).hexdigest()
