@@ -14,7 +14,6 @@ unless something else (a running pull, the build cache) still holds them, which 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import secrets
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+from dao.aio import gather_bounded
 from dao.clean.decide import LayerBook
 from dao.clean.plan import Item, Plan
 from dao.clean.scan import State
@@ -90,23 +90,21 @@ async def apply(
     result = Result()
     removed_images: list[str] = []
     book = LayerBook(state)  # before removing: it reads the configs of broken images from the data root
-    gate = asyncio.Semaphore(at_once)
 
     async def remove(item: Item) -> Outcome:
-        async with gate:
-            try:
-                detail = await _REMOVERS[item.kind](engine, item)
-            except EngineError as exc:
-                if exc.status in (404, 409):  # gone already, or the engine says it is in use: not ours to force
-                    return Outcome(item, "skipped", str(exc).split(": ", 1)[-1])
-                if exc.status is None:  # the engine went away: stop, rather than fail every item the same way
-                    raise
-                return Outcome(item, "failed", str(exc))
-            return Outcome(item, "skipped", detail) if detail else Outcome(item, "removed")
+        try:
+            detail = await _REMOVERS[item.kind](engine, item)
+        except EngineError as exc:
+            if exc.status in (404, 409):  # gone already, or the engine says it is in use: not ours to force
+                return Outcome(item, "skipped", str(exc).split(": ", 1)[-1])
+            if exc.status is None:  # the engine went away: stop, rather than fail every item the same way
+                raise
+            return Outcome(item, "failed", str(exc))
+        return Outcome(item, "skipped", detail) if detail else Outcome(item, "removed")
 
     outcomes: list[Outcome] = []
     for wave in _waves(items):
-        outcomes += await asyncio.gather(*(remove(item) for item in wave))
+        outcomes += await gather_bounded(wave, remove, at_once)
         for outcome in outcomes[-len(wave) :]:
             report(outcome)
     for outcome in outcomes:

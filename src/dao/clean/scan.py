@@ -6,15 +6,16 @@ for the sizes df reports) and, when it is here, reads the data root (:mod:`dao.c
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dao.aio import gather_bounded
 from dao.clean.dataroot import DataRoot
 from dao.clean.plan import PlanError
 from dao.docker import Engine, EngineError, EngineInfo
+
+AT_ONCE = 8  # inspects in flight: a host with hundreds of images answers in a fraction of a second
 
 
 @dataclass
@@ -30,16 +31,6 @@ class State:
     dataroot: DataRoot | None
     free: int | None  # free bytes on the data root's filesystem, when it is here
     notes: list[str] = field(default_factory=list)
-
-
-async def _gather(items: list[Any], fn: Callable[[Any], Awaitable[Any]], at_once: int = 8) -> list[Any]:
-    gate = asyncio.Semaphore(at_once)
-
-    async def one(item: Any) -> Any:
-        async with gate:
-            return await fn(item)
-
-    return list(await asyncio.gather(*(one(item) for item in items)))
 
 
 async def read_state(engine: Engine, info: EngineInfo, *, build_cache: bool) -> State:
@@ -63,7 +54,7 @@ async def read_state(engine: Engine, info: EngineInfo, *, build_cache: bool) -> 
                 return None
             raise
 
-    containers = [c for c in await _gather(listed, inspect_container) if c]
+    containers = [c for c in await gather_bounded(listed, inspect_container, AT_ONCE) if c]
 
     images = await engine.get("/images/json", all="1")
     uninspectable: dict[str, str] = {}
@@ -77,7 +68,7 @@ async def read_state(engine: Engine, info: EngineInfo, *, build_cache: bool) -> 
             uninspectable[entry["Id"]] = str(exc).split(": ", 1)[-1]  # a broken image: its layer files are gone
             return entry["Id"], None
 
-    inspected = {k: v for k, v in await _gather(images, inspect_image) if v is not None}
+    inspected = {k: v for k, v in await gather_bounded(images, inspect_image, AT_ONCE) if v is not None}
     volumes = df.get("Volumes") if df else (await engine.get("/volumes")).get("Volumes")
     networks = await engine.get("/networks")
 

@@ -24,6 +24,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from dao.aio import gather_bounded
 from dao.mirror.availability import CircuitBreaker, CircuitOpen, NegativeCache
 from dao.mirror.inflight import Fetch, Inflight
 from dao.mirror.metrics import Metrics
@@ -296,20 +297,17 @@ class Proxy:
             log.warning("index %s is not readable, children not cached: %s", index.digest, exc)
             return
         missing = [c for c in children if await self.manifests.get(c.digest) is None]
-        gate = asyncio.Semaphore(CHILD_FETCHES)
 
         async def one(child: Descriptor) -> bool:
-            async with gate:
-                accept = (child.media_type,) if child.media_type else DEFAULT_ACCEPT
-                try:
-                    await self._fetch_manifest(repo, str(child.digest), accept)
-                except RegistryError as exc:
-                    log.warning("child manifest %s of %s not cached: %s", child.digest, index.digest, exc.message)
-                    return False
-                return True
+            accept = (child.media_type,) if child.media_type else DEFAULT_ACCEPT
+            try:
+                await self._fetch_manifest(repo, str(child.digest), accept)
+            except RegistryError as exc:
+                log.warning("child manifest %s of %s not cached: %s", child.digest, index.digest, exc.message)
+                return False
+            return True
 
-        results = await asyncio.gather(*(one(c) for c in missing))
-        if all(results):
+        if all(await gather_bounded(missing, one, CHILD_FETCHES)):
             self._complete_indexes.add(index.digest)
 
     # -- negative cache and background work ----------------------------------------------------------------

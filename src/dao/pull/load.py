@@ -17,6 +17,7 @@ import tarfile
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from pathlib import Path
 
+from dao.aio import gather_bounded
 from dao.docker import Engine
 
 BLOCK = 512
@@ -37,16 +38,11 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
 async def engine_chain_ids(engine: Engine, at_once: int = 8) -> set[str]:
     """Every layer chain the engine holds, from its images' RootFS layers (one inspect per image, several at
     once: a host with hundreds of images answers in a fraction of a second)."""
+    ids = [str(image.get("Id", "")) for image in await engine.images()]
     have: set[str] = set()
-    gate = asyncio.Semaphore(at_once)
-
-    async def one(image_id: str) -> None:
-        async with gate:
-            inspected = await engine.inspect_image(image_id)
+    for inspected in await gather_bounded(ids, engine.inspect_image, at_once):
         layers = ((inspected or {}).get("RootFS") or {}).get("Layers") or []
         have.update(chain_ids([str(layer) for layer in layers]))
-
-    await asyncio.gather(*(one(str(image.get("Id", ""))) for image in await engine.images()))
     return have
 
 
