@@ -3,12 +3,10 @@
 :func:`decide` returns a :class:`~dao.clean.plan.Plan` in removal order: containers first, so what only they
 used (their image, anonymous volumes, networks) is garbage in the same plan, as after a ``docker container
 prune``; then images (children before parents), orphan layers, volumes, networks, build cache.
-:class:`LayerBook` counts the bytes ``docker system df`` stops counting when a set of images goes.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import datetime
 from typing import Any
@@ -17,7 +15,6 @@ from dao.clean.dataroot import DataRoot
 from dao.clean.plan import KINDS, Item, Options, Plan, PlanError, Spared
 from dao.clean.policy import Policy
 from dao.clean.scan import State
-from dao.pull.load import chain_ids
 from dao.units import format_age
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -55,54 +52,6 @@ def _digests(entry: dict[str, Any]) -> list[str]:
     return [d for d in entry.get("RepoDigests") or [] if d != "<none>@<none>"]
 
 
-class LayerBook:
-    """Which layers each image holds, and so how many bytes ``docker system df`` stops counting when a set of
-    images goes: the layers no remaining image references (df sums layers referenced by images)."""
-
-    def __init__(self, state: State) -> None:
-        self.state = state
-        self.by_id = {i["Id"]: i for i in state.images}
-        self.df_images = {i["Id"]: i for i in state.df.get("Images") or []}
-        self.chains = {image_id: self._chains(image_id) for image_id in self.by_id}
-        # a layer BuildKit also holds stays on disk when its images go: df then counts it as build cache
-        self.buildkit = state.dataroot.buildkit_chains() if state.dataroot else set()
-
-    def _chains(self, image_id: str) -> list[str]:
-        doc = self.state.inspected.get(image_id)
-        layers = ((doc or {}).get("RootFS") or {}).get("Layers")
-        if layers is None and self.state.dataroot is not None:  # broken images cannot be inspected
-            layers = _config_layers(self.state.dataroot, image_id)
-        return chain_ids([str(x) for x in layers or []])
-
-    def freed_bytes(self, removed: list[str]) -> dict[str, int]:
-        """Bytes df stops counting when these images go, attributed to the first one holding each layer."""
-        root = self.state.dataroot
-        gone = set(removed)
-        out: dict[str, int] = {}
-        if root is None:  # no layer sizes: estimate from the engine's per-image sizes
-            for image_id in removed:
-                entry = self.by_id[image_id]
-                parent = self.by_id.get(entry.get("ParentId") or "")
-                if parent is not None:  # a build step's image: its own layers are what it adds to its parent
-                    out[image_id] = max(int(entry.get("Size") or 0) - int(parent.get("Size") or 0), 0)
-                else:
-                    df = self.df_images.get(image_id) or entry
-                    out[image_id] = max(int(df.get("Size") or 0) - max(int(df.get("SharedSize") or 0), 0), 0)
-            return out
-        kept_chains = {chain for i, chains in self.chains.items() if i not in gone for chain in chains}
-        counted: set[str] = set()
-        for image_id in removed:
-            total = 0
-            for chain in self.chains[image_id]:
-                if chain in kept_chains or chain in counted or chain in self.buildkit:
-                    continue
-                counted.add(chain)
-                layer = root.layers.get(chain)
-                total += layer.size if layer else 0
-            out[image_id] = total
-        return out
-
-
 class _Decider:
     def __init__(self, state: State, options: Options, now: float) -> None:
         self.state = state
@@ -118,7 +67,7 @@ class _Decider:
             if image.get("ParentId"):
                 self.children.setdefault(image["ParentId"], set()).add(image["Id"])
         self.df_sizes = {c["Id"]: int(c.get("SizeRw") or 0) for c in state.df.get("Containers") or []}
-        self.book = LayerBook(state)
+        self.book = state.book
         self.chains = self.book.chains
         self.users: dict[str, list[str]] = {}  # image id -> names of the containers that stay and use it
         self.planned: list[str] = []  # images to remove, in order
@@ -445,14 +394,6 @@ class _Decider:
                 )
             )
             planned.add(str(r["ID"]))
-
-
-def _config_layers(root: DataRoot, image_id: str) -> list[str] | None:
-    path = root.root / "image" / root.driver / "imagedb" / "content" / "sha256" / image_id.removeprefix("sha256:")
-    try:
-        return list(json.loads(path.read_text())["rootfs"]["diff_ids"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def decide(state: State, options: Options, now: float) -> Plan:

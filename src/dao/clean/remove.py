@@ -23,7 +23,6 @@ from typing import Any
 from urllib.parse import quote
 
 from dao.aio import gather_bounded
-from dao.clean.decide import LayerBook
 from dao.clean.plan import Item, Plan
 from dao.clean.scan import State
 from dao.docker import Engine, EngineError
@@ -89,7 +88,6 @@ async def apply(
     ``data["after"]`` (an image's children, a cache record's), up to ``at_once`` removals at a time."""
     result = Result()
     removed_images: list[str] = []
-    book = LayerBook(state)  # before removing: it reads the configs of broken images from the data root
 
     async def remove(item: Item) -> Outcome:
         try:
@@ -118,7 +116,7 @@ async def apply(
                 result.size += item.size
         result.outcomes.append(outcome)
     # what the removed images free depends on which of them really went: count their layers again
-    sizes = book.freed_bytes(removed_images)
+    sizes = state.book.freed_bytes(removed_images)
     result.size += sum(sizes.values())
     for outcome in result.outcomes:
         if outcome.item.id in sizes:
