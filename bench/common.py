@@ -1,5 +1,5 @@
-"""What the benchmarks share: their own network namespace, a work directory, the emulated link's thread,
-and stopping everything they started however they end."""
+"""What the benchmarks share: their own network namespace, a work directory, the emulated link's thread.
+(Stopping everything they started however they end: ``tests.services.procs.stopping``.)"""
 
 from __future__ import annotations
 
@@ -9,18 +9,12 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
 from bench.link import Link, serve
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class Stoppable(Protocol):
-    def stop(self) -> None: ...
 
 
 class LinkThread:
@@ -55,17 +49,3 @@ def run_isolated(args: argparse.Namespace, run: Callable[[argparse.Namespace, Pa
         return
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         run(args, Path(tmp))
-
-
-@contextmanager
-def stopping() -> Iterator[list[Stoppable]]:
-    """A list to append every started service to; all are stopped, newest first, whatever happens."""
-    started: list[Stoppable] = []
-    try:
-        yield started
-    finally:
-        for thing in reversed(started):
-            try:
-                thing.stop()
-            except Exception as exc:
-                print(f"stopping {thing}: {exc}", file=sys.stderr)

@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT))
 
 from tests.services import images  # noqa: E402
 from tests.services.mirror import Mirror  # noqa: E402
-from tests.services.procs import Process, free_port, http_status, wait_until  # noqa: E402
+from tests.services.procs import Process, Stoppable, free_port, http_status, stopping, wait_until  # noqa: E402
 from tests.services.upstream import Upstream  # noqa: E402
 
-from bench.common import LinkThread, Stoppable, run_isolated, stopping  # noqa: E402
+from bench.common import LinkThread, run_isolated  # noqa: E402
 from bench.link import Link  # noqa: E402
 
 REPO = "library/benchbig"

@@ -33,10 +33,10 @@ sys.path.insert(0, str(ROOT))
 from tests.services import images  # noqa: E402
 from tests.services.dockerd import Dockerd  # noqa: E402
 from tests.services.mirror import DAO, Mirror  # noqa: E402
-from tests.services.procs import free_port  # noqa: E402
+from tests.services.procs import Stoppable, free_port, stopping  # noqa: E402
 from tests.services.upstream import Upstream  # noqa: E402
 
-from bench.common import LinkThread, Stoppable, run_isolated, stopping  # noqa: E402
+from bench.common import LinkThread, run_isolated  # noqa: E402
 from bench.link import Link  # noqa: E402
 
 MiB = 1024 * 1024

@@ -16,8 +16,15 @@ import pytest
 from tests.conftest import World
 from tests.services.dockerd import Dockerd
 from tests.services.mirror import DAO, FaultProxy, Mirror
-from tests.services.procs import free_port
+from tests.services.procs import Stoppable, free_port, stopping
 from tests.services.upstream import PrivateRegistry
+
+
+@pytest.fixture
+def started() -> Iterator[list[Stoppable]]:
+    """What a test starts (proxies, mirrors); stopped, newest first, however the test ends."""
+    with stopping() as things:
+        yield things
 
 
 @pytest.fixture
@@ -55,8 +62,7 @@ def test_pull_then_run(world: World, dockerd: Dockerd, engine_mirror: Mirror, tm
     assert set(target.layer_digests()) <= set(blob_gets(engine_mirror))  # every layer came through the mirror
     config = next(d for d in target.blobs if d not in target.layer_digests())
     assert dockerd.docker("image", "inspect", "-f", "{{.Id}}", ref).stdout.strip() == config
-    run = dockerd.docker("run", "--rm", "--network", "none", ref, "true", check=False)
-    assert run.returncode == 0, run.stderr
+    assert_runs(dockerd, ref)
     again = dao_pull(dockerd, tmp_path / "cache", ref)
     assert again.returncode == 0 and f"Status: Image is up to date for {ref}" in again.stdout
 
@@ -71,8 +77,7 @@ def test_layers_the_engine_has_are_not_downloaded(
     busybox = world.image("library/tiny:v1").layer_digests()[0]
     assert f"{busybox.split(':')[1][:12]}: Already exists" in done.stdout
     assert busybox not in blob_gets(engine_mirror)[before:]  # not one byte of it fetched again
-    run = dockerd.docker("run", "--rm", "--network", "none", "tiny:v1", "true", check=False)
-    assert run.returncode == 0, run.stderr
+    assert_runs(dockerd, "tiny:v1")
 
 
 def test_clear_errors(dockerd: Dockerd, tmp_path: Path) -> None:
@@ -90,7 +95,9 @@ def test_clear_errors(dockerd: Dockerd, tmp_path: Path) -> None:
     assert "Traceback" not in gone.stderr
 
 
-def test_killed_pull_resumes_with_only_the_missing_ranges(world: World, dockerd: Dockerd, tmp_path: Path) -> None:
+def test_killed_pull_resumes_with_only_the_missing_ranges(
+    world: World, dockerd: Dockerd, tmp_path: Path, started: list[Stoppable]
+) -> None:
     image = world.image("dao-test/big:v1")
     big = max(image.layer_digests(), key=lambda d: image.blobs[d].stat().st_size)
     size = image.blobs[big].stat().st_size
@@ -99,31 +106,35 @@ def test_killed_pull_resumes_with_only_the_missing_ranges(world: World, dockerd:
     runs = cache / "partial" / f"{big.split(':')[1]}.runs"
     argv = [DAO, "pull", "--cache-dir", str(cache), "--mirror", proxy.url, "--no-engine-mirrors", "dao-test/big:v1"]
     env = {"DOCKER_HOST": f"unix://{dockerd.sock}", "PATH": "/usr/bin:/bin"}
-    try:
-        first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        covered = 0
-        deadline = time.monotonic() + 120
-        while covered < 20_000_000 and time.monotonic() < deadline and first.poll() is None:
-            time.sleep(0.1)
-            with contextlib.suppress(OSError, ValueError, KeyError):  # not written yet, or mid-replace
-                covered = sum(b - a for a, b in json.loads(runs.read_text())["runs"])
-        first.kill()  # SIGKILL: no chance to tidy up
-        first.wait(10)
-        assert 20_000_000 <= covered < size
-        asked_before = len(proxy.blob_ranges(big))
-        proxy = replace_proxy(proxy, tmp_path, world)  # full speed now
-        sent_before = len(proxy.blob_bytes_sent(big))
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
-        second = proxy.blob_ranges(big)[asked_before:]
-        assert second and "-" not in second  # every request names a range: never the whole blob again
-        sent = sum(proxy.blob_bytes_sent(big)[sent_before:])
-        # Only the missing part crossed again, plus what sat in socket buffers when a stream was dropped.
-        assert size - covered <= sent <= size - covered + 8_000_000, (sent, covered)
-        run = dockerd.docker("run", "--rm", "--network", "none", "dao-test/big:v1", "true", check=False)
-        assert run.returncode == 0, run.stderr
-    finally:
-        proxy.stop()
+    started += [proxy]
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    covered = 0
+    deadline = time.monotonic() + 120
+    while covered < 20_000_000 and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.1)
+        with contextlib.suppress(OSError, ValueError, KeyError):  # not written yet, or mid-replace
+            covered = sum(b - a for a, b in json.loads(runs.read_text())["runs"])
+    first.kill()  # SIGKILL: no chance to tidy up
+    first.wait(10)
+    assert 20_000_000 <= covered < size
+    asked_before = len(proxy.blob_ranges(big))
+    proxy = replace_proxy(proxy, tmp_path, world)  # full speed now
+    started.append(proxy)
+    sent_before = len(proxy.blob_bytes_sent(big))
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    second = proxy.blob_ranges(big)[asked_before:]
+    assert second and "-" not in second  # every request names a range: never the whole blob again
+    sent = sum(proxy.blob_bytes_sent(big)[sent_before:])
+    # Only the missing part crossed again, plus what sat in socket buffers when a stream was dropped.
+    assert size - covered <= sent <= size - covered + 8_000_000, (sent, covered)
+    assert_runs(dockerd, "dao-test/big:v1")
+
+
+def assert_runs(dockerd: Dockerd, ref: str) -> None:
+    """The pulled image is whole: the engine starts a container from it."""
+    run = dockerd.docker("run", "--rm", "--network", "none", ref, "true", check=False)
+    assert run.returncode == 0, run.stderr
 
 
 def replace_proxy(proxy: FaultProxy, tmp_path: Path, world: World) -> FaultProxy:
@@ -132,30 +143,21 @@ def replace_proxy(proxy: FaultProxy, tmp_path: Path, world: World) -> FaultProxy
 
 
 def test_a_mirror_sending_corrupt_bytes_is_dropped_and_the_pull_succeeds(
-    world: World, dockerd: Dockerd, tmp_path: Path
+    world: World, dockerd: Dockerd, tmp_path: Path, started: list[Stoppable]
 ) -> None:
     liar = FaultProxy(tmp_path, world.upstream.url, "--flip-byte")  # one byte of every blob body flipped
     honest = FaultProxy(tmp_path, world.upstream.url)
-    env = {"DOCKER_HOST": f"unix://{dockerd.sock}", "PATH": "/usr/bin:/bin"}
-    argv = [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), "--no-engine-mirrors"]
-    try:
-        done = subprocess.run(
-            [*argv, "--mirror", liar.url, "--mirror", honest.url, "dao-test/schema2:v1"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stderr
-        assert f"{liar.url} sent corrupt bytes" in done.stderr
-        assert done.stderr.count("sent corrupt bytes") == 1  # dropped after the first lie
-        image = world.image("dao-test/schema2:v1")
-        assert set(image.layer_digests()) <= {p.rsplit("/", 1)[1] for p in honest.requests() if "/blobs/" in p}
-        run = dockerd.docker("run", "--rm", "--network", "none", "dao-test/schema2:v1", "true", check=False)
-        assert run.returncode == 0, run.stderr
-    finally:
-        liar.stop()
-        honest.stop()
+    started += [honest, liar]
+    cache = tmp_path / "cache"
+    done = dao_pull(
+        dockerd, cache, "--no-engine-mirrors", "--mirror", liar.url, "--mirror", honest.url, "dao-test/schema2:v1"
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"{liar.url} sent corrupt bytes" in done.stderr
+    assert done.stderr.count("sent corrupt bytes") == 1  # dropped after the first lie
+    image = world.image("dao-test/schema2:v1")
+    assert set(image.layer_digests()) <= {p.rsplit("/", 1)[1] for p in honest.requests() if "/blobs/" in p}
+    assert_runs(dockerd, "dao-test/schema2:v1")
 
 
 @pytest.fixture(scope="module")
@@ -196,8 +198,7 @@ def test_private_registry_with_docker_login_credentials(
     done = pull_private(private, dockerd, tmp_path, {"auths": {private.host: {"auth": auth}}})
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == f"{private.host}/private/app:v1"
-    run = dockerd.docker("run", "--rm", "--network", "none", f"{private.host}/private/app:v1", "true", check=False)
-    assert run.returncode == 0, run.stderr
+    assert_runs(dockerd, f"{private.host}/private/app:v1")
 
     pinned = pull_private(
         private,
@@ -231,46 +232,43 @@ def test_private_registry_with_a_credential_helper(private: PrivateRegistry, doc
     assert missing.returncode == 1  # anonymous is not enough for this registry
 
 
-def test_outputs_need_no_engine(world: World, dockerd: Dockerd, tmp_path: Path) -> None:
+def test_outputs_need_no_engine(world: World, dockerd: Dockerd, tmp_path: Path, started: list[Stoppable]) -> None:
     mirror = Mirror(tmp_path / "mirror", world.upstream.url)
     no_engine = {"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock", "PATH": "/usr/bin:/bin"}
     argv = [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), "--mirror", mirror.url]
-    try:
-        layout = tmp_path / "layout"
-        done = subprocess.run(
-            [*argv, "--platform", "linux/arm64", "--output", f"oci:{layout}", "dao-test/multi:v1"],
-            env=no_engine,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stderr
-        arm64 = world.image("dao-test/multi:v1").children[1]
-        index = json.loads((layout / "index.json").read_text())
-        assert index["manifests"][0]["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
-        copied = tmp_path / "copied"
-        subprocess.run(["skopeo", "copy", f"oci:{layout}:v1", f"dir:{copied}"], check=True, timeout=120)
-        got = json.loads((copied / "manifest.json").read_bytes())
-        want = json.loads(arm64.manifest)
-        assert got["config"]["digest"] == want["config"]["digest"]  # the platform asked for, not the machine's
-        assert [x["digest"] for x in got["layers"]] == [x["digest"] for x in want["layers"]]
-        for digest in [want["config"]["digest"]] + [x["digest"] for x in want["layers"]]:
-            assert (copied / digest.split(":")[1]).read_bytes() == arm64.blobs[digest].read_bytes()
+    started += [mirror]
+    layout = tmp_path / "layout"
+    done = subprocess.run(
+        [*argv, "--platform", "linux/arm64", "--output", f"oci:{layout}", "dao-test/multi:v1"],
+        env=no_engine,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    arm64 = world.image("dao-test/multi:v1").children[1]
+    index = json.loads((layout / "index.json").read_text())
+    assert index["manifests"][0]["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    copied = tmp_path / "copied"
+    subprocess.run(["skopeo", "copy", f"oci:{layout}:v1", f"dir:{copied}"], check=True, timeout=120)
+    got = json.loads((copied / "manifest.json").read_bytes())
+    want = json.loads(arm64.manifest)
+    assert got["config"]["digest"] == want["config"]["digest"]  # the platform asked for, not the machine's
+    assert [x["digest"] for x in got["layers"]] == [x["digest"] for x in want["layers"]]
+    for digest in [want["config"]["digest"]] + [x["digest"] for x in want["layers"]]:
+        assert (copied / digest.split(":")[1]).read_bytes() == arm64.blobs[digest].read_bytes()
 
-        archive = tmp_path / "schema2.tar"
-        done = subprocess.run(
-            [*argv, "--output", f"docker-archive:{archive}", "dao-test/schema2:v1"],
-            env=no_engine,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stderr
-        dockerd.docker("load", "-i", str(archive))
-        run = dockerd.docker("run", "--rm", "--network", "none", "dao-test/schema2:v1", "true", check=False)
-        assert run.returncode == 0, run.stderr
-    finally:
-        mirror.stop()
+    archive = tmp_path / "schema2.tar"
+    done = subprocess.run(
+        [*argv, "--output", f"docker-archive:{archive}", "dao-test/schema2:v1"],
+        env=no_engine,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    dockerd.docker("load", "-i", str(archive))
+    assert_runs(dockerd, "dao-test/schema2:v1")
 
 
 def test_the_engine_is_found_through_a_docker_context(
@@ -299,7 +297,7 @@ def test_the_engine_is_found_through_a_docker_context(
 
 
 def test_a_mirror_killed_mid_pull_hands_over_without_starting_again(
-    world: World, dockerd: Dockerd, tmp_path: Path
+    world: World, dockerd: Dockerd, tmp_path: Path, started: list[Stoppable]
 ) -> None:
     image = world.image("dao-test/big:v1")
     big = max(image.layer_digests(), key=lambda d: image.blobs[d].stat().st_size)
@@ -311,33 +309,29 @@ def test_a_mirror_killed_mid_pull_hands_over_without_starting_again(
     runs = cache / "partial" / f"{big.split(':')[1]}.runs"
     argv = [DAO, "pull", "--cache-dir", str(cache), "--no-engine-mirrors", "--mirror", first.url]
     env = {"DOCKER_HOST": f"unix://{dockerd.sock}", "PATH": "/usr/bin:/bin"}
-    try:
-        pull = subprocess.Popen(
-            [*argv, "--mirror", second.url, "dao-test/big:v1"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 120
-        while not runs.exists() and time.monotonic() < deadline and pull.poll() is None:
-            time.sleep(0.05)
-        time.sleep(2)  # some megabytes in
-        first.kill()
-        _, err = pull.communicate(timeout=300)
-        assert pull.returncode == 0, err
-        assert f"{first.url} failed" in err
-        taken_over = second.blob_ranges(big)
-        assert taken_over and "-" not in taken_over  # the second mirror only filled in what was missing
-        assert sum(second.blob_bytes_sent(big)) < size
-        run = dockerd.docker("run", "--rm", "--network", "none", "dao-test/big:v1", "true", check=False)
-        assert run.returncode == 0, run.stderr
-    finally:
-        first.stop()
-        second.stop()
+    started += [second, first]
+    pull = subprocess.Popen(
+        [*argv, "--mirror", second.url, "dao-test/big:v1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not runs.exists() and time.monotonic() < deadline and pull.poll() is None:
+        time.sleep(0.05)
+    time.sleep(2)  # some megabytes in
+    first.kill()
+    _, err = pull.communicate(timeout=300)
+    assert pull.returncode == 0, err
+    assert f"{first.url} failed" in err
+    taken_over = second.blob_ranges(big)
+    assert taken_over and "-" not in taken_over  # the second mirror only filled in what was missing
+    assert sum(second.blob_bytes_sent(big)) < size
+    assert_runs(dockerd, "dao-test/big:v1")
 
 
-def test_the_content_cache_stays_bounded(world: World, tmp_path: Path) -> None:
+def test_the_content_cache_stays_bounded(world: World, tmp_path: Path, started: list[Stoppable]) -> None:
     mirror = Mirror(tmp_path / "mirror", world.upstream.url)
     cache = tmp_path / "cache"
     no_engine = {"DOCKER_HOST": f"unix://{tmp_path}/none.sock", "PATH": "/usr/bin:/bin"}
@@ -351,31 +345,22 @@ def test_the_content_cache_stays_bounded(world: World, tmp_path: Path) -> None:
     def cached() -> set[str]:
         return {f"sha256:{p.name}" for p in (cache / "blobs" / "sha256").glob("*")}
 
-    try:
-        pull("dao-test/schema2:v1")
-        schema2 = set(world.image("dao-test/schema2:v1").blobs)
-        assert cached() == schema2  # over the limit, but the image just pulled is kept whole
-        pull("dao-test/oci:v1")
-        assert cached() == set(world.image("dao-test/oci:v1").blobs)  # the older image made room
-        done = subprocess.run([DAO, "pull", "--cache-prune", "--cache-dir", str(cache)], capture_output=True, text=True)
-        assert done.returncode == 0 and cached() == set()
-    finally:
-        mirror.stop()
+    started += [mirror]
+    pull("dao-test/schema2:v1")
+    schema2 = set(world.image("dao-test/schema2:v1").blobs)
+    assert cached() == schema2  # over the limit, but the image just pulled is kept whole
+    pull("dao-test/oci:v1")
+    assert cached() == set(world.image("dao-test/oci:v1").blobs)  # the older image made room
+    done = subprocess.run([DAO, "pull", "--cache-prune", "--cache-dir", str(cache)], capture_output=True, text=True)
+    assert done.returncode == 0 and cached() == set()
 
 
 def test_a_dead_mirror_is_probed_away_and_the_live_one_serves(
     world: World, dockerd: Dockerd, engine_mirror: Mirror, tmp_path: Path
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    env = {"DOCKER_HOST": f"unix://{dockerd.sock}", "PATH": "/usr/bin:/bin"}
     started = time.monotonic()
-    done = subprocess.run(
-        [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), "--mirror", dead, "library/tiny:v1"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = dao_pull(dockerd, tmp_path / "cache", "--mirror", dead, "library/tiny:v1")
     assert done.returncode == 0, done.stderr
     assert f"mirror {dead} does not answer" in done.stderr
     assert time.monotonic() - started < 30  # one quick probe, not a timeout per blob
@@ -383,7 +368,7 @@ def test_a_dead_mirror_is_probed_away_and_the_live_one_serves(
 
 
 def test_one_bad_chunk_among_several_sources_is_traced_to_its_mirror(
-    world: World, dockerd: Dockerd, tmp_path: Path
+    world: World, dockerd: Dockerd, tmp_path: Path, started: list[Stoppable]
 ) -> None:
     image = world.image("dao-test/big:v1")
     big = max(image.layer_digests(), key=lambda d: image.blobs[d].stat().st_size)
@@ -392,48 +377,43 @@ def test_one_bad_chunk_among_several_sources_is_traced_to_its_mirror(
     honest = FaultProxy(tmp_path, world.upstream.url, "--rate", "2000000")
     argv = [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), "--no-engine-mirrors", "--mirror", liar.url]
     env = {"DOCKER_HOST": f"unix://{dockerd.sock}", "PATH": "/usr/bin:/bin"}
-    try:
-        done = subprocess.run(
-            [*argv, "--mirror", honest.url, "dao-test/big:v1"], env=env, capture_output=True, text=True, timeout=300
-        )
-        assert done.returncode == 0, done.stderr
-        lines = [line for line in done.stderr.splitlines() if "sent corrupt bytes" in line]
-        assert len(lines) == 1 and lines[0].startswith(f"dao: warning: {liar.url} sent corrupt bytes for "), lines
-        bad = lines[0].split(" for ", 1)[1].split()[0]  # the blob the flipped chunk belonged to
-        assert [r for r in liar.blob_ranges(bad) if r != "-"] and honest.blob_ranges(bad)  # two sources, one blob
-        # The honest mirror sent its own chunks and the liar's again, nothing twice: the blob was not refetched.
-        assert sum(honest.blob_bytes_sent(bad)) <= image.blobs[bad].stat().st_size + 8_000_000
-        assert [r for r in liar.blob_ranges(big) if r != "-"] and [r for r in honest.blob_ranges(big) if r != "-"]
-        run = dockerd.docker("run", "--rm", "--network", "none", "dao-test/big:v1", "true", check=False)
-        assert run.returncode == 0, run.stderr
-    finally:
-        liar.stop()
-        honest.stop()
+    started += [honest, liar]
+    done = subprocess.run(
+        [*argv, "--mirror", honest.url, "dao-test/big:v1"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "sent corrupt bytes" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"dao: warning: {liar.url} sent corrupt bytes for "), lines
+    bad = lines[0].split(" for ", 1)[1].split()[0]  # the blob the flipped chunk belonged to
+    assert [r for r in liar.blob_ranges(bad) if r != "-"] and honest.blob_ranges(bad)  # two sources, one blob
+    # The honest mirror sent its own chunks and the liar's again, nothing twice: the blob was not refetched.
+    assert sum(honest.blob_bytes_sent(bad)) <= image.blobs[bad].stat().st_size + 8_000_000
+    assert [r for r in liar.blob_ranges(big) if r != "-"] and [r for r in honest.blob_ranges(big) if r != "-"]
+    assert_runs(dockerd, "dao-test/big:v1")
 
 
-def test_the_slow_last_chunks_are_raced_by_a_faster_mirror(world: World, dockerd: Dockerd, tmp_path: Path) -> None:
+def test_the_slow_last_chunks_are_raced_by_a_faster_mirror(
+    world: World, dockerd: Dockerd, tmp_path: Path, started: list[Stoppable]
+) -> None:
     image = world.image("dao-test/big:v1")
     big = max(image.layer_digests(), key=lambda d: image.blobs[d].stat().st_size)
     slow = FaultProxy(tmp_path, world.upstream.url, "--rate", "100000")  # 100 kB/s: a 4 MiB chunk takes 40 s
     fast = FaultProxy(tmp_path, world.upstream.url)
     argv = [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), "--no-engine-mirrors", "--mirror", slow.url]
     env = {"DOCKER_HOST": f"unix://{dockerd.sock}", "PATH": "/usr/bin:/bin"}
-    try:
-        done = subprocess.run(
-            [*argv, "--mirror", fast.url, "dao-test/big:v1"], env=env, capture_output=True, text=True, timeout=300
-        )
-        assert done.returncode == 0, done.stderr
-        slow_ranges = [r for r in slow.blob_ranges(big) if r != "-"]
-        fast_ends = {r.rsplit("-", 1)[1] for r in fast.blob_ranges(big)}
-        assert slow_ranges, "the slow mirror was never given a chunk"
-        # Every chunk the slow mirror was given was finished by the fast one: a range ending at the same byte.
-        assert all(r.rsplit("-", 1)[1] in fast_ends for r in slow_ranges), (slow_ranges, fast.blob_ranges(big))
-        asked = sum(int(b) + 1 - int(a) for a, b in (r.removeprefix("bytes=").split("-") for r in slow_ranges))
-        assert sum(slow.blob_bytes_sent(big)) < asked / 2  # the races were won long before the slow ones ended
-        assert "slow chunks raced" in done.stderr
-    finally:
-        slow.stop()
-        fast.stop()
+    started += [fast, slow]
+    done = subprocess.run(
+        [*argv, "--mirror", fast.url, "dao-test/big:v1"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    slow_ranges = [r for r in slow.blob_ranges(big) if r != "-"]
+    fast_ends = {r.rsplit("-", 1)[1] for r in fast.blob_ranges(big)}
+    assert slow_ranges, "the slow mirror was never given a chunk"
+    # Every chunk the slow mirror was given was finished by the fast one: a range ending at the same byte.
+    assert all(r.rsplit("-", 1)[1] in fast_ends for r in slow_ranges), (slow_ranges, fast.blob_ranges(big))
+    asked = sum(int(b) + 1 - int(a) for a, b in (r.removeprefix("bytes=").split("-") for r in slow_ranges))
+    assert sum(slow.blob_bytes_sent(big)) < asked / 2  # the races were won long before the slow ones ended
+    assert "slow chunks raced" in done.stderr
 
 
 def test_verify_upstream_asks_the_registry_itself(dockerd: Dockerd, engine_mirror: Mirror, tmp_path: Path) -> None:
@@ -444,28 +424,27 @@ def test_verify_upstream_asks_the_registry_itself(dockerd: Dockerd, engine_mirro
     assert "--verify-upstream: cannot resolve dao-test/schema2:v1 at https://registry-1.docker.io" in done.stderr
 
 
-def test_a_mirror_that_ignores_range_gets_whole_blobs(world: World, dockerd: Dockerd, tmp_path: Path) -> None:
+def test_a_mirror_that_ignores_range_gets_whole_blobs(
+    world: World, dockerd: Dockerd, tmp_path: Path, started: list[Stoppable]
+) -> None:
     image = world.image("dao-test/big:v1")
     big = max(image.layer_digests(), key=lambda d: image.blobs[d].stat().st_size)
     size = image.blobs[big].stat().st_size
     mirror = FaultProxy(tmp_path, world.upstream.url, "--no-range")  # drops Range: every answer is a 200
     argv = [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), "--no-engine-mirrors", "--mirror", mirror.url]
     env = {"DOCKER_HOST": f"unix://{dockerd.sock}", "PATH": "/usr/bin:/bin"}
-    try:
-        done = subprocess.run([*argv, "dao-test/big:v1"], env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
-        # The first answers show Range is ignored; from then on one stream per blob: what dao read is about the
-        # image once, not once per chunk (the proxy's own count includes what it pushed into aborted sockets).
-        received = float(done.stderr.split("dao: ", 1)[1].split(" MB from ", 1)[0])
-        assert size / 1e6 < received < 1.3 * size / 1e6, done.stderr
-        run = dockerd.docker("run", "--rm", "--network", "none", "dao-test/big:v1", "true", check=False)
-        assert run.returncode == 0, run.stderr
-    finally:
-        mirror.stop()
+    started += [mirror]
+    done = subprocess.run([*argv, "dao-test/big:v1"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    # The first answers show Range is ignored; from then on one stream per blob: what dao read is about the
+    # image once, not once per chunk (the proxy's own count includes what it pushed into aborted sockets).
+    received = float(done.stderr.split("dao: ", 1)[1].split(" MB from ", 1)[0])
+    assert size / 1e6 < received < 1.3 * size / 1e6, done.stderr
+    assert_runs(dockerd, "dao-test/big:v1")
 
 
 def test_a_cold_mirror_whose_streams_stall_while_others_flow_is_kept(
-    world: World, dockerd: Dockerd, tmp_path: Path
+    world: World, dockerd: Dockerd, tmp_path: Path, started: list[Stoppable]
 ) -> None:
     # A dao mirror with one fetch connection, cold, behind a slow upstream: of dao pull's parallel ranges of a
     # blob it serves the first at once, the others only when its one stream gets there (seconds later).
@@ -473,38 +452,32 @@ def test_a_cold_mirror_whose_streams_stall_while_others_flow_is_kept(
     mirror = Mirror(tmp_path / "mirror", slow.url, args=("--fetch-connections", "1"))
     argv = [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), "--no-engine-mirrors", "--stall-timeout", "1.5"]
     env = {"DOCKER_HOST": f"unix://{dockerd.sock}", "PATH": "/usr/bin:/bin"}
-    try:
-        done = subprocess.run(
-            [*argv, "-j", "4", "--mirror", mirror.url, "dao-test/schema2:v1"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stderr
-        assert "failed" not in done.stderr  # busy, not dead: never dropped for the registry (unreachable here)
-        assert "registry-1.docker.io" not in done.stderr
-        run = dockerd.docker("run", "--rm", "--network", "none", "dao-test/schema2:v1", "true", check=False)
-        assert run.returncode == 0, run.stderr
-    finally:
-        mirror.stop()
-        slow.stop()
+    started += [slow, mirror]
+    done = subprocess.run(
+        [*argv, "-j", "4", "--mirror", mirror.url, "dao-test/schema2:v1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "failed" not in done.stderr  # busy, not dead: never dropped for the registry (unreachable here)
+    assert "registry-1.docker.io" not in done.stderr
+    assert_runs(dockerd, "dao-test/schema2:v1")
 
 
-def test_mirrors_from_dao_config_file(world: World, dockerd: Dockerd, tmp_path: Path) -> None:
+def test_mirrors_from_dao_config_file(world: World, dockerd: Dockerd, tmp_path: Path, started: list[Stoppable]) -> None:
     mirror = FaultProxy(tmp_path, world.upstream.url)
     config = tmp_path / "config.toml"
     config.write_text(f'[pull]\nmirrors = ["{mirror.url}/"]\n')
     env = {"DOCKER_HOST": f"unix://{dockerd.sock}", "PATH": "/usr/bin:/bin", "DAO_CONFIG": str(config)}
     argv = [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), "--no-engine-mirrors", "dao-test/schema2:v1"]
-    try:
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
-        image = world.image("dao-test/schema2:v1")
-        assert set(image.layer_digests()) <= {p.rsplit("/", 1)[1] for p in mirror.requests() if "/blobs/" in p}
-        config.write_text("[pull]\nmirrors = 5\n")
-        bad = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
-        assert bad.returncode == 1
-        assert bad.stderr.strip() == f"dao: error: {config}: [pull] mirrors must be a list of URLs"
-    finally:
-        mirror.stop()
+    started += [mirror]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    image = world.image("dao-test/schema2:v1")
+    assert set(image.layer_digests()) <= {p.rsplit("/", 1)[1] for p in mirror.requests() if "/blobs/" in p}
+    config.write_text("[pull]\nmirrors = 5\n")
+    bad = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == f"dao: error: {config}: [pull] mirrors must be a list of URLs"

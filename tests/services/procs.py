@@ -6,11 +6,14 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
 
 def free_port() -> int:
@@ -82,3 +85,21 @@ class Process:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+@contextmanager
+def stopping() -> Iterator[list[Stoppable]]:
+    """A list to append every started service to; all are stopped, newest first, whatever happens."""
+    started: list[Stoppable] = []
+    try:
+        yield started
+    finally:
+        for thing in reversed(started):
+            try:
+                thing.stop()
+            except Exception as exc:
+                print(f"stopping {thing}: {exc}", file=sys.stderr)
