@@ -236,38 +236,42 @@ class Proxy:
             return ManifestAnswer(body, media_type, record.digest, "hit")
         if age < self.manifest_ttl + self.manifest_swr:
             # Stale-while-revalidate: this client gets the cached answer now; the next one gets the refresh.
-            self._in_background(("tag", repo, tag, key), self._refresh_tag(repo, tag, accept, key, record.digest))
+            refresh = self._refresh_tag(repo, tag, accept, key, record.digest, media_type)
+            self._in_background(("tag", repo, tag, key), refresh)
             return ManifestAnswer(body, media_type, record.digest, "swr")
         try:
-            async with self._upstream("manifest_head"), asyncio.timeout(self.manifest_timeout):
-                head = await self.client.head_manifest(repo, tag, accept)
+            moved = await self._revalidate(repo, tag, accept, key, record.digest, media_type)
         except _STALE_OK as exc:
             log.warning("serving %s:%s stale: %s", repo, tag, exc)
             return ManifestAnswer(body, media_type, record.digest, "stale")
         except RegistryClientError as exc:
             raise upstream_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
-        if head.digest == record.digest:
-            await self._record_tag(repo, tag, key, record.digest, media_type)
-            return ManifestAnswer(body, media_type, record.digest, "revalidated")
-        try:
-            fetched = await self._fetch_manifest(repo, tag, accept)
         except RegistryError:
             # The refresh failed after the HEAD said "changed": the old answer beats none.
             return ManifestAnswer(body, media_type, record.digest, "stale")
+        return moved or ManifestAnswer(body, media_type, record.digest, "revalidated")
+
+    async def _revalidate(
+        self, repo: str, tag: str, accept: tuple[str, ...], key: str, known: Digest, media_type: str
+    ) -> ManifestAnswer | None:
+        """A HEAD of the tag; the manifest itself only when the tag moved (returned; None: it still names
+        ``known``). Either way the tag is recorded as checked now. The HEAD fails with a
+        ``RegistryClientError`` (or ``TimeoutError``, ``CircuitOpen``), the fetch with a ``RegistryError``."""
+        async with self._upstream("manifest_head"), asyncio.timeout(self.manifest_timeout):
+            head = await self.client.head_manifest(repo, tag, accept)
+        if head.digest == known:
+            await self._record_tag(repo, tag, key, known, media_type)
+            return None
+        fetched = await self._fetch_manifest(repo, tag, accept)
         await self._record_tag(repo, tag, key, fetched.digest, fetched.media_type)
         return fetched
 
-    async def _refresh_tag(self, repo: str, tag: str, accept: tuple[str, ...], key: str, known: Digest) -> None:
-        """Background revalidation: a HEAD; the manifest itself only when the tag moved."""
+    async def _refresh_tag(
+        self, repo: str, tag: str, accept: tuple[str, ...], key: str, known: Digest, media_type: str
+    ) -> None:
+        """Background revalidation: its failures only leave the cached copy in place."""
         try:
-            async with self._upstream("manifest_head"), asyncio.timeout(self.manifest_timeout):
-                head = await self.client.head_manifest(repo, tag, accept)
-            if head.digest == known:
-                media_type = (await self.manifests.get(known) or (b"", head.media_type))[1]
-                await self._record_tag(repo, tag, key, known, media_type)
-                return
-            fetched = await self._fetch_manifest(repo, tag, accept)
-            await self._record_tag(repo, tag, key, fetched.digest, fetched.media_type)
+            await self._revalidate(repo, tag, accept, key, known, media_type)
         except (RegistryClientError, RegistryError, CircuitOpen, TimeoutError) as exc:
             log.warning("background refresh of %s:%s failed, cached copy kept: %s", repo, tag, exc)
 
