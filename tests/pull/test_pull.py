@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import World
 from tests.services.dockerd import Dockerd
+from tests.services.images import Image
 from tests.services.mirror import DAO, FaultProxy, Mirror
 from tests.services.procs import Stoppable, free_port, stopping
 from tests.services.upstream import PrivateRegistry
@@ -99,7 +100,7 @@ def test_killed_pull_resumes_with_only_the_missing_ranges(
     world: World, dockerd: Dockerd, tmp_path: Path, started: list[Stoppable]
 ) -> None:
     image = world.image("dao-test/big:v1")
-    big = max(image.layer_digests(), key=lambda d: image.blobs[d].stat().st_size)
+    big = biggest_layer(image)
     size = image.blobs[big].stat().st_size
     proxy = FaultProxy(tmp_path, world.upstream.url, "--rate", "2000000")  # 2 MB/s per connection
     cache = tmp_path / "cache"
@@ -129,6 +130,10 @@ def test_killed_pull_resumes_with_only_the_missing_ranges(
     # Only the missing part crossed again, plus what sat in socket buffers when a stream was dropped.
     assert size - covered <= sent <= size - covered + 8_000_000, (sent, covered)
     assert_runs(dockerd, "dao-test/big:v1")
+
+
+def biggest_layer(image: Image) -> str:
+    return max(image.layer_digests(), key=lambda d: image.blobs[d].stat().st_size)
 
 
 def assert_runs(dockerd: Dockerd, ref: str) -> None:
@@ -300,7 +305,7 @@ def test_a_mirror_killed_mid_pull_hands_over_without_starting_again(
     world: World, dockerd: Dockerd, tmp_path: Path, started: list[Stoppable]
 ) -> None:
     image = world.image("dao-test/big:v1")
-    big = max(image.layer_digests(), key=lambda d: image.blobs[d].stat().st_size)
+    big = biggest_layer(image)
     size = image.blobs[big].stat().st_size
     # Both slow enough (1 MB/s per connection) that the pull is still running when the first one dies.
     first = FaultProxy(tmp_path, world.upstream.url, "--rate", "1000000")
@@ -371,16 +376,13 @@ def test_one_bad_chunk_among_several_sources_is_traced_to_its_mirror(
     world: World, dockerd: Dockerd, tmp_path: Path, started: list[Stoppable]
 ) -> None:
     image = world.image("dao-test/big:v1")
-    big = max(image.layer_digests(), key=lambda d: image.blobs[d].stat().st_size)
+    big = biggest_layer(image)
     # Same speed, so both serve chunks of the big layer; the liar flips one byte of its first ranged answer.
     liar = FaultProxy(tmp_path, world.upstream.url, "--rate", "2000000", "--flip-once")
     honest = FaultProxy(tmp_path, world.upstream.url, "--rate", "2000000")
-    argv = [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), "--no-engine-mirrors", "--mirror", liar.url]
-    env = {"DOCKER_HOST": f"unix://{dockerd.sock}", "PATH": "/usr/bin:/bin"}
     started += [honest, liar]
-    done = subprocess.run(
-        [*argv, "--mirror", honest.url, "dao-test/big:v1"], env=env, capture_output=True, text=True, timeout=300
-    )
+    mirrors = ("--no-engine-mirrors", "--mirror", liar.url, "--mirror", honest.url)
+    done = dao_pull(dockerd, tmp_path / "cache", *mirrors, "dao-test/big:v1")
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if "sent corrupt bytes" in line]
     assert len(lines) == 1 and lines[0].startswith(f"dao: warning: {liar.url} sent corrupt bytes for "), lines
@@ -396,15 +398,12 @@ def test_the_slow_last_chunks_are_raced_by_a_faster_mirror(
     world: World, dockerd: Dockerd, tmp_path: Path, started: list[Stoppable]
 ) -> None:
     image = world.image("dao-test/big:v1")
-    big = max(image.layer_digests(), key=lambda d: image.blobs[d].stat().st_size)
+    big = biggest_layer(image)
     slow = FaultProxy(tmp_path, world.upstream.url, "--rate", "100000")  # 100 kB/s: a 4 MiB chunk takes 40 s
     fast = FaultProxy(tmp_path, world.upstream.url)
-    argv = [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), "--no-engine-mirrors", "--mirror", slow.url]
-    env = {"DOCKER_HOST": f"unix://{dockerd.sock}", "PATH": "/usr/bin:/bin"}
     started += [fast, slow]
-    done = subprocess.run(
-        [*argv, "--mirror", fast.url, "dao-test/big:v1"], env=env, capture_output=True, text=True, timeout=300
-    )
+    mirrors = ("--no-engine-mirrors", "--mirror", slow.url, "--mirror", fast.url)
+    done = dao_pull(dockerd, tmp_path / "cache", *mirrors, "dao-test/big:v1")
     assert done.returncode == 0, done.stderr
     slow_ranges = [r for r in slow.blob_ranges(big) if r != "-"]
     fast_ends = {r.rsplit("-", 1)[1] for r in fast.blob_ranges(big)}
@@ -428,13 +427,11 @@ def test_a_mirror_that_ignores_range_gets_whole_blobs(
     world: World, dockerd: Dockerd, tmp_path: Path, started: list[Stoppable]
 ) -> None:
     image = world.image("dao-test/big:v1")
-    big = max(image.layer_digests(), key=lambda d: image.blobs[d].stat().st_size)
+    big = biggest_layer(image)
     size = image.blobs[big].stat().st_size
     mirror = FaultProxy(tmp_path, world.upstream.url, "--no-range")  # drops Range: every answer is a 200
-    argv = [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), "--no-engine-mirrors", "--mirror", mirror.url]
-    env = {"DOCKER_HOST": f"unix://{dockerd.sock}", "PATH": "/usr/bin:/bin"}
     started += [mirror]
-    done = subprocess.run([*argv, "dao-test/big:v1"], env=env, capture_output=True, text=True, timeout=300)
+    done = dao_pull(dockerd, tmp_path / "cache", "--no-engine-mirrors", "--mirror", mirror.url, "dao-test/big:v1")
     assert done.returncode == 0, done.stderr
     # The first answers show Range is ignored; from then on one stream per blob: what dao read is about the
     # image once, not once per chunk (the proxy's own count includes what it pushed into aborted sockets).
@@ -450,16 +447,9 @@ def test_a_cold_mirror_whose_streams_stall_while_others_flow_is_kept(
     # blob it serves the first at once, the others only when its one stream gets there (seconds later).
     slow = FaultProxy(tmp_path, world.upstream.url, "--rate", "300000")
     mirror = Mirror(tmp_path / "mirror", slow.url, args=("--fetch-connections", "1"))
-    argv = [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), "--no-engine-mirrors", "--stall-timeout", "1.5"]
-    env = {"DOCKER_HOST": f"unix://{dockerd.sock}", "PATH": "/usr/bin:/bin"}
     started += [slow, mirror]
-    done = subprocess.run(
-        [*argv, "-j", "4", "--mirror", mirror.url, "dao-test/schema2:v1"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    options = ("--no-engine-mirrors", "--stall-timeout", "1.5", "-j", "4", "--mirror", mirror.url)
+    done = dao_pull(dockerd, tmp_path / "cache", *options, "dao-test/schema2:v1")
     assert done.returncode == 0, done.stderr
     assert "failed" not in done.stderr  # busy, not dead: never dropped for the registry (unreachable here)
     assert "registry-1.docker.io" not in done.stderr
