@@ -58,17 +58,16 @@ class _Decider:
         self.options = options
         self.now = now
         self.kinds = {kind for name in options.kinds for kind in KINDS[name]}
-        pulling = state.dataroot.pull_in_progress() if state.dataroot else None
-        self.policy = Policy(options, now, pulling)
+        self.policy = Policy(options, now, state.pulling)
         self.plan = Plan(state.host, options, notes=list(state.notes), created=now)
-        self.by_id = {i["Id"]: i for i in state.images}
+        self.book = state.book
+        self.by_id = self.book.by_id
+        self.chains = self.book.chains
         self.children: dict[str, set[str]] = {}
         for image in state.images:
             if image.get("ParentId"):
                 self.children.setdefault(image["ParentId"], set()).add(image["Id"])
         self.df_sizes = {c["Id"]: int(c.get("SizeRw") or 0) for c in state.df.get("Containers") or []}
-        self.book = state.book
-        self.chains = self.book.chains
         self.users: dict[str, list[str]] = {}  # image id -> names of the containers that stay and use it
         self.planned: list[str] = []  # images to remove, in order
         self.planned_set: set[str] = set()

@@ -35,6 +35,7 @@ class State:
     dataroot: DataRoot | None
     free: int | None  # free bytes on the data root's filesystem, when it is here
     notes: list[str] = field(default_factory=list)
+    pulling: str | None = None  # evidence that the engine is pulling or loading right now
 
     @cached_property
     def book(self) -> LayerBook:
@@ -114,6 +115,7 @@ async def read_state(engine: Engine, info: EngineInfo, *, build_cache: bool) -> 
         dataroot,
         free,
         notes,
+        dataroot.pull_in_progress() if dataroot else None,
     )
     _ = state.book  # read the layer data now: deciding stays free of I/O
     return state
