@@ -74,6 +74,22 @@ def world(tmp_path_factory: pytest.TempPathFactory, isolated: None) -> Iterator[
 
 
 @pytest.fixture(scope="session")
+def segmented(world: World) -> Iterator[World]:
+    """A second upstream (registry + token server) reached only through trickle relays: every answer, token
+    and manifest included, arrives in 100-byte pieces with pauses, as over a long real link. Seeded with a
+    schema2 image and the index."""
+    upstream = Upstream(world.workdir / "segmented", segmented=True)
+    try:
+        refs = ("dao-test/schema2:v1", "dao-test/multi:v1")
+        for ref in refs:
+            repo, tag = ref.split(":")
+            upstream.push(repo, tag, world.image(ref))
+        yield World(upstream, {ref: world.image(ref) for ref in refs}, world.workdir)
+    finally:
+        upstream.stop()
+
+
+@pytest.fixture(scope="session")
 def docker_mirror_port() -> int:
     """The one mirror address the session's dockerd is configured with; each test starts its own mirror there."""
     return free_port()

@@ -149,3 +149,53 @@ def test_containerd_pulls_through_hosts_toml(world: World, dockerd: Dockerd, mir
         assert set(amd64.layer_digests()) <= served_blobs(mirror)
     finally:
         subprocess.run([*ctr, "images", "rm", ref], capture_output=True, timeout=60)
+
+
+def test_cold_pulls_over_a_segmented_link(
+    segmented: World, dockerd: Dockerd, tmp_path: Path, docker_mirror_port: int
+) -> None:
+    """The field failure: an upstream whose token, manifest and blob answers arrive in 100-byte pieces (as
+    over a long real link). docker pulls through the mirror cold, and runs the image; skopeo copies the
+    index's platform through it byte for byte."""
+    mirror = Mirror(tmp_path / "mirror", segmented.upstream.url, port=docker_mirror_port)
+    try:
+        relayed = [relay.connections() for relay in segmented.upstream.relays]
+        ref = "dao-test/schema2:v1"
+        pulled = dockerd.docker("pull", ref, check=False)
+        assert pulled.returncode == 0, pulled.stderr
+        assert dockerd.docker("run", "--rm", "--network", "none", ref, "true").returncode == 0
+        image = segmented.image(ref)
+        assert set(image.layer_digests()) <= served_blobs(mirror)
+        # the token and the registry answers really came through the relays
+        assert all(
+            now > before
+            for now, before in zip((r.connections() for r in segmented.upstream.relays), relayed, strict=True)
+        )
+        out = tmp_path / "copy"
+        conf = tmp_path / "registries.conf"
+        conf.write_text(
+            '[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n'
+            f'[[registry.mirror]]\nlocation = "127.0.0.1:{mirror.port}"\ninsecure = true\n'
+        )
+        subprocess.run(
+            [
+                "skopeo",
+                "--registries-conf",
+                str(conf),
+                "copy",
+                "--retry-times",
+                "0",
+                "docker://docker.io/dao-test/multi:v1",
+                f"dir:{out}",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        amd64 = segmented.image("dao-test/multi:v1").children[0]
+        assert (out / "manifest.json").read_bytes() == amd64.manifest
+        for digest, path in amd64.blobs.items():
+            assert (out / digest.split(":")[1]).read_bytes() == path.read_bytes()
+    finally:
+        mirror.stop()

@@ -471,3 +471,21 @@ def test_mirrors_from_dao_config_file(world: World, dockerd: Dockerd, tmp_path: 
     bad = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1
     assert bad.stderr.strip() == f"dao: error: {config}: [pull] mirrors must be a list of URLs"
+
+
+def test_pulls_over_a_segmented_link(
+    segmented: World, dockerd: Dockerd, tmp_path: Path, started: list[Stoppable]
+) -> None:
+    """Tokens, manifests and blob heads that arrive in 100-byte pieces: dao pull straight from the registry,
+    then through a cold mirror in front of it; both images run."""
+    host = segmented.upstream.url.removeprefix("http://")
+    done = dao_pull(dockerd, tmp_path / "c1", "--no-engine-mirrors", f"{host}/dao-test/schema2:v1")
+    assert done.returncode == 0, done.stderr
+    assert_runs(dockerd, f"{host}/dao-test/schema2:v1")
+    mirror = Mirror(tmp_path / "mirror", segmented.upstream.url)
+    started += [mirror]
+    done = dao_pull(dockerd, tmp_path / "c2", "--no-engine-mirrors", "--mirror", mirror.url, "dao-test/multi:v1")
+    assert done.returncode == 0, done.stderr
+    assert_runs(dockerd, "dao-test/multi:v1")
+    amd64 = segmented.image("dao-test/multi:v1").children[0]
+    assert amd64.layer_digests()[-1] in blob_gets(mirror)  # busybox, the first, the engine already has

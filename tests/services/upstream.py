@@ -59,14 +59,52 @@ class Request:
     size: int
 
 
+class Trickle:
+    """``trickle.py`` in front of ``target`` (host:port): every answer reaches the client in small pieces."""
+
+    def __init__(self, workdir: Path, target: str, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / f"trickle-{self.port}.log"
+        self.proc = Process(
+            [
+                sys.executable,
+                str(Path(__file__).with_name("trickle.py")),
+                "--port",
+                str(self.port),
+                "--to",
+                target,
+                *args,
+            ],
+            self.log,
+        )
+        wait_until(lambda: _connects(self.port), 15, "trickle relay", self.proc.proc)
+
+    def connections(self) -> int:
+        return self.log.read_text().count("CONN\n")
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def _connects(port: int) -> bool:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+
+
 class Upstream:
     """A running registry + token server. ``url`` is what a mirror's ``--upstream`` takes."""
 
-    def __init__(self, workdir: Path, *, realm: str | None = None) -> None:
+    def __init__(self, workdir: Path, *, realm: str | None = None, segmented: bool = False) -> None:
         """``realm``: the token URL the registry's challenges name (default: the token server itself; a
-        benchmark puts its emulated link in between)."""
+        benchmark puts its emulated link in between). ``segmented``: the registry and its token server are
+        reached through :class:`Trickle` relays (``url`` and the realm name them), so every header, token and
+        manifest arrives in 100-byte pieces; ``direct_url`` skips the relay (for seeding)."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
+        self.relays: list[Trickle] = []
         key, cert = _key_and_cert(workdir)
         self.token_port = free_port()
         self.token_log = workdir / "tokens.jsonl"
@@ -89,7 +127,11 @@ class Upstream:
             workdir / "tokenserver.log",
         )
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = self.direct_url = f"http://127.0.0.1:{self.port}"
+        if segmented:
+            self.relays = [Trickle(workdir, f"127.0.0.1:{self.token_port}"), Trickle(workdir, f"127.0.0.1:{self.port}")]
+            realm = f"{self.relays[0].url}/token"
+            self.url = self.relays[1].url
         config = workdir / "registry.yml"
         config.write_text(
             json.dumps(
@@ -116,9 +158,11 @@ class Upstream:
             self.tokens.proc,
         )
         self.registry = Process(["docker-registry", "serve", str(config)], workdir / "registry.log")
-        wait_until(lambda: http_status(self.url + "/v2/") == 401, 15, "registry", self.registry.proc)
+        wait_until(lambda: http_status(self.direct_url + "/v2/") == 401, 15, "registry", self.registry.proc)
 
     def stop(self) -> None:
+        for relay in self.relays:
+            relay.stop()
         self.registry.stop()
         self.tokens.stop()
 
@@ -150,7 +194,7 @@ class Upstream:
     # -- seeding -------------------------------------------------------------------------------------------
 
     def push(self, repo: str, tag: str, image: Image) -> None:
-        push_image(self.url, repo, image, f"Bearer {self._admin_token(repo)}", reference=tag)
+        push_image(self.direct_url, repo, image, f"Bearer {self._admin_token(repo)}", reference=tag)
 
     def _admin_token(self, repo: str) -> str:
         creds = base64.b64encode(f"admin:{ADMIN_PASSWORD}".encode()).decode()

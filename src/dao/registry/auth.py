@@ -20,7 +20,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from dao.registry.errors import UpstreamUnauthorized, UpstreamUnavailable
+from dao.registry.body import read_capped
+from dao.registry.errors import UpstreamStatusError, UpstreamUnauthorized, UpstreamUnavailable
 
 TOKEN_DEFAULT_EXPIRES = 60
 TOKEN_EXPIRY_MARGIN = 10  # refresh this many seconds before the registry would refuse the token
@@ -181,7 +182,10 @@ class Authenticator:
             headers["Authorization"] = self.credentials.basic_header()
         try:
             async with self.session.get(realm, params=params, headers=headers) as resp:
-                body = await resp.content.read(TOKEN_MAX_BODY)
+                try:
+                    body = await read_capped(resp, TOKEN_MAX_BODY)
+                except UpstreamStatusError as exc:
+                    raise UpstreamUnauthorized(f"token server {urlsplit(realm).netloc}: {exc}") from exc
                 if resp.status in (401, 403):
                     raise UpstreamUnauthorized(f"token server {urlsplit(realm).netloc} refused: {resp.status}")
                 if resp.status != 200:

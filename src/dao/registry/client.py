@@ -25,6 +25,7 @@ from dao.oci.digest import Digest, DigestError
 from dao.oci.errors import parse_error_body
 from dao.oci.manifest import MAX_MANIFEST_SIZE, media_type_of
 from dao.registry.auth import Authenticator, Credentials
+from dao.registry.body import read_capped, read_errors
 from dao.registry.errors import (
     RegistryClientError,
     UpstreamNotFound,
@@ -141,7 +142,7 @@ class RegistryClient:
         headers = {"Accept": ", ".join(accept)} if accept else {}
         path = f"/v2/{repo}/manifests/{reference}"
         async with self._send("GET", path, scope=_pull(repo), headers=headers) as resp:
-            body = await _read_capped(resp, MAX_MANIFEST_SIZE)
+            body = await read_capped(resp, MAX_MANIFEST_SIZE)
             check_response(resp, body, 200)
             media_type = media_type_of(body, resp.headers.get("Content-Type"))
             header_digest = resp.headers.get("Docker-Content-Digest")
@@ -183,7 +184,7 @@ class RegistryClient:
             headers["Range"] = f"bytes={start}-{'' if end is None else end}"
         async with self._send("GET", f"/v2/{repo}/blobs/{digest}", scope=_pull(repo), headers=headers) as resp:
             if resp.status not in (200, 206):
-                body = await _read_capped(resp, ERROR_BODY_LIMIT)
+                body = await read_capped(resp, ERROR_BODY_LIMIT)
                 check_response(resp, body, 200, 206)
             yield resp
 
@@ -196,7 +197,7 @@ class RegistryClient:
     ) -> tuple[int, dict[str, str], bytes]:
         """A small GET passed through as is (``tags/list``): status, selected headers, body (capped)."""
         async with self._send("GET", path, scope=scope, params=params) as resp:
-            body = await _read_capped(resp, MAX_MANIFEST_SIZE)
+            body = await read_capped(resp, MAX_MANIFEST_SIZE)
             keep = {k: v for k, v in resp.headers.items() if k.lower() in ("content-type", "link")}
             return resp.status, keep, body
 
@@ -317,29 +318,6 @@ def parse_content_range(value: str) -> tuple[int, int | None]:
         raise UpstreamUnavailable(f"upstream sent 206 with a bad Content-Range: {value[:100]!r}")
     total = None if match[3] == "*" else int(match[3])
     return int(match[1]), total
-
-
-def read_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions reading a response body may raise; translate them to :class:`UpstreamUnavailable`."""
-    return (aiohttp.ClientError, TimeoutError, OSError)
-
-
-async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    total = 0
-    try:
-        while total <= limit:
-            chunk = await resp.content.read(limit + 1 - total)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-    except read_errors() as exc:
-        raise UpstreamUnavailable(f"reading {resp.url.path}: {exc}") from exc
-    body = b"".join(chunks)
-    if len(body) > limit:
-        raise UpstreamStatusError(f"{resp.url.path}: response larger than {limit} bytes", resp.status)
-    return body
 
 
 def _digest_or_none(text: str) -> Digest | None:
