@@ -18,7 +18,7 @@ from tests.services.dockerd import Dockerd
 from tests.services.images import Image
 from tests.services.mirror import DAO, FaultProxy, Mirror
 from tests.services.procs import Stoppable, free_port, stopping
-from tests.services.upstream import PrivateRegistry
+from tests.services.upstream import PrivateRegistry, Upstream
 
 
 @pytest.fixture
@@ -47,7 +47,11 @@ def dao_pull(engine: Dockerd, cache: Path, *args: str) -> subprocess.CompletedPr
 
 
 def blob_gets(mirror: Mirror) -> list[str]:
-    return [a.path.rsplit("/", 1)[1] for a in mirror.accesses() if "/blobs/" in a.path and a.status in (200, 206)]
+    return [
+        a.path.split("?")[0].rsplit("/", 1)[1]
+        for a in mirror.accesses()
+        if "/blobs/" in a.path and a.status in (200, 206)
+    ]
 
 
 @pytest.mark.parametrize("ref", ["dao-test/schema2:v1", "dao-test/oci:v1", "dao-test/multi:v1", "dao-test/big:v1"])
@@ -489,3 +493,43 @@ def test_pulls_over_a_segmented_link(
     assert_runs(dockerd, "dao-test/multi:v1")
     amd64 = segmented.image("dao-test/multi:v1").children[0]
     assert amd64.layer_digests()[-1] in blob_gets(mirror)  # busybox, the first, the engine already has
+
+
+def test_a_mirror_is_asked_for_the_registry_of_the_image(
+    world: World, tmp_path: Path, started: list[Stoppable]
+) -> None:
+    """Two registries hold different images under the same name. dao pull of the second one's image through a
+    dao mirror asks it with ?ns= and gets the second registry's image, never Docker Hub's of that name; a
+    mirror that cannot say which registry it serves (plain registry API) is not used for it at all."""
+    other = Upstream(tmp_path / "other")
+    started += [other]
+    tiny = world.image("library/tiny:v1")  # under the name Docker Hub's stand-in gives dao-test/schema2:v1
+    other.push("dao-test/schema2", "v1", tiny)
+    host = other.url.removeprefix("http://")
+    mirror = Mirror(tmp_path / "mirror", world.upstream.url, args=("--registry", f"{host}={other.url}"))
+    plain = FaultProxy(tmp_path, world.upstream.url)  # the Docker Hub stand-in's API, not a dao mirror
+    started += [mirror, plain]
+    hub_offset = world.upstream.log_offset()
+    no_engine = {"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock", "PATH": "/usr/bin:/bin"}
+    layout = tmp_path / "layout"
+    argv = [DAO, "pull", "--cache-dir", str(tmp_path / "cache"), "--mirror", mirror.url, "--mirror", plain.url]
+    done = subprocess.run(
+        [*argv, "--output", f"oci:{layout}", f"{host}/dao-test/schema2:v1"],
+        env=no_engine,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"mirror {plain.url} cannot say which registry it serves; not using it for {host} images" in done.stderr
+    config = json.loads(tiny.manifest)["config"]["digest"]
+    saved = json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]
+    manifest = json.loads((layout / "blobs" / "sha256" / saved.split(":")[1]).read_bytes())
+    assert manifest["config"]["digest"] == config  # the second registry's image, not Hub's schema2
+    assert [x["digest"] for x in manifest["layers"]] == tiny.layer_digests()
+    assert [a.path for a in mirror.accesses() if "/manifests/" in a.path] == [
+        f"/v2/dao-test/schema2/manifests/v1?ns={host}"
+    ]
+    assert config in blob_gets(mirror)
+    assert plain.requests("/manifests/v1") == []
+    assert [r for r in world.upstream.requests(hub_offset) if "/dao-test/" in r.path] == []

@@ -38,7 +38,7 @@ from dao.oci.errors import ErrorCode, RegistryError
 from dao.oci.manifest import parse_accept
 from dao.oci.reference import DOCKER_HUB_DOMAIN, is_valid_tag
 from dao.registry.auth import Credentials
-from dao.registry.client import RegistryClient
+from dao.registry.client import NAMESPACES_HEADER, RegistryClient
 from dao.registry.download import DownloadPolicy
 from dao.units import parse_size
 
@@ -133,7 +133,8 @@ async def _api_version(request: web.Request, response: web.StreamResponse) -> No
 
 async def base(request: web.Request) -> web.StreamResponse:
     request["dao.route"] = "base"
-    return web.json_response({})
+    # Tells dao pull this mirror answers for the registry a request names with ?ns=, not only Docker Hub.
+    return web.json_response({}, headers={NAMESPACES_HEADER: "true"})
 
 
 async def metrics_endpoint(request: web.Request) -> web.StreamResponse:

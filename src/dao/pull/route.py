@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dao.oci.digest import Digest
+from dao.oci.reference import DOCKER_HUB_DOMAIN
 from dao.pull.plan import Source
 from dao.registry.errors import RegistryClientError
 
@@ -24,8 +25,14 @@ RATE_WEIGHT = 0.4  # of the newest chunk's speed in the smoothed rate
 
 
 async def rank(
-    sources: list[Source], warn: Callable[[str], None], probe_timeout: float = PROBE_TIMEOUT
+    sources: list[Source],
+    warn: Callable[[str], None],
+    probe_timeout: float = PROBE_TIMEOUT,
+    registry: str = DOCKER_HUB_DOMAIN,
 ) -> list[Source]:
+    """Mirrors that answer, fastest first, then the registry itself. For an image of ``registry`` other than
+    Docker Hub, only mirrors that say they route ``?ns=`` are kept: any other mirror would answer with Docker
+    Hub's image of the same name (docker, too, sends only Docker Hub images to its mirrors)."""
     mirrors = [s for s in sources if s.mirror]
     others = [s for s in sources if not s.mirror]
 
@@ -33,9 +40,12 @@ async def rank(
         started = time.monotonic()
         try:
             async with asyncio.timeout(probe_timeout):
-                await source.client.ping()
+                answer = await source.client.ping()
         except (RegistryClientError, TimeoutError) as exc:
             warn(f"mirror {source.url} does not answer ({exc.__class__.__name__}); not using it for this pull")
+            return None
+        if registry != DOCKER_HUB_DOMAIN and not answer.namespaces:
+            warn(f"mirror {source.url} cannot say which registry it serves; not using it for {registry} images")
             return None
         return time.monotonic() - started
 

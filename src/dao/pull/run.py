@@ -91,7 +91,7 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
 
         def client(url: str) -> RegistryClient:  # a mirror you logged in to gets its own credentials
             creds = credentials_for(url.split("://", 1)[-1].rstrip("/"), warn=warn)
-            return RegistryClient(url, session, credentials=creds, timeout=_timeout(options))
+            return RegistryClient(url, session, credentials=creds, timeout=_timeout(options), namespace=ref.domain)
 
         sources = [Source(url, client(url), True) for url in mirror_urls]
         registry = registry_url(ref.registry_host)
@@ -99,7 +99,7 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
             registry, session, credentials=credentials_for(ref.domain, warn=warn), timeout=_timeout(options)
         )
         sources.append(Source(registry, registry_client, False))
-        sources = await rank(sources, warn)
+        sources = await rank(sources, warn, registry=ref.domain)
 
         if not options.quiet:
             name = dataclasses.replace(ref, tag=None, digest=None).familiar()

@@ -42,6 +42,8 @@ ERROR_BODY_LIMIT = 64 * 1024
 USER_AGENT = "dao"
 BLOB_CHUNK = 256 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# A dao mirror's ``/v2/`` answer carries this header: it serves many registries and routes by ``?ns=``.
+NAMESPACES_HEADER = "Dao-Mirror-Namespaces"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,12 @@ class Manifest:
     body: bytes
     media_type: str
     digest: Digest
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    status: int
+    namespaces: bool  # the server says it routes ``?ns=<registry>`` (a dao mirror)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,12 +125,16 @@ class RegistryClient:
         credentials: Credentials | None = None,
         retry: RetryPolicy | None = None,
         timeout: aiohttp.ClientTimeout | None = None,
+        namespace: str | None = None,
     ) -> None:
+        """``namespace``: the registry this client asks a mirror about; sent as ``?ns=`` with every request, as
+        containerd does, so a mirror of many registries answers for that one."""
         split = urlsplit(base_url)
         if split.scheme not in ("http", "https") or not split.netloc:
             raise ValueError(f"registry URL must be http(s)://host[:port]: {base_url!r}")
         self.base_url = f"{split.scheme}://{split.netloc}"
         self.host = split.netloc
+        self.namespace = namespace
         self.session = session
         self.auth = Authenticator(session, credentials)
         self.retry = retry or RetryPolicy()
@@ -131,11 +143,11 @@ class RegistryClient:
 
     # -- API ---------------------------------------------------------------------------------------------
 
-    async def ping(self) -> int:
+    async def ping(self) -> Ping:
         """``GET /v2/``; a 401 counts as alive (the registry answered)."""
         async with self._send("GET", "/v2/", scope="", authenticate=False) as resp:
-            await resp.read()
-            return resp.status
+            await read_capped(resp, ERROR_BODY_LIMIT)
+            return Ping(resp.status, resp.headers.get(NAMESPACES_HEADER, "").lower() == "true")
 
     async def get_manifest(self, repo: str, reference: str, accept: tuple[str, ...]) -> Manifest:
         """The manifest's exact bytes, its media type and digest; the digest is checked, never trusted."""
@@ -260,6 +272,8 @@ class RegistryClient:
     ) -> aiohttp.ClientResponse:
         url = self.base_url + path
         headers = {"User-Agent": USER_AGENT, **headers}
+        if self.namespace:
+            params = {**(params or {}), "ns": self.namespace}
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 resp = await self.session.request(
@@ -341,6 +355,7 @@ __all__ = [
     "BlobSource",
     "Manifest",
     "ManifestHead",
+    "Ping",
     "RegistryClient",
     "RegistryClientError",
     "RetryPolicy",
