@@ -186,6 +186,13 @@ def mirror_serve(
     ] = None,
     access_log: Annotated[bool | None, typer.Option(help="One log line per request. [default: on]")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error. [default: info]")] = None,
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            help="text, or json: one object per line (time, client, user, method, path, status, bytes, "
+            "cache, duration, user agent, registry). [default: text]"
+        ),
+    ] = None,
 ) -> None:
     """Run the pull-through mirror.
 
@@ -224,6 +231,7 @@ def mirror_serve(
         "upstream_username": upstream_username,
         "access_log": access_log,
         "log_level": log_level,
+        "log_format": log_format,
     }
     try:
         config = load(MirrorConfig, "mirror", file=config_file, env=os.environ, flags=flags)
@@ -232,11 +240,9 @@ def mirror_serve(
         raise fail(str(exc), "see 'dao mirror serve --help'") from None
     except OSError as exc:
         raise fail(f"cannot create data directory {config.data_dir}: {exc.strerror}", code=1) from None
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from dao.mirror.logs import configure
+
+    configure(config.log_level, config.log_format)
     from dao.mirror.app import serve  # aiohttp only when serving: keeps `dao --help` quick
 
     try:
@@ -276,28 +282,64 @@ def _size(text: str) -> int:
 
 @users_app.command("add")
 def users_add(
-    name: Annotated[str, typer.Argument(help="Who the user is (free text).")],
-    user_id: Annotated[str | None, typer.Option("--id", help="Accelerator ID (a DNS label). [default: random]")] = None,
+    name: Annotated[str, typer.Argument(help="Who the user is (free text; the logs name users by it).")],
+    user_id: Annotated[
+        str | None, typer.Option("--id", help="Public user ID, the key of their usage (a DNS label). [default: random]")
+    ] = None,
     quota: Annotated[str | None, typer.Option(help="Monthly allowance, e.g. 50GiB. [default: the mirror's]")] = None,
     config_file: ConfigOpt = None,
     data_dir: DataDirOpt = None,
     database: DatabaseOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Add a user; prints their ID, their token and their mirror address."""
+    """Add a user; prints their ID, their token and their secret mirror address, once (dao keeps only hashes)."""
     from dao.mirror.accounts import AccountError
 
     accounts, config = _accounts(config_file, data_dir, database)
     try:
-        user = accounts.add_user(name, user_id=user_id, quota_bytes=_size(quota) if quota is not None else None)
+        issued = accounts.add_user(name, user_id=user_id, quota_bytes=_size(quota) if quota is not None else None)
     except AccountError as exc:
         raise fail(str(exc), code=1) from None
-    address = f"http://{user.id}.{config.mirror_domain}" if config.mirror_domain else None
+    _print_issued(issued, config.mirror_domain, as_json)
+
+
+@users_app.command("reissue")
+def users_reissue(
+    user_id: Annotated[str, typer.Argument(metavar="ID")],
+    token: Annotated[bool, typer.Option("--token", help="A new token (the old one stops working).")] = False,
+    address: Annotated[bool, typer.Option("--address", help="A new address (the old one stops working).")] = False,
+    config_file: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database: DatabaseOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """New secrets for a user (both unless --token or --address), printed once; a running mirror stops
+    accepting the old ones within --usage-flush seconds."""
+    from dao.mirror.accounts import AccountError
+
+    accounts, config = _accounts(config_file, data_dir, database)
+    both = not token and not address
+    try:
+        issued = accounts.reissue(user_id, token=token or both, address=address or both)
+    except AccountError as exc:
+        raise fail(str(exc), code=1) from None
+    _print_issued(issued, config.mirror_domain, as_json)
+
+
+def _print_issued(issued: Any, domain: str, as_json: bool) -> None:
+    address = f"http://{issued.address}.{domain}" if issued.address and domain else None
     if as_json:
-        typer.echo(json.dumps({"id": user.id, "name": user.name, "token": user.token, "address": address}))
+        doc = {"id": issued.user.id, "name": issued.user.name, "token": issued.token, "address": address}
+        if issued.address:
+            doc["address_label"] = issued.address
+        typer.echo(json.dumps({k: v for k, v in doc.items() if v is not None}))
         return
-    typer.echo(f"id:      {user.id}\ntoken:   {user.token}")
-    typer.echo(f"address: {address}" if address else "address: set mirror_domain to give users their own address")
+    typer.echo(f"id:      {issued.user.id}")
+    if issued.token:
+        typer.echo(f"token:   {issued.token}")
+    if issued.address:
+        typer.echo(f"address: {address}" if address else f"address: http://{issued.address}.<mirror-domain>")
+    typer.echo("These are shown once: dao keeps only their hashes ('dao mirror users reissue ID' makes new ones).")
 
 
 @users_app.command("list")
@@ -326,7 +368,7 @@ def users_show(
     database: DatabaseOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """One user: quota, token and usage by month."""
+    """One user: quota, whether they have an address, and usage by month (secrets are never shown again)."""
     from dao.mirror.accounts import AccountError
     from dao.units import format_size
 
@@ -337,12 +379,13 @@ def users_show(
         raise fail(str(exc), code=1) from None
     months = accounts.usage(user_id=user_id)
     if as_json:
-        doc = {"id": user.id, "name": user.name, "token": user.token, "quota_bytes": user.quota_bytes}
+        doc = {"id": user.id, "name": user.name, "address": user.address is not None, "quota_bytes": user.quota_bytes}
         doc["usage"] = [{"month": m, **dataclasses.asdict(u)} for _, m, u in months]
         typer.echo(json.dumps(doc))
         return
     quota = format_size(user.quota_bytes) if user.quota_bytes is not None else "the mirror's default"
-    typer.echo(f"id:    {user.id}\nname:  {user.name}\ntoken: {user.token}\nquota: {quota} a month")
+    has = "issued" if user.address else "none (dao mirror users reissue ID --address)"
+    typer.echo(f"id:      {user.id}\nname:   {user.name}\naddress: {has}\nquota:   {quota} a month")
     _print_usage(months)
 
 

@@ -60,6 +60,7 @@ class MirrorConfig:
     upstream_password: str = ""
     access_log: bool = True
     log_level: str = "info"
+    log_format: str = "text"  # or json: one object per line, for log pipelines
 
     def __post_init__(self) -> None:
         split = urlsplit(self.upstream)
@@ -80,6 +81,8 @@ class MirrorConfig:
             raise ConfigError("fetch_connections must be 1..64 and fetch_split_mib > 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be text or json, got {self.log_format!r}")
 
     @property
     def database_url(self) -> str:

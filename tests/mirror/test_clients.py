@@ -157,7 +157,7 @@ def test_cold_pulls_over_a_segmented_link(
     """The field failure: an upstream whose token, manifest and blob answers arrive in 100-byte pieces (as
     over a long real link). docker pulls through the mirror cold, and runs the image; skopeo copies the
     index's platform through it byte for byte."""
-    mirror = Mirror(tmp_path / "mirror", segmented.upstream.url, port=docker_mirror_port)
+    mirror = Mirror(tmp_path / "mirror", segmented.upstream.url, port=docker_mirror_port, args=("--log-format", "json"))
     try:
         relayed = [relay.connections() for relay in segmented.upstream.relays]
         ref = "dao-test/schema2:v1"
@@ -197,5 +197,14 @@ def test_cold_pulls_over_a_segmented_link(
         assert (out / "manifest.json").read_bytes() == amd64.manifest
         for digest, path in amd64.blobs.items():
             assert (out / digest.split(":")[1]).read_bytes() == path.read_bytes()
+        # --log-format json: every line one object; access lines name the client program and the registry
+        lines = [json.loads(line) for line in mirror.output().splitlines() if line.startswith("{")]
+        assert lines and len(lines) == len(mirror.output().splitlines())
+        blobs = [x for x in lines if "/blobs/" in x.get("path", "")]
+        assert {x["user_agent"].split("/")[0] for x in blobs} == {"docker", "skopeo"}
+        assert {x["registry"] for x in blobs} == {"docker.io"}
+        first = blobs[0]
+        assert set(first) >= {"time", "client", "user", "method", "path", "status", "bytes", "cache", "duration_ms"}
+        assert first["client"] == "127.0.0.1" and first["method"] == "GET" and first["status"] == 200
     finally:
         mirror.stop()

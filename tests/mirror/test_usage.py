@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -46,14 +47,20 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 async def test_meter_counts_by_month_and_enforces_quota(database: str) -> None:
     accounts = Accounts(database)
     alice = accounts.add_user("Alice", user_id="alice", quota_bytes=1000)
+    assert alice.address is not None and alice.token is not None
+    assert len(alice.address) == 24 and alice.address.isalnum()  # 120 random bits, one DNS label
     now = [time.mktime((2026, 11, 30, 23, 59, 0, 0, 0, 0)) - time.timezone]  # 2026-11-30 23:59 UTC
     meter = Meter(accounts, domain=DOMAIN, anonymous=False, clock=lambda: now[0])
     await meter.refresh()
-    assert meter.identify(f"alice.{DOMAIN}:5000", None) == "alice"
+    assert meter.identify(f"{alice.address}.{DOMAIN}:5000", None) == "alice"
+    assert meter.identify(f"{alice.address.upper()}.{DOMAIN}", None) == "alice"  # host names have no case
     assert meter.identify("x", f"Bearer {alice.token}") == "alice"
     basic = base64.b64encode(f"alice:{alice.token}".encode()).decode()
     assert meter.identify("x", f"Basic {basic}") == "alice"
-    for host, auth in [("x", None), (f"bob.{DOMAIN}", None), ("x", "Bearer nope"), ("x", "Basic !!!")]:
+    assert meter.name_of("alice") == "Alice"
+    # the public ID is no identity (it was the address, and --no-anonymous was bypassed with a Host header)
+    bypass = [(f"alice.{DOMAIN}", None), ("x", "Basic " + base64.b64encode(b"alice:alice").decode())]
+    for host, auth in [("x", None), (f"bob.{DOMAIN}", None), ("x", "Bearer nope"), ("x", "Basic !!!"), *bypass]:
         with pytest.raises(RegistryError) as info:
             meter.identify(host, auth)
         assert info.value.status == 401 and "Basic" in info.value.headers["WWW-Authenticate"]
@@ -98,13 +105,17 @@ def dao(*args: str) -> str:
 
 
 @pytest.fixture
-def named_hosts() -> Iterator[None]:
-    """alice.mirror.test and bob.mirror.test resolve to loopback, in this test's namespace only."""
+def named_hosts() -> Iterator[Callable[..., None]]:
+    """Names that resolve to loopback, in this test's namespace only."""
     hosts = Path("/etc/hosts")
     original = hosts.read_text()
-    hosts.write_text(original + f"\n127.0.0.1 alice.{DOMAIN} bob.{DOMAIN}\n")
+
+    def resolve(*names: str) -> None:
+        with hosts.open("a") as f:
+            f.write(f"\n127.0.0.1 {' '.join(names)}\n")
+
     try:
-        yield
+        yield resolve
     finally:
         hosts.write_text(original)
 
@@ -124,10 +135,14 @@ def skopeo_copy(host: str, port: int, ref: str, out: Path) -> subprocess.Complet
     )
 
 
-async def test_users_pull_through_their_own_host_names(world: World, tmp_path: Path, named_hosts: None) -> None:
+async def test_users_pull_through_their_own_host_names(
+    world: World, tmp_path: Path, named_hosts: Callable[..., None]
+) -> None:
     data = tmp_path / "mirror" / "data"
-    dao("users", "add", "Alice", "--id", "alice", "--data-dir", str(data))
-    dao("users", "add", "Bob", "--id", "bob", "--quota", "1GB", "--data-dir", str(data))
+    alice = json.loads(dao("users", "add", "Alice", "--id", "alice", "--data-dir", str(data), "--json"))
+    bob = json.loads(dao("users", "add", "Bob B.", "--id", "bob", "--quota", "1GB", "--data-dir", str(data), "--json"))
+    a_host, b_host = f"{alice['address_label']}.{DOMAIN}", f"{bob['address_label']}.{DOMAIN}"
+    named_hosts(a_host, b_host)
     mirror = Mirror(
         tmp_path / "mirror",
         world.upstream.url,
@@ -135,9 +150,9 @@ async def test_users_pull_through_their_own_host_names(world: World, tmp_path: P
     )
     image = world.image("dao-test/schema2:v1")
     try:
-        done = skopeo_copy(f"alice.{DOMAIN}", mirror.port, "dao-test/schema2:v1", tmp_path / "alice")
+        done = skopeo_copy(a_host, mirror.port, "dao-test/schema2:v1", tmp_path / "alice")
         assert done.returncode == 0, done.stderr
-        done = skopeo_copy(f"bob.{DOMAIN}", mirror.port, "dao-test/schema2:v1", tmp_path / "bob")
+        done = skopeo_copy(b_host, mirror.port, "dao-test/schema2:v1", tmp_path / "bob")
         assert done.returncode == 0, done.stderr
         dao("users", "quota", "bob", "1MB", "--data-dir", str(data))  # less than bob has pulled this month
         await asyncio.sleep(0.8)  # two flush intervals: counts written, quotas re-read
@@ -153,19 +168,31 @@ async def test_users_pull_through_their_own_host_names(world: World, tmp_path: P
 
         url = f"{mirror.url}/v2/dao-test/schema2/manifests/v1"
         async with aiohttp.ClientSession() as s:
-            async with s.get(url, headers={"Host": f"bob.{DOMAIN}", "Accept": DOCKER_ACCEPT}) as r:
+            async with s.get(url, headers={"Host": b_host, "Accept": DOCKER_ACCEPT}) as r:
                 body = await r.json()
                 assert r.status == 429
                 message = body["errors"][0]["message"]
                 assert body["errors"][0]["code"] == "TOOMANYREQUESTS"
                 assert message.startswith("monthly quota of 976.56 KiB for bob is used up: ")
                 assert "resets at" in message
-            async with s.get(url, headers={"Host": "unknown.example", "Accept": DOCKER_ACCEPT}) as r:
-                assert r.status == 401 and "Basic" in r.headers["WWW-Authenticate"]
+            for guess in ("unknown.example", f"alice.{DOMAIN}", f"bob.{DOMAIN}"):  # the public ID is no identity
+                async with s.get(url, headers={"Host": guess, "Accept": DOCKER_ACCEPT}) as r:
+                    assert r.status == 401 and "Basic" in r.headers["WWW-Authenticate"]
             dao("users", "quota", "bob", "10GiB", "--data-dir", str(data))
             await asyncio.sleep(0.8)
-            async with s.get(url, headers={"Host": f"bob.{DOMAIN}", "Accept": DOCKER_ACCEPT}) as r:
+            async with s.get(url, headers={"Host": b_host, "Accept": DOCKER_ACCEPT}) as r:
                 assert r.status == 200  # raised, and seen within a flush interval
+            dao("users", "reissue", "bob", "--address", "--data-dir", str(data))
+            await asyncio.sleep(0.8)
+            async with s.get(url, headers={"Host": b_host, "Accept": DOCKER_ACCEPT}) as r:
+                assert r.status == 401  # the old address stopped working
+        log = mirror.output()
+        assert 'user="Alice"' in log and 'user="Bob B."' in log  # users are logged by name...
+        assert 'registry=docker.io ua="skopeo/' in log  # ...with the registry and the client program
+        for secret in (alice["address_label"], bob["address_label"], alice["token"], bob["token"]):
+            assert secret not in log  # ...never by a secret
+            assert secret.encode() not in (data / "dao.db").read_bytes()  # and only hashes are stored
+        assert (data / "dao.db").stat().st_mode & 0o777 == 0o600
     finally:
         mirror.stop()
 
@@ -182,3 +209,30 @@ async def test_counts_survive_a_clean_stop(world: World, tmp_path: Path) -> None
     assert [(r["user"], r["bytes_served"], r["blobs_served"]) for r in rows] == [
         ("anonymous", image.blobs[digest].stat().st_size, 1)
     ]
+
+
+def test_a_database_from_before_hashing_is_migrated(tmp_path: Path) -> None:
+    """Rows written with plaintext tokens and no address column: hashed in place, the tokens still work."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE dao_users (id VARCHAR(63) PRIMARY KEY, name VARCHAR(200) NOT NULL, "
+            "token VARCHAR(100) NOT NULL UNIQUE, quota_bytes BIGINT, created_at FLOAT NOT NULL)"
+        )
+        db.execute("INSERT INTO dao_users VALUES ('c0ffee01', 'Carol', 'dao_plaintext-token', NULL, 0)")
+    accounts = Accounts(f"sqlite:///{path}")
+    assert b"dao_plaintext-token" not in path.read_bytes()
+    carol = accounts.user("c0ffee01")
+    assert carol.token.startswith("sha256:") and carol.address is None
+    meter = Meter(accounts, domain=DOMAIN, anonymous=False)
+    asyncio.run(meter.refresh())
+    assert meter.identify("x", "Bearer dao_plaintext-token") == "c0ffee01"
+    with pytest.raises(RegistryError):
+        meter.identify(f"c0ffee01.{DOMAIN}", None)  # the old, guessable address is gone
+    issued = accounts.reissue("c0ffee01", address=True)
+    asyncio.run(meter.refresh())
+    assert issued.address is not None and meter.identify(f"{issued.address}.{DOMAIN}", None) == "c0ffee01"
+    Accounts(f"sqlite:///{path}")  # opening again changes nothing
+    assert accounts.user("c0ffee01") == dataclasses.replace(carol, address=accounts.user("c0ffee01").address)

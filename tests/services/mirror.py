@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
@@ -68,10 +69,16 @@ class Mirror:
         return self.log.read_text(errors="replace")
 
     def accesses(self) -> list[Access]:
-        return [
-            Access(m["method"], m["path"], int(m["status"]), int(m["bytes"]), m["cache"])
-            for m in _ACCESS.finditer(self.output())
+        """The access log, text (the default) or ``--log-format json`` lines."""
+        out = self.output()
+        found = [
+            Access(m["method"], m["path"], int(m["status"]), int(m["bytes"]), m["cache"]) for m in _ACCESS.finditer(out)
         ]
+        for line in out.splitlines():
+            if line.startswith("{") and '"path"' in line:
+                x = json.loads(line)
+                found.append(Access(x["method"], x["path"], x["status"], x["bytes"], x["cache"]))
+        return found
 
     def accesses_to(self, suffix: str, count: int, timeout: float = 5.0) -> list[Access]:
         """Access lines for paths ending in ``suffix``, once ``count`` are logged (written after the response)."""

@@ -17,8 +17,6 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
-from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from dao.config import ConfigError, MirrorConfig
@@ -26,6 +24,7 @@ from dao.mirror.accounts import Accounts
 from dao.mirror.availability import CircuitBreaker
 from dao.mirror.eviction import AccessLog, Collector
 from dao.mirror.inflight import Inflight
+from dao.mirror.logs import AccessLogger
 from dao.mirror.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dao.mirror.metrics import Metrics
 from dao.mirror.proxy import STALE_WARNING, Proxies, Proxy, RememberedError
@@ -108,6 +107,7 @@ async def account(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     user = meter.identify(request.headers.get("Host"), request.headers.get("Authorization"))
     request["dao.user"] = user
+    request["dao.user_name"] = meter.name_of(user)
     route = request.path != "/v2" and request.path != "/v2/"
     if route:
         meter.check(user)
@@ -167,6 +167,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     route = request.app[ROUTER_KEY].route(request.headers.get("Host"), request.query.get("ns"), match["name"])
     name = route.repository
     request["dao.repo"] = f"{route.registry}/{name}"
+    request["dao.registry"] = route.registry
     proxy = request.app[PROXIES_KEY].get(route.registry)
     kind, rest = match["kind"], match["rest"]
     request["dao.route"] = kind
@@ -260,45 +261,6 @@ async def _collecting(
     await asyncio.to_thread(collector.access.persist, collector.blobs_dir)
 
 
-class BadRequestFilter(logging.Filter):
-    """aiohttp logs a malformed request (oversized header, broken request line) with a traceback; it is the
-    client's fault and already answered with 400, so one warning line is enough."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            record.exc_info = None
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg, record.args = "bad request from client: %s", (str(exc).splitlines()[0][:200],)
-        return True
-
-
-class AccessLogger(AbstractAccessLogger):
-    """One line a request: who, what, status, bytes sent, cache outcome, duration."""
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        cache = request.get("dao.cache", "-")
-        failure = request.get("dao.failure")
-        sent = request.get("dao.sent")
-        if sent is None:  # small answers (errors, /v2/, metrics): their body, as for blobs and manifests
-            body = response.body if isinstance(response, web.Response) else None
-            sent = len(body) if isinstance(body, bytes) else response.body_length
-        line = (
-            f'{request.remote} "{request.method} {request.path_qs}" {response.status} {sent} '
-            f"cache={cache} {time * 1000:.1f}ms"
-        )
-        user = request.get("dao.user")
-        if user:
-            line += f" user={user}"
-        if failure:
-            line += f" error={failure!r}"
-        self.logger.info(line)
-
-    @property
-    def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO)
-
-
 def make_app(router: Router, proxies: Proxies, metrics: Metrics, meter: Meter) -> web.Application:
     app = web.Application(
         middlewares=[measure, errors, account], handler_args={"max_field_size": 8190, "max_line_size": 8190}
@@ -332,7 +294,6 @@ def make_app(router: Router, proxies: Proxies, metrics: Metrics, meter: Meter) -
 
 async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> None:
     """Run the mirror until SIGTERM/SIGINT; a clean stop cancels fetches (their spool files are removed)."""
-    logging.getLogger("aiohttp.server").addFilter(BadRequestFilter())
     access = AccessLog()
     blobs = FilesystemBlobStore(config.data_dir, access)
     leftovers = blobs.clean_spool()
@@ -358,6 +319,14 @@ async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> 
         accounts = Accounts(config.database_url)
     except ValueError as exc:  # AccountError included
         raise ConfigError(str(exc)) from exc
+    unaddressed = [u.id for u in accounts.users() if u.address is None]
+    if config.mirror_domain and unaddressed:
+        log.warning(
+            "%d users have no secret address yet, so only their tokens identify them (%s): "
+            "dao mirror users reissue ID --address",
+            len(unaddressed),
+            ", ".join(unaddressed[:10]),
+        )
     metrics = Metrics()
     inflight = Inflight(
         blobs,

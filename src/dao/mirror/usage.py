@@ -1,8 +1,9 @@
 """Who is pulling, whether their monthly allowance lets them, and what they got.
 
-A request is identified by the host it was sent to (``<id>.<mirror-domain>``), else by a token
-(``Authorization: Bearer <token>``, or Basic with the user ID and the token), else it is anonymous -- allowed
-or answered with a Basic challenge, as configured.
+A request is identified by the host it was sent to (``<address>.<mirror-domain>``, where the address label is
+a secret of the user's), else by a token (``Authorization: Bearer <token>``, or Basic with the user ID and the
+token), else it is anonymous -- allowed or answered with a Basic challenge, as configured. The user's ID (a
+short public handle) identifies nobody: a Host header naming it is anonymous.
 
 Counting stays off the hot path: :meth:`Meter.record` adds to an in-memory table; every ``flush_interval``
 seconds one transaction adds those deltas to the database (from a thread), and the month's totals and the
@@ -23,7 +24,7 @@ from collections.abc import Callable
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from dao.mirror.accounts import ANONYMOUS, Accounts, Usage, User
+from dao.mirror.accounts import ANONYMOUS, Accounts, Usage, User, same_secret, secret_hash
 from dao.oci.errors import ErrorCode, RegistryError
 from dao.units import format_size
 
@@ -60,7 +61,8 @@ class Meter:
         self.flush_interval = flush_interval
         self.clock = clock
         self._users: dict[str, User] = {}
-        self._by_token: dict[str, User] = {}
+        self._by_token: dict[str, User] = {}  # by the token's hash
+        self._by_address: dict[str, User] = {}  # by the address label's hash
         self._totals: dict[Key, Usage] = {}  # this month, as the database last said
         self._pending: dict[Key, Usage] = {}  # counted, not yet written
         self._flushing: dict[Key, Usage] = {}  # being written right now
@@ -72,8 +74,10 @@ class Meter:
         if host and self.domain:
             name = host.lower().rsplit(":", 1)[0] if not host.startswith("[") else ""
             label, _, rest = name.partition(".")
-            if rest == self.domain and label in self._users:
-                return label
+            if rest == self.domain and label:
+                user = self._by_address.get(secret_hash(label))
+                if user is not None and same_secret(label, user.address):
+                    return user.id
         if authorization:
             scheme, _, value = authorization.partition(" ")
             user = self._from_credentials(scheme.lower(), value.strip())
@@ -91,16 +95,22 @@ class Meter:
 
     def _from_credentials(self, scheme: str, value: str) -> User | None:
         if scheme == "bearer":
-            return self._by_token.get(value)
+            user = self._by_token.get(secret_hash(value))
+            return user if user is not None and same_secret(value, user.token) else None
         if scheme == "basic":
             try:
                 user_id, _, token = base64.b64decode(value, validate=True).decode().partition(":")
             except (binascii.Error, UnicodeDecodeError):
                 return None
             user = self._users.get(user_id)
-            if user is not None and token == user.token:
+            if user is not None and same_secret(token, user.token):
                 return user
         return None
+
+    def name_of(self, user_id: str) -> str:
+        """What the logs call a user: their name, never a secret (the address label is one)."""
+        user = self._users.get(user_id)
+        return user.name if user is not None else user_id
 
     def quota_of(self, user_id: str) -> int:
         user = self._users.get(user_id)
@@ -156,6 +166,7 @@ class Meter:
             return
         self._users = {u.id: u for u in users}
         self._by_token = {u.token: u for u in users}
+        self._by_address = {u.address: u for u in users if u.address is not None}
         self._totals = totals
 
     def _read(self, month: str) -> tuple[list[User], dict[Key, Usage]]:
