@@ -84,7 +84,8 @@ async def test_cut_transfer_resumes_where_it_broke(world: World, proxied) -> Non
     assert all(body == data for body in bodies)  # no gap, no repeat, for every client
     assert digest in mirror.committed_blobs()
     # One stream, asked again from the first missing byte each time; never from the start.
-    expected = ["-"] + [f"bytes={n}-{len(data) - 1}" for n in range(500_000, len(data), 500_000)]
+    first = f"bytes=0-{8 * 1024 * 1024 - 1}"  # the head's first piece: the whole of a blob this small
+    expected = [first] + [f"bytes={n}-{len(data) - 1}" for n in range(500_000, len(data), 500_000)]
     assert proxy.blob_ranges(digest) == expected
 
 
@@ -101,7 +102,7 @@ async def test_upstream_killed_mid_blob_and_back_in_time(world: World, proxied) 
                 replace(proxy)  # killed, then a new one on the same port: the mirror resumes through it
     assert bytes(received) == data
     ranges = proxy.blob_ranges(digest)
-    assert ranges[0] == "-" and len(ranges) >= 2
+    assert ranges[0] == f"bytes=0-{8 * 1024 * 1024 - 1}" and len(ranges) >= 2
     resumed_at = int(ranges[-1].removeprefix("bytes=").split("-")[0])
     assert 100_000 <= resumed_at < len(data)
     assert digest in mirror.committed_blobs()
@@ -134,12 +135,13 @@ async def test_big_blob_comes_in_parallel_ranges(world: World, proxied) -> None:
     clients = await asyncio.gather(fetch(url), fetch(url))
     assert all(body == data for body in clients)
     ranges = proxy.blob_ranges(digest)
-    assert ranges[0] == "-"  # the head stream asks like any client would
-    spans = sorted(tuple(int(x) for x in r.removeprefix("bytes=").split("-")) for r in ranges[1:])
-    assert len(spans) >= 3  # the probe, then the other helpers
-    assert spans[-1][1] == len(data) - 1  # the probe took the tail
+    assert ranges[0] == f"bytes=0-{8 * 1024 * 1024 - 1}"  # the head's first piece; its 206 starts the helpers
+    spans = sorted(tuple(int(x) for x in r.removeprefix("bytes=").split("-")) for r in ranges)
+    assert len(spans) >= 4  # the head, then the other helpers
+    assert spans[0][0] == 0 and spans[-1][1] == len(data) - 1
     for (_, end), (start, _) in itertools.pairwise(spans):
-        assert end < start  # segments never overlap
+        assert end + 1 == start  # the requests tile the blob: no overlap, no gap
+    assert sum(proxy.blob_bytes_sent(digest)) == len(data)  # not one byte sent upstream that was thrown away
     stored = next((mirror.data_dir / "blobs").glob(f"sha256/*/{digest.split(':')[1]}"))
     assert hashlib.sha256(stored.read_bytes()).hexdigest() == digest.split(":")[1]
 
@@ -149,8 +151,9 @@ async def test_upstream_ignoring_range_gets_one_stream(world: World, proxied) ->
     proxy, mirror = make("--no-range", mirror_args=("--fetch-connections", "4"))
     digest, data = biggest_layer(world)
     assert await fetch(f"{mirror.url}/v2/dao-test/big/blobs/{digest}") == data
-    ranges = proxy.blob_ranges(digest)
-    assert ranges[0] == "-" and len(ranges) == 2  # the head, and the one probe that found Range ignored
+    # the head's first (bounded) request got the whole blob: read to its end, no probe, nothing thrown away
+    assert proxy.blob_ranges(digest) == [f"bytes=0-{8 * 1024 * 1024 - 1}"]
+    assert proxy.blob_bytes_sent(digest) == [len(data)]
     assert digest in mirror.committed_blobs()
 
 
@@ -168,7 +171,7 @@ async def test_client_range_on_a_blob_in_flight(world: World, proxied) -> None:
             assert await r.read() == data[100:300]
         assert not whole.done()  # answered from the growing file, long before the blob is complete
         assert await whole == data
-    assert proxy.blob_ranges(digest) == ["-"]  # one upstream transfer for both clients
+    assert proxy.blob_ranges(digest) == [f"bytes=0-{8 * 1024 * 1024 - 1}"]  # one upstream transfer for both
 
 
 async def test_a_range_far_ahead_of_a_cold_fetch_is_fetched_first(world: World, proxied) -> None:

@@ -25,6 +25,7 @@ class Body:
     def __init__(self, data: bytes, pause_at: int, gate: asyncio.Event, *, fail: bool = False) -> None:
         self.data, self.pause_at, self.gate, self.fail = data, pause_at, gate, fail
         self.size: int | None = len(data)
+        self.end: int | None = len(data)
         self.offset = 0
 
     async def chunks(self) -> AsyncIterator[bytes]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 from collections.abc import AsyncIterator
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dao.registry.download import Download, DownloadPolicy, Runs
-from dao.registry.errors import UpstreamNotFound, UpstreamUnavailable
+from dao.registry.errors import UpstreamNotFound, UpstreamStatusError, UpstreamUnavailable
 
 DATA = os.urandom(3_000_000)
 POLICY = DownloadPolicy(
@@ -23,6 +24,7 @@ POLICY = DownloadPolicy(
 class Body:
     def __init__(self, data: bytes, offset: int, size: int | None, cut: int | None) -> None:
         self.data, self.offset, self.size, self.cut = data, offset, size, cut
+        self.end = offset + len(data)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         for i in range(0, len(self.data), 32 * 1024):
@@ -39,6 +41,7 @@ class Upstream:
         self.ranges, self.break_rate = ranges, break_rate
         self.random = random.Random(seed)
         self.asked: list[tuple[int, int | None]] = []
+        self.sent = 0  # bytes of the answers it gave (read or not)
 
     @asynccontextmanager
     async def open(self, start: int = 0, end: int | None = None) -> AsyncIterator[Body]:
@@ -48,9 +51,11 @@ class Upstream:
         if self.random.random() < self.break_rate:
             cut = self.random.randrange(0, 200_000)
         if not self.ranges or (start == 0 and end is None):
+            self.sent += len(DATA)
             yield Body(DATA, 0, len(DATA), cut)
         else:
-            last = len(DATA) - 1 if end is None else end
+            last = len(DATA) - 1 if end is None else min(end, len(DATA) - 1)
+            self.sent += last + 1 - start
             yield Body(DATA[start : last + 1], start, len(DATA), cut)
 
 
@@ -85,9 +90,15 @@ async def test_parallel_segments_cover_the_blob_exactly_once(tmp_path: Path) -> 
     assert data == DATA
     assert recorder.sizes == [len(DATA)]
     assert recorder.written == len(DATA)  # no byte written twice
-    helpers = [a for a in upstream.asked if a != (0, None)]
+    assert upstream.sent == len(DATA)  # and none sent that was not kept: every request is bounded
+    head, *helpers = upstream.asked
+    assert head == (0, POLICY.split_threshold - 1)  # its 206 says the size and that ranges work: no probe
     assert len(helpers) >= POLICY.connections - 1
-    assert helpers[0][1] == len(DATA) - 1  # the probe takes the tail
+    assert helpers[0][1] == len(DATA) - 1  # the first helper takes the tail
+    spans = sorted((a, b) for a, b in upstream.asked if b is not None)
+    assert len(spans) == len(upstream.asked)
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert end + 1 == start  # exactly adjacent: no overlap, no gap
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -102,7 +113,8 @@ async def test_range_ignored_means_one_stream(tmp_path: Path) -> None:
     upstream = Upstream(ranges=False)
     data, recorder = await download(tmp_path, upstream)
     assert data == DATA and recorder.written == len(DATA)
-    assert len(upstream.asked) == 2  # the head and the probe that found Range ignored
+    assert upstream.asked == [(0, POLICY.split_threshold - 1)]  # answered with the whole blob: read to its end
+    assert upstream.sent == len(DATA)
 
 
 async def test_resume_with_range_ignored_skips_what_it_has(tmp_path: Path) -> None:
@@ -141,20 +153,27 @@ async def test_first_answer_is_the_callers(tmp_path: Path) -> None:
     assert len(upstream.asked) == 1
 
 
-async def test_a_failing_probe_leaves_the_head_to_finish(tmp_path: Path) -> None:
-    class ProbeFails(Upstream):
+async def test_an_upstream_refusing_ranges_gets_a_plain_get(tmp_path: Path) -> None:
+    class RangesRefused(Upstream):
         @asynccontextmanager
         async def open(self, start: int = 0, end: int | None = None) -> AsyncIterator[Body]:
             if start or end is not None:
                 self.asked.append((start, end))
-                raise UpstreamUnavailable("503 on ranges")
+                raise UpstreamStatusError("GET /v2/x/blobs/y: 416 Range Not Satisfiable", 416)
             async with super().open(start, end) as body:
                 yield body
 
-    upstream = ProbeFails()
+    upstream = RangesRefused()
     data, recorder = await download(tmp_path, upstream)
     assert data == DATA and recorder.written == len(DATA)
-    assert len(upstream.asked) == 2  # the head, and one probe: no retries, no other helpers
+    assert upstream.asked == [(0, POLICY.split_threshold - 1), (0, None)]  # one refusal, then one stream
+
+
+async def test_a_small_blob_is_one_bounded_request(tmp_path: Path) -> None:
+    upstream = Upstream()
+    policy = DownloadPolicy(connections=4, split_threshold=4 * 1024 * 1024)  # more than the blob
+    data, _ = await download(tmp_path, upstream, policy)
+    assert data == DATA and upstream.asked == [(0, 4 * 1024 * 1024 - 1)] and upstream.sent == len(DATA)
 
 
 @pytest.mark.parametrize(

@@ -298,14 +298,16 @@ class RegistryClient:
 
 
 class BlobBody:
-    """One blob response as a :class:`~dao.registry.download.Body`: where it starts and the blob's size."""
+    """One blob response as a :class:`~dao.registry.download.Body`: where it starts and ends, the blob's size."""
 
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self.resp = resp
         self.offset = 0
         self.size: int | None = resp.content_length
+        self.end: int | None = resp.content_length
         if resp.status == 206:
-            self.offset, self.size = parse_content_range(resp.headers.get("Content-Range", ""))
+            self.offset, last, self.size = parse_content_range(resp.headers.get("Content-Range", ""))
+            self.end = last + 1
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
@@ -325,13 +327,17 @@ class BlobSource:
             yield BlobBody(resp)
 
 
-def parse_content_range(value: str) -> tuple[int, int | None]:
-    """``bytes first-last/total`` -> (first, total or None for ``*``); raises UpstreamUnavailable if garbled."""
+def parse_content_range(value: str) -> tuple[int, int, int | None]:
+    """``bytes first-last/total`` -> (first, last, total or None for ``*``); raises UpstreamUnavailable if
+    garbled or impossible."""
     match = _CONTENT_RANGE.fullmatch(value.strip())
-    if match is None:
+    if match is None or len(match[1]) > 19 or len(match[2]) > 19 or len(match[3]) > 19:
         raise UpstreamUnavailable(f"upstream sent 206 with a bad Content-Range: {value[:100]!r}")
+    first, last = int(match[1]), int(match[2])
     total = None if match[3] == "*" else int(match[3])
-    return int(match[1]), total
+    if last < first or (total is not None and last >= total):
+        raise UpstreamUnavailable(f"upstream sent 206 with an impossible Content-Range: {value[:100]!r}")
+    return first, last, total
 
 
 def _digest_or_none(text: str) -> Digest | None:

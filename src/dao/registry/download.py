@@ -3,15 +3,19 @@
 On a long, lossy path one TCP stream is capped far below the link's rate (its throughput falls with the
 square root of the loss rate), so a big blob is fetched as parallel byte ranges:
 
-- The *head* stream is a plain GET from byte 0, exactly what a single-stream client sends, and it keeps
-  reading in order. Its bytes are written (and reported) first, so whoever follows the file sees a prefix
-  that grows steadily from the start.
-- Once the size is known and above ``split_threshold``, one *helper* asks for a range near the end. If the
-  upstream answers ``206`` the other helpers start; if it answers ``200`` (Range ignored) the head alone
-  carries on, which costs one aborted request.
+- The *head* stream reads in order from byte 0. Its bytes are written (and reported) first, so whoever
+  follows the file sees a prefix that grows steadily from the start.
+- Every request asks for exactly the bytes it will keep, so no byte crosses the uplink twice (a mirror's
+  uplink is billed by the byte). The head's first request is ``Range: bytes=0-<split_threshold - 1>``: a blob
+  smaller than that comes whole in one answer, and a bigger one's ``206`` says its size and that ranges work,
+  so the helpers start at once, without a probe. An upstream that ignores ``Range`` answers ``200`` with the
+  whole blob, and the head alone reads it to the end (no request wasted). With one connection the head is a
+  plain GET.
 - Helpers claim segments from the end of the blob backwards, each sized to a share of the gap between the
-  head and the lowest claimed byte (smaller as the gap closes, so all connections finish together). The head
-  stops where the claimed segments begin.
+  head's claim and the lowest claimed byte (smaller as the gap closes, so all connections finish together).
+  The head claims its next piece of that gap from below when its request ends; the two meet without overlap.
+  (An open-ended head that stopped where the helpers began threw away what was in flight: bandwidth x RTT
+  per blob, up to a quarter of an 8 MiB blob on loopback.)
 - A transfer that breaks is re-requested from the first byte not yet written (``Range``), with backoff, until
   ``resume_attempts`` consecutive attempts brought no new byte. A resumed head whose ``Range`` is ignored
   skips what it already has.
@@ -31,7 +35,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-from dao.registry.errors import UpstreamRateLimited, UpstreamUnavailable
+from dao.registry.errors import UpstreamRateLimited, UpstreamStatusError, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +63,13 @@ class Body(Protocol):
     """An upstream response being read.
 
     ``offset``: where in the blob its first byte belongs (0 when a requested range was ignored);
+    ``end``: exclusive end of the bytes it carries, when known (``Content-Range`` last + 1, or the length);
     ``size``: the whole blob's size when the upstream said (``Content-Range`` total or ``Content-Length``).
     ``chunks`` raises a :data:`RESUMABLE` error when the connection breaks.
     """
 
     offset: int
+    end: int | None
     size: int | None
 
     def chunks(self) -> AsyncIterator[bytes]: ...
@@ -110,7 +116,9 @@ class Download:
         self.size: int | None = size
         self.have = have or Runs()
         self.head_pos = self.have.end_of(0)
+        self.head_end: int | None = None  # exclusive end of the head's current request; None: open-ended
         self.frontier: int | None = None  # lowest byte claimed by a helper; the head stops there
+        self._first_bounded = True  # the head's first request asks for a bounded range
         self._holes: list[tuple[int, int]] = []  # gaps past the head's own, for helpers (resume)
         self._wanted: list[tuple[int, int]] = []  # gaps a reader waits at: from their start, oldest wait first
         self._helpers = 0
@@ -136,8 +144,9 @@ class Download:
         while True:
             before = self.head_pos
             try:
-                await self._head_once()
-                return
+                if await self._head_once():
+                    return
+                failures = 0
             except RESUMABLE as exc:
                 if not self.started:
                     raise  # the first request failed: that is the caller's answer, not ours to retry
@@ -147,35 +156,84 @@ class Download:
                 log.info("resuming at byte %d after: %s", self.head_pos, exc)
                 await asyncio.sleep(self.policy.backoff(failures))
 
-    async def _head_once(self) -> None:
-        bounded = self.frontier is not None and (self.started or self.head_pos > 0)
-        async with self.source.open(self.head_pos, self.frontier - 1 if bounded and self.frontier else None) as body:
-            if not self.started:
-                self.started = True
-                if self.size is not None and body.size is not None and body.size != self.size:
-                    raise UpstreamUnavailable(f"upstream says the blob has {body.size} bytes, not {self.size}")
-                if self.size is None and body.size is not None:
-                    self._plan_holes(body.size)
-                self.size = self.size if self.size is not None else body.size
-                if body.offset != self.head_pos:
-                    self._head_takes_all()  # a resume whose Range was ignored: skip what we have, read on
-                elif self.head_pos:
-                    self.ranges_work = True  # our resume's Range was honoured
-                self.listener.on_size(self.size)
+    def _head_claim(self) -> int | None:
+        """The exclusive end of the head's next request (None: to the end of the blob)."""
+        p = self.policy
+        if self.frontier is None:  # size unknown: a first piece, whole if the blob is small
+            if p.connections <= 1 or not self._first_bounded:
+                return None
+            return self.head_pos + max(p.split_threshold, 2 * p.segment_min)
+        if self.head_end is not None and self.head_pos < self.head_end:
+            return self.head_end  # a broken request is asked again to the same end
+        gap = self.frontier - self.head_pos
+        if p.connections <= 1 or not self.ranges_work or gap < 2 * p.segment_min:
+            return self.frontier
+        piece = max(p.split_threshold, 2 * p.segment_min) if not self.started else self._segment(gap)
+        return min(self.frontier, self.head_pos + piece)
+
+    def _segment(self, gap: int) -> int:
+        p = self.policy
+        return max(p.segment_min, min(p.segment_max, gap // (2 * p.connections)))
+
+    async def _head_once(self) -> bool:
+        """One request of the head; True when the head has nothing more to fetch."""
+        self.head_end = self._head_claim()
+        asked_end = self.head_end
+        try:
+            async with self.source.open(self.head_pos, None if asked_end is None else asked_end - 1) as body:
+                return await self._read_head(body, asked_end)
+        except UpstreamStatusError as exc:  # only opening raises it: the upstream's answer to our request
+            if type(exc) is not UpstreamStatusError or self.started or not self._first_bounded:
+                raise  # 404, 401/403, 429 are answers about the blob, not about Range
+            # A 416 (an empty blob has no byte 0) or another 4xx to a ranged request: ask without a Range.
+            self._first_bounded = False
+            return False
+
+    async def _read_head(self, body: Body, asked_end: int | None) -> bool:
+        if not self.started:
+            self.started = True
+            if self.size is not None and body.size is not None and body.size != self.size:
+                raise UpstreamUnavailable(f"upstream says the blob has {body.size} bytes, not {self.size}")
+            if self.size is None and body.size is not None:
+                self._plan_holes(body.size)
+            self.size = self.size if self.size is not None else body.size
+            if self.head_end is not None and self.size is not None:
+                self.head_end = min(self.head_end, self.size)  # a first piece longer than the blob
+            ignored = (
+                body.offset != self.head_pos
+                or not self._first_bounded  # our Range was refused: this plain GET is the only stream
+                or (asked_end is not None and (body.end is None or body.end > asked_end))
+            )
+            if ignored:
+                self._head_takes_all()  # Range ignored (a whole 200, or a resume from 0): read it all
+            elif asked_end is not None and (self.head_pos or (self.size or 0) > asked_end):
+                self.ranges_work = True  # our bounded request was honoured
+            self.listener.on_size(self.size)
+            if not ignored:
                 self._maybe_split()
-            skip = self.head_pos - body.offset  # > 0 when a resume's Range was ignored
-            if skip < 0:
-                raise UpstreamUnavailable(f"upstream answered from byte {body.offset}, wanted {self.head_pos}")
-            async for view in skipping(body.chunks(), skip):
-                if self.frontier is not None:
-                    view = view[: self.frontier - self.head_pos]
-                if view:
-                    self._write(self.head_pos, view)
-                    self.head_pos += len(view)
-                if self.frontier is not None and self.head_pos >= self.frontier:
-                    return  # the rest belongs to the helpers; leaving drops this connection
-        if self.size is not None and self.head_pos < (self.frontier or 0):
-            raise UpstreamUnavailable(f"upstream body ended at byte {self.head_pos} of {self.size}")
+        skip = self.head_pos - body.offset  # > 0 when a resume's Range was ignored
+        if skip < 0:
+            raise UpstreamUnavailable(f"upstream answered from byte {body.offset}, wanted {self.head_pos}")
+        async for view in skipping(body.chunks(), skip):
+            stop = self._head_stop()
+            if stop is not None:
+                view = view[: stop - self.head_pos]
+            if view:
+                self._write(self.head_pos, view)
+                self.head_pos += len(view)
+            stop = self._head_stop()
+            if stop is not None and self.head_pos >= stop:
+                break  # the rest belongs to the helpers (or the blob ended); only unasked-for bytes are dropped
+        if self.size is not None and self.head_pos >= (self.frontier if self.frontier is not None else self.size):
+            return True
+        if self.head_end is not None and self.head_pos < self.head_end:
+            raise UpstreamUnavailable(f"upstream body ended at byte {self.head_pos}, wanted {self.head_end}")
+        # An open body of unknown size that ended was all of it; otherwise the next piece is claimed.
+        return self.size is None
+
+    def _head_stop(self) -> int | None:
+        ends = [e for e in (self.frontier, self.head_end) if e is not None]
+        return min(ends) if ends else None
 
     def _plan_holes(self, size: int) -> None:
         """The head's stretch ends at the first byte we have past it; later gaps wait for helpers."""
@@ -191,19 +249,21 @@ class Download:
     def _maybe_split(self) -> None:
         p = self.policy
         splits = p.connections > 1 and self.size is not None
+        big = splits and self.size is not None and self.size >= max(p.split_threshold, 2 * p.segment_min)
         if self._holes and not splits:
             self._head_takes_all()
-        elif self._holes and self.ranges_work:
+        elif self.ranges_work and (self._holes or big):
             for _ in range(p.connections - 1):
                 self._spawn()
         elif self._holes:
             self._spawn()  # the probe, on the first gap
-        elif splits and self.size is not None and self.size >= max(p.split_threshold, 2 * p.segment_min):
+        elif big and self.frontier is not None and self.frontier - max(self.head_pos, self.head_end or 0) > 0:
             self._spawn()  # the probe
 
     def _head_takes_all(self) -> None:
         """No helpers after all: the head goes on to the end (re-writing runs a resumed file already has)."""
         self.frontier = self.size
+        self.head_end = None
         self._holes.clear()
         self._wanted.clear()
 
@@ -224,8 +284,8 @@ class Download:
                 self._wanted.append((pos, end))
                 break
         else:
-            if not self.head_pos + 2 * p.segment_min <= pos < self.frontier:
-                return  # the head is nearly there, or a helper already has it
+            if not max(self.head_pos + 2 * p.segment_min, self.head_end or 0) <= pos < self.frontier:
+                return  # the head is nearly there (or has asked for it), or a helper already has it
             self._wanted.append((pos, self.frontier))
             self.frontier = pos
             log.debug("a reader waits at byte %d: fetching from there", pos)
@@ -255,10 +315,10 @@ class Download:
                 self._holes.append((start, end - p.segment_max))
                 start = end - p.segment_max
             return start, end
-        gap = self.frontier - self.head_pos
+        gap = self.frontier - max(self.head_pos, self.head_end or 0)
         if gap < 2 * p.segment_min:
             return None
-        segment = max(p.segment_min, min(p.segment_max, gap // (2 * p.connections)))
+        segment = self._segment(gap)
         end = self.frontier
         self.frontier = end - segment
         log.debug("segment %d-%d claimed, head at %d", self.frontier, end - 1, self.head_pos)
@@ -290,6 +350,11 @@ class Download:
                         raise
                     log.info("resuming segment at byte %d after: %s", segment.pos, exc)
                     await asyncio.sleep(self.policy.backoff(failures))
+                except UpstreamStatusError as exc:  # a 4xx to a Range: not worth failing for either
+                    if self.ranges_work or type(exc) is not UpstreamStatusError:
+                        raise
+                    self._give_back(segment, f"range probe refused: {exc}")
+                    return
 
     def _give_back(self, segment: _Segment, why: str) -> None:
         """The probe's segment returns to the head (it is the only claim so far); no more helpers start."""
