@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,3 +111,19 @@ def dockerd(dockerd_session: Dockerd) -> Iterator[Dockerd]:
     dockerd_session.reset()
     yield dockerd_session
     dockerd_session.reset()
+
+
+@pytest.fixture
+def named_hosts(isolated: None) -> Iterator[Callable[..., None]]:
+    """Names that resolve to loopback, in this test's namespace only (its /etc/hosts is a private copy)."""
+    hosts = Path("/etc/hosts")
+    original = hosts.read_text()
+
+    def resolve(*names: str) -> None:
+        with hosts.open("a") as f:
+            f.write(f"\n127.0.0.1 {' '.join(names)}\n")
+
+    try:
+        yield resolve
+    finally:
+        hosts.write_text(original)

@@ -646,6 +646,15 @@ def pull_command(
     cache_prune: Annotated[
         bool, typer.Option("--cache-prune", help="Empty the content cache (partial downloads in use stay); no IMAGE.")
     ] = False,
+    insecure_registry: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--insecure-registry",
+            metavar="HOST[:PORT]|CIDR",
+            help="Like daemon.json's insecure-registries: HTTPS unverified, then HTTP (repeatable; beside the "
+            "engine's own, which are always honoured).",
+        ),
+    ] = None,
 ) -> None:
     """Pull an image into the local Docker engine, like docker pull, through mirrors and many connections."""
     from dao.docker import EngineError
@@ -680,6 +689,7 @@ def pull_command(
         progress=sys.stderr.isatty(),
         cache_max=_size(cache_max),
         stall_timeout=stall_timeout,
+        insecure_registries=tuple(insecure_registry or ()),
     )
     try:
         code = asyncio.run(pull(options, out=lambda line: typer.echo(line)))

@@ -49,6 +49,7 @@ class EngineInfo:
     containerd_store: bool  # images in containerd's store (snapshotters), not the classic graph drivers
     root_dir: str = ""  # DockerRootDir: the data root, as the engine's host sees it
     driver: str = ""  # the storage driver: overlay2, ...
+    registry_config: dict[str, Any] | None = None  # /info's RegistryConfig: insecure registries, mirrors
 
 
 def _parse_version(text: str) -> tuple[int, int]:
@@ -139,6 +140,7 @@ class Engine:
             containerd_store,
             str(info.get("DockerRootDir") or ""),
             str(info.get("Driver") or ""),
+            registry if isinstance(registry, dict) else None,
         )
 
     async def images(self) -> list[dict[str, Any]]:

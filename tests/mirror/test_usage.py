@@ -104,22 +104,6 @@ def dao(*args: str) -> str:
     return subprocess.run([DAO, "mirror", *args], check=True, capture_output=True, text=True, timeout=60).stdout
 
 
-@pytest.fixture
-def named_hosts() -> Iterator[Callable[..., None]]:
-    """Names that resolve to loopback, in this test's namespace only."""
-    hosts = Path("/etc/hosts")
-    original = hosts.read_text()
-
-    def resolve(*names: str) -> None:
-        with hosts.open("a") as f:
-            f.write(f"\n127.0.0.1 {' '.join(names)}\n")
-
-    try:
-        yield resolve
-    finally:
-        hosts.write_text(original)
-
-
 def skopeo_copy(host: str, port: int, ref: str, out: Path) -> subprocess.CompletedProcess[str]:
     conf = out.with_suffix(".conf")
     conf.write_text(

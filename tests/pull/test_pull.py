@@ -533,3 +533,25 @@ def test_a_mirror_is_asked_for_the_registry_of_the_image(
     assert config in blob_gets(mirror)
     assert plain.requests("/manifests/v1") == []
     assert [r for r in world.upstream.requests(hub_offset) if "/dao-test/" in r.path] == []
+
+
+def test_a_plain_http_registry_docker_pulls_from(world: World, dockerd: Dockerd, tmp_path: Path) -> None:
+    """A registry by a name that resolves into the engine's insecure range (127.0.0.0/8 by default): docker
+    pulls it over plain HTTP, and so does dao pull (it tried HTTPS, as docker does, and failed over); without
+    an engine, --output runs decide by the same defaults and --insecure-registry. (isolated.sh maps the name.)"""
+    port = world.upstream.url.rsplit(":", 1)[1]
+    ref = f"plain.registry.test:{port}/dao-test/schema2:v1"
+    done = dao_pull(dockerd, tmp_path / "cache", "--no-engine-mirrors", ref)
+    assert done.returncode == 0, done.stderr
+    assert_runs(dockerd, ref)
+    dockerd.reset()
+    pulled = dockerd.docker("pull", ref, check=False)  # the reference tool agrees
+    assert pulled.returncode == 0, pulled.stderr
+    archive = tmp_path / "x.tar"
+    no_engine = {"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock", "PATH": "/usr/bin:/bin"}
+    argv = [DAO, "pull", "--cache-dir", str(tmp_path / "c2"), "--insecure-registry", f"plain.registry.test:{port}"]
+    out = subprocess.run(
+        [*argv, "-o", f"docker-archive:{archive}", ref], env=no_engine, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert archive.stat().st_size > sum(p.stat().st_size for p in world.image("dao-test/schema2:v1").blobs.values())

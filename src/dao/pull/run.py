@@ -37,11 +37,13 @@ from dao.pull.fetch import BlobCache, Fetcher, Stats, default_cache_dir
 from dao.pull.load import chain_ids, docker_archive, engine_chain_ids
 from dao.pull.plan import PullError, Source, resolve
 from dao.pull.route import Peer, rank
-from dao.registry.client import Manifest, RegistryClient
+from dao.registry.client import Manifest, RegistryClient, RetryPolicy
 from dao.registry.dockerconfig import credentials_for
 from dao.registry.errors import RegistryClientError
+from dao.registry.insecure import InsecureRegistries
 
 REF_NAME = "org.opencontainers.image.ref.name"
+INSECURE_PROBE_TIMEOUT = 5.0  # seconds for an insecure registry to answer over HTTPS before HTTP is tried
 T = TypeVar("T")
 
 
@@ -60,6 +62,7 @@ class PullOptions:
     progress: bool = False  # live bars (a terminal); otherwise one line per layer
     cache_max: int = 20 * 1024**3  # the content cache is pruned to this after each pull
     stall_timeout: float = 15.0  # seconds without a byte before a stream counts as broken
+    insecure_registries: tuple[str, ...] = ()  # host[:port] or CIDR, beside the engine's insecure-registries
 
 
 def _platform(text: str | None, engine_os: str, engine_arch: str) -> Platform:
@@ -77,14 +80,17 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
     async with contextlib.AsyncExitStack() as stack:
         session = await stack.enter_async_context(aiohttp.ClientSession(auto_decompress=False))
         engine: Engine | None = None
-        if output is None:  # into the engine: its platform, its mirrors, its layers
+        registry_config = None
+        if output is None:  # into the engine: its platform, its mirrors, its layers, its insecure registries
             engine = await stack.enter_async_context(Engine())
             info = await engine.negotiate()
             platform = _platform(options.platform, info.os, info.arch)
             engine_mirrors = info.mirrors if options.engine_mirrors else ()
+            registry_config = info.registry_config
         else:
             platform = _platform(options.platform, "linux", go_arch(py_platform.machine()))
             engine_mirrors = ()
+        insecure = InsecureRegistries.from_engine(registry_config).adding(options.insecure_registries)
         mirror_urls = list(options.mirrors) + [m for m in configured_mirrors() if m not in options.mirrors]
         if ref.domain == DOCKER_HUB_DOMAIN:
             mirror_urls += [m for m in engine_mirrors if m not in mirror_urls]
@@ -94,9 +100,13 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
             return RegistryClient(url, session, credentials=creds, timeout=_timeout(options), namespace=ref.domain)
 
         sources = [Source(url, client(url), True) for url in mirror_urls]
-        registry = registry_url(ref.registry_host)
+        registry, verify = await registry_endpoint(ref, insecure, session)
         registry_client = RegistryClient(
-            registry, session, credentials=credentials_for(ref.domain, warn=warn), timeout=_timeout(options)
+            registry,
+            session,
+            credentials=credentials_for(ref.domain, warn=warn),
+            timeout=_timeout(options),
+            tls_verify=verify,
         )
         sources.append(Source(registry, registry_client, False))
         sources = await rank(sources, warn, registry=ref.domain)
@@ -364,11 +374,27 @@ def warn(line: str) -> None:
     print(f"dao: warning: {line}", file=sys.stderr)
 
 
-def registry_url(host: str) -> str:
-    """Like docker: HTTPS, except plain HTTP for loopback registries (docker's default insecure registries)."""
-    name = host.rsplit(":", 1)[0] if not host.startswith("[") else host
-    loopback = name in ("localhost", "::1", "[::1]") or name.startswith("127.")
-    return f"{'http' if loopback else 'https'}://{host}"
+async def registry_endpoint(
+    ref: Reference, insecure: InsecureRegistries, session: aiohttp.ClientSession
+) -> tuple[str, bool]:
+    """The registry's base URL and whether to verify its certificate, as docker decides: HTTPS; for an
+    insecure registry (the engine's ``insecure-registries`` and ranges, 127.0.0.0/8 by default, and
+    ``--insecure-registry``) HTTPS without verification if it answers that, else plain HTTP."""
+    host = ref.registry_host
+    if ref.domain == DOCKER_HUB_DOMAIN or not await insecure.insecure(ref.domain):
+        return f"https://{host}", True
+    probe = RegistryClient(
+        f"https://{host}",
+        session,
+        tls_verify=False,
+        retry=RetryPolicy(attempts=1),
+        timeout=aiohttp.ClientTimeout(total=INSECURE_PROBE_TIMEOUT),
+    )
+    try:
+        await probe.ping()
+    except RegistryClientError:
+        return f"http://{host}", True
+    return f"https://{host}", False
 
 
 def _finish(out: Callable[[str], None], options: PullOptions, digest: object, status: str, ref: Reference) -> None:

@@ -126,15 +126,18 @@ class RegistryClient:
         retry: RetryPolicy | None = None,
         timeout: aiohttp.ClientTimeout | None = None,
         namespace: str | None = None,
+        tls_verify: bool = True,
     ) -> None:
         """``namespace``: the registry this client asks a mirror about; sent as ``?ns=`` with every request, as
-        containerd does, so a mirror of many registries answers for that one."""
+        containerd does, so a mirror of many registries answers for that one. ``tls_verify=False``: HTTPS
+        without checking the certificate (an insecure registry, as docker speaks to it)."""
         split = urlsplit(base_url)
         if split.scheme not in ("http", "https") or not split.netloc:
             raise ValueError(f"registry URL must be http(s)://host[:port]: {base_url!r}")
         self.base_url = f"{split.scheme}://{split.netloc}"
         self.host = split.netloc
         self.namespace = namespace
+        self.ssl: bool | None = None if tls_verify else False
         self.session = session
         self.auth = Authenticator(session, credentials)
         self.retry = retry or RetryPolicy()
@@ -277,7 +280,13 @@ class RegistryClient:
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 resp = await self.session.request(
-                    method, url, headers=headers, params=params, allow_redirects=False, timeout=self.timeout
+                    method,
+                    url,
+                    headers=headers,
+                    params=params,
+                    allow_redirects=False,
+                    timeout=self.timeout,
+                    ssl=self.ssl,
                 )
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 raise UpstreamUnavailable(f"{method} {url}: {exc.__class__.__name__}: {exc}") from exc
