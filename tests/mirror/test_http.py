@@ -165,6 +165,52 @@ def test_bad_input_gets_oci_errors(mirror: Mirror) -> None:
     assert "Traceback" not in mirror.output()
 
 
+async def test_hostile_ranges_types_and_sniffing(world: World, mirror: Mirror, tmp_path) -> None:
+    """A Range number of 5,000 digits is a 416 (int() refuses it: it was a 500 with a traceback), on a cold
+    blob and a cached one; every answer says nosniff; an upstream's made-up mediaType never becomes our
+    Content-Type; Accept junk does not make a cache key of its own."""
+    image = world.image("dao-test/schema2:v1")
+    digest = image.layer_digests()[1]
+    url = f"{mirror.url}/v2/dao-test/schema2/blobs/{digest}"
+    huge = "9" * 5000
+    for _ in ("cold", "cached"):
+        for header in (f"bytes={huge}-", f"bytes=0-{huge}", f"bytes=-{huge}", "bytes=1-2,3-4", "pages=1-2"):
+            status, headers, body = await get(url, Range=header)
+            assert status == 416 and error_code(body) == "RANGE_INVALID", (header, status)
+            assert headers["X-Content-Type-Options"] == "nosniff"
+        status, headers, _ = await get(url)
+        assert status == 200 and headers["X-Content-Type-Options"] == "nosniff"
+    assert "Traceback" not in mirror.output() and "unhandled" not in mirror.output()
+
+    body = json.dumps({"schemaVersion": 2, "mediaType": "text/html", "config": {}, "layers": []}).encode()
+
+    async def lying(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        if request.path == "/v2/":
+            return aiohttp.web.json_response({})
+        return aiohttp.web.Response(body=body, headers={"Content-Type": "text/html"})
+
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", lying)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    other = Mirror(tmp_path / "lying", f"http://127.0.0.1:{port}")
+    try:
+        for accept in (DOCKER_ACCEPT, "text/html", "x/" + "y" * 100):
+            status, headers, got = await get(f"{other.url}/v2/x/y/manifests/v1", Accept=accept)
+            assert status == 200 and got == body
+            assert headers["Content-Type"] == images.OCI_MANIFEST  # what the body is, not what it claimed
+        keys = sorted(p.name for p in (other.data_dir / "tags").rglob("*.json"))
+        assert len(keys) == 2  # the real set, and one for all the junk (it means what no Accept means)
+    finally:
+        other.stop()
+        await runner.cleanup()
+
+
 async def test_eight_cold_clients_cost_one_upstream_transfer(world: World, mirror: Mirror) -> None:
     image = world.image("dao-test/big:v1")
     digest = image.layer_digests()[1]

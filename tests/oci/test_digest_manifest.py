@@ -59,6 +59,9 @@ def test_accept_parsing_and_keys() -> None:
     assert m.acceptable(m.OCI_INDEX, ())
     assert m.acceptable(m.OCI_INDEX, ("*/*",))
     assert not m.acceptable(m.OCI_INDEX, (m.DOCKER_MANIFEST_V2,))
+    # only manifest types (and wildcards) survive: junk cannot mint cache keys
+    assert m.parse_accept(["text/html, x/" + "y" * 500, f"{m.OCI_INDEX};q=1", "*/*"]) == ("*/*", m.OCI_INDEX)
+    assert m.parse_accept(["image/png"]) == ()
 
 
 def test_media_type_and_descriptors() -> None:
@@ -83,6 +86,9 @@ def test_media_type_and_descriptors() -> None:
         {"mediaType": m.DOCKER_MANIFEST_V2, "config": {"digest": d, "size": 1}, "layers": [{"digest": d, "size": 1}]}
     ).encode()
     assert m.media_type_of(image, m.OCI_MANIFEST) == m.DOCKER_MANIFEST_V2  # the body's own field wins
+    hostile = json.dumps({"mediaType": "text/html", "config": {"digest": d, "size": 1}}).encode()
+    assert m.media_type_of(hostile, "text/html") == m.OCI_MANIFEST  # only known types become a Content-Type
+    assert m.media_type_of(b"<html>", "text/html; charset=utf-8") == m.DOCKER_MANIFEST_V1_SIGNED
     assert len(m.descriptors(image)) == 2
     with pytest.raises(ValueError):
         m.descriptors(b'{"layers": [{"digest": "nope", "size": 1}]}')

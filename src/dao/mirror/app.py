@@ -129,6 +129,7 @@ async def account(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 async def _api_version(request: web.Request, response: web.StreamResponse) -> None:
     response.headers.setdefault(*API_VERSION_HEADER)
+    response.headers["X-Content-Type-Options"] = "nosniff"  # a manifest or blob is never a page to render
 
 
 async def base(request: web.Request) -> web.StreamResponse:

@@ -22,7 +22,7 @@ from dao.mirror.storage.base import LocalBlob
 from dao.oci.digest import Digest
 from dao.oci.errors import ErrorCode, RegistryError
 
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")  # more digits than an int64 holds is no blob's range
 SENDFILE_FALLBACK_CHUNK = 256 * 1024
 SENDFILE_THREADS = 64  # concurrent cached-blob responses being written; more wait for a thread
 SEND_STALL_TIMEOUT = 120.0  # seconds a client may read nothing before its response is abandoned

@@ -32,13 +32,18 @@ DEFAULT_ACCEPT = (OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024  # the distribution spec's recommended lower bound for registries to accept
 
 
+ACCEPT_WILDCARDS = frozenset({"*/*", "application/*"})
+
+
 def parse_accept(values: Iterable[str]) -> tuple[str, ...]:
-    """Media types from one or more ``Accept`` headers: parameters dropped, lower-cased, de-duplicated, sorted."""
+    """The manifest types in one or more ``Accept`` headers: parameters dropped, lower-cased, de-duplicated,
+    sorted. Anything else is dropped: the result becomes a cache key, and a client must not be able to make
+    one key per made-up type (nor a key per spelling of the same set)."""
     types: set[str] = set()
     for value in values:
         for part in value.split(","):
             media_type = part.split(";", 1)[0].strip().lower()
-            if media_type:
+            if media_type in MANIFEST_TYPES or media_type in ACCEPT_WILDCARDS:
                 types.add(media_type)
     return tuple(sorted(types))
 
@@ -59,17 +64,22 @@ def acceptable(media_type: str, accepted: tuple[str, ...]) -> bool:
 
 
 def media_type_of(body: bytes, content_type: str | None) -> str:
-    """The manifest's media type: the ``mediaType`` field when present (it is what the digest covers)."""
+    """The manifest's media type: the ``mediaType`` field when present (it is what the digest covers).
+
+    Always one of :data:`MANIFEST_TYPES`: it becomes the ``Content-Type`` the mirror answers with, and an
+    upstream's ``text/html`` must not reach a browser as such.
+    """
     declared = (content_type or "").split(";", 1)[0].strip().lower()
+    declared = declared if declared in MANIFEST_TYPES else ""
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return declared or DOCKER_MANIFEST_V1_SIGNED
     if isinstance(doc, dict):
         field = doc.get("mediaType")
-        if isinstance(field, str) and field:
+        if isinstance(field, str) and field in MANIFEST_TYPES:
             return field
-        if declared and declared not in ("application/json", "text/plain", "application/octet-stream"):
+        if declared:
             return declared
         if doc.get("schemaVersion") == 1:
             return DOCKER_MANIFEST_V1_SIGNED if "signatures" in doc else DOCKER_MANIFEST_V1
