@@ -169,3 +169,115 @@ def test_retry_after_in_seconds_and_as_a_date() -> None:
 
     in_ten = parse(formatdate(time.time() + 10, usegmt=True))
     assert in_ten is not None and 8 <= in_ten <= 10
+
+
+async def test_redirects_and_challenges_that_are_refused(session: aiohttp.ClientSession) -> None:
+    """A challenge from a host the registry redirected to is not followed (its realm would get our
+    credentials); redirects into link-local or private addresses are refused before any connection, unless
+    the registry is on one; an https registry's token realm must be https."""
+    realms: list[str] = []
+
+    async def cdn(request: web.Request) -> web.Response:
+        realm = f"http://{request.host}/evil-token"
+        return web.Response(status=401, headers={"WWW-Authenticate": f'Bearer realm="{realm}",service="x"'})
+
+    async def evil_token(request: web.Request) -> web.Response:
+        realms.append(request.headers.get("Authorization", ""))
+        return web.json_response({"token": "stolen"})
+
+    async def cdn_host(request: web.Request) -> web.Response:
+        return await (evil_token(request) if request.path == "/evil-token" else cdn(request))
+
+    cdn_runner, cdn_url = await serve(cdn_host)
+
+    async def registry(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != "Basic dTpw":
+            return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="r"'})
+        if "/blobs/" in request.path:
+            raise web.HTTPTemporaryRedirect(cdn_url + "/data")
+        if request.path.endswith("/metadata"):
+            raise web.HTTPTemporaryRedirect("http://169.254.169.254/latest/meta-data/")
+        raise web.HTTPTemporaryRedirect("http://inside.example/admin")
+
+    reg_runner, reg_url = await serve(registry)
+    try:
+        client = RegistryClient(reg_url, session, credentials=Credentials("u", "p"))
+        with pytest.raises(UpstreamUnauthorized):
+            async with client.blob("a", Digest.of(b"cdn")):
+                pass
+        assert realms == []  # the CDN's challenge was not taken: no token request, no credentials sent
+        with pytest.raises(UpstreamUnavailable, match=r"169\.254\.169\.254 refused: a link-local address"):
+            await client.raw_get("/v2/a/metadata", scope="")
+
+        async def private(host: str) -> list[str]:
+            return {"inside.example": ["10.0.0.5"]}.get(host, ["127.0.0.1"])
+
+        client.resolver = private  # what DNS would say; nothing is looked up or connected to
+        with pytest.raises(UpstreamUnavailable, match=r"inside\.example refused: a private address"):
+            await client.raw_get("/v2/a/other", scope="")
+    finally:
+        await reg_runner.cleanup()
+        await cdn_runner.cleanup()
+    from dao.registry.auth import Authenticator
+
+    auth = Authenticator(session, Credentials("u", "p"), http_realm=False)  # an https registry's
+    with pytest.raises(UpstreamUnauthorized, match="token realm must be https"):
+        await auth.challenged('Bearer realm="http://127.0.0.1:9/token",service="s"', "repository:a:pull")
+
+
+async def test_https_to_http_redirect_drops_authorization(tmp_path, session: aiohttp.ClientSession) -> None:
+    """Same host, same default port pair (443 -> 80): only the scheme changes, and the credentials stay
+    behind. (Ports 80 and 443 of this test's private network namespace.)"""
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "k.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    seen: dict[str, str | None] = {}
+
+    async def secure(request: web.Request) -> web.Response:
+        seen["https"] = request.headers.get("Authorization")
+        raise web.HTTPFound("http://127.0.0.1/v2/a/blobs/plain")
+
+    async def plain(request: web.Request) -> web.Response:
+        seen["http"] = request.headers.get("Authorization")
+        return web.Response(body=b"{}")
+
+    runners = []
+    for handler, port, ctx in ((secure, 443, tls), (plain, 80, None)):
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
+        runners.append(runner)
+    try:
+        client = RegistryClient("https://127.0.0.1", session, credentials=Credentials("u", "p"), tls_verify=False)
+        client.auth._basic = True  # as after a Basic challenge: the credentials go with every request
+        await client.raw_get("/v2/a/blobs/x", scope="")
+        assert seen == {"https": "Basic dTpw", "http": None}
+    finally:
+        for runner in runners:
+            await runner.cleanup()

@@ -114,6 +114,7 @@ class Authenticator:
 
     session: aiohttp.ClientSession
     credentials: Credentials | None = None
+    http_realm: bool = False  # a token realm may be plain http (only when the registry itself is)
     clock: Callable[[], float] = time.monotonic
     _tokens: dict[tuple[str, str, str], _Token] = field(default_factory=dict)
     _locks: dict[tuple[str, str, str], asyncio.Lock] = field(default_factory=dict)
@@ -172,8 +173,10 @@ class Authenticator:
 
     async def _fetch_token(self, challenge: Challenge, scope: str) -> tuple[str, int]:
         realm = challenge.params["realm"]
-        if urlsplit(realm).scheme not in ("http", "https"):
-            raise UpstreamUnauthorized(f"token realm is not an http(s) URL: {realm[:200]!r}")
+        scheme = urlsplit(realm).scheme
+        if scheme not in ("http", "https") or (scheme == "http" and not self.http_realm):
+            # Credentials and the token travel this way: never in the clear from an https registry.
+            raise UpstreamUnauthorized(f"token realm must be https for an https registry: {realm[:200]!r}")
         params = {"service": challenge.params.get("service", "")}
         if scope:
             params["scope"] = scope

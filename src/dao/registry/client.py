@@ -9,6 +9,7 @@ and one place (:func:`check_response`) that turns statuses into our exception tr
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
 import re
 import time
@@ -34,6 +35,7 @@ from dao.registry.errors import (
     UpstreamUnauthorized,
     UpstreamUnavailable,
 )
+from dao.registry.insecure import Resolver, resolve
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -139,8 +141,12 @@ class RegistryClient:
         self.namespace = namespace
         self.ssl: bool | None = None if tls_verify else False
         self.session = session
-        self.auth = Authenticator(session, credentials)
+        self.auth = Authenticator(session, credentials, http_realm=split.scheme == "http")
+        self._scheme = split.scheme
+        self._host_name = split.hostname or ""
+        self._classes: frozenset[str] | None = None  # address classes of the registry's own host, once looked up
         self.retry = retry or RetryPolicy()
+        self.resolver: Resolver = resolve  # host -> addresses, for the redirect check (tests replace it)
         self.ratelimit_remaining: int | None = None  # Docker Hub's count of pulls left, from its last answer
         self.timeout = timeout or aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=30)
 
@@ -262,13 +268,18 @@ class RegistryClient:
     ) -> aiohttp.ClientResponse:
         auth = await self.auth.headers(scope) if authenticate else {}
         resp = await self._follow(method, path, {**headers, **auth}, params)
-        if resp.status == 401 and authenticate:
+        # A challenge counts only from the registry itself: a host it redirected us to (a CDN) does not get to
+        # name the token server our credentials go to.
+        if resp.status == 401 and authenticate and resp.url.host == self._host_name and self._same_scheme(resp):
             challenge = resp.headers.get("WWW-Authenticate", "")
             retry_headers = await self.auth.challenged(challenge, scope, auth.get("Authorization"))
             if retry_headers is not None:
                 resp.release()
                 resp = await self._follow(method, path, {**headers, **retry_headers}, params)
         return resp
+
+    def _same_scheme(self, resp: aiohttp.ClientResponse) -> bool:
+        return resp.url.scheme == self._scheme
 
     async def _follow(
         self, method: str, path: str, headers: dict[str, str], params: dict[str, str] | None
@@ -298,12 +309,58 @@ class RegistryClient:
                 return resp
             resp.release()
             target = urljoin(str(resp.url), location)
-            if urlsplit(target).netloc != urlsplit(url).netloc:
+            here, there = urlsplit(url), urlsplit(target)
+            if there.scheme not in ("http", "https") or not there.hostname:
+                raise UpstreamUnavailable(f"{method} {path}: redirect to {target[:200]!r} refused")
+            await self._check_redirect(there.hostname, method, path)
+            if there.netloc != here.netloc or (here.scheme == "https" and there.scheme == "http"):
+                # Credentials never reach another host, nor the same one in the clear.
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             url, params = target, None
             if resp.status == 303:
                 method = "GET" if method != "HEAD" else "HEAD"
         raise UpstreamUnavailable(f"{method} {path}: more than {MAX_REDIRECTS} redirects")
+
+    async def _check_redirect(self, host: str, method: str, path: str) -> None:
+        """Refuse a redirect into loopback, link-local or private addresses unless the registry itself is in
+        that class: a public registry must not be able to point the mirror at its own network (a cloud's
+        metadata service at 169.254.169.254, an internal admin page)."""
+        if host == self._host_name:
+            return
+        targets = await _address_classes(host, self.resolver)
+        inside = targets - {"public"}
+        if not inside:
+            return
+        if self._classes is None:
+            self._classes = await _address_classes(self._host_name, self.resolver)
+        if not inside <= self._classes:
+            raise UpstreamUnavailable(
+                f"{method} {path}: redirect to {host[:100]} refused: a {'/'.join(sorted(inside))} address, and "
+                f"the registry is not on one"
+            )
+
+
+async def _address_classes(host: str, resolver: Resolver) -> frozenset[str]:
+    try:
+        addresses = [ipaddress.ip_address(host.strip("[]"))]
+    except ValueError:
+        addresses = []
+        for text in await resolver(host):
+            try:
+                addresses.append(ipaddress.ip_address(text.split("%", 1)[0]))
+            except ValueError:
+                continue
+    return frozenset(address_class(a) for a in addresses)
+
+
+def address_class(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    if address.is_loopback:
+        return "loopback"
+    if address.is_link_local:
+        return "link-local"
+    if address.is_private or address.is_unspecified or address.is_reserved:
+        return "private"
+    return "public"
 
 
 class BlobBody:
