@@ -7,6 +7,7 @@ import asyncio
 import base64
 import dataclasses
 import json
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -220,3 +221,43 @@ def test_a_database_from_before_hashing_is_migrated(tmp_path: Path) -> None:
     assert issued.address is not None and meter.identify(f"{issued.address}.{DOMAIN}", None) == "c0ffee01"
     Accounts(f"sqlite:///{path}")  # opening again changes nothing
     assert accounts.user("c0ffee01") == dataclasses.replace(carol, address=accounts.user("c0ffee01").address)
+
+
+async def test_parallel_requests_cannot_overrun_a_quota_and_hangups_are_charged(world: World, tmp_path: Path) -> None:
+    """Each blob response holds its bytes against the quota while it is sent, so four parallel requests for
+    a 100 MiB blob under a 150 MiB quota get two answers and two 429s (each passed the check on its own);
+    clients that hang up early are charged for what went out, not for nothing."""
+    image = world.image("dao-test/big:v1")
+    digest = max(image.layer_digests(), key=lambda d: image.blobs[d].stat().st_size)
+    size = image.blobs[digest].stat().st_size
+    data = tmp_path / "mirror" / "data"
+    data.mkdir(parents=True)
+    carol = Accounts(f"sqlite:///{data}/dao.db").add_user("Carol", user_id="carol", quota_bytes=size * 3 // 2)
+    mirror = Mirror(tmp_path / "mirror", world.upstream.url, args=("--usage-flush", "0.3"))
+    try:
+        async with aiohttp.ClientSession() as s, s.get(f"{mirror.url}/v2/dao-test/big/blobs/{digest}") as r:
+            assert r.status == 200 and len(await r.read()) == size  # cached now (anonymous)
+        request = (
+            f"GET /v2/dao-test/big/blobs/{digest} HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {carol.token}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        socks = []
+        for _ in range(4):  # slow readers: each response stays in flight
+            sock = socket.create_connection(("127.0.0.1", mirror.port), timeout=10)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            sock.sendall(request)
+            socks.append(sock)
+        statuses = []
+        for sock in socks:
+            head = sock.recv(65536)
+            statuses.append(int(head.split(b" ", 2)[1]))
+        assert sorted(statuses) == [200, 200, 429, 429]
+        for sock in socks:
+            sock.close()  # hang up early
+        await asyncio.sleep(1.0)
+        rows = [r for r in json.loads(dao("usage", "--json", "--data-dir", str(data))) if r["user"] == "carol"]
+        assert len(rows) == 1
+        assert 0 < rows[0]["bytes_served"] < size  # what went out before the hang-ups: neither nothing nor all
+        assert rows[0]["blobs_served"] == 0
+    finally:
+        mirror.stop()

@@ -29,7 +29,7 @@ from dao.mirror.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dao.mirror.metrics import Metrics
 from dao.mirror.proxy import STALE_WARNING, Proxies, Proxy, RememberedError
 from dao.mirror.routing import Router
-from dao.mirror.serve import blob_headers, send_fetch, send_local
+from dao.mirror.serve import blob_headers, parse_range, send_fetch, send_local
 from dao.mirror.storage import FilesystemBlobStore, FilesystemManifestStore
 from dao.mirror.usage import Meter
 from dao.oci.digest import Digest, DigestError
@@ -222,10 +222,34 @@ async def blob(request: web.Request, proxy: Proxy, name: str, digest: Digest) ->
         return resp
     answer = await proxy.open_blob(name, digest)
     request["dao.cache"] = answer.cache
-    if answer.local is not None:
-        return await send_local(request, digest, answer.local)
-    assert answer.fetch is not None
-    return await send_fetch(request, digest, answer.fetch)
+    try:
+        held = _reserve(request, answer.size)
+    except RegistryError:
+        if answer.local is not None:
+            answer.local.close()
+        elif answer.fetch is not None:
+            answer.fetch.release()
+        raise
+    try:
+        if answer.local is not None:
+            return await send_local(request, digest, answer.local)
+        assert answer.fetch is not None
+        return await send_fetch(request, digest, answer.fetch)
+    finally:
+        if held:
+            request.app[METER_KEY].release(request["dao.user"], held)
+
+
+def _reserve(request: web.Request, size: int | None) -> int:
+    """Hold the bytes this response will send against the user's quota (raises TOOMANYREQUESTS when that
+    is used up, RANGE_INVALID for a bad Range); returns what was held, for the caller to release."""
+    user = request.get("dao.user")
+    if user is None or size is None:
+        return 0
+    wanted = parse_range(request.headers.get("Range"), size)
+    count = size if wanted is None else (wanted[1] if wanted[1] is not None else size - 1) - wanted[0] + 1
+    request.app[METER_KEY].reserve(user, count)
+    return count
 
 
 async def _collecting(

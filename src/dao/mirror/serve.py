@@ -108,15 +108,18 @@ async def send_local(request: web.Request, digest: Digest, blob: LocalBlob) -> w
         # bytes, so the transport almost always holds nothing by now and this never loops.
         while transport.get_write_buffer_size():  # noqa: ASYNC110 -- asyncio's transport has no "empty" event
             await asyncio.sleep(0.001)
-        await _sendfile_in_thread(sock.fileno(), blob.fd, start, count)
-        request["dao.sent"] = count
+        progress = [0]  # bytes the kernel took, updated by the sending thread
+        try:
+            await _sendfile_in_thread(sock.fileno(), blob.fd, start, count, progress)
+        finally:
+            request["dao.sent"] = progress[0]  # a client that hangs up is charged for what went out
         await resp.write_eof()
         return resp
     finally:
         blob.close()
 
 
-async def _sendfile_in_thread(sock_fd: int, file_fd: int, offset: int, count: int) -> None:
+async def _sendfile_in_thread(sock_fd: int, file_fd: int, offset: int, count: int, progress: list[int]) -> None:
     """``os.sendfile`` in a worker thread, so the kernel's copying runs on every core, not only the loop's.
 
     The thread owns duplicates of both descriptors and closes them itself: if the request is cancelled or the
@@ -126,7 +129,9 @@ async def _sendfile_in_thread(sock_fd: int, file_fd: int, offset: int, count: in
     sock_dup, file_dup = os.dup(sock_fd), os.dup(file_fd)
     loop = asyncio.get_running_loop()
     try:
-        future = loop.run_in_executor(_sendfile_pool(), _sendfile_blocking, sock_dup, file_dup, offset, count, stop)
+        future = loop.run_in_executor(
+            _sendfile_pool(), _sendfile_blocking, sock_dup, file_dup, offset, count, stop, progress
+        )
     except BaseException:
         os.close(sock_dup)
         os.close(file_dup)
@@ -138,7 +143,9 @@ async def _sendfile_in_thread(sock_fd: int, file_fd: int, offset: int, count: in
         raise
 
 
-def _sendfile_blocking(sock_fd: int, file_fd: int, offset: int, count: int, stop: threading.Event) -> None:
+def _sendfile_blocking(
+    sock_fd: int, file_fd: int, offset: int, count: int, stop: threading.Event, progress: list[int]
+) -> None:
     try:
         poller = select.poll()
         poller.register(sock_fd, select.POLLOUT)
@@ -160,6 +167,7 @@ def _sendfile_blocking(sock_fd: int, file_fd: int, offset: int, count: int, stop
             if sent == 0:
                 raise FetchFailed("blob file shorter than its size")
             offset += sent
+            progress[0] += sent
     finally:
         os.close(sock_fd)
         os.close(file_fd)

@@ -9,8 +9,10 @@ Counting stays off the hot path: :meth:`Meter.record` adds to an in-memory table
 seconds one transaction adds those deltas to the database (from a thread), and the month's totals and the
 user list are read back (so a quota raised with the CLI, or usage counted by another mirror node on the same
 database, is seen within one interval). A clean shutdown flushes. A failed write keeps the deltas for the next
-try. Quotas compare the month's totals plus what is not yet written: a blob that starts under the quota is
-served whole, so a user can end a month up to one blob over.
+try. Quotas compare the month's totals plus what is not yet written plus what is being sent right now (each blob
+response reserves its size when it starts): a blob that starts under the quota is served whole, so a user can
+end a month up to one blob over, however many requests they send at once. Bytes are counted as sent: a client
+that hangs up is charged for what went out.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Meter:
         self._totals: dict[Key, Usage] = {}  # this month, as the database last said
         self._pending: dict[Key, Usage] = {}  # counted, not yet written
         self._flushing: dict[Key, Usage] = {}  # being written right now
+        self._reserved: dict[str, int] = {}  # user -> bytes of responses being sent now, not yet recorded
 
     # -- request path --------------------------------------------------------------------------------------
 
@@ -121,18 +124,32 @@ class Meter:
         return sum(table[key].bytes_served for table in (self._totals, self._flushing, self._pending) if key in table)
 
     def check(self, user_id: str) -> None:
-        """Raises TOOMANYREQUESTS once the user's bytes this month reached their quota."""
+        """Raises TOOMANYREQUESTS once the user's bytes this month, with those of their responses being sent
+        right now, reached their quota."""
         quota = self.quota_of(user_id)
         if quota <= 0:
             return
         month = month_of(self.clock())
-        used = self.used(user_id, month)
+        used = self.used(user_id, month) + self._reserved.get(user_id, 0)
         if used >= quota:
             raise RegistryError(
                 ErrorCode.TOOMANYREQUESTS,
                 f"monthly quota of {format_size(quota)} for {user_id} is used up: {format_size(used)} served in "
                 f"{month}; it resets at {next_month(month)}-01T00:00:00Z",
             )
+
+    def reserve(self, user_id: str, nbytes: int) -> None:
+        """Hold ``nbytes`` of the user's quota for a response about to be sent: N parallel requests cannot all
+        pass one check. Raises TOOMANYREQUESTS as :meth:`check` does; :meth:`release` gives it back."""
+        self.check(user_id)
+        self._reserved[user_id] = self._reserved.get(user_id, 0) + nbytes
+
+    def release(self, user_id: str, nbytes: int) -> None:
+        left = self._reserved.get(user_id, 0) - nbytes
+        if left > 0:
+            self._reserved[user_id] = left
+        else:
+            self._reserved.pop(user_id, None)
 
     def record(self, user_id: str, *, sent: int, blob: bool = False, pull: bool = False, hit: bool = False) -> None:
         key = (user_id, month_of(self.clock()))
