@@ -135,8 +135,9 @@ def test_networks_volumes_and_build_cache() -> None:
     nets.append({"Name": "used", "Id": "used-id", "Driver": "bridge", "Scope": "local", "Created": OLD})
     volumes = [
         {"Name": "a" * 64, "CreatedAt": OLD, "UsageData": {"Size": 5}},
-        {"Name": "b" * 64, "CreatedAt": OLD, "UsageData": {"Size": 7}},
+        {"Name": "b" * 64, "CreatedAt": OLD, "UsageData": {"Size": 7}, "Labels": {"com.docker.volume.anonymous": ""}},
         {"Name": "named", "CreatedAt": OLD, "UsageData": {"Size": 9}},
+        {"Name": "c" * 64, "CreatedAt": OLD, "UsageData": {"Size": 11}},  # `docker volume create <64 hex>`
     ]
     cache = [
         {"ID": "p", "Parent": "", "Type": "regular", "Size": 3, "LastUsedAt": OLD},
@@ -152,8 +153,26 @@ def test_networks_volumes_and_build_cache() -> None:
         ("build-cache", "c", 4),  # children before their parent
         ("build-cache", "p", 3),
     ]
+    assert ("volume", "c" * 64) in {(x.kind, x.id) for x in plan.spared}  # a random-looking name proves nothing
     plan = _plan(state, kinds=("volumes",), volumes_named=True)
-    assert {i.id for i in plan.items} == {"b" * 64, "named"}
+    assert {i.id for i in plan.items} == {"b" * 64, "named", "c" * 64}
+
+
+def test_which_volumes_containers_show_to_be_anonymous() -> None:
+    """Engines before 23.0 label no volume anonymous: a container's own config is the evidence."""
+    from dao.clean.decide import _volume_evidence
+
+    anon = {"Config": {"Volumes": {"/data": {}}}, "HostConfig": {"Binds": None}}
+    anon["Mounts"] = [{"Type": "volume", "Name": "1" * 64, "Destination": "/data"}]
+    bound = {"Config": {"Volumes": {"/d": {}}}, "HostConfig": {"Binds": ["2" * 64 + ":/d:ro", "/host:/h"]}}
+    bound["Mounts"] = [{"Type": "volume", "Name": "2" * 64, "Destination": "/d"}]
+    mounted = {"Config": {}, "HostConfig": {"Mounts": [{"Type": "volume", "Source": "3" * 64, "Target": "/m"}]}}
+    mounted["Mounts"] = [{"Type": "volume", "Name": "3" * 64, "Destination": "/m"}]
+    inherited = {"Config": {}, "HostConfig": {"VolumesFrom": ["x"]}}  # --volumes-from: not its own declaration
+    inherited["Mounts"] = [{"Type": "volume", "Name": "4" * 64, "Destination": "/v"}]
+    named, declared = _volume_evidence([anon, bound, mounted, inherited])
+    assert named == {"2" * 64, "3" * 64}  # named by -v name:/d or --mount source=name, however they look
+    assert declared - named == {"1" * 64}
 
 
 def test_grace_and_until() -> None:

@@ -154,6 +154,7 @@ def make(engine: Dockerd, work: Path, extra: int = 0) -> Garbage:
     # volumes and networks
     docker("volume", "create", "keepvol")
     docker("volume", "create", "named-unused")
+    h.ids["hexnamed-vol"] = docker("volume", "create", os.urandom(32).hex())  # named, though it looks random
     docker("network", "create", "keepnet")
     h.ids["unused-net"] = docker("network", "create", "unused-net")
     docker("network", "create", "--label", "dao.keep=true", "kept-net")

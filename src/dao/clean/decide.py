@@ -18,6 +18,7 @@ from dao.clean.scan import State
 from dao.units import format_age
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+ANONYMOUS_LABEL = "com.docker.volume.anonymous"  # set by the engine (23.0 and later) on the volumes it makes
 _PREDEFINED_NETWORKS = {"bridge", "host", "none", "ingress", "docker_gwbridge"}
 
 
@@ -323,11 +324,18 @@ class _Decider:
             for m in c.get("Mounts") or []:
                 if m.get("Type") == "volume" and (t := _finished(c)):
                     finished[m["Name"]] = max(finished.get(m["Name"], 0), t)
+        named, declared = _volume_evidence(self.state.containers)
         for v in sorted(self.state.volumes, key=lambda v: str(v.get("Name"))):
             name = str(v.get("Name"))
             labels = v.get("Labels") or {}
-            anonymous = "com.docker.volume.anonymous" in labels or bool(_HEX64.fullmatch(name))
-            if name in used or (not anonymous and not self.options.volumes_named):
+            anonymous = ANONYMOUS_LABEL in labels or (name in declared and name not in named)
+            if name in used:
+                continue
+            if not anonymous and not self.options.volumes_named:
+                if _HEX64.fullmatch(name) and not labels:
+                    # A random-looking name is no proof: engines before 23.0 label no volume anonymous, and
+                    # `docker volume create <64 hex>` is a named volume.
+                    self.spare("volume", name, name[:12], "no anonymous label or container says it is anonymous")
                 continue
             last = max(filter(None, [_time(v.get("CreatedAt")), finished.get(name)]), default=None)
             rule = self.policy.spare(labels=labels, last_used=last)
@@ -407,3 +415,25 @@ def decide(state: State, options: Options, now: float) -> Plan:
     d.networks(kept)
     d.build_cache()
     return d.plan
+
+
+def _volume_evidence(containers: list[dict[str, Any]]) -> tuple[set[str], set[str]]:
+    """Volumes some container names (``-v name:/d``, ``--mount source=name``): named, whatever they look like;
+    and volumes mounted where a container declares an anonymous one (``-v /d``, an image's ``VOLUME``):
+    anonymous, unless some container names them. What engines before 23.0 leave as the only evidence."""
+    named: set[str] = set()
+    declared: set[str] = set()
+    for c in containers:
+        host = c.get("HostConfig") or {}
+        for bind in host.get("Binds") or []:
+            source = str(bind).split(":", 1)[0]
+            if source and not source.startswith("/"):
+                named.add(source)
+        for mount in host.get("Mounts") or []:
+            if mount.get("Type") == "volume" and mount.get("Source"):
+                named.add(str(mount["Source"]))
+        wanted = set((c.get("Config") or {}).get("Volumes") or {})
+        for mount in c.get("Mounts") or []:
+            if mount.get("Type") == "volume" and mount.get("Destination") in wanted and mount.get("Name"):
+                declared.add(str(mount["Name"]))
+    return named, declared

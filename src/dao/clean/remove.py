@@ -167,9 +167,13 @@ async def _users(engine: Engine, **filters: list[str]) -> list[str]:
     return [str((c.get("Names") or ["?"])[0]).lstrip("/") for c in found]
 
 
-async def _image(engine: Engine, item: Item) -> str:
+async def _image_users(engine: Engine, image_id: str) -> list[str]:
     containers = await engine.get("/containers/json", all="1")
-    users = [str((c.get("Names") or ["?"])[0]).lstrip("/") for c in containers if c.get("ImageID") == item.id]
+    return [str((c.get("Names") or ["?"])[0]).lstrip("/") for c in containers if c.get("ImageID") == image_id]
+
+
+async def _image(engine: Engine, item: Item) -> str:
+    users = await _image_users(engine, item.id)
     if users:
         return f"now used by container {', '.join(users)}"
     if item.kind == "image" and not item.reason.startswith("unused"):  # it was garbage for having no tag
@@ -187,11 +191,27 @@ async def _image(engine: Engine, item: Item) -> str:
         # by ID the engine wants force when several repositories name it; drop each name instead (as docker
         # image prune does): the last one takes the image
         doc = await engine.inspect_image(item.id) or {}
-        names = [n for n in (doc.get("RepoTags") or []) + (doc.get("RepoDigests") or []) if "<none>" not in n]
+        tags = [n for n in doc.get("RepoTags") or [] if "<none>" not in n]
+        names = tags + [n for n in doc.get("RepoDigests") or [] if "<none>" not in n]
         if not names:
             raise
-        for name in names:
-            await engine.delete(f"/images/{quote(name, safe='')}", noprune="1")
+        return await _untag_each(engine, item.id, names, tags)
+    return ""
+
+
+async def _untag_each(engine: Engine, image_id: str, names: list[str], tags: list[str]) -> str:
+    """Drop the names one by one, asking before each whether a container started on the image meanwhile: if
+    one did, stop, and give back the tags already dropped, so the container's image keeps every name."""
+    dropped: list[str] = []
+    for name in names:
+        users = await _image_users(engine, image_id)
+        if users:
+            for tag in (t for t in dropped if t in tags):
+                repo, _, version = tag.rpartition(":")
+                await engine.post(f"/images/{image_id}/tag", repo=repo, tag=version)
+            return f"now used by container {', '.join(users)} (its names kept)"
+        await engine.delete(f"/images/{quote(name, safe='')}", noprune="1")
+        dropped.append(name)
     return ""
 
 
