@@ -157,6 +157,12 @@ def mirror_serve(
     fetch_split_mib: Annotated[
         float | None, typer.Option(help="Blobs at least this many MiB are fetched as parallel ranges. [default: 8]")
     ] = None,
+    max_fetches: Annotated[
+        int | None, typer.Option(help="Upstream blob fetches at once; more wait, then get 429. [default: 64]")
+    ] = None,
+    max_fetches_per_client: Annotated[
+        int | None, typer.Option(help="Of those, started by one client address. [default: 16]")
+    ] = None,
     database: DatabaseOpt = None,
     mirror_domain: Annotated[
         str | None,
@@ -220,6 +226,8 @@ def mirror_serve(
         "prefetch_children": prefetch_children,
         "fetch_connections": fetch_connections,
         "fetch_split_mib": fetch_split_mib,
+        "max_fetches": max_fetches,
+        "max_fetches_per_client": max_fetches_per_client,
         "database": database,
         "mirror_domain": mirror_domain,
         "anonymous": anonymous,

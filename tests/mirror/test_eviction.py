@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -93,3 +94,28 @@ async def test_server_keeps_the_cache_bounded_under_concurrent_pulls(world: Worl
         assert float(evicted.split()[1]) > 0
     finally:
         mirror.stop()
+
+
+def test_partial_downloads_count_toward_the_limit(tmp_path: Path) -> None:
+    """Blobs being fetched live in tmp/ and cannot be evicted, but they take the disk: with 3 MB being
+    fetched (2 MB of it written) under a 3.5 MB limit, the 2 MB cached blob goes (before, only committed files
+    were counted)."""
+    from dao.mirror.eviction import Collector
+    from dao.mirror.storage import FilesystemBlobStore
+
+    FilesystemBlobStore(tmp_path)  # the layout: blobs/, tmp/
+    blob = os.urandom(2_000_000)
+    digest = hashlib.sha256(blob).hexdigest()
+    path = tmp_path / "blobs" / "sha256" / digest[:2] / digest
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(blob)
+    collector = Collector(tmp_path, max_bytes=3_500_000)
+    assert collector.plan().items == []
+    with open(tmp_path / "tmp" / "partial", "wb") as spool:  # written out of order, as parallel ranges do
+        spool.seek(2_000_000)
+        spool.write(os.urandom(1_000_000))
+        spool.seek(0)
+        spool.write(os.urandom(1_000_000))
+    plan = collector.plan()
+    assert 2_000_000 <= plan.spool_bytes <= 2_100_000  # what the disk holds, not the sparse file's length
+    assert [(i.kind, i.digest) for i in plan.items] == [("blob", f"sha256:{digest}")]

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -144,6 +145,17 @@ async def test_big_blob_comes_in_parallel_ranges(world: World, proxied) -> None:
     assert sum(proxy.blob_bytes_sent(digest)) == len(data)  # not one byte sent upstream that was thrown away
     stored = next((mirror.data_dir / "blobs").glob(f"sha256/*/{digest.split(':')[1]}"))
     assert hashlib.sha256(stored.read_bytes()).hexdigest() == digest.split(":")[1]
+
+
+async def test_fetch_settings_reach_the_shared_fetches(world: World, proxied) -> None:
+    """--fetch-connections 1: the 100 MiB layer in one stream. (An empty in-flight map is falsy, and each
+    registry's proxy used to make its own with default settings: the flag did nothing, and two registries'
+    fetches of one layer were not joined.)"""
+    make, _ = proxied
+    proxy, mirror = make(mirror_args=("--fetch-connections", "1"))
+    digest, data = biggest_layer(world)
+    assert await fetch(f"{mirror.url}/v2/dao-test/big/blobs/{digest}") == data
+    assert proxy.blob_ranges(digest) == ["-"]  # one plain GET: nothing else will fetch, so nothing to bound
 
 
 async def test_upstream_ignoring_range_gets_one_stream(world: World, proxied) -> None:
@@ -285,3 +297,35 @@ async def test_tag_served_stale_when_upstream_rate_limits_fails_or_stalls(
             body = await r.json()  # never cached: the upstream's answer, as an OCI error
             assert r.status == (429 if "429" in fault else 503), body
     assert [a.cache for a in mirror.accesses_to("/manifests/v1", 2)] == ["miss", "stale"]
+
+
+async def test_new_fetches_are_bounded_per_client_address(world: World, proxied) -> None:
+    """With one upstream fetch per client address: a second cold blob from 127.0.0.1 waits until its first is
+    in; another address (127.0.0.2) is not held up by it. Every client gets its bytes."""
+    make, _ = proxied
+    proxy, mirror = make("--rate", "1000000", mirror_args=("--max-fetches-per-client", "1"))
+    s2 = world.image(f"{REPO}:v1")
+    first, second = s2.layer_digests()[2], s2.layer_digests()[1]  # 1.5 MB (1.5 s here), then 300 kB
+    other = world.image("dao-test/oci:v1").layer_digests()[1]
+
+    async def get(digest: str, repo: str, source: str) -> bytes:
+        connector = aiohttp.TCPConnector(local_addr=(source, 0))
+        async with (
+            aiohttp.ClientSession(connector=connector) as s,
+            s.get(f"{mirror.url}/v2/{repo}/blobs/{digest}") as r,
+        ):
+            assert r.status == 200
+            return await r.read()
+
+    slow = asyncio.create_task(get(first, REPO, "127.0.0.1"))
+    await asyncio.sleep(0.3)  # its fetch holds 127.0.0.1's one slot
+    bodies = await asyncio.gather(get(second, REPO, "127.0.0.1"), get(other, "dao-test/oci", "127.0.0.2"), slow)
+    assert bodies[0] == s2.blobs[second].read_bytes() and bodies[2] == s2.blobs[first].read_bytes()
+    assert bodies[1] == world.image("dao-test/oci:v1").blobs[other].read_bytes()
+    log = proxy.log.read_text().splitlines()
+    started_second = next(i for i, line in enumerate(log) if line.startswith(f"BLOB GET /v2/{REPO}/blobs/{second}"))
+    started_other = next(i for i, line in enumerate(log) if line.startswith(f"BLOB GET /v2/dao-test/oci/blobs/{other}"))
+    assert started_other < started_second  # 127.0.0.2 went ahead while 127.0.0.1's second blob waited
+    assert [a.cache for a in mirror.accesses_to(second, 1)] == ["miss"]
+    durations = re.findall(rf'blobs/{second}" 200 \d+ cache=miss ([\d.]+)ms', mirror.output())
+    assert float(durations[0]) > 800  # 0.3 s of transfer, after ~1.2 s waiting for the first blob's slot

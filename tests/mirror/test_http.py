@@ -296,3 +296,30 @@ async def test_tag_past_ttl_is_answered_at_once_and_refreshed_behind(world: Worl
         assert caches[0] == "miss" and set(caches[1:]) == {"swr"}
     finally:
         mirror.stop()
+
+
+async def test_an_index_with_too_many_children_costs_a_bounded_prefetch(world: World, tmp_path) -> None:
+    """The children of an index are fetched behind the client's back, at most 64 of them: an index listing
+    70 does not make the mirror fetch 70 manifests."""
+    from dao.mirror.proxy import MAX_CHILDREN
+
+    layer = images.data_layer(tmp_path, "many", 100)  # one shared layer: cheap to seed 70 images
+    children = [(images.image(tmp_path, [layer], arch=f"arch{i}"), "linux", f"arch{i}") for i in range(70)]
+    world.upstream.push("dao-test/many", "v1", images.index(children))
+    mirror = Mirror(tmp_path / "mirror", world.upstream.url)
+    try:
+        offset = world.upstream.log_offset()
+        status, _, _ = await get(f"{mirror.url}/v2/dao-test/many/manifests/v1", Accept=DOCKER_ACCEPT)
+        assert status == 200
+        child_digests = {c.digest for c, _, _ in children}
+
+        def fetched() -> set[str]:
+            gets = [r.path for r in world.upstream.requests(offset) if r.method == "GET" and r.status == 200]
+            return {p.rsplit("/", 1)[1] for p in gets if "/manifests/" in p} & child_digests
+
+        wait_until(lambda: len(fetched()) >= MAX_CHILDREN, 30, "child manifests")
+        await asyncio.sleep(0.5)
+        assert len(fetched()) == MAX_CHILDREN == 64
+        assert "caching the first 64" in mirror.output()
+    finally:
+        mirror.stop()

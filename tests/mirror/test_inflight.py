@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dao.mirror.inflight import FetchFailed, Inflight
+from dao.mirror.inflight import FetchFailed, FetchGate, FetchQueueFull, Inflight
 from dao.mirror.storage import FilesystemBlobStore
 from dao.oci.digest import Digest
 from dao.registry.download import DownloadPolicy
@@ -60,9 +60,9 @@ async def test_readers_wait_at_the_tail_until_verified_and_survive_commit(tmp_pa
     inflight = Inflight(store, DownloadPolicy(resume_attempts=1))
     gate = asyncio.Event()
     digest = Digest.of(DATA)
-    fetch, started = inflight.join_or_start(digest, Source(Body(DATA, 500_000, gate)))
+    fetch, started = await inflight.join_or_start(digest, Source(Body(DATA, 500_000, gate)))
     assert started
-    joined, started = inflight.join_or_start(digest, Source(Body(b"", 0, gate)))
+    joined, started = await inflight.join_or_start(digest, Source(Body(b"", 0, gate)))
     assert joined is fetch and not started
     await fetch.headers_ready
     readers = [asyncio.create_task(collect(fetch)), asyncio.create_task(collect(joined, 10, 19))]
@@ -70,7 +70,7 @@ async def test_readers_wait_at_the_tail_until_verified_and_survive_commit(tmp_pa
     assert ranged == DATA[10:20]
     await asyncio.sleep(0.05)
     assert not readers[0].done()  # held back: the blob is not complete yet
-    late, _ = inflight.join_or_start(digest, Source(Body(b"", 0, gate)))  # joins before commit, reads after
+    late, _ = await inflight.join_or_start(digest, Source(Body(b"", 0, gate)))  # joins before commit, reads after
     gate.set()
     assert await readers[0] == DATA
     await fetch.task
@@ -89,8 +89,8 @@ async def test_failure_reaches_every_reader_and_commits_nothing(tmp_path: Path, 
     served = bytearray(DATA)
     if corrupt:
         served[-1] ^= 1  # only the very last byte is wrong: the held-back byte is exactly what protects
-    fetch, _ = inflight.join_or_start(digest, Source(Body(bytes(served), 100, gate, fail=not corrupt)))
-    other, _ = inflight.join_or_start(digest, Source(Body(b"", 0, gate)))
+    fetch, _ = await inflight.join_or_start(digest, Source(Body(bytes(served), 100, gate, fail=not corrupt)))
+    other, _ = await inflight.join_or_start(digest, Source(Body(b"", 0, gate)))
     await fetch.headers_ready
     readers = [asyncio.create_task(collect(f)) for f in (fetch, other)]
     gate.set()
@@ -101,3 +101,49 @@ async def test_failure_reaches_every_reader_and_commits_nothing(tmp_path: Path, 
     assert await store.stat(digest) is None
     assert list((tmp_path / "tmp").iterdir()) == []
     assert len(inflight) == 0
+
+
+@pytest.mark.parametrize("had", [100, 600_000], ids=["little-in", "most-in"])
+async def test_a_fetch_nobody_reads_stops_unless_mostly_in(tmp_path: Path, monkeypatch, had: int) -> None:
+    """The client that started a fetch hangs up and nobody joins: with little of the blob in, the upstream
+    transfer stops (a client asking for many blobs and hanging up costs the upstream little); with most of it
+    in, it is finished for the cache."""
+    from dao.mirror import inflight as module
+
+    monkeypatch.setattr(module, "ORPHAN_GRACE", 0.05)
+    store = FilesystemBlobStore(tmp_path)
+    inflight = Inflight(store, DownloadPolicy(resume_attempts=1))
+    gate = asyncio.Event()
+    digest = Digest.of(DATA)
+    fetch, _ = await inflight.join_or_start(digest, Source(Body(DATA, had, gate)))
+    await fetch.headers_ready
+    await asyncio.sleep(0.01)  # the first bytes land
+    fetch.release()  # the client went away
+    await asyncio.sleep(0.2)
+    if had < len(DATA) // 2:
+        assert fetch.task is not None and fetch.task.done() and fetch.task.cancelled()
+        assert await store.stat(digest) is None and list((tmp_path / "tmp").iterdir()) == []
+    else:
+        gate.set()
+        assert fetch.task is not None
+        await fetch.task
+        assert await store.stat(digest) == len(DATA)
+    assert len(inflight) == 0 or not fetch.task.done()
+    assert inflight.gate.running == (0 if fetch.task.done() else 1)
+
+
+async def test_the_gate_bounds_fetches_per_client_and_in_all() -> None:
+    gate = FetchGate(max_fetches=3, per_client=2, queue_timeout=0.2)
+    await gate.acquire("a")
+    await gate.acquire("a")
+    with pytest.raises(FetchQueueFull, match="2 for a"):
+        await gate.acquire("a")  # a's own limit; b is not held up by it
+    await gate.acquire("b")
+    with pytest.raises(FetchQueueFull, match="3 in all"):
+        await gate.acquire("c")
+    waiting = asyncio.create_task(gate.acquire("c"))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    gate.release("a")  # a slot frees: the waiter takes it at once
+    await asyncio.wait_for(waiting, 1)
+    assert gate.running == 3

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from dao.oci.digest import Digest
 from dao.registry.auth import Credentials
-from dao.registry.client import RegistryClient, RetryPolicy
+from dao.registry.client import RegistryClient, RetryPolicy, registry_timeout
 from dao.registry.errors import UpstreamNotFound, UpstreamRateLimited, UpstreamUnauthorized, UpstreamUnavailable
 from tests.conftest import World
 from tests.services import images
@@ -281,3 +281,21 @@ async def test_https_to_http_redirect_drops_authorization(tmp_path, session: aio
     finally:
         for runner in runners:
             await runner.cleanup()
+
+
+async def test_waiting_for_a_pooled_connection_is_not_a_connect_timeout() -> None:
+    """Three requests share one pooled connection to a registry that takes 0.4 s an answer: the last waits
+    0.8 s for the connection, longer than the connect timeout, and that is our queue, not a dead upstream."""
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.4)
+        return web.Response(body=b"{}", content_type="application/json")
+
+    runner, url = await serve(slow)
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as one:
+            client = RegistryClient(url, one, retry=RetryPolicy(attempts=1), timeout=registry_timeout(0.3, 5))
+            answers = await asyncio.gather(*(client.raw_get("/v2/x/tags/list", scope="") for _ in range(3)))
+        assert [status for status, _, _ in answers] == [200, 200, 200]
+    finally:
+        await runner.cleanup()

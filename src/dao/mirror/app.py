@@ -23,7 +23,7 @@ from dao.config import ConfigError, MirrorConfig
 from dao.mirror.accounts import Accounts
 from dao.mirror.availability import CircuitBreaker
 from dao.mirror.eviction import AccessLog, Collector
-from dao.mirror.inflight import Inflight
+from dao.mirror.inflight import FetchGate, Inflight
 from dao.mirror.logs import AccessLogger
 from dao.mirror.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dao.mirror.metrics import Metrics
@@ -220,7 +220,7 @@ async def blob(request: web.Request, proxy: Proxy, name: str, digest: Digest) ->
         await resp.prepare(request)
         await resp.write_eof()
         return resp
-    answer = await proxy.open_blob(name, digest)
+    answer = await proxy.open_blob(name, digest, request.remote or "")
     request["dao.cache"] = answer.cache
     try:
         held = _reserve(request, answer.size)
@@ -356,6 +356,7 @@ async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> 
     inflight = Inflight(
         blobs,
         DownloadPolicy(connections=config.fetch_connections, split_threshold=int(config.fetch_split_mib * 1024 * 1024)),
+        FetchGate(config.max_fetches, config.max_fetches_per_client),
     )
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=64, ttl_dns_cache=300)
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:

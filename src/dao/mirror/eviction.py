@@ -10,7 +10,8 @@ whose blobs it threw away.
 times are written to the files (``utime``, no fsync) in one batch before each plan, so a hit costs a dict
 update, and the order survives restarts. Blobs being read right now are skipped (a reader keeps its open file
 anyway: unlinking never breaks a transfer in progress). Blobs still being fetched live in ``tmp/`` and are not
-candidates at all.
+candidates at all, but the disk they take (allocated blocks: spool files fill out of order) counts toward the
+limit, so many large fetches at once make room in the cache instead of overrunning it.
 """
 
 from __future__ import annotations
@@ -69,9 +70,10 @@ class Item:
 
 @dataclass(slots=True)
 class Plan:
-    cache_bytes: int
+    cache_bytes: int  # blobs, manifests and partial downloads
     target_bytes: int  # remove until the cache is at most this big
     items: list[Item] = field(default_factory=list)
+    spool_bytes: int = 0  # of cache_bytes: partial downloads in tmp/ (not removable, but they take the disk)
 
     @property
     def freed(self) -> int:
@@ -108,9 +110,10 @@ class Collector:
             type_file = entry.path.with_suffix(".type")
             entry.size += type_file.stat().st_size if type_file.exists() else 0
             manifests[digest] = entry
-        cache = sum(e.size for e in blobs.values()) + sum(e.size for e in manifests.values())
+        spool = self._spool_bytes()
+        cache = sum(e.size for e in blobs.values()) + sum(e.size for e in manifests.values()) + spool
         target = self._target(cache)
-        plan = Plan(cache, target)
+        plan = Plan(cache, target, spool_bytes=spool)
         if cache <= target:
             return plan
         referrers: dict[str, set[str]] = {}
@@ -164,6 +167,15 @@ class Collector:
             free = st.f_bavail * st.f_frsize
             target = min(target, max(cache - (self.min_free - free), 0)) if free < self.min_free else target
         return target
+
+    def _spool_bytes(self) -> int:
+        total = 0
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.root / "tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_blocks * 512
+        return total
 
     def _drop_tags(self, manifests: set[str]) -> None:
         for record in self.tags_dir.rglob("*.json"):

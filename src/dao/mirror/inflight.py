@@ -9,6 +9,11 @@ the fetch leaves the map so the next request starts afresh.
 
 A reader whose range reaches the end of the blob is held one byte short until the digest is verified: no
 client ever receives a complete, well-terminated response carrying bytes we have not checked.
+
+Work per client is bounded: a new fetch takes a slot of :class:`FetchGate` (``max_fetches`` at once, and
+``per_client`` started by one client address), waiting up to ``queue_timeout`` for one (:class:`FetchQueueFull`
+then: our own queue, not an upstream failure). A fetch nobody reads any more stops after ``ORPHAN_GRACE``
+seconds unless at least ``ORPHAN_KEEP`` of it is in (then finishing costs less than fetching again).
 """
 
 from __future__ import annotations
@@ -29,6 +34,45 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 * 1024
 HASH_CHUNK = 4 * 1024 * 1024
+ORPHAN_GRACE = 10.0  # seconds a fetch with no reader runs on (a client retrying its pull joins it again)
+ORPHAN_KEEP = 0.5  # an orphan fetch that has this share of the blob is finished for the cache
+
+
+class FetchQueueFull(Exception):
+    """No fetch slot came free in time: the mirror is busy (or this client asks for too much at once)."""
+
+
+class FetchGate:
+    """Slots for upstream fetches: ``max_fetches`` at once, ``per_client`` of them started by one address."""
+
+    def __init__(self, max_fetches: int = 64, per_client: int = 16, queue_timeout: float = 30.0) -> None:
+        self.max_fetches, self.per_client, self.queue_timeout = max_fetches, per_client, queue_timeout
+        self.running = 0
+        self._by_client: dict[str, int] = {}
+        self._freed = asyncio.Event()
+
+    async def acquire(self, client: str) -> None:
+        """Raises :class:`FetchQueueFull` after ``queue_timeout`` seconds without a slot."""
+        try:
+            async with asyncio.timeout(self.queue_timeout):
+                while self.running >= self.max_fetches or self._by_client.get(client, 0) >= self.per_client:
+                    await self._freed.wait()
+        except TimeoutError:
+            mine = self._by_client.get(client, 0)
+            who = f"{mine} for {client}" if mine >= self.per_client else f"{self.running} in all"
+            raise FetchQueueFull(f"too many upstream fetches at once ({who}); try again shortly") from None
+        self.running += 1
+        self._by_client[client] = self._by_client.get(client, 0) + 1
+
+    def release(self, client: str) -> None:
+        self.running -= 1
+        left = self._by_client.get(client, 0) - 1
+        if left > 0:
+            self._by_client[client] = left
+        else:
+            self._by_client.pop(client, None)
+        self._freed.set()  # every waiter looks again; a new event for the next wait
+        self._freed = asyncio.Event()
 
 
 class FetchFailed(Exception):
@@ -147,6 +191,17 @@ class Fetch:
     def release(self) -> None:
         self._readers -= 1
         self._maybe_close()
+        if self._readers == 0 and not self.done and self.error is None and self.task is not None:
+            asyncio.get_running_loop().call_later(ORPHAN_GRACE, self._stop_if_orphaned)
+
+    def _stop_if_orphaned(self) -> None:
+        """Nobody reads this fetch any more: stop it, unless enough is in that the cache had better have it."""
+        if self._readers or self.done or self.error is not None or self.task is None or self.task.done():
+            return
+        if self.size and self._filled.covered() >= ORPHAN_KEEP * self.size:
+            return
+        log.info("fetch of %s stopped: no client waits for it", self.digest)
+        self.task.cancel()
 
     async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Bytes ``start`` .. ``end`` (inclusive; None = to the end of the blob) as they arrive.
@@ -189,26 +244,40 @@ class Fetch:
 class Inflight:
     """The digest -> running fetch map, one per store; every reader follows the one fetch."""
 
-    def __init__(self, store: BlobIngester, policy: DownloadPolicy | None = None) -> None:
+    def __init__(
+        self, store: BlobIngester, policy: DownloadPolicy | None = None, gate: FetchGate | None = None
+    ) -> None:
         self.store = store
         self.policy = policy or DownloadPolicy()
+        self.gate = gate or FetchGate()
         self._fetches: dict[Digest, Fetch] = {}
 
     def get(self, digest: Digest) -> Fetch | None:
         return self._fetches.get(digest)
 
-    def join_or_start(
-        self, digest: Digest, source: Source, on_bytes: Callable[[int], None] | None = None
+    async def join_or_start(
+        self, digest: Digest, source: Source, on_bytes: Callable[[int], None] | None = None, client: str = ""
     ) -> tuple[Fetch, bool]:
         """The fetch for ``digest``, already acquired for the caller, and whether this call started it.
 
-        The caller must :meth:`~Fetch.release` it.
+        Joining never waits; starting waits for a slot of the gate (raises :class:`FetchQueueFull`). The
+        caller must :meth:`~Fetch.release` the fetch.
         """
         fetch = self._fetches.get(digest)
         if fetch is not None:
             fetch.acquire()
             return fetch, False
-        fetch = Fetch(digest, self.store, self.policy, on_bytes)
+        await self.gate.acquire(client)
+        fetch = self._fetches.get(digest)  # another request may have started it while we waited
+        if fetch is not None:
+            self.gate.release(client)
+            fetch.acquire()
+            return fetch, False
+        try:
+            fetch = Fetch(digest, self.store, self.policy, on_bytes)
+        except BaseException:
+            self.gate.release(client)
+            raise
         fetch.acquire()
         self._fetches[digest] = fetch
 
@@ -217,9 +286,10 @@ class Inflight:
                 await fetch.run(source)
             finally:
                 self._fetches.pop(digest, None)
+                self.gate.release(client)
 
         # The task belongs to the map, not to the request that started it: the cache fills even if that
-        # client goes away.
+        # client goes away (for a while: see Fetch.release).
         fetch.task = asyncio.get_running_loop().create_task(run(), name=f"fetch {digest}")
         return fetch, True
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from dao.aio import gather_bounded
 from dao.mirror.availability import CircuitBreaker, CircuitOpen, NegativeCache
-from dao.mirror.inflight import Fetch, Inflight
+from dao.mirror.inflight import Fetch, FetchQueueFull, Inflight
 from dao.mirror.metrics import Metrics
 from dao.mirror.storage.base import BlobStore, LocalBlob, ManifestRecord, ManifestStore
 from dao.oci.digest import Digest, DigestError
@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 STALE_WARNING = '110 dao "Response is Stale"'
 
 CHILD_FETCHES = 4
+MAX_CHILDREN = 64  # child manifests fetched behind a client's back for one index (real ones list up to ~40)
 
 # Upstream failures after which a cached tag is still a good answer.
 _STALE_OK = (UpstreamUnavailable, UpstreamRateLimited, UpstreamUnauthorized, TimeoutError, CircuitOpen)
@@ -112,7 +113,7 @@ class Proxy:
         self.client = client
         self.blobs = blobs
         self.manifests = manifests
-        self.inflight = inflight or Inflight(blobs)
+        self.inflight = inflight if inflight is not None else Inflight(blobs)  # an empty one is falsy (__len__)
         self.metrics = metrics
         self.registry = registry or client.host
         self.manifest_ttl = manifest_ttl
@@ -149,8 +150,9 @@ class Proxy:
 
     # -- blobs ---------------------------------------------------------------------------------------------
 
-    async def open_blob(self, repo: str, digest: Digest) -> BlobAnswer:
-        """Raises :class:`RegistryError` (BLOB_UNKNOWN, upstream errors) before any byte is promised.
+    async def open_blob(self, repo: str, digest: Digest, client: str = "") -> BlobAnswer:
+        """Raises :class:`RegistryError` (BLOB_UNKNOWN, upstream errors, a full fetch queue) before any byte
+        is promised. ``client``: the address asking, whose new upstream fetches are bounded.
 
         The caller closes ``local`` or releases ``fetch`` when done with the answer.
         """
@@ -164,9 +166,12 @@ class Proxy:
                 self.breaker.check()
             except CircuitOpen as exc:
                 raise upstream_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
-        fetch, started = self.inflight.join_or_start(
-            digest, self.client.blob_source(repo, digest), self._count_upstream_bytes
-        )
+        try:
+            fetch, started = await self.inflight.join_or_start(
+                digest, self.client.blob_source(repo, digest), self._count_upstream_bytes, client
+            )
+        except FetchQueueFull as exc:  # our own queue: says nothing about the upstream, never trips the breaker
+            raise RegistryError(ErrorCode.TOOMANYREQUESTS, str(exc), headers={"Retry-After": "5"}) from exc
         began = time.monotonic()
         try:
             await asyncio.shield(fetch.headers_ready)
@@ -300,6 +305,9 @@ class Proxy:
         except ValueError as exc:
             log.warning("index %s is not readable, children not cached: %s", index.digest, exc)
             return
+        if len(children) > MAX_CHILDREN:
+            log.warning("index %s lists %d manifests: caching the first %d", index.digest, len(children), MAX_CHILDREN)
+            children = children[:MAX_CHILDREN]
         missing = [c for c in children if await self.manifests.get(c.digest) is None]
 
         async def one(child: Descriptor) -> bool:

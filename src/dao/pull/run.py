@@ -37,7 +37,7 @@ from dao.pull.fetch import BlobCache, Fetcher, Stats, default_cache_dir
 from dao.pull.load import chain_ids, docker_archive, engine_chain_ids
 from dao.pull.plan import PullError, Source, resolve
 from dao.pull.route import Peer, rank
-from dao.registry.client import Manifest, RegistryClient, RetryPolicy
+from dao.registry.client import Manifest, RegistryClient, RetryPolicy, registry_timeout
 from dao.registry.dockerconfig import credentials_for
 from dao.registry.errors import RegistryClientError
 from dao.registry.insecure import InsecureRegistries
@@ -367,7 +367,7 @@ def _progress_bars() -> Progress:
 
 def _timeout(options: PullOptions) -> aiohttp.ClientTimeout:
     """No bytes for ``stall_timeout`` seconds is a broken stream: resumed, then the source dropped."""
-    return aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=options.stall_timeout)
+    return registry_timeout(10, options.stall_timeout)
 
 
 def warn(line: str) -> None:

@@ -80,6 +80,15 @@ class ManifestHead:
     size: int | None
 
 
+def registry_timeout(connect: float = 10.0, read: float = 30.0) -> aiohttp.ClientTimeout:
+    """Timeouts for registry traffic: the TCP (and TLS) connect, and silence while reading.
+
+    Never aiohttp's ``connect``, which also counts the wait for a free connection of the session's pool: a
+    busy pool is our own queue, not a sign that the upstream is down, and must not trip the circuit breaker.
+    """
+    return aiohttp.ClientTimeout(total=None, connect=None, sock_connect=connect, sock_read=read)
+
+
 def check_response(resp: aiohttp.ClientResponse, body: bytes, *expected: int) -> None:
     """Raise the matching error unless ``resp.status`` is one of ``expected``."""
     if resp.status in expected:
@@ -148,7 +157,7 @@ class RegistryClient:
         self.retry = retry or RetryPolicy()
         self.resolver: Resolver = resolve  # host -> addresses, for the redirect check (tests replace it)
         self.ratelimit_remaining: int | None = None  # Docker Hub's count of pulls left, from its last answer
-        self.timeout = timeout or aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=30)
+        self.timeout = timeout or registry_timeout()
 
     # -- API ---------------------------------------------------------------------------------------------
 
@@ -433,4 +442,5 @@ __all__ = [
     "RetryPolicy",
     "check_response",
     "read_errors",
+    "registry_timeout",
 ]
