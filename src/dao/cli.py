@@ -163,6 +163,20 @@ def mirror_serve(
     max_fetches_per_client: Annotated[
         int | None, typer.Option(help="Of those, started by one client address. [default: 16]")
     ] = None,
+    max_connections_per_client: Annotated[
+        int | None, typer.Option(help="Connections one client address may hold open. [default: 64]")
+    ] = None,
+    header_timeout: Annotated[
+        float | None, typer.Option(help="Seconds for a request's headers to arrive in full. [default: 15]")
+    ] = None,
+    send_timeout: Annotated[
+        float | None,
+        typer.Option(help="Every this many seconds a response must have sent --min-send-rate's worth. [default: 30]"),
+    ] = None,
+    min_send_rate: Annotated[
+        str | None,
+        typer.Option(help="Bytes a second a client must read, e.g. 8KiB; slower ones are cut. [default: 8KiB]"),
+    ] = None,
     database: DatabaseOpt = None,
     mirror_domain: Annotated[
         str | None,
@@ -228,6 +242,10 @@ def mirror_serve(
         "fetch_split_mib": fetch_split_mib,
         "max_fetches": max_fetches,
         "max_fetches_per_client": max_fetches_per_client,
+        "max_connections_per_client": max_connections_per_client,
+        "header_timeout": header_timeout,
+        "send_timeout": send_timeout,
+        "min_send_rate": min_send_rate,
         "database": database,
         "mirror_domain": mirror_domain,
         "anonymous": anonymous,

@@ -50,6 +50,10 @@ class MirrorConfig:
     fetch_split_mib: float = 8.0  # blobs at least this big are fetched as parallel ranges
     max_fetches: int = 64  # upstream blob fetches at once; more wait (up to 30 s, then 429)
     max_fetches_per_client: int = 16  # of those, started by one client address
+    max_connections_per_client: int = 64  # connections one client address may hold open
+    header_timeout: float = 15.0  # seconds for a request's headers to arrive in full
+    send_timeout: float = 30.0  # a response must send min_send_rate * send_timeout bytes every send_timeout s
+    min_send_rate: str = "8KiB"  # bytes a second, averaged over each send_timeout window
     database: str = ""  # SQLAlchemy URL for users and usage; default sqlite:///<data_dir>/dao.db
     mirror_domain: str = ""  # users reach the mirror as <id>.<mirror_domain>
     anonymous: bool = True  # serve requests that name no user (counted as "anonymous")
@@ -81,8 +85,10 @@ class MirrorConfig:
             raise ConfigError("usage_flush and gc_interval must be > 0")
         if not 1 <= self.fetch_connections <= 64 or self.fetch_split_mib <= 0:
             raise ConfigError("fetch_connections must be 1..64 and fetch_split_mib > 0")
-        if self.max_fetches < 1 or self.max_fetches_per_client < 1:
-            raise ConfigError("max_fetches and max_fetches_per_client must be >= 1")
+        if self.max_fetches < 1 or self.max_fetches_per_client < 1 or self.max_connections_per_client < 1:
+            raise ConfigError("max_fetches, max_fetches_per_client and max_connections_per_client must be >= 1")
+        if self.header_timeout <= 0 or self.send_timeout <= 0:
+            raise ConfigError("header_timeout and send_timeout must be > 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
         if self.log_format not in ("text", "json"):

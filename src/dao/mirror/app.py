@@ -14,6 +14,7 @@ import os
 import re
 import signal
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -23,13 +24,15 @@ from dao.config import ConfigError, MirrorConfig
 from dao.mirror.accounts import Accounts
 from dao.mirror.availability import CircuitBreaker
 from dao.mirror.eviction import AccessLog, Collector
+from dao.mirror.guard import GUARD_KEY, ConnectionGuard
+from dao.mirror.guard import middleware as guard_middleware
 from dao.mirror.inflight import FetchGate, Inflight
 from dao.mirror.logs import AccessLogger
 from dao.mirror.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dao.mirror.metrics import Metrics
 from dao.mirror.proxy import STALE_WARNING, Proxies, Proxy, RememberedError
 from dao.mirror.routing import Router
-from dao.mirror.serve import blob_headers, parse_range, send_fetch, send_local
+from dao.mirror.serve import SEND_POLICY_KEY, SendPolicy, blob_headers, parse_range, send_fetch, send_local
 from dao.mirror.storage import FilesystemBlobStore, FilesystemManifestStore
 from dao.mirror.usage import Meter
 from dao.oci.digest import Digest, DigestError
@@ -84,7 +87,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(exc)
     except web.HTTPException:
         raise
-    except ConnectionResetError:
+    except ConnectionError:
         # The client hung up mid-response (a pull cancelled, a chunk raced and lost): routine, not a fault.
         # 499 is what the access log and /metrics show, as nginx does; nothing more can be sent anyway.
         request["dao.failure"] = "client went away"
@@ -286,10 +289,21 @@ async def _collecting(
     await asyncio.to_thread(collector.access.persist, collector.blobs_dir)
 
 
-def make_app(router: Router, proxies: Proxies, metrics: Metrics, meter: Meter) -> web.Application:
+def make_app(
+    router: Router,
+    proxies: Proxies,
+    metrics: Metrics,
+    meter: Meter,
+    guard: ConnectionGuard | None = None,
+    send: SendPolicy | None = None,
+) -> web.Application:
     app = web.Application(
-        middlewares=[measure, errors, account], handler_args={"max_field_size": 8190, "max_line_size": 8190}
+        middlewares=[guard_middleware, measure, errors, account],
+        handler_args={"max_field_size": 8190, "max_line_size": 8190},
     )
+    if guard is not None:
+        app[GUARD_KEY] = guard
+    app[SEND_POLICY_KEY] = send or SendPolicy()
     app[METER_KEY] = meter
     app[ROUTER_KEY] = router
     app[PROXIES_KEY] = proxies
@@ -317,6 +331,17 @@ def make_app(router: Router, proxies: Proxies, metrics: Metrics, meter: Meter) -
     return app
 
 
+class GuardedRunner(web.AppRunner):
+    """aiohttp's runner whose every connection goes through the :class:`ConnectionGuard`."""
+
+    def __init__(self, guard: ConnectionGuard, app: web.Application, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.guard = guard
+
+    async def _make_server(self) -> web.Server:
+        return self.guard.wrap(await super()._make_server())
+
+
 async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> None:
     """Run the mirror until SIGTERM/SIGINT; a clean stop cancels fetches (their spool files are removed)."""
     access = AccessLog()
@@ -335,6 +360,7 @@ async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> 
             deny=config.deny,
         )
         default_quota = parse_size(config.default_quota)
+        min_send_rate = parse_size(config.min_send_rate)
         collector = Collector(
             config.data_dir,
             max_bytes=parse_size(config.cache_max),
@@ -389,9 +415,12 @@ async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> 
             default_quota=default_quota,
             flush_interval=config.usage_flush,
         )
-        app = make_app(router, Proxies(make_proxy, inflight), metrics, meter)
+        guard = ConnectionGuard(config.max_connections_per_client, config.header_timeout)
+        send = SendPolicy(config.send_timeout, float(min_send_rate))
+        app = make_app(router, Proxies(make_proxy, inflight), metrics, meter, guard, send)
         app.cleanup_ctx.append(functools.partial(_collecting, collector, metrics, config.gc_interval))
-        runner = web.AppRunner(
+        runner = GuardedRunner(
+            guard,
             app,
             access_log_class=AccessLogger,
             access_log=access_log if config.access_log else None,

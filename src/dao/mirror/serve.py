@@ -8,12 +8,15 @@ than ``Content-Length`` -- never a clean, short 200.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import re
-import select
-import threading
+import socket
+import struct
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -24,9 +27,8 @@ from dao.oci.errors import ErrorCode, RegistryError
 
 _RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")  # more digits than an int64 holds is no blob's range
 SENDFILE_FALLBACK_CHUNK = 256 * 1024
-SENDFILE_THREADS = 64  # concurrent cached-blob responses being written; more wait for a thread
-SEND_STALL_TIMEOUT = 120.0  # seconds a client may read nothing before its response is abandoned
-_POLL_MS = 500
+SENDFILE_THREADS = 16  # sendfile calls at once (each returns when its socket is full): the copying, not the waiting
+SENDFILE_BURST = 16 * 1024 * 1024  # one thread hop sends at most this much, so a fast reader cannot hog a thread
 
 
 def parse_range(header: str | None, size: int | None) -> tuple[int, int | None] | None:
@@ -89,6 +91,59 @@ def _window(request: web.Request, resp: web.StreamResponse, size: int | None) ->
     return start, None
 
 
+def _reset(request: web.Request) -> None:
+    """Close the client's connection with a reset: what sits in the kernel's buffers for it is dropped, not
+    trickled out for minutes after the mirror gave up on it."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+@dataclass(frozen=True, slots=True)
+class SendPolicy:
+    """How slow a client may read. Every ``timeout`` seconds a response must have sent ``min_rate * timeout``
+    bytes (and at least one): a reader that trickles or stops is cut, so it holds a connection for a bounded
+    time and never a sending thread (those only run while the socket takes bytes)."""
+
+    timeout: float = 30.0
+    min_rate: float = 8 * 1024  # bytes/s, averaged over each ``timeout`` window
+
+    def window(self) -> _Window:
+        return _Window(self)
+
+
+class _Window:
+    def __init__(self, policy: SendPolicy) -> None:
+        self.policy = policy
+        self.started = time.monotonic()
+        self.sent = 0
+
+    def deadline(self) -> float:
+        """Seconds left in this window; raises TimeoutError when the client read too little in the last one."""
+        now = time.monotonic()
+        if now - self.started >= self.policy.timeout:
+            wanted = max(1.0, self.policy.min_rate * self.policy.timeout)
+            if self.sent < wanted:
+                raise TimeoutError(
+                    f"client read {self.sent} bytes in {self.policy.timeout:.0f}s, less than the "
+                    f"{self.policy.min_rate:.0f} B/s the mirror asks of its clients"
+                )
+            self.started, self.sent = now, 0
+        return self.policy.timeout - (now - self.started)
+
+
+SEND_POLICY_KEY = web.AppKey("send_policy", SendPolicy)
+
+
+def _policy(request: web.Request) -> SendPolicy:
+    return request.app.get(SEND_POLICY_KEY) or SendPolicy()
+
+
 async def send_local(request: web.Request, digest: Digest, blob: LocalBlob) -> web.StreamResponse:
     """Serve a committed blob with zero-copy ``sendfile``; closes ``blob``."""
     try:
@@ -104,13 +159,17 @@ async def send_local(request: web.Request, digest: Digest, blob: LocalBlob) -> w
         sock = transport.get_extra_info("socket") if transport is not None else None
         if transport is None or sock is None:
             raise ConnectionResetError("client went away")
-        # The headers go first; from here the thread writes to the socket itself. They are a few hundred
-        # bytes, so the transport almost always holds nothing by now and this never loops.
+        # The headers go first; from here the socket is written by sendfile. They are a few hundred bytes, so
+        # the transport almost always holds nothing by now and this never loops.
         while transport.get_write_buffer_size():  # noqa: ASYNC110 -- asyncio's transport has no "empty" event
             await asyncio.sleep(0.001)
-        progress = [0]  # bytes the kernel took, updated by the sending thread
+        progress = [0]  # bytes the kernel took
         try:
-            await _sendfile_in_thread(sock.fileno(), blob.fd, start, count, progress)
+            await _sendfile(sock.fileno(), blob.fd, start, count, progress, _policy(request))
+        except TimeoutError as exc:  # the client reads too slowly: cut it
+            request["dao.failure"] = str(exc)
+            _reset(request)
+            return resp
         finally:
             request["dao.sent"] = progress[0]  # a client that hangs up is charged for what went out
         await resp.write_eof()
@@ -119,58 +178,68 @@ async def send_local(request: web.Request, digest: Digest, blob: LocalBlob) -> w
         blob.close()
 
 
-async def _sendfile_in_thread(sock_fd: int, file_fd: int, offset: int, count: int, progress: list[int]) -> None:
-    """``os.sendfile`` in a worker thread, so the kernel's copying runs on every core, not only the loop's.
+async def _sendfile(
+    sock_fd: int, file_fd: int, offset: int, count: int, progress: list[int], policy: SendPolicy
+) -> None:
+    """``os.sendfile`` in worker threads while the socket takes bytes (so the kernel's copying runs on every
+    core, not only the loop's); waiting for a slow reader's socket to drain happens in the event loop, so a
+    trickling client holds no thread and cannot starve the cache hits of everyone else.
 
-    The thread owns duplicates of both descriptors and closes them itself: if the request is cancelled or the
-    connection torn down meanwhile, neither number can be reused under it by another connection or file.
+    The threads and the wait use duplicates of both descriptors, closed here: if the request is cancelled or
+    the connection torn down meanwhile, neither number can be reused under a running ``sendfile``.
     """
-    stop = threading.Event()
-    sock_dup, file_dup = os.dup(sock_fd), os.dup(file_fd)
     loop = asyncio.get_running_loop()
+    sock_dup, file_dup = os.dup(sock_fd), os.dup(file_fd)
+    running: asyncio.Future[int] | None = None
     try:
-        future = loop.run_in_executor(
-            _sendfile_pool(), _sendfile_blocking, sock_dup, file_dup, offset, count, stop, progress
-        )
-    except BaseException:
+        window = policy.window()
+        end = offset + count
+        while offset < end:
+            running = loop.run_in_executor(_sendfile_pool(), _sendfile_burst, sock_dup, file_dup, offset, end - offset)
+            sent = await asyncio.shield(running)  # a cancelled request waits for the burst, never frees fds under it
+            running = None
+            if sent:
+                offset += sent
+                progress[0] += sent
+                window.sent += sent
+                window.deadline()
+                continue
+            await _writable(loop, sock_dup, window.deadline())
+    finally:
+        if running is not None:  # cancelled mid-burst: the burst ends by itself (a non-blocking socket)
+            with contextlib.suppress(BaseException):
+                await running
         os.close(sock_dup)
         os.close(file_dup)
-        raise
-    try:
-        await future
-    except asyncio.CancelledError:
-        stop.set()  # the thread gives up within a poll interval
-        raise
 
 
-def _sendfile_blocking(
-    sock_fd: int, file_fd: int, offset: int, count: int, stop: threading.Event, progress: list[int]
-) -> None:
+def _sendfile_burst(sock_fd: int, file_fd: int, offset: int, count: int) -> int:
+    """Send until the socket would block or ``SENDFILE_BURST`` bytes went; returns how many went (0: full)."""
+    sent_total = 0
+    limit = min(count, SENDFILE_BURST)
+    while sent_total < limit:
+        try:
+            sent = os.sendfile(sock_fd, file_fd, offset + sent_total, limit - sent_total)
+        except (BlockingIOError, InterruptedError):
+            break
+        if sent == 0:
+            raise FetchFailed("blob file shorter than its size")
+        sent_total += sent
+    return sent_total
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int, seconds: float) -> None:
+    """Wait in the event loop until ``fd`` (a duplicate of the client's socket) can take bytes, at most
+    ``seconds``."""
+    ready = loop.create_future()
+    loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
     try:
-        poller = select.poll()
-        poller.register(sock_fd, select.POLLOUT)
-        end = offset + count
-        idle = 0.0
-        while offset < end:
-            if stop.is_set():
-                raise ConnectionResetError("response cancelled")
-            try:
-                sent = os.sendfile(sock_fd, file_fd, offset, end - offset)
-            except (BlockingIOError, InterruptedError):
-                if poller.poll(_POLL_MS):
-                    idle = 0.0
-                else:
-                    idle += _POLL_MS / 1000
-                    if idle >= SEND_STALL_TIMEOUT:
-                        raise TimeoutError(f"client read nothing for {SEND_STALL_TIMEOUT:.0f}s") from None
-                continue
-            if sent == 0:
-                raise FetchFailed("blob file shorter than its size")
-            offset += sent
-            progress[0] += sent
+        async with asyncio.timeout(seconds):
+            await ready
+    except TimeoutError:
+        pass  # the window's check decides whether that was too slow
     finally:
-        os.close(sock_fd)
-        os.close(file_fd)
+        loop.remove_writer(fd)
 
 
 @functools.cache
@@ -210,11 +279,21 @@ async def _send_fetch(request: web.Request, digest: Digest, fetch: Fetch) -> web
         await resp.write_eof()
         return resp
     sent = 0
+    window = _policy(request).window()
     try:
         async for chunk in fetch.stream(start, end):
-            await resp.write(chunk)
+            try:
+                async with asyncio.timeout(window.deadline()):
+                    await resp.write(chunk)
+            except TimeoutError:
+                window.deadline()  # too slow: raises; else a new window begins (the chunk is in the buffer)
             sent += len(chunk)
+            window.sent += len(chunk)
             request["dao.sent"] = sent
+    except TimeoutError as exc:  # the client reads too slowly: cut it, it holds a connection and a fetch
+        request["dao.failure"] = str(exc)
+        _reset(request)
+        return resp
     except FetchFailed as exc:
         request["dao.failure"] = str(exc)
         if request.transport is not None:
