@@ -27,7 +27,15 @@ class Access:
 
 
 class Mirror:
-    def __init__(self, workdir: Path, upstream: str, *, port: int | None = None, args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        upstream: str,
+        *,
+        port: int | None = None,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.data_dir = workdir / "data"
@@ -35,6 +43,7 @@ class Mirror:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = args
+        self.env = env
         self.log = workdir / "mirror.log"
         self.proc: Process | None = None
         self.start()
@@ -54,6 +63,7 @@ class Mirror:
                 *self.args,
             ],
             self.log,
+            env=self.env,
         )
         wait_until(lambda: http_status(self.url + "/healthz") == 200, 20, "dao mirror", self.proc.proc)
 

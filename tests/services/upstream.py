@@ -59,6 +59,18 @@ class Request:
     size: int
 
 
+def access_requests(log: Path, since: int = 0) -> list[Request]:
+    """What a CNCF registry served, from its access log (from byte ``since`` on)."""
+    with open(log, "rb") as f:
+        f.seek(since)
+        text = f.read().decode(errors="replace")
+    out = []
+    for match in _ACCESS_LINE.finditer(text):
+        size = match["bytes"]
+        out.append(Request(match["method"], match["path"], int(match["status"]), 0 if size == "-" else int(size)))
+    return out
+
+
 class Trickle:
     """``trickle.py`` in front of ``target`` (host:port): every answer reaches the client in small pieces."""
 
@@ -172,14 +184,7 @@ class Upstream:
         return self.registry.log.stat().st_size
 
     def requests(self, since: int = 0) -> list[Request]:
-        with open(self.registry.log, "rb") as f:
-            f.seek(since)
-            text = f.read().decode(errors="replace")
-        out = []
-        for match in _ACCESS_LINE.finditer(text):
-            size = match["bytes"]
-            out.append(Request(match["method"], match["path"], int(match["status"]), 0 if size == "-" else int(size)))
-        return out
+        return access_requests(self.registry.log, since)
 
     def blob_gets(self, since: int = 0, digest: str | None = None) -> list[Request]:
         return [
@@ -281,6 +286,9 @@ class PrivateRegistry:
 
     def push(self, repo: str, tag: str, image: Image) -> None:
         push_image(self.url, repo, image, self.basic, reference=tag)
+
+    def requests(self) -> list[Request]:
+        return access_requests(self.log)
 
     def stop(self) -> None:
         self.proc.stop()

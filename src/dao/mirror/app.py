@@ -33,7 +33,7 @@ from dao.mirror.metrics import Metrics
 from dao.mirror.proxy import STALE_WARNING, Proxies, Proxy, RememberedError
 from dao.mirror.routing import Router
 from dao.mirror.serve import SEND_POLICY_KEY, SendPolicy, blob_headers, parse_range, send_fetch, send_local
-from dao.mirror.storage import FilesystemBlobStore, FilesystemManifestStore
+from dao.mirror.storage import FilesystemBlobStore, FilesystemManifestStore, FilesystemOrigins
 from dao.mirror.usage import Meter
 from dao.oci.digest import Digest, DigestError
 from dao.oci.errors import ErrorCode, RegistryError
@@ -350,6 +350,7 @@ async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> 
     if leftovers:
         log.info("removed %d partial downloads left by an earlier run", leftovers)
     manifests = FilesystemManifestStore(config.data_dir)
+    origins = FilesystemOrigins(config.data_dir)
     try:
         router = Router(
             docker_hub=config.upstream,
@@ -406,6 +407,8 @@ async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> 
                 inflight=inflight,
                 metrics=metrics,
                 registry=registry,
+                origins=origins,
+                allowed=router.allows,
             )
 
         meter = Meter(

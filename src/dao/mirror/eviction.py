@@ -156,6 +156,7 @@ class Collector:
             if item.kind == "manifest":
                 path.with_suffix(".type").unlink(missing_ok=True)
                 manifests.add(item.digest)
+            _path(self.root / "origins", item.digest).unlink(missing_ok=True)
         if manifests:
             self._drop_tags(manifests)
         return removed

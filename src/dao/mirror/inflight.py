@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from dao.mirror.storage.base import BlobIngester
+from dao.mirror.storage.base import BlobIngester, Origin
 from dao.oci.digest import Digest, Verifier
 from dao.registry.download import Download, DownloadPolicy, Runs, Source
 from dao.registry.errors import RegistryClientError, UpstreamUnavailable
@@ -111,6 +111,7 @@ class Fetch:
         self._readers = 0
         self._closed = False
         self.task: asyncio.Task[None] | None = None
+        self.origin: Origin | None = None  # the (registry, repository) it is fetched for
 
     # -- writer side ---------------------------------------------------------------------------------------
 

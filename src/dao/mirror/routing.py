@@ -94,6 +94,13 @@ class Router:
         self.check_allowed(registry, repository)
         return Route(registry, repository)
 
+    def allows(self, registry: str, repository: str) -> bool:
+        try:
+            self.check_allowed(registry, repository)
+        except RegistryError:
+            return False
+        return True
+
     def check_allowed(self, registry: str, repository: str) -> None:
         subject = f"{registry}/{repository}"
         for rule in self.deny:

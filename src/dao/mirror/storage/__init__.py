@@ -4,14 +4,17 @@
 tested capability by capability and the proxy depends only on what it uses.
 """
 
-from dao.mirror.storage.base import BlobStore, LocalBlob, ManifestRecord, ManifestStore
-from dao.mirror.storage.filesystem import FilesystemBlobStore, FilesystemManifestStore
+from dao.mirror.storage.base import BlobStore, LocalBlob, ManifestRecord, ManifestStore, Origin, OriginStore
+from dao.mirror.storage.filesystem import FilesystemBlobStore, FilesystemManifestStore, FilesystemOrigins
 
 __all__ = [
     "BlobStore",
     "FilesystemBlobStore",
     "FilesystemManifestStore",
+    "FilesystemOrigins",
     "LocalBlob",
     "ManifestRecord",
     "ManifestStore",
+    "Origin",
+    "OriginStore",
 ]

@@ -79,3 +79,21 @@ class ManifestStore(Protocol):
 
     async def put_tag(self, upstream: str, repo: str, tag: str, accept_key: str, record: ManifestRecord) -> None:
         """Record (atomically) what ``tag`` resolved to for clients with this accept key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """A (registry, repository) a digest was fetched for, or confirmed upstream to belong to, and whether the
+    mirror's own upstream credentials were used (so the content may be private to that account)."""
+
+    registry: str
+    repository: str
+    credentialed: bool = False
+
+
+class OriginStore(Protocol):
+    async def origins(self, digest: Digest) -> set[Origin]:
+        """Where ``digest`` (a blob or a manifest) was seen; empty when nothing was recorded."""
+
+    async def add_origin(self, digest: Digest, origin: Origin) -> None:
+        """Record one more; idempotent."""

@@ -5,6 +5,7 @@ Layout (all writes are temp file + fsync + rename, so a crash leaves old or new,
     blobs/sha256/ab/abcdef...        committed blobs, named by digest
     manifests/sha256/ab/abcdef...    manifest bodies; ``.type`` beside each holds the media type
     tags/<upstream>/<repo>/<tag>/<accept-key>.json
+    origins/sha256/ab/abcdef...      "<registry>/<repository> <0|1 credentialed>" lines: where a digest was seen
     tmp/                             spool files of fetches in progress; emptied at start-up
 """
 
@@ -19,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from dao.mirror.eviction import AccessLog
-from dao.mirror.storage.base import LocalBlob, ManifestRecord
+from dao.mirror.storage.base import LocalBlob, ManifestRecord, Origin
 from dao.oci.digest import Digest, DigestError
 
 
@@ -167,3 +168,52 @@ class FilesystemManifestStore:
         doc = {"digest": str(record.digest), "media_type": record.media_type, "checked_at": record.checked_at}
         path = self._tag_path(upstream, repo, tag, accept_key)
         await asyncio.to_thread(atomic_write, path, json.dumps(doc).encode(), self.tmp)
+
+
+class FilesystemOrigins:
+    """Origins of digests (blobs and manifests share one digest space), one small append-only file each."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "origins"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._known: dict[Digest, set[Origin]] = {}  # read once per digest, then kept
+
+    async def origins(self, digest: Digest) -> set[Origin]:
+        known = self._known.get(digest)
+        if known is None:
+            known = self._known[digest] = await asyncio.to_thread(self._read, digest)
+            if len(self._known) > 100_000:
+                self._known.clear()  # a bound, not a cache policy: they are re-read when needed
+        return known
+
+    def _read(self, digest: Digest) -> set[Origin]:
+        try:
+            text = _digest_path(self.dir, digest).read_text()
+        except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+            return set()
+        found = set()
+        for line in text.splitlines():
+            name, _, flag = line.rpartition(" ")
+            registry, _, repository = name.partition("/")
+            if registry and repository:
+                found.add(Origin(registry, repository, flag == "1"))
+        return found
+
+    async def add_origin(self, digest: Digest, origin: Origin) -> None:
+        known = await self.origins(digest)
+        if origin in known:
+            return
+        known.add(origin)
+        line = f"{origin.registry}/{origin.repository} {int(origin.credentialed)}\n"
+        await asyncio.to_thread(self._append, digest, line)
+
+    def _append(self, digest: Digest, line: str) -> None:
+        path = _digest_path(self.dir, digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:  # one short O_APPEND write: lines never interleave
+            f.write(line)
+
+    def forget(self, digest: Digest) -> None:
+        """The digest left the cache (eviction)."""
+        self._known.pop(digest, None)
+        _digest_path(self.dir, digest).unlink(missing_ok=True)
