@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import World
 from tests.services.dockerd import Dockerd
-from tests.services.mirror import FaultProxy, Mirror
+from tests.services.mirror import FaultProxy, Mirror, skopeo_copy
 
 RUNNABLE = ["dao-test/schema2:v1", "dao-test/oci:v1", "dao-test/multi:v1", "dao-test/big:v1"]
 
@@ -94,29 +94,9 @@ def test_pull_through_a_stopped_mirror_cannot_leave_the_machine(dockerd: Dockerd
 
 
 def test_skopeo_copies_through_the_mirror(world: World, mirror: Mirror, tmp_path: Path) -> None:
-    conf = tmp_path / "registries.conf"
-    conf.write_text(
-        'unqualified-search-registries = ["docker.io"]\n'
-        '[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n'
-        f'[[registry.mirror]]\nlocation = "127.0.0.1:{mirror.port}"\ninsecure = true\n'
-    )
     out = tmp_path / "copy"
-    subprocess.run(
-        [
-            "skopeo",
-            "--registries-conf",
-            str(conf),
-            "copy",
-            "--retry-times",
-            "0",
-            "docker://docker.io/dao-test/schema2:v1",
-            f"dir:{out}",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = skopeo_copy(f"127.0.0.1:{mirror.port}", "dao-test/schema2:v1", out)
+    assert done.returncode == 0, done.stderr
     image = world.image("dao-test/schema2:v1")
     assert (out / "manifest.json").read_bytes() == image.manifest
     for digest, path in image.blobs.items():
@@ -172,27 +152,8 @@ def test_cold_pulls_over_a_segmented_link(
             for now, before in zip((r.connections() for r in segmented.upstream.relays), relayed, strict=True)
         )
         out = tmp_path / "copy"
-        conf = tmp_path / "registries.conf"
-        conf.write_text(
-            '[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n'
-            f'[[registry.mirror]]\nlocation = "127.0.0.1:{mirror.port}"\ninsecure = true\n'
-        )
-        subprocess.run(
-            [
-                "skopeo",
-                "--registries-conf",
-                str(conf),
-                "copy",
-                "--retry-times",
-                "0",
-                "docker://docker.io/dao-test/multi:v1",
-                f"dir:{out}",
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        done = skopeo_copy(f"127.0.0.1:{mirror.port}", "dao-test/multi:v1", out)
+        assert done.returncode == 0, done.stderr
         amd64 = segmented.image("dao-test/multi:v1").children[0]
         assert (out / "manifest.json").read_bytes() == amd64.manifest
         for digest, path in amd64.blobs.items():

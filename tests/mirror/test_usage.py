@@ -22,7 +22,7 @@ from dao.oci.errors import RegistryError
 from dao.units import parse_size
 from tests.conftest import World
 from tests.mirror.test_faults import DOCKER_ACCEPT
-from tests.services.mirror import DAO, Mirror
+from tests.services.mirror import DAO, Mirror, skopeo_copy
 from tests.services.postgres import Postgres
 
 DOMAIN = "mirror.test"
@@ -105,21 +105,6 @@ def dao(*args: str) -> str:
     return subprocess.run([DAO, "mirror", *args], check=True, capture_output=True, text=True, timeout=60).stdout
 
 
-def skopeo_copy(host: str, port: int, ref: str, out: Path) -> subprocess.CompletedProcess[str]:
-    conf = out.with_suffix(".conf")
-    conf.write_text(
-        '[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n'
-        f'[[registry.mirror]]\nlocation = "{host}:{port}"\ninsecure = true\n'
-    )
-    argv = ["skopeo", "--registries-conf", str(conf), "copy", "--retry-times", "0"]
-    return subprocess.run(
-        [*argv, f"docker://docker.io/{ref}", f"dir:{out}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 async def test_users_pull_through_their_own_host_names(
     world: World, tmp_path: Path, named_hosts: Callable[..., None]
 ) -> None:
@@ -135,9 +120,9 @@ async def test_users_pull_through_their_own_host_names(
     )
     image = world.image("dao-test/schema2:v1")
     try:
-        done = skopeo_copy(a_host, mirror.port, "dao-test/schema2:v1", tmp_path / "alice")
+        done = skopeo_copy(f"{a_host}:{mirror.port}", "dao-test/schema2:v1", tmp_path / "alice")
         assert done.returncode == 0, done.stderr
-        done = skopeo_copy(b_host, mirror.port, "dao-test/schema2:v1", tmp_path / "bob")
+        done = skopeo_copy(f"{b_host}:{mirror.port}", "dao-test/schema2:v1", tmp_path / "bob")
         assert done.returncode == 0, done.stderr
         dao("users", "quota", "bob", "1MB", "--data-dir", str(data))  # less than bob has pulled this month
         await asyncio.sleep(0.8)  # two flush intervals: counts written, quotas re-read

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -151,3 +152,17 @@ class FaultProxy:
 
     def kill(self) -> None:
         self.proc.kill()
+
+
+def skopeo_copy(location: str, ref: str, out: Path) -> subprocess.CompletedProcess[str]:
+    """skopeo copies Docker Hub's ``ref`` into ``dir:out`` through the mirror at ``location`` (host:port), as a
+    registries.conf mirror (skopeo 1.9 ignores CONTAINERS_REGISTRIES_CONF: the file is passed)."""
+    conf = out.with_suffix(".conf")
+    conf.write_text(
+        '[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n'
+        f'[[registry.mirror]]\nlocation = "{location}"\ninsecure = true\n'
+    )
+    argv = ["skopeo", "--registries-conf", str(conf), "copy", "--retry-times", "0"]
+    return subprocess.run(
+        [*argv, f"docker://docker.io/{ref}", f"dir:{out}"], capture_output=True, text=True, timeout=300
+    )

@@ -35,7 +35,7 @@ from dao.registry.errors import (
     UpstreamUnauthorized,
     UpstreamUnavailable,
 )
-from dao.registry.insecure import Resolver, resolve
+from dao.registry.insecure import Resolver, addresses_of, resolve
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -350,16 +350,7 @@ class RegistryClient:
 
 
 async def _address_classes(host: str, resolver: Resolver) -> frozenset[str]:
-    try:
-        addresses = [ipaddress.ip_address(host.strip("[]"))]
-    except ValueError:
-        addresses = []
-        for text in await resolver(host):
-            try:
-                addresses.append(ipaddress.ip_address(text.split("%", 1)[0]))
-            except ValueError:
-                continue
-    return frozenset(address_class(a) for a in addresses)
+    return frozenset(address_class(a) for a in await addresses_of(host, resolver))
 
 
 def address_class(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:

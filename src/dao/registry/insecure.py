@@ -71,16 +71,26 @@ class InsecureRegistries:
             host = registry[1:].split("]", 1)[0]
         elif registry.count(":") == 1:
             host = registry.rsplit(":", 1)[0]
-        try:
-            addresses = [ipaddress.ip_address(host)]
-        except ValueError:
-            addresses = []
-            for text in await resolver(host):
-                try:
-                    addresses.append(ipaddress.ip_address(text.split("%", 1)[0]))
-                except ValueError:
-                    continue
+        addresses = await addresses_of(host, resolver)
         return any(address in network for address in addresses for network in self.cidrs)
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+async def addresses_of(host: str, resolver: Resolver = resolve) -> list[IPAddress]:
+    """``host`` itself when it is an address (``[v6]`` too), else what it resolves to."""
+    try:
+        return [ipaddress.ip_address(host.strip("[]"))]
+    except ValueError:
+        pass
+    addresses: list[IPAddress] = []
+    for text in await resolver(host):
+        try:
+            addresses.append(ipaddress.ip_address(text.split("%", 1)[0]))
+        except ValueError:
+            continue
+    return addresses
 
 
 def _network(text: str | None) -> IPNetwork | None:
