@@ -12,6 +12,7 @@ import contextlib
 import functools
 import os
 import re
+import select
 import socket
 import struct
 import time
@@ -28,7 +29,8 @@ from dao.oci.errors import ErrorCode, RegistryError
 _RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")  # more digits than an int64 holds is no blob's range
 SENDFILE_FALLBACK_CHUNK = 256 * 1024
 SENDFILE_THREADS = 16  # sendfile calls at once (each returns when its socket is full): the copying, not the waiting
-SENDFILE_BURST = 16 * 1024 * 1024  # one thread hop sends at most this much, so a fast reader cannot hog a thread
+SENDFILE_BURST = 64 * 1024 * 1024  # one thread hop sends at most this much, so a fast reader cannot hog a thread
+BURST_WAIT_MS = 20  # a full socket that drains within this is a fast reader's: waited for in the thread
 
 
 def parse_range(header: str | None, size: int | None) -> tuple[int, int | None] | None:
@@ -195,12 +197,13 @@ async def _sendfile(
         window = policy.window()
         end = offset + count
         while offset < end:
-            running = loop.run_in_executor(_sendfile_pool(), _sendfile_burst, sock_dup, file_dup, offset, end - offset)
+            running = loop.run_in_executor(
+                _sendfile_pool(), _sendfile_burst, sock_dup, file_dup, offset, end - offset, progress
+            )
             sent = await asyncio.shield(running)  # a cancelled request waits for the burst, never frees fds under it
             running = None
             if sent:
                 offset += sent
-                progress[0] += sent
                 window.sent += sent
                 window.deadline()
                 continue
@@ -213,18 +216,27 @@ async def _sendfile(
         os.close(file_dup)
 
 
-def _sendfile_burst(sock_fd: int, file_fd: int, offset: int, count: int) -> int:
-    """Send until the socket would block or ``SENDFILE_BURST`` bytes went; returns how many went (0: full)."""
+def _sendfile_burst(sock_fd: int, file_fd: int, offset: int, count: int, progress: list[int]) -> int:
+    """Send while the socket keeps taking bytes: a full socket that drains within ``BURST_WAIT_MS`` (a fast
+    reader) is waited for here, one that does not (a slow reader) sends the thread back to the pool, and the
+    wait goes on in the event loop. At most ``SENDFILE_BURST`` bytes per call, so one fast reader cannot keep
+    a thread from the others. Returns how many bytes went (0: the socket was full); ``progress`` counts them
+    as they go, so a burst that ends in a broken pipe still tells what the client got."""
+    poller = select.poll()
+    poller.register(sock_fd, select.POLLOUT)
     sent_total = 0
     limit = min(count, SENDFILE_BURST)
     while sent_total < limit:
         try:
             sent = os.sendfile(sock_fd, file_fd, offset + sent_total, limit - sent_total)
         except (BlockingIOError, InterruptedError):
-            break
+            if not poller.poll(BURST_WAIT_MS):
+                break
+            continue
         if sent == 0:
             raise FetchFailed("blob file shorter than its size")
         sent_total += sent
+        progress[0] += sent
     return sent_total
 
 
