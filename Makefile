@@ -26,6 +26,7 @@ bench: install-dev apt-bench
 
 lint:
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/lint-imports
 
 install: apt-run
 	[ -x $(PY) ] || python3 -m venv $(VENV)

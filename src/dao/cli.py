@@ -683,7 +683,7 @@ def pull_command(
     ] = None,
 ) -> None:
     """Pull an image into the local Docker engine, like docker pull, through mirrors and many connections."""
-    from dao.docker import EngineError
+    from dao.engine import EngineError
     from dao.oci.reference import ReferenceError
     from dao.pull.fetch import BlobCache, default_cache_dir
     from dao.pull.plan import PullError
@@ -785,7 +785,7 @@ def clean_command(
     """
     from dao.clean.plan import DEFAULT_KINDS, KINDS, Options, PlanError
     from dao.clean.run import Request, clean
-    from dao.docker import EngineError
+    from dao.engine import EngineError
     from dao.units import UnitError, parse_duration
 
     def kinds_of(values: list[str] | None) -> list[str]:

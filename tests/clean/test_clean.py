@@ -428,7 +428,7 @@ async def test_untagging_stops_when_a_container_starts_in_between(dockerd: Docke
 
     from dao.clean.plan import Item
     from dao.clean.remove import _image
-    from dao.docker import Engine
+    from dao.engine import Engine
     from tests.services import images
 
     layer = images.busybox_layer(tmp_path)

@@ -25,8 +25,8 @@ from urllib.parse import quote
 from dao.aio import gather_bounded
 from dao.clean.plan import Item, Plan
 from dao.clean.scan import State
-from dao.docker import Engine, EngineError
-from dao.pull.load import docker_archive
+from dao.engine import Engine, EngineError
+from dao.engine.archive import docker_archive
 
 RECLAIM_LABEL = "dao.clean.reclaim"
 

@@ -15,7 +15,7 @@ from dao.clean.decide import decide
 from dao.clean.plan import Options, Plan, PlanError
 from dao.clean.remove import Outcome, Result, apply, select
 from dao.clean.scan import read_state
-from dao.docker import Engine
+from dao.engine import Engine
 from dao.units import format_age, format_size
 
 

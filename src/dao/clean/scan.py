@@ -16,8 +16,8 @@ from typing import Any
 from dao.aio import gather_bounded
 from dao.clean.dataroot import DataRoot
 from dao.clean.plan import PlanError
-from dao.docker import Engine, EngineError, EngineInfo
-from dao.pull.load import chain_ids
+from dao.engine import Engine, EngineError, EngineInfo
+from dao.oci.layers import chain_ids
 
 AT_ONCE = 8  # inspects in flight: a host with hundreds of images answers in a fraction of a second
 

@@ -1,89 +1,94 @@
-"""Into the Docker engine: a docker-archive (``docker save`` format) streamed straight into ``/images/load``.
+"""Where a pulled image goes besides the engine: an OCI image layout directory or a docker-archive file.
 
-The archive is written on the fly -- tar headers, then each file's bytes from the content cache, no temporary
-tarball -- and layers go in compressed, as downloaded (the engine decompresses them on load). Layers whose
-chain ID the engine already has are left out of the archive: the classic image store never opens a layer file
-whose chain it has (moby ``image/tarexport/load.go``). The containerd image store has no such shortcut, so
-there every layer is sent.
+(Into the engine, the layers stream through :func:`dao.engine.archive.docker_archive` to ``/images/load``.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
-import tarfile
-from collections.abc import AsyncIterator, Awaitable, Iterable
+import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-from dao.aio import gather_bounded
-from dao.docker import Engine
+from dao.oci.digest import Digest
+from dao.oci.manifest import DOCKER_MANIFEST_V2, OCI_MANIFEST
+from dao.pull.plan import PullError
+from dao.registry.client import Manifest
 
-BLOCK = 512
-READ_CHUNK = 1024 * 1024
-
-
-def chain_ids(diff_ids: list[str]) -> list[str]:
-    """The layer chain IDs of an image (image spec: ChainID(L0..Ln) = sha256(ChainID(L0..Ln-1) + " " + DiffID(Ln)))."""
-    out: list[str] = []
-    for diff_id in diff_ids:
-        if not out:
-            out.append(diff_id)
-        else:
-            out.append("sha256:" + hashlib.sha256(f"{out[-1]} {diff_id}".encode()).hexdigest())
-    return out
+REF_NAME = "org.opencontainers.image.ref.name"
 
 
-async def engine_chain_ids(engine: Engine, at_once: int = 8) -> set[str]:
-    """Every layer chain the engine holds, from its images' RootFS layers (one inspect per image, several at
-    once: a host with hundreds of images answers in a fraction of a second)."""
-    ids = [str(image.get("Id", "")) for image in await engine.images()]
-    have: set[str] = set()
-    for inspected in await gather_bounded(ids, engine.inspect_image, at_once):
-        layers = ((inspected or {}).get("RootFS") or {}).get("Layers") or []
-        have.update(chain_ids([str(layer) for layer in layers]))
-    return have
+_OCI_LAYER_TYPES = {
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": (
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+    ),
+}
 
 
-def _header(name: str, size: int) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mode = 0o644
-    info.mtime = 0
-    return info.tobuf(format=tarfile.USTAR_FORMAT)
+def as_oci(body: bytes, media_type: str) -> tuple[bytes, str]:
+    """A Docker schema2 manifest rewritten with OCI media types (what OCI layout readers expect; the blobs
+    are the same bytes, only the manifest -- and so its digest -- changes, as ``skopeo copy`` does)."""
+    if media_type != DOCKER_MANIFEST_V2:
+        return body, media_type
+    doc = json.loads(body)
+    doc["mediaType"] = OCI_MANIFEST
+    doc["config"]["mediaType"] = "application/vnd.oci.image.config.v1+json"
+    for layer in doc.get("layers", []):
+        layer["mediaType"] = _OCI_LAYER_TYPES.get(layer.get("mediaType"), layer.get("mediaType"))
+    return json.dumps(doc, separators=(",", ":")).encode(), OCI_MANIFEST
 
 
-def _padding(size: int) -> bytes:
-    return b"\0" * (-size % BLOCK)
+def parse_output(text: str) -> tuple[str, Path]:
+    kind, sep, where = text.partition(":")
+    if not sep or not where or kind not in ("oci", "docker-archive"):
+        raise PullError(f"--output must be oci:DIR or docker-archive:FILE, got {text!r}")
+    return kind, Path(where)
 
 
-async def docker_archive(
-    config_name: str,
-    config: bytes | Awaitable[bytes],
-    repo_tags: list[str],
-    layers: Iterable[tuple[str, Path | Awaitable[Path] | None]],
-) -> AsyncIterator[bytes]:
-    """The archive's bytes. ``layers``: (name in the archive, the cached file, None to leave it out, or an
-    awaitable of the file: the archive waits for each layer in turn, so the engine unpacks the first layers
-    while the last ones still download)."""
-    layers = list(layers)
-    if not isinstance(config, bytes):
-        config = await config  # the archive may be opened before the config is in
-    manifest = json.dumps([{"Config": config_name, "RepoTags": repo_tags, "Layers": [n for n, _ in layers]}])
-    for name, data in (("manifest.json", manifest.encode()), (config_name, config)):
-        yield _header(name, len(data)) + data + _padding(len(data))
-    for name, entry in layers:
-        if entry is None:
+async def write_stream(stream: AsyncIterator[bytes], path: Path) -> None:
+    """The archive into ``path`` through a temp file, so a failed pull leaves no half archive."""
+    tmp = path.with_name(f".{path.name}.dao-tmp")
+    f = await asyncio.to_thread(open, tmp, "wb")
+    try:
+        async for chunk in stream:
+            await asyncio.to_thread(f.write, chunk)
+    except BaseException:
+        f.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    f.close()
+    os.replace(tmp, path)
+
+
+def write_oci_layout(root: Path, manifest: Manifest, blobs: dict[Digest, Path], tag: str | None) -> None:
+    """An OCI image layout holding the platform's manifest, its config and layers (hard links where possible)."""
+    blob_dir = root / "blobs" / "sha256"
+    blob_dir.mkdir(parents=True, exist_ok=True)
+    (root / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    for digest, path in blobs.items():
+        target = blob_dir / digest.encoded
+        if target.exists():
             continue
-        path = entry if isinstance(entry, Path) else await entry
-        f = await asyncio.to_thread(open, path, "rb")
         try:
-            size = os.fstat(f.fileno()).st_size
-            yield _header(name, size)
-            while chunk := await asyncio.to_thread(f.read, READ_CHUNK):
-                yield chunk
-        finally:
-            f.close()
-        yield _padding(size)
-    yield b"\0" * (2 * BLOCK)
+            os.link(path, target)
+        except OSError:
+            shutil.copyfile(path, target)
+    body, media_type = as_oci(manifest.body, manifest.media_type)
+    digest = Digest.of(body)
+    (blob_dir / digest.encoded).write_bytes(body)
+    entry: dict[str, object] = {"mediaType": media_type, "digest": str(digest), "size": len(body)}
+    if tag:
+        entry["annotations"] = {REF_NAME: tag}
+    index_path = root / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {"schemaVersion": 2, "manifests": []}
+    index["manifests"] = [
+        m
+        for m in index.get("manifests", [])
+        if (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") != tag
+    ] + [entry]
+    index_path.write_text(json.dumps(index, indent=2))
+
+
