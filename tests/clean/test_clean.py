@@ -445,9 +445,9 @@ async def test_untagging_stops_when_a_container_starts_in_between(dockerd: Docke
         def __getattr__(self, name: str):
             return getattr(self.engine, name)
 
-        async def delete(self, path: str, **params: str):
-            answer = await self.engine.delete(path, **params)
-            if path.startswith("/images/") and "twotags" in path and not self.raced:
+        async def remove_image(self, ref: str, **options: bool):
+            answer = await self.engine.remove_image(ref, **options)
+            if "twotags" in ref and not self.raced:
                 self.raced = True
                 await asyncio.to_thread(dockerd.docker, "create", "--name", "late-user", image_id, "true")
             return answer

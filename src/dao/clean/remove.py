@@ -20,7 +20,6 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
 
 from dao.aio import gather_bounded
 from dao.clean.plan import Item, Plan
@@ -151,24 +150,24 @@ def _waves(items: list[Item]) -> list[list[Item]]:
 
 
 async def _container(engine: Engine, item: Item) -> str:
-    doc = await engine.get(f"/containers/{item.id}/json")
+    doc = await engine.inspect_container(item.id)
     state = doc.get("State") or {}
     status = state.get("Status")
     if status not in ("exited", "dead", "created"):
         return f"now {status}"
     if state.get("FinishedAt") != item.data.get("finished"):
         return "ran again since the scan"
-    await engine.delete(f"/containers/{item.id}")
+    await engine.remove_container(item.id)
     return ""
 
 
 async def _users(engine: Engine, **filters: list[str]) -> list[str]:
-    found = await engine.get("/containers/json", all="1", filters=json.dumps(filters))
+    found = await engine.containers(filters=filters)
     return [str((c.get("Names") or ["?"])[0]).lstrip("/") for c in found]
 
 
 async def _image_users(engine: Engine, image_id: str) -> list[str]:
-    containers = await engine.get("/containers/json", all="1")
+    containers = await engine.containers()
     return [str((c.get("Names") or ["?"])[0]).lstrip("/") for c in containers if c.get("ImageID") == image_id]
 
 
@@ -184,7 +183,7 @@ async def _image(engine: Engine, item: Item) -> str:
             return "tagged since the scan"
     # noprune: untagged parents are items of their own, planned and re-checked like this one
     try:
-        await engine.delete(f"/images/{item.id}", noprune="1")
+        await engine.remove_image(item.id)
     except EngineError as exc:
         if exc.status != 409 or "multiple repositories" not in str(exc):
             raise
@@ -208,9 +207,9 @@ async def _untag_each(engine: Engine, image_id: str, names: list[str], tags: lis
         if users:
             for tag in (t for t in dropped if t in tags):
                 repo, _, version = tag.rpartition(":")
-                await engine.post(f"/images/{image_id}/tag", repo=repo, tag=version)
+                await engine.tag_image(image_id, repo, version)
             return f"now used by container {', '.join(users)} (its names kept)"
-        await engine.delete(f"/images/{quote(name, safe='')}", noprune="1")
+        await engine.remove_image(name)
         dropped.append(name)
     return ""
 
@@ -219,21 +218,21 @@ async def _volume(engine: Engine, item: Item) -> str:
     users = await _users(engine, volume=[item.id])
     if users:
         return f"now used by container {', '.join(users)}"
-    await engine.delete(f"/volumes/{item.id}")
+    await engine.remove_volume(item.id)
     return ""
 
 
 async def _network(engine: Engine, item: Item) -> str:
-    doc = await engine.get(f"/networks/{item.id}")
+    doc = await engine.inspect_network(item.id)
     users = await _users(engine, network=[item.id])
     if doc.get("Containers") or users:
         return f"now used by container {', '.join(users) or 'attached'}"
-    await engine.delete(f"/networks/{item.id}")
+    await engine.remove_network(item.id)
     return ""
 
 
 async def _build_cache(engine: Engine, item: Item) -> str:
-    answer = await engine.post("/build/prune", filters=json.dumps({"id": [item.id]}))
+    answer = await engine.prune_build_cache([item.id])
     if item.id not in (answer or {}).get("CachesDeleted") or []:
         return "in use by a build, or gone already"
     return ""
@@ -250,7 +249,7 @@ async def _layer(engine: Engine, item: Item) -> str:
     labels = ((doc or {}).get("Config") or {}).get("Labels") or {}
     if RECLAIM_LABEL not in labels:  # never delete an image we did not just make
         return "the engine did not take the reclaim image"
-    answer = await engine.delete(f"/images/{image_id}")
+    answer = await engine.remove_image(image_id, noprune=False)
     deleted = {str(entry.get("Deleted")) for entry in answer or [] if isinstance(entry, dict)}
     if not set(item.data.get("chains", [])) & deleted:
         return "the engine still holds these layers (a pull or the build cache uses them)"

@@ -47,7 +47,7 @@ class State:
 async def read_state(engine: Engine, info: EngineInfo, *, build_cache: bool) -> State:
     notes: list[str] = []
     try:
-        df = await engine.get("/system/df")
+        df = await engine.system_df()
     except EngineError as exc:
         if exc.status not in (400, 404):
             raise
@@ -55,11 +55,11 @@ async def read_state(engine: Engine, info: EngineInfo, *, build_cache: bool) -> 
     if build_cache and "BuildCache" not in df:
         raise PlanError("this engine reports no build cache (it needs Engine API 1.39 or newer)")
 
-    listed = await engine.get("/containers/json", all="1")
+    listed = await engine.containers()
 
     async def inspect_container(entry: dict[str, Any]) -> dict[str, Any] | None:
         try:
-            return await engine.get(f"/containers/{entry['Id']}/json")
+            return await engine.inspect_container(entry["Id"])
         except EngineError as exc:
             if exc.status == 404:  # removed while we looked
                 return None
@@ -67,12 +67,12 @@ async def read_state(engine: Engine, info: EngineInfo, *, build_cache: bool) -> 
 
     containers = [c for c in await gather_bounded(listed, inspect_container, AT_ONCE) if c]
 
-    images = await engine.get("/images/json", all="1")
+    images = await engine.images(intermediate=True)
     uninspectable: dict[str, str] = {}
 
     async def inspect_image(entry: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
         try:
-            return entry["Id"], await engine.get(f"/images/{entry['Id']}/json")
+            return entry["Id"], await engine.inspect_image(entry["Id"])
         except EngineError as exc:
             if exc.status == 404:
                 return entry["Id"], None
@@ -80,8 +80,8 @@ async def read_state(engine: Engine, info: EngineInfo, *, build_cache: bool) -> 
             return entry["Id"], None
 
     inspected = {k: v for k, v in await gather_bounded(images, inspect_image, AT_ONCE) if v is not None}
-    volumes = df.get("Volumes") if df else (await engine.get("/volumes")).get("Volumes")
-    networks = await engine.get("/networks")
+    volumes = df.get("Volumes") if df else await engine.volumes()
+    networks = await engine.networks()
 
     dataroot = None
     if info.containerd_store:

@@ -143,9 +143,26 @@ class Engine:
             registry if isinstance(registry, dict) else None,
         )
 
-    async def images(self) -> list[dict[str, Any]]:
-        result = await self._json("GET", "/images/json")
-        return result if isinstance(result, list) else []
+    # Typed calls: the operation and its parameters are named here, once; the answers are the API's documents.
+    # Refusals raise EngineError with the engine's status (404 gone, 409 in use or conflict).
+
+    async def containers(self, *, stopped: bool = True, filters: dict[str, list[str]] | None = None) -> list[Any]:
+        """``stopped``: not only the running ones (``docker ps -a``)."""
+        params = {"all": "1" if stopped else "0"}
+        if filters:
+            params["filters"] = json.dumps(filters)
+        return _list(await self._json("GET", "/containers/json", params=params))
+
+    async def inspect_container(self, container: str) -> dict[str, Any]:
+        return await self._json("GET", f"/containers/{quote(container, safe='')}/json")
+
+    async def remove_container(self, container: str) -> None:
+        """Without force: the engine refuses (409) a running one."""
+        await self._json("DELETE", f"/containers/{quote(container, safe='')}")
+
+    async def images(self, *, intermediate: bool = False) -> list[dict[str, Any]]:
+        """``intermediate``: the untagged build steps too (``docker images -a``)."""
+        return _list(await self._json("GET", "/images/json", params={"all": "1"} if intermediate else None))
 
     async def inspect_image(self, ref: str) -> dict[str, Any] | None:
         try:
@@ -155,14 +172,37 @@ class Engine:
                 return None
             raise
 
-    async def get(self, path: str, **params: str) -> Any:
-        return await self._json("GET", path, params=params)
+    async def remove_image(self, ref: str, *, noprune: bool = True) -> list[dict[str, Any]]:
+        """Without force: an image in use, or one several repositories name (by ID), is refused (409). With
+        ``noprune`` its untagged parents stay. Returns the engine's ``Untagged``/``Deleted`` entries."""
+        params = {"noprune": "1"} if noprune else None
+        return _list(await self._json("DELETE", f"/images/{quote(ref, safe='')}", params=params))
 
-    async def post(self, path: str, **params: str) -> Any:
-        return await self._json("POST", path, params=params)
+    async def tag_image(self, image: str, repo: str, tag: str) -> None:
+        await self._json("POST", f"/images/{quote(image, safe='')}/tag", params={"repo": repo, "tag": tag})
 
-    async def delete(self, path: str, **params: str) -> Any:
-        return await self._json("DELETE", path, params=params)
+    async def volumes(self) -> list[dict[str, Any]]:
+        return _list((await self._json("GET", "/volumes") or {}).get("Volumes"))
+
+    async def remove_volume(self, name: str) -> None:
+        await self._json("DELETE", f"/volumes/{quote(name, safe='')}")
+
+    async def networks(self) -> list[dict[str, Any]]:
+        return _list(await self._json("GET", "/networks"))
+
+    async def inspect_network(self, network: str) -> dict[str, Any]:
+        return await self._json("GET", f"/networks/{quote(network, safe='')}")
+
+    async def remove_network(self, network: str) -> None:
+        await self._json("DELETE", f"/networks/{quote(network, safe='')}")
+
+    async def system_df(self) -> dict[str, Any]:
+        """What ``docker system df`` counts (API 1.25 and later)."""
+        return await self._json("GET", "/system/df") or {}
+
+    async def prune_build_cache(self, ids: list[str]) -> dict[str, Any]:
+        """Remove these build cache records (``docker builder prune --filter id=...``)."""
+        return await self._json("POST", "/build/prune", params={"filters": json.dumps({"id": ids})}) or {}
 
     async def load(self, body: AsyncIterator[bytes]) -> list[dict[str, Any]]:
         """POST a docker-archive stream to ``/images/load``; the engine's progress messages, errors raised."""
@@ -207,6 +247,10 @@ class Engine:
                 f"permission denied on {self.host}: run with sudo, or join the docker group (then log in again)"
             )
         return EngineError(f"cannot reach the Docker engine at {self.host}: is dockerd running? ({exc})")
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _message(text: str) -> str:
