@@ -19,6 +19,7 @@ from rich.table import Table
 
 from dao import __version__
 from dao.config import ConfigError, MirrorConfig, load
+from dao.errors import USAGE, DaoError
 
 app = typer.Typer(
     help="Fast, tidy Docker image distribution for slow, lossy or metered links.",
@@ -63,11 +64,9 @@ def main_callback(
     """dao: registry mirror and tools for Docker hosts behind slow links."""
 
 
-def fail(message: str, hint: str | None = None, code: int = 2) -> typer.Exit:
-    typer.secho(f"dao: error: {message}", err=True, fg="red")
-    if hint:
-        typer.echo(f"hint: {hint}", err=True)
-    return typer.Exit(code)
+def fail(message: str, hint: str | None = None, code: int = USAGE) -> DaoError:
+    """A usage error (exit 2) unless ``code`` says otherwise; ``main`` prints it."""
+    return DaoError(message, hint=hint, exit_code=code)
 
 
 @mirror_app.command("serve")
@@ -280,7 +279,7 @@ def mirror_serve(
 
 
 def _accounts(config_file: Path | None, data_dir: Path | None, database: str | None) -> tuple[Any, MirrorConfig]:
-    from dao.mirror.accounts import AccountError, Accounts
+    from dao.mirror.accounts import Accounts
 
     try:
         config = load(
@@ -289,21 +288,14 @@ def _accounts(config_file: Path | None, data_dir: Path | None, database: str | N
         if not config.database:
             config.data_dir.mkdir(parents=True, exist_ok=True)
         return Accounts(config.database_url), config
-    except ConfigError as exc:
-        raise fail(str(exc)) from None
-    except AccountError as exc:
-        raise fail(str(exc), code=1) from None
     except OSError as exc:
         raise fail(f"cannot create data directory {config.data_dir}: {exc.strerror}", code=1) from None
 
 
 def _size(text: str) -> int:
-    from dao.units import UnitError, parse_size
+    from dao.units import parse_size
 
-    try:
-        return parse_size(text)
-    except UnitError as exc:
-        raise fail(str(exc)) from None
+    return parse_size(text)
 
 
 @users_app.command("add")
@@ -319,13 +311,9 @@ def users_add(
     as_json: JsonOpt = False,
 ) -> None:
     """Add a user; prints their ID, their token and their secret mirror address, once (dao keeps only hashes)."""
-    from dao.mirror.accounts import AccountError
 
     accounts, config = _accounts(config_file, data_dir, database)
-    try:
-        issued = accounts.add_user(name, user_id=user_id, quota_bytes=_size(quota) if quota is not None else None)
-    except AccountError as exc:
-        raise fail(str(exc), code=1) from None
+    issued = accounts.add_user(name, user_id=user_id, quota_bytes=_size(quota) if quota is not None else None)
     _print_issued(issued, config.mirror_domain, as_json)
 
 
@@ -341,14 +329,10 @@ def users_reissue(
 ) -> None:
     """New secrets for a user (both unless --token or --address), printed once; a running mirror stops
     accepting the old ones within --usage-flush seconds."""
-    from dao.mirror.accounts import AccountError
 
     accounts, config = _accounts(config_file, data_dir, database)
     both = not token and not address
-    try:
-        issued = accounts.reissue(user_id, token=token or both, address=address or both)
-    except AccountError as exc:
-        raise fail(str(exc), code=1) from None
+    issued = accounts.reissue(user_id, token=token or both, address=address or both)
     _print_issued(issued, config.mirror_domain, as_json)
 
 
@@ -395,14 +379,10 @@ def users_show(
     as_json: JsonOpt = False,
 ) -> None:
     """One user: quota, whether they have an address, and usage by month (secrets are never shown again)."""
-    from dao.mirror.accounts import AccountError
     from dao.units import format_size
 
     accounts, _ = _accounts(config_file, data_dir, database)
-    try:
-        user = accounts.user(user_id)
-    except AccountError as exc:
-        raise fail(str(exc), code=1) from None
+    user = accounts.user(user_id)
     months = accounts.usage(user_id=user_id)
     if as_json:
         doc = {"id": user.id, "name": user.name, "address": user.address is not None, "quota_bytes": user.quota_bytes}
@@ -424,13 +404,9 @@ def users_quota(
     database: DatabaseOpt = None,
 ) -> None:
     """Set a user's monthly allowance; a running mirror applies it within --usage-flush seconds."""
-    from dao.mirror.accounts import AccountError
 
     accounts, _ = _accounts(config_file, data_dir, database)
-    try:
-        accounts.set_quota(user_id, None if size == "default" else _size(size))
-    except AccountError as exc:
-        raise fail(str(exc), code=1) from None
+    accounts.set_quota(user_id, None if size == "default" else _size(size))
 
 
 @users_app.command("remove")
@@ -441,13 +417,9 @@ def users_remove(
     database: DatabaseOpt = None,
 ) -> None:
     """Remove a user (their usage history stays)."""
-    from dao.mirror.accounts import AccountError
 
     accounts, _ = _accounts(config_file, data_dir, database)
-    try:
-        accounts.remove_user(user_id)
-    except AccountError as exc:
-        raise fail(str(exc), code=1) from None
+    accounts.remove_user(user_id)
 
 
 @mirror_app.command("usage")
@@ -490,10 +462,7 @@ def mirror_gc(
     from dao.mirror.eviction import Collector
     from dao.units import format_size
 
-    try:
-        config = load(MirrorConfig, "mirror", file=config_file, env=os.environ, flags={"data_dir": data_dir})
-    except ConfigError as exc:
-        raise fail(str(exc)) from None
+    config = load(MirrorConfig, "mirror", file=config_file, env=os.environ, flags={"data_dir": data_dir})
     collector = Collector(
         config.data_dir,
         max_bytes=_size(max_size if max_size is not None else config.cache_max),
@@ -571,17 +540,14 @@ def mirror_use(
     unknown = set(engines) - set(ENGINES)
     if unknown:
         raise fail(f"unknown engine {sorted(unknown)[0]!r}; choose from {', '.join(ENGINES)}")
-    try:
-        url = use.check_url(url)
-        changes: list[Any] = []
-        if "docker" in engines:
-            changes.append(use.docker_change(docker_config, url, off=off))
-        if "containerd" in engines:
-            changes += use.containerd_changes(containerd_certs, url, registry or ["docker.io"], off=off)
-        if "podman" in engines:
-            changes.append(use.registries_conf_change(registries_conf, url, off=off))
-    except use.UseError as exc:
-        raise fail(str(exc), code=1) from None
+    url = use.check_url(url)
+    changes: list[Any] = []
+    if "docker" in engines:
+        changes.append(use.docker_change(docker_config, url, off=off))
+    if "containerd" in engines:
+        changes += use.containerd_changes(containerd_certs, url, registry or ["docker.io"], off=off)
+    if "podman" in engines:
+        changes.append(use.registries_conf_change(registries_conf, url, off=off))
     if not engines:
         raise fail("no Docker, containerd or podman configuration found", "name one with --only", code=1)
     for change in changes:
@@ -683,10 +649,7 @@ def pull_command(
     ] = None,
 ) -> None:
     """Pull an image into the local Docker engine, like docker pull, through mirrors and many connections."""
-    from dao.engine import EngineError
-    from dao.oci.reference import ReferenceError
     from dao.pull.fetch import BlobCache, default_cache_dir
-    from dao.pull.plan import PullError
     from dao.pull.run import PullOptions, pull
 
     if os.environ.get("DAO_LOG"):  # what each chunk and source did, for the curious and for bug reports
@@ -719,10 +682,6 @@ def pull_command(
     )
     try:
         code = asyncio.run(pull(options, out=lambda line: typer.echo(line)))
-    except ReferenceError as exc:
-        raise fail(str(exc), code=1) from None
-    except (PullError, EngineError) as exc:
-        raise fail(str(exc), code=1) from None
     except OSError as exc:
         raise fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), code=1) from None
     raise typer.Exit(code)
@@ -783,10 +742,9 @@ def clean_command(
 
     Exit status: 0 cleaned or nothing to do, 1 error (engine unreachable, a removal failed), 2 bad usage.
     """
-    from dao.clean.plan import DEFAULT_KINDS, KINDS, Options, PlanError
+    from dao.clean.plan import DEFAULT_KINDS, KINDS, Options
     from dao.clean.run import Request, clean
-    from dao.engine import EngineError
-    from dao.units import UnitError, parse_duration
+    from dao.units import parse_duration
 
     def kinds_of(values: list[str] | None) -> list[str]:
         names = [k.strip() for v in values or [] for k in v.split(",") if k.strip()]
@@ -820,10 +778,6 @@ def clean_command(
         request = Request(options, dry_run, plan, plan_out, as_json, verbose)
         console = Console(soft_wrap=as_json) if as_json or sys.stdout.isatty() else Console(width=200)
         code = asyncio.run(clean(request, console))
-    except (PlanError, UnitError) as exc:
-        raise fail(str(exc)) from None
-    except EngineError as exc:
-        raise fail(str(exc), code=1) from None
     except OSError as exc:
         raise fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), code=1) from None
     raise typer.Exit(code)
@@ -841,4 +795,11 @@ def _print_usage(rows: list[Any]) -> None:
 
 
 def main() -> None:
-    app()
+    """The CLI's one error boundary: a DaoError from any command is one line (and a hint) and its status."""
+    try:
+        app()
+    except DaoError as exc:
+        typer.secho(f"dao: error: {exc}", err=True, fg="red")
+        if exc.hint:
+            typer.echo(f"hint: {exc.hint}", err=True)
+        raise SystemExit(exc.exit_code) from None

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any, TypeVar, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
+from dao.errors import USAGE, DaoError
 
-class ConfigError(ValueError):
-    pass
+
+class ConfigError(DaoError, ValueError):
+    exit_code = USAGE
 
 
 def default_data_dir() -> Path:

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import re
 
+from dao.errors import USAGE, DaoError
+
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)b?")
 
 
-class UnitError(ValueError):
+class UnitError(DaoError, ValueError):
     """Not a size or not a duration; the message shows what would be."""
+
+    exit_code = USAGE
 
 
 def parse_size(text: str) -> int:

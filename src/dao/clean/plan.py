@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dao.errors import USAGE, DaoError
+
 FORMAT = 1
 
 # the kinds a user selects with --only/--skip, and the item kinds each one covers
@@ -28,8 +30,10 @@ KINDS: dict[str, tuple[str, ...]] = {
 DEFAULT_KINDS = ("containers", "images", "volumes", "networks", "broken")  # build cache only when asked
 
 
-class PlanError(Exception):
+class PlanError(DaoError):
     """A plan file or an option is unusable; the message is one line for people."""
+
+    exit_code = USAGE
 
 
 @dataclass(frozen=True)

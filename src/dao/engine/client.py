@@ -24,12 +24,14 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 
+from dao.errors import DaoError
+
 DEFAULT_HOST = "unix:///var/run/docker.sock"
 OUR_API = (1, 43)
 MIN_API = (1, 24)
 
 
-class EngineError(Exception):
+class EngineError(DaoError):
     """The engine is unreachable, refused us, or answered an error; the message is for people.
 
     ``status`` is the engine's HTTP status when it answered (404 gone, 409 conflict/in use), else None.

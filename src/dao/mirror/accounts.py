@@ -47,6 +47,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from dao.errors import DaoError
+
 metadata = MetaData()
 
 users_table = Table(
@@ -75,7 +77,7 @@ ANONYMOUS = "anonymous"
 _ID = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # one DNS label: it becomes a host name
 
 
-class AccountError(ValueError):
+class AccountError(DaoError, ValueError):
     """A bad request to the account store (unknown user, duplicate ID, bad size); the message says which."""
 
 

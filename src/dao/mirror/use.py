@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from dao.errors import DaoError
+
 BEGIN = "# BEGIN dao mirror use"
 END = "# END dao mirror use"
 HOSTS_MARK = "# written by dao mirror use"
@@ -32,7 +34,7 @@ BACKUP_SUFFIX = ".dao-backup"
 DOCKER_HUB_SERVER = "https://registry-1.docker.io"
 
 
-class UseError(Exception):
+class UseError(DaoError):
     """A file we cannot read or understand; the message names it."""
 
 

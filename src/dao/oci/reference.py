@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
+from dao.errors import DaoError
 from dao.oci.digest import Digest, DigestError
 
 DOCKER_HUB_DOMAIN = "docker.io"
@@ -37,7 +38,7 @@ _REMOTE_NAME_RE = re.compile(REMOTE_NAME)
 _TAG_RE = re.compile(TAG, re.ASCII)
 
 
-class ReferenceError(ValueError):
+class ReferenceError(DaoError, ValueError):
     """A reference docker would refuse; the message is docker's own wording."""
 
 

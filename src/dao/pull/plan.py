@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from dao.errors import DaoError
 from dao.oci.digest import Digest
 from dao.oci.manifest import DEFAULT_ACCEPT, INDEX_TYPES, Descriptor, Platform, descriptors
 from dao.oci.reference import Reference
@@ -13,7 +14,7 @@ from dao.registry.client import Manifest, RegistryClient
 from dao.registry.errors import RegistryClientError, UpstreamNotFound
 
 
-class PullError(Exception):
+class PullError(DaoError):
     """Why the pull cannot go on; one line for the user."""
 
 
