@@ -576,9 +576,9 @@ def mirror_use(
 
 
 def _state_dir() -> Path:
-    if os.geteuid() == 0:
-        return Path("/var/lib/dao")
-    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "dao"
+    from dao.paths import data_dir
+
+    return data_dir()
 
 
 def _installed_engines(docker: Path, certs: Path, registries: Path) -> list[tuple[str, bool]]:

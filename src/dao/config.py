@@ -8,7 +8,6 @@ environment names upper-cased with the feature prefix (``DAO_MIRROR_MANIFEST_TTL
 from __future__ import annotations
 
 import dataclasses
-import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,6 +16,8 @@ from typing import Any, TypeVar, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 from dao.errors import USAGE, DaoError
+from dao.oci.reference import DOCKER_HUB_URL
+from dao.paths import data_dir
 
 
 class ConfigError(DaoError, ValueError):
@@ -25,16 +26,13 @@ class ConfigError(DaoError, ValueError):
 
 def default_data_dir() -> Path:
     """Root keeps service data in /var/lib; a user in the XDG data directory."""
-    if os.geteuid() == 0:
-        return Path("/var/lib/dao/mirror")
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "dao" / "mirror"
+    return data_dir() / "mirror"
 
 
 @dataclass(frozen=True)
 class MirrorConfig:
     listen: str = "127.0.0.1:5000"
-    upstream: str = "https://registry-1.docker.io"  # Docker Hub's upstream
+    upstream: str = DOCKER_HUB_URL  # Docker Hub's upstream
     registries: dict[str, str] = field(default_factory=dict)  # more registries (name -> URL), beside the built-in
     aliases: dict[str, str] = field(default_factory=dict)  # short path prefix -> registry name
     hosts: dict[str, str] = field(default_factory=dict)  # Host header -> registry name

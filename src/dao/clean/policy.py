@@ -11,6 +11,7 @@ import fnmatch
 from collections.abc import Iterable, Mapping
 
 from dao.clean.plan import Options
+from dao.oci.reference import DOCKER_HUB_NAMES
 from dao.units import format_age
 
 
@@ -47,7 +48,7 @@ def ref_names(ref: str) -> set[str]:
     ``docker.io/library/nginx:1`` are one image."""
     names = {ref}
     name = ref
-    for prefix in ("docker.io/", "index.docker.io/", "registry-1.docker.io/"):
+    for prefix in (f"{n}/" for n in DOCKER_HUB_NAMES):
         if name.startswith(prefix):
             name = name[len(prefix) :]
     names.add(name)

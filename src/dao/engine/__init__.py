@@ -2,6 +2,6 @@
 can act on), what it holds of images, and the docker-archive writer. Used by dao pull, dao clean and the
 agent; no feature reaches the engine another way."""
 
-from dao.engine.client import DEFAULT_HOST, Engine, EngineError, EngineInfo, docker_config_dir, go_arch, resolve_host
+from dao.engine.client import DEFAULT_HOST, Engine, EngineError, EngineInfo, go_arch, resolve_host
 
-__all__ = ["DEFAULT_HOST", "Engine", "EngineError", "EngineInfo", "docker_config_dir", "go_arch", "resolve_host"]
+__all__ = ["DEFAULT_HOST", "Engine", "EngineError", "EngineInfo", "go_arch", "resolve_host"]

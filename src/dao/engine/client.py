@@ -25,6 +25,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 
 from dao.errors import DaoError
+from dao.paths import docker_config_dir
 
 DEFAULT_HOST = "unix:///var/run/docker.sock"
 OUR_API = (1, 43)
@@ -57,10 +58,6 @@ class EngineInfo:
 def _parse_version(text: str) -> tuple[int, int]:
     major, _, minor = text.partition(".")
     return int(major), int(minor or 0)
-
-
-def docker_config_dir() -> Path:
-    return Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker")
 
 
 def resolve_host() -> str:
@@ -96,7 +93,7 @@ class Engine:
         elif split.scheme in ("tcp", "http", "https"):
             tls = split.scheme == "https" or os.environ.get("DOCKER_TLS_VERIFY") not in (None, "", "0")
             if tls:
-                ssl_context = _tls_context(Path(os.environ.get("DOCKER_CERT_PATH") or Path.home() / ".docker"))
+                ssl_context = _tls_context(Path(os.environ.get("DOCKER_CERT_PATH") or docker_config_dir()))
             self._connector = aiohttp.TCPConnector(ssl=ssl_context)
             self._base = f"{'https' if tls else 'http'}://{split.netloc}"
         else:

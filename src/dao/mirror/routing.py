@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 from dao.oci.errors import ErrorCode, RegistryError
-from dao.oci.reference import DOCKER_HUB_DOMAIN, ReferenceError, normalize_repository
+from dao.oci.reference import DOCKER_HUB_DOMAIN, DOCKER_HUB_NAMES, ReferenceError, normalize_repository
 
-DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+DOCKER_HUB_ALIASES = DOCKER_HUB_NAMES
 
 # Public registries served out of the box (name -> upstream URL); Docker Hub's URL comes from the config.
 PUBLIC_REGISTRIES = {

@@ -26,12 +26,13 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from dao.errors import DaoError
+from dao.oci.reference import DOCKER_HUB_URL
 
 BEGIN = "# BEGIN dao mirror use"
 END = "# END dao mirror use"
 HOSTS_MARK = "# written by dao mirror use"
 BACKUP_SUFFIX = ".dao-backup"
-DOCKER_HUB_SERVER = "https://registry-1.docker.io"
+DOCKER_HUB_SERVER = DOCKER_HUB_URL
 
 
 class UseError(DaoError):

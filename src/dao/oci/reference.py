@@ -16,6 +16,8 @@ from dao.oci.digest import Digest, DigestError
 DOCKER_HUB_DOMAIN = "docker.io"
 LEGACY_DOCKER_HUB_DOMAIN = "index.docker.io"
 DOCKER_HUB_REGISTRY_HOST = "registry-1.docker.io"
+DOCKER_HUB_NAMES = frozenset({DOCKER_HUB_DOMAIN, LEGACY_DOCKER_HUB_DOMAIN, DOCKER_HUB_REGISTRY_HOST})  # one registry
+DOCKER_HUB_URL = f"https://{DOCKER_HUB_REGISTRY_HOST}"
 OFFICIAL_REPO_PREFIX = "library/"
 DEFAULT_TAG = "latest"
 NAME_TOTAL_LENGTH_MAX = 255

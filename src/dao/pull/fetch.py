@@ -46,6 +46,7 @@ from pathlib import Path
 
 from dao.oci.digest import Digest
 from dao.oci.manifest import Descriptor
+from dao.paths import cache_dir
 from dao.pull.plan import PullError
 from dao.pull.route import Peer, can_serve, pick
 from dao.registry.download import Runs, first_error, skipping
@@ -71,9 +72,7 @@ UNDO_MAX = 64 * MiB  # differing bytes kept to put back when a comparison proves
 
 
 def default_cache_dir() -> Path:
-    if os.geteuid() == 0:
-        return Path("/var/cache/dao")
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dao"
+    return cache_dir()
 
 
 @dataclass(slots=True)

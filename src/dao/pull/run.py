@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 import platform as py_platform
 import sys
 import time
@@ -35,6 +34,7 @@ from dao.oci.digest import Digest
 from dao.oci.layers import chain_ids
 from dao.oci.manifest import DEFAULT_ACCEPT, Descriptor, Platform
 from dao.oci.reference import DOCKER_HUB_DOMAIN, Reference
+from dao.paths import config_file
 from dao.pull.fetch import BlobCache, Fetcher, Stats, default_cache_dir
 from dao.pull.load import parse_output, write_oci_layout, write_stream
 from dao.pull.plan import PullError, Source, resolve
@@ -222,14 +222,6 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
         keep = frozenset({plan.config.digest, *(layer.digest for layer in plan.layers)})
         await asyncio.to_thread(cache.prune, options.cache_max, keep)
         return 0
-
-
-def config_file() -> Path:
-    """``$DAO_CONFIG``, else ``$XDG_CONFIG_HOME/dao/config.toml`` (``~/.config``), else ``/etc/dao/config.toml``."""
-    if os.environ.get("DAO_CONFIG"):
-        return Path(os.environ["DAO_CONFIG"])
-    home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "dao" / "config.toml"
-    return home if home.exists() else Path("/etc/dao/config.toml")
 
 
 def configured_mirrors() -> list[str]:

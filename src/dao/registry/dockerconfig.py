@@ -11,20 +11,20 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from dao.oci.reference import DOCKER_HUB_NAMES
+from dao.paths import docker_config_dir
 from dao.registry.auth import Credentials
 
 DOCKER_HUB_KEY = "https://index.docker.io/v1/"
-DOCKER_HUB_HOSTS = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 HELPER_TIMEOUT = 30
 
 
 def config_path() -> Path:
-    return Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker") / "config.json"
+    return docker_config_dir() / "config.json"
 
 
 def credentials_for(host: str, *, warn: Callable[[str], None], path: Path | None = None) -> Credentials | None:
@@ -39,7 +39,7 @@ def credentials_for(host: str, *, warn: Callable[[str], None], path: Path | None
         return None
     if not isinstance(doc, dict):
         return None
-    keys = [DOCKER_HUB_KEY, "docker.io", "index.docker.io"] if host in DOCKER_HUB_HOSTS else [host]
+    keys = [DOCKER_HUB_KEY, "docker.io", "index.docker.io"] if host in DOCKER_HUB_NAMES else [host]
     keys += [f"https://{k}" for k in keys if "://" not in k] + [f"http://{k}" for k in keys if "://" not in k]
     helpers = doc.get("credHelpers") if isinstance(doc.get("credHelpers"), dict) else {}
     helper = next((helpers[k] for k in keys if k in helpers), None) or doc.get("credsStore")
