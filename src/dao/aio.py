@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
@@ -20,3 +21,9 @@ async def gather_bounded(items: Iterable[T], fn: Callable[[T], Awaitable[R]], at
             return await fn(item)
 
     return list(await asyncio.gather(*(one(item) for item in items)))
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Seconds to wait before try ``attempt + 1``: exponential, capped, with "equal jitter" (half fixed, half
+    random), so retries of many transfers that broke together spread out but never come back at once."""
+    return min(base * 2**attempt, cap) * random.uniform(0.5, 1.0)

@@ -37,13 +37,13 @@ import hashlib
 import json
 import logging
 import os
-import random
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dao.aio import backoff
 from dao.oci.digest import Digest
 from dao.oci.manifest import Descriptor
 from dao.paths import cache_dir
@@ -602,7 +602,7 @@ class Fetcher:
             self._drop(peer, f"{peer.url} failed {peer.failures} times in a row ({exc})")
             return
         log.info("retrying %s after: %s", peer.url, exc)
-        await asyncio.sleep(min(0.2 * 2**peer.failures, 2.0) * random.uniform(0.5, 1.0))
+        await asyncio.sleep(backoff(peer.failures, 0.2, 2.0))
 
     def _drop(self, peer: Peer, why: str, *, lied: bool = False) -> None:
         if peer.out is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import random
 import re
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from multidict import CIMultiDictProxy
 
+from dao.aio import backoff
 from dao.oci.digest import Digest, DigestError
 from dao.oci.errors import parse_error_body
 from dao.oci.manifest import MAX_MANIFEST_SIZE, media_type_of
@@ -57,7 +57,7 @@ class RetryPolicy:
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         if retry_after is not None:
             return min(retry_after, self.max_delay)
-        return min(self.base_delay * (2**attempt), self.max_delay) * random.uniform(0.5, 1.0)
+        return backoff(attempt, self.base_delay, self.max_delay)
 
 
 @dataclass(frozen=True, slots=True)

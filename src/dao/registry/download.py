@@ -29,12 +29,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
+from dao.aio import backoff
 from dao.registry.errors import UpstreamRateLimited, UpstreamStatusError, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class DownloadPolicy:
     backoff_max: float = 5.0
 
     def backoff(self, attempt: int) -> float:
-        return min(self.backoff_base * 2**attempt, self.backoff_max) * random.uniform(0.5, 1.0)
+        return backoff(attempt, self.backoff_base, self.backoff_max)
 
 
 class Body(Protocol):
