@@ -23,7 +23,7 @@ from aiohttp.typedefs import Handler
 from dao.config import ConfigError, MirrorConfig
 from dao.mirror.accounts import Accounts
 from dao.mirror.availability import CircuitBreaker
-from dao.mirror.eviction import AccessLog, Collector
+from dao.mirror.eviction import Collector
 from dao.mirror.guard import GUARD_KEY, ConnectionGuard
 from dao.mirror.guard import middleware as guard_middleware
 from dao.mirror.inflight import FetchGate, Inflight
@@ -34,6 +34,7 @@ from dao.mirror.proxy import STALE_WARNING, Proxies, Proxy, RememberedError
 from dao.mirror.routing import Router
 from dao.mirror.serve import SEND_POLICY_KEY, SendPolicy, blob_headers, parse_range, send_fetch, send_local
 from dao.mirror.storage import FilesystemBlobStore, FilesystemManifestStore, FilesystemOrigins
+from dao.mirror.storage.access import AccessLog
 from dao.mirror.usage import Meter
 from dao.oci.digest import Digest, DigestError
 from dao.oci.errors import ErrorCode, RegistryError

@@ -20,43 +20,15 @@ import contextlib
 import json
 import logging
 import os
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dao.mirror.storage.access import AccessLog, blob_path
 from dao.oci.digest import Digest, DigestError
 from dao.oci.manifest import descriptors
 
 log = logging.getLogger(__name__)
-
-
-class AccessLog:
-    """Blob digest -> last use, in memory, flushed to file mtimes in batches; and who is reading now."""
-
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self.clock = clock
-        self._touched: dict[str, float] = {}
-        self.reading: dict[str, int] = {}
-
-    def touch(self, digest: str) -> None:
-        self._touched[digest] = self.clock()
-
-    def opened(self, digest: str) -> None:
-        self.reading[digest] = self.reading.get(digest, 0) + 1
-
-    def closed(self, digest: str) -> None:
-        left = self.reading.get(digest, 0) - 1
-        if left > 0:
-            self.reading[digest] = left
-        else:
-            self.reading.pop(digest, None)
-
-    def persist(self, blobs_dir: Path) -> None:
-        touched, self._touched = self._touched, {}
-        for digest, at in touched.items():
-            with contextlib.suppress(FileNotFoundError):
-                os.utime(_path(blobs_dir, digest), (at, at))
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +119,7 @@ class Collector:
             if item.kind == "blob" and item.digest in self.access.reading:
                 continue
             base = self.blobs_dir if item.kind == "blob" else self.manifests_dir
-            path = _path(base, item.digest)
+            path = blob_path(base, item.digest)
             try:
                 path.unlink()
                 removed += 1
@@ -156,7 +128,7 @@ class Collector:
             if item.kind == "manifest":
                 path.with_suffix(".type").unlink(missing_ok=True)
                 manifests.add(item.digest)
-            _path(self.root / "origins", item.digest).unlink(missing_ok=True)
+            blob_path(self.root / "origins", item.digest).unlink(missing_ok=True)
         if manifests:
             self._drop_tags(manifests)
         return removed
@@ -210,6 +182,4 @@ class Collector:
             return []
 
 
-def _path(base: Path, digest: str) -> Path:
-    algorithm, _, encoded = digest.partition(":")
-    return base / algorithm / encoded[:2] / encoded
+

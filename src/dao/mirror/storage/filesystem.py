@@ -19,7 +19,7 @@ import stat as stat_mod
 import tempfile
 from pathlib import Path
 
-from dao.mirror.eviction import AccessLog
+from dao.mirror.storage.access import AccessLog
 from dao.mirror.storage.base import LocalBlob, ManifestRecord, Origin
 from dao.oci.digest import Digest, DigestError
 
