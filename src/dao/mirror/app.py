@@ -33,6 +33,7 @@ from dao.mirror.metrics import Metrics
 from dao.mirror.proxy import STALE_WARNING, Proxies, Proxy, RememberedError
 from dao.mirror.routing import Router
 from dao.mirror.serve import SEND_POLICY_KEY, SendPolicy, blob_headers, parse_range, send_fetch, send_local
+from dao.mirror.state import state
 from dao.mirror.storage import FilesystemBlobStore, FilesystemManifestStore, FilesystemOrigins
 from dao.mirror.storage.access import AccessLog
 from dao.mirror.usage import Meter
@@ -73,8 +74,8 @@ async def measure(request: web.Request, handler: Handler) -> web.StreamResponse:
         status = exc.status
         raise
     finally:
-        metrics.requests.labels(request.get("dao.route", "other"), request.method, str(status)).inc()
-        metrics.served(request.get("dao.cache", "-"), request.get("dao.sent", 0))
+        metrics.requests.labels(state(request).route, request.method, str(status)).inc()
+        metrics.served(state(request).cache, state(request).sent or 0)
 
 
 @web.middleware
@@ -82,16 +83,16 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except RegistryError as exc:
-        request["dao.failure"] = exc.message
+        state(request).failure = exc.message
         if isinstance(exc, RememberedError):
-            request["dao.cache"] = exc.cache
+            state(request).cache = exc.cache
         return error_response(exc)
     except web.HTTPException:
         raise
     except ConnectionError:
         # The client hung up mid-response (a pull cancelled, a chunk raced and lost): routine, not a fault.
         # 499 is what the access log and /metrics show, as nginx does; nothing more can be sent anyway.
-        request["dao.failure"] = "client went away"
+        state(request).failure = "client went away"
         return web.Response(status=499)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
@@ -110,24 +111,24 @@ async def account(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not request.path.startswith("/v2"):
         return await handler(request)
     user = meter.identify(request.headers.get("Host"), request.headers.get("Authorization"))
-    request["dao.user"] = user
-    request["dao.user_name"] = meter.name_of(user)
+    state(request).user = user
+    state(request).user_name = meter.name_of(user)
     route = request.path != "/v2" and request.path != "/v2/"
     if route:
         meter.check(user)
     completed = False
     try:
         response = await handler(request)
-        completed = response.status < 300 and request.method == "GET" and "dao.failure" not in request
+        completed = response.status < 300 and request.method == "GET" and state(request).failure is None
         return response
     finally:
-        kind = request.get("dao.route")
+        kind = state(request).route
         meter.record(
             user,
-            sent=request.get("dao.sent", 0),
+            sent=state(request).sent or 0,
             blob=completed and kind == "blobs",
             pull=completed and kind == "manifests",
-            hit=request.get("dao.cache") == "hit",
+            hit=state(request).cache == "hit",
         )
 
 
@@ -137,25 +138,25 @@ async def _api_version(request: web.Request, response: web.StreamResponse) -> No
 
 
 async def base(request: web.Request) -> web.StreamResponse:
-    request["dao.route"] = "base"
+    state(request).route = "base"
     # Tells dao pull this mirror answers for the registry a request names with ?ns=, not only Docker Hub.
     return web.json_response({}, headers={NAMESPACES_HEADER: "true"})
 
 
 async def metrics_endpoint(request: web.Request) -> web.StreamResponse:
-    request["dao.route"] = "metrics"
+    state(request).route = "metrics"
     return web.Response(body=request.app[METRICS_KEY].render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
     """Alive: the process answers HTTP."""
-    request["dao.route"] = "health"
+    state(request).route = "health"
     return web.Response(text="ok\n")
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:
     """Ready: the cache directory can take new blobs (exists, writable); otherwise 503 so a balancer skips us."""
-    request["dao.route"] = "health"
+    state(request).route = "health"
     spool = request.app[PROXIES_KEY].inflight.store.spool_dir()
     if not os.access(spool, os.W_OK | os.X_OK):
         return web.Response(status=503, text=f"cache directory {spool} is not writable\n")
@@ -171,11 +172,10 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         raise RegistryError(ErrorCode.NAME_UNKNOWN, "no such route", status=404)
     route = request.app[ROUTER_KEY].route(request.headers.get("Host"), request.query.get("ns"), match["name"])
     name = route.repository
-    request["dao.repo"] = f"{route.registry}/{name}"
-    request["dao.registry"] = route.registry
+    state(request).registry = route.registry
     proxy = request.app[PROXIES_KEY].get(route.registry)
     kind, rest = match["kind"], match["rest"]
-    request["dao.route"] = kind
+    state(request).route = kind
     if kind == "manifests":
         return await manifest(request, proxy, name, rest)
     if kind == "blobs":
@@ -200,7 +200,7 @@ async def manifest(request: web.Request, proxy: Proxy, name: str, reference: str
     elif not is_valid_tag(reference):
         raise RegistryError(ErrorCode.TAG_INVALID, f"invalid tag: {reference[:200]!r}")
     answer = await proxy.manifest(name, reference, parse_accept(request.headers.getall("Accept", [])))
-    request["dao.cache"] = answer.cache
+    state(request).cache = answer.cache
     headers = {
         "Docker-Content-Digest": str(answer.digest),
         "ETag": f'"{answer.digest}"',
@@ -209,14 +209,14 @@ async def manifest(request: web.Request, proxy: Proxy, name: str, reference: str
     if answer.stale:
         headers["Warning"] = STALE_WARNING
     if request.method == "GET":
-        request["dao.sent"] = len(answer.body)
+        state(request).sent = len(answer.body)
     return web.Response(body=answer.body, headers=headers)  # aiohttp drops the body of a HEAD answer
 
 
 async def blob(request: web.Request, proxy: Proxy, name: str, digest: Digest) -> web.StreamResponse:
     if request.method == "HEAD" and "Range" not in request.headers:
         size, cache = await proxy.stat_blob(name, digest)
-        request["dao.cache"] = cache
+        state(request).cache = cache
         resp = web.StreamResponse()
         blob_headers(resp, digest)
         if size is not None:
@@ -225,7 +225,7 @@ async def blob(request: web.Request, proxy: Proxy, name: str, digest: Digest) ->
         await resp.write_eof()
         return resp
     answer = await proxy.open_blob(name, digest, request.remote or "")
-    request["dao.cache"] = answer.cache
+    state(request).cache = answer.cache
     try:
         held = _reserve(request, answer.size)
     except RegistryError:
@@ -241,13 +241,13 @@ async def blob(request: web.Request, proxy: Proxy, name: str, digest: Digest) ->
         return await send_fetch(request, digest, answer.fetch)
     finally:
         if held:
-            request.app[METER_KEY].release(request["dao.user"], held)
+            request.app[METER_KEY].release(state(request).user, held)
 
 
 def _reserve(request: web.Request, size: int | None) -> int:
     """Hold the bytes this response will send against the user's quota (raises TOOMANYREQUESTS when that
     is used up, RANGE_INVALID for a bad Range); returns what was held, for the caller to release."""
-    user = request.get("dao.user")
+    user = state(request).user
     if user is None or size is None:
         return 0
     wanted = parse_range(request.headers.get("Range"), size)

@@ -17,6 +17,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
+from dao.mirror.state import state
+
 LOG_FORMATS = ("text", "json")
 USER_AGENT_MAX = 300
 
@@ -50,23 +52,23 @@ class JsonFormatter(logging.Formatter):
 
 class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        sent = request.get("dao.sent")
+        sent = state(request).sent
         if sent is None:  # small answers (errors, /v2/, metrics): their body, as for blobs and manifests
             body = response.body if isinstance(response, web.Response) else None
             sent = len(body) if isinstance(body, bytes) else response.body_length
         fields: dict[str, Any] = {
             "client": request.remote,
-            "user": request.get("dao.user_name"),
+            "user": state(request).user_name,
             "method": request.method,
             "path": request.path_qs,
             "status": response.status,
             "bytes": sent,
-            "cache": request.get("dao.cache", "-"),
+            "cache": state(request).cache,
             "duration_ms": round(time * 1000, 1),
             "user_agent": (request.headers.get("User-Agent") or "")[:USER_AGENT_MAX],
-            "registry": request.get("dao.registry"),
+            "registry": state(request).registry,
         }
-        failure = request.get("dao.failure")
+        failure = state(request).failure
         if failure:
             fields["error"] = failure
         line = (

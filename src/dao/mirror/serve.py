@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from dao.mirror.inflight import Fetch, FetchFailed
+from dao.mirror.state import state
 from dao.mirror.storage.base import LocalBlob
 from dao.oci.digest import Digest
 from dao.oci.errors import ErrorCode, RegistryError
@@ -169,11 +170,11 @@ async def send_local(request: web.Request, digest: Digest, blob: LocalBlob) -> w
         try:
             await _sendfile(sock.fileno(), blob.fd, start, count, progress, _policy(request))
         except TimeoutError as exc:  # the client reads too slowly: cut it
-            request["dao.failure"] = str(exc)
+            state(request).failure = str(exc)
             _reset(request)
             return resp
         finally:
-            request["dao.sent"] = progress[0]  # a client that hangs up is charged for what went out
+            state(request).sent = progress[0]  # a client that hangs up is charged for what went out
         await resp.write_eof()
         return resp
     finally:
@@ -301,13 +302,13 @@ async def _send_fetch(request: web.Request, digest: Digest, fetch: Fetch) -> web
                 window.deadline()  # too slow: raises; else a new window begins (the chunk is in the buffer)
             sent += len(chunk)
             window.sent += len(chunk)
-            request["dao.sent"] = sent
+            state(request).sent = sent
     except TimeoutError as exc:  # the client reads too slowly: cut it, it holds a connection and a fetch
-        request["dao.failure"] = str(exc)
+        state(request).failure = str(exc)
         _reset(request)
         return resp
     except FetchFailed as exc:
-        request["dao.failure"] = str(exc)
+        state(request).failure = str(exc)
         if request.transport is not None:
             request.transport.abort()  # aiohttp then sees a closed transport and writes nothing more
         return resp
