@@ -649,7 +649,7 @@ def pull_command(
     ] = None,
 ) -> None:
     """Pull an image into the local Docker engine, like docker pull, through mirrors and many connections."""
-    from dao.pull.fetch import BlobCache, default_cache_dir
+    from dao.pull.cache import BlobCache, default_cache_dir
     from dao.pull.run import PullOptions, pull
 
     if os.environ.get("DAO_LOG"):  # what each chunk and source did, for the curious and for bug reports

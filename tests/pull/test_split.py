@@ -10,7 +10,8 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
-from dao.pull.fetch import SPLIT_MIN, Fetcher, Stats, _Claim
+from dao.pull.fetch import SPLIT_MIN, Fetcher, Stats
+from dao.pull.partial import Claim
 from dao.pull.route import Peer
 
 MiB = 1024 * 1024
@@ -21,8 +22,8 @@ def _peer(ranges: bool = True) -> Peer:
     return Peer(SimpleNamespace(url="http://m", mirror=True), rank=0, ranges=ranges)  # type: ignore[arg-type]
 
 
-def _claim(blob: Any, peer: Peer, start: int, end: int, done: int, running_for: float) -> _Claim:
-    claim = _Claim(blob, start, end, peer)
+def _claim(blob: Any, peer: Peer, start: int, end: int, done: int, running_for: float) -> Claim:
+    claim = Claim(blob, start, end, peer)
     claim.started = time.monotonic() - running_for
     claim.pos = start + done
     blob.claims.append(claim)

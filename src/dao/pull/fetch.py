@@ -33,8 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hashlib
-import json
 import logging
 import os
 import sys
@@ -46,17 +44,17 @@ from pathlib import Path
 from dao.aio import backoff
 from dao.oci.digest import Digest
 from dao.oci.manifest import Descriptor
-from dao.paths import cache_dir
+from dao.pull.cache import BlobCache, load_runs
+from dao.pull.partial import Claim, PartialBlob, Progress
 from dao.pull.plan import PullError
 from dao.pull.route import Peer, can_serve, pick
-from dao.registry.download import Runs, first_error, skipping
+from dao.pull.verify import Verification
+from dao.registry.download import first_error, skipping
 from dao.registry.errors import RegistryClientError, UpstreamNotFound, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-HASH_CHUNK = 4 * MiB
-SAVE_EVERY = 0.5  # seconds between saves of a partial blob's written runs
 CHUNK_SECONDS = 4.0  # a chunk is this much of its source's measured per-connection speed...
 FIRST_CHUNK = 4 * MiB  # ...or this before the source is measured
 CHUNK_MIN = 512 * 1024  # below this a request's round trip costs too much of its time on a long path
@@ -67,12 +65,6 @@ SPLIT_ETA = 1.5  # seconds a running chunk must still need before an idle connec
 SPLIT_MIN = 256 * 1024  # neither half smaller than this
 RATE_SAMPLE = 1.0  # seconds between speed samples of a running chunk
 IDLE_RECHECK = 0.5  # seconds an idle worker waits before looking for a chunk to race again
-VERIFY_ROUNDS = 3  # full re-fetches of one blob before the pull gives up on it
-UNDO_MAX = 64 * MiB  # differing bytes kept to put back when a comparison proves nothing
-
-
-def default_cache_dir() -> Path:
-    return cache_dir()
 
 
 @dataclass(slots=True)
@@ -87,195 +79,11 @@ class Stats:
         self.bytes_by_source[url] = self.bytes_by_source.get(url, 0) + n
 
 
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _unlocked(lock: Path) -> bool:
-    """True when no running pull holds this blob's lock."""
-    fd = os.open(lock, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def _load_runs(partial: Path, runs_file: Path, size: int) -> Runs:
-    """What an earlier, interrupted pull wrote; nothing when the record is missing or for another size."""
-    if not partial.exists():
-        return Runs()
-    try:
-        doc = json.loads(runs_file.read_text())
-        if doc.get("size") not in (size, None):
-            return Runs()
-        return Runs([(int(a), int(b)) for a, b in doc["runs"] if 0 <= int(a) < int(b) <= size])
-    except (OSError, ValueError, KeyError, TypeError):
-        return Runs()
-
-
-class BlobCache:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.blobs = root / "blobs"
-        self.partial = root / "partial"
-
-    def prune(self, max_bytes: int, keep: frozenset[Digest] = frozenset()) -> tuple[int, int]:
-        """Bring the cache down to ``max_bytes``: partial downloads no running pull holds go first, then
-        verified blobs least recently used first; ``keep`` (the image just pulled) stays. Returns (items
-        removed, bytes freed). Blocking."""
-        items: list[tuple[float, int, list[Path]]] = []
-        for lock in self.partial.glob("*.lock"):
-            group = [lock.with_suffix(""), lock.with_suffix(".runs"), lock]
-            if _unlocked(lock):
-                items.append((0.0, sum(_size(p) for p in group), group))
-        for path in self.blobs.glob("*/*"):
-            if Digest(path.parent.name, path.name) in keep:
-                continue
-            try:
-                st = path.stat()
-            except FileNotFoundError:
-                continue
-            items.append((max(st.st_atime, st.st_mtime), st.st_size, [path]))
-        total = sum(_size(p) for p in self.blobs.glob("*/*")) + sum(_size(p) for p in self.partial.glob("*"))
-        removed = freed = 0
-        for _, size, group in sorted(items, key=lambda item: item[0]):
-            if total <= max_bytes:
-                break
-            for path in group:
-                path.unlink(missing_ok=True)
-            total -= size
-            removed += 1
-            freed += size
-        return removed, freed
-
-    def path(self, digest: Digest) -> Path:
-        return self.blobs / digest.algorithm / digest.encoded
-
-    async def cached(self, blob: Descriptor) -> Path | None:
-        """The blob's path when the cache holds it with the right bytes (re-hashed: a cache is not proof)."""
-        final = self.path(blob.digest)
-        if final.exists() and await asyncio.to_thread(_hash_file, final, blob.digest) == blob.digest:
-            await asyncio.to_thread(os.utime, final)  # last use, for pruning
-            return final
-        return None
-
-
-# Bytes of the blob now in hand (it can go down when bad bytes are dropped) and where the latest came from
-# (a source's URL; "cache" for the local content cache).
-Progress = Callable[[int, str], None]
-
-
-@dataclass(eq=False)
-class _Claim:
-    """A byte range [start, end) being fetched; ``pos``: the first byte of it nobody has written yet."""
-
-    blob: _Blob
-    start: int
-    end: int
-    peer: Peer  # who it was first given to
-    pos: int = 0
-    started: float = field(default_factory=time.monotonic)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    raced: bool = False
-
-    def __post_init__(self) -> None:
-        self.pos = self.start
-
-    def rate(self, now: float) -> float:
-        return (self.pos - self.start) / max(now - self.started, 1e-3)
-
-
-class _Blob:
-    """One blob being fetched: its partial file, the runs written, who wrote which, and the running claims."""
-
-    def __init__(
-        self, desc: Descriptor, order: int, cache: BlobCache, lock: int, have: Runs, progress: Progress
-    ) -> None:
-        self.order = order  # its place in the image: earlier layers are fetched first
-        self.digest = desc.digest
-        self.size = desc.size
-        self.partial = cache.partial / desc.digest.encoded
-        self.runs_file = self.partial.with_suffix(".runs")
-        self.final = cache.path(desc.digest)
-        self.lock = lock
-        self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644)
-        self.have = have
-        self.pieces: list[tuple[int, int, Peer | None]] = [(a, b, None) for a, b in have.runs]  # None: earlier run
-        self.claims: list[_Claim] = []
-        self.progress = progress
-        self.checking = False  # hashing or repairing: no new claims
-        self.rounds = 0
-        self.errors: dict[str, str] = {}
-        self.done: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
-        self._saved = time.monotonic()
-        progress(have.covered(), "cache")
-
-    def unclaimed(self) -> list[tuple[int, int]]:
-        taken = Runs([(a, b) for a, b in self.have.runs])
-        for claim in self.claims:
-            if claim.pos < claim.end:
-                taken.add(claim.pos, claim.end)
-        return taken.holes(0, self.size)
-
-    def wrote(self, start: int, data: memoryview, peer: Peer) -> None:
-        done = 0
-        while done < len(data):  # page-cache writes: microseconds, not worth a thread hop per chunk
-            done += os.pwrite(self.fd, data[done:], start + done)
-        end = start + len(data)
-        self.have.add(start, end)
-        last = self.pieces[-1] if self.pieces else None
-        if last is not None and last[1] == start and last[2] is peer:
-            self.pieces[-1] = (last[0], end, peer)
-        else:
-            self.pieces.append((start, end, peer))
-        self.progress(self.have.covered(), peer.url)
-        if time.monotonic() - self._saved >= SAVE_EVERY:
-            self.save()
-
-    def complete(self) -> bool:
-        return self.have.covered() >= self.size
-
-    def forget(self, peer: Peer | None) -> None:
-        """Drop every byte ``peer`` wrote: they will be fetched again."""
-        keep = [(a, b, p) for a, b, p in self.pieces if p is not peer]
-        self.pieces = keep
-        self.have = Runs([(a, b) for a, b, _ in keep])
-        self.progress(self.have.covered(), "")
-        self.save()
-
-    def reset(self) -> None:
-        self.pieces = []
-        self.have = Runs()
-        self.progress(0, "")
-        self.save()
-
-    def runs_of(self, peer: Peer | None) -> list[tuple[int, int]]:
-        return Runs([(a, b) for a, b, p in self.pieces if p is peer]).runs  # type: ignore[return-value]
-
-    def save(self) -> None:
-        tmp = self.runs_file.with_suffix(".runs-tmp")
-        tmp.write_text(json.dumps({"size": self.size, "runs": self.have.runs}))
-        os.replace(tmp, self.runs_file)
-        self._saved = time.monotonic()
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        os.close(self.lock)
-
-
 class _RangeIgnored(Exception):
     pass
 
 
-class Fetcher:
+class Fetcher(Verification):
     """The pull's blobs from its sources; one per pull (the sources' measured speeds carry over between
     :meth:`fetch` calls)."""
 
@@ -299,7 +107,7 @@ class Fetcher:
         self.resume_attempts = resume_attempts
         self.stall_timeout = stall_timeout
         self.warn = warn or (lambda line: print(f"dao: warning: {line}", file=sys.stderr))
-        self._blobs: list[_Blob] = []
+        self._blobs: list[PartialBlob] = []
         self._pulse = asyncio.Event()
         self._unresolved = 0
         self._checks: set[asyncio.Task[None]] = set()
@@ -322,7 +130,7 @@ class Fetcher:
         out: dict[Digest, Path] = {}
         for d in (self.cache.blobs / "sha256", self.cache.partial):
             d.mkdir(parents=True, exist_ok=True)
-        mine: list[_Blob] = []
+        mine: list[PartialBlob] = []
         self._unresolved = len(unique)
 
         async def prepare(order: int, desc: Descriptor) -> None:
@@ -334,9 +142,9 @@ class Fetcher:
                     hit = await self.cache.cached(desc)
                     if hit is None:
                         partial = self.cache.partial / desc.digest.encoded
-                        have = await asyncio.to_thread(_load_runs, partial, partial.with_suffix(".runs"), desc.size)
+                        have = await asyncio.to_thread(load_runs, partial, partial.with_suffix(".runs"), desc.size)
                         self.stats.cached_bytes += have.covered()  # resumed: an earlier run's bytes are local
-                        blob = _Blob(desc, order, self.cache, lock, have, progress(desc))
+                        blob = PartialBlob(desc, order, self.cache, lock, have, progress(desc))
                         lock = -1  # the blob holds it now
                         mine.append(blob)
                         self._blobs.append(blob)
@@ -412,10 +220,10 @@ class Fetcher:
                 self._release(claim, task)
                 self._wake()
 
-    def _next(self) -> tuple[Peer, _Claim, int] | None:
+    def _next(self) -> tuple[Peer, Claim, int] | None:
         """The next chunk and its source, or a slow running chunk to race; None when there is nothing to do."""
         remaining = 0
-        candidates: list[tuple[_Blob, list[tuple[int, int]]]] = []
+        candidates: list[tuple[PartialBlob, list[tuple[int, int]]]] = []
         for blob in self._blobs:
             if blob.done.done() or blob.checking:
                 continue
@@ -441,7 +249,7 @@ class Fetcher:
                 size = self._chunk_size(peer, remaining)
                 if end - start > size + CHUNK_MIN:
                     end = start + size
-            claim = _Claim(blob, start, end, peer)
+            claim = Claim(blob, start, end, peer)
             blob.claims.append(claim)
             peer.active += 1  # now: the next pick in this same loop turn must see it
             return peer, claim, start
@@ -452,10 +260,10 @@ class Fetcher:
         fair = remaining // self.connections  # near the end: a share of what is left, so all finish together
         return int(max(CHUNK_MIN, min(CHUNK_MAX, target, max(fair, CHUNK_MIN))))
 
-    def _reissue(self) -> tuple[Peer, _Claim, int] | None:
+    def _reissue(self) -> tuple[Peer, Claim, int] | None:
         """The running chunk that would finish last, raced by a source measured much faster than it goes."""
         now = time.monotonic()
-        best: tuple[float, Peer, _Claim] | None = None
+        best: tuple[float, Peer, Claim] | None = None
         for blob in self._blobs:
             for claim in blob.claims:
                 left = claim.end - claim.pos
@@ -479,12 +287,12 @@ class Fetcher:
         log.info("racing %s bytes %d-%d on %s", claim.blob.digest, claim.pos, claim.end - 1, peer.url)
         return peer, claim, claim.pos
 
-    def _split(self) -> tuple[Peer, _Claim, int] | None:
+    def _split(self) -> tuple[Peer, Claim, int] | None:
         """Nothing left to hand out and no faster source to race with: the running chunk with the most left
         gives its second half to this idle connection (the same source is welcome), so no connection idles
         while another still has seconds of work. The first request stops at the new boundary."""
         now = time.monotonic()
-        best: tuple[int, _Claim] | None = None
+        best: tuple[int, Claim] | None = None
         for blob in self._blobs:
             if blob.done.done() or blob.checking:
                 continue
@@ -503,7 +311,7 @@ class Fetcher:
         if peer is None or not peer.ranges:
             return None
         middle = claim.pos + left // 2
-        second = _Claim(claim.blob, middle, claim.end, peer)
+        second = Claim(claim.blob, middle, claim.end, peer)
         claim.end = middle
         claim.blob.claims.append(second)
         peer.active += 1
@@ -513,7 +321,7 @@ class Fetcher:
 
     # -- one request ---------------------------------------------------------------------------------------
 
-    async def _race(self, peer: Peer, claim: _Claim, cursor: int) -> None:
+    async def _race(self, peer: Peer, claim: Claim, cursor: int) -> None:
         """Fetch ``claim`` from ``cursor`` on. The worker that runs it keeps ``peer.active`` and releases the
         claim when it ends; failures release it at once, so others can take it during a backoff."""
         blob = claim.blob
@@ -575,13 +383,13 @@ class Fetcher:
         if claim.pos >= claim.end:
             self._finish(claim)
 
-    def _release(self, claim: _Claim, racer: asyncio.Task[None] | None = None) -> None:
+    def _release(self, claim: Claim, racer: asyncio.Task[None] | None = None) -> None:
         """This racer is out; with no other racer the chunk's unwritten rest is free for anyone."""
         claim.tasks.discard(racer or asyncio.current_task())  # type: ignore[arg-type]
         if not claim.tasks and claim in claim.blob.claims:
             claim.blob.claims.remove(claim)
 
-    def _finish(self, claim: _Claim) -> None:
+    def _finish(self, claim: Claim) -> None:
         blob = claim.blob
         if claim in blob.claims:
             blob.claims.remove(claim)
@@ -592,7 +400,7 @@ class Fetcher:
         if blob.complete() and not blob.checking and not blob.done.done():
             self._check_soon(blob)
 
-    async def _failed(self, peer: Peer, blob: _Blob, exc: BaseException, got: int) -> None:
+    async def _failed(self, peer: Peer, blob: PartialBlob, exc: BaseException, got: int) -> None:
         others = any(p is not peer and p.out is None and blob.digest not in p.missing for p in self.peers)
         if others:
             self._drop(peer, f"{peer.url} failed ({exc}); going on with the other sources")
@@ -619,160 +427,12 @@ class Fetcher:
                             task.cancel()  # a stalled stream of a dropped source would hold its chunk
         self._wake()
 
-    def _fail(self, blob: _Blob) -> None:
+    def _fail(self, blob: PartialBlob) -> None:
         if not blob.done.done():
             why = "; ".join(f"{url}: {err}" for url, err in blob.errors.items()) or "no source left"
             blob.done.set_exception(PullError(f"cannot get {blob.digest}: {why}"))
             self._resolved()  # resolved, badly: the workers need not wait for it
 
-    # -- verification --------------------------------------------------------------------------------------
-
-    def _check_soon(self, blob: _Blob) -> None:
-        blob.checking = True
-        task = asyncio.get_running_loop().create_task(self._check(blob))
-        self._checks.add(task)
-        task.add_done_callback(self._checks.discard)
-
-    async def _check(self, blob: _Blob) -> None:
-        try:
-            actual = await asyncio.to_thread(_sync_and_hash, blob.fd, blob.digest)
-            if actual != blob.digest:
-                actual = await self._repair(blob, actual)
-                if not blob.complete():
-                    return  # a known liar's bytes were dropped: the workers fetch them again
-            if actual == blob.digest:
-                os.close(blob.fd)
-                blob.fd = -1
-                os.replace(blob.partial, blob.final)
-                blob.runs_file.unlink(missing_ok=True)
-                blob.done.set_result(blob.final)
-                for peer in {p for _, _, p in blob.pieces if p is not None}:
-                    peer.proven += 1
-                log.debug("%s verified", blob.digest.encoded[:12])
-                self._resolved()
-                return
-            blob.rounds += 1
-            if blob.rounds >= VERIFY_ROUNDS:
-                blob.errors["verify"] = f"the bytes hash to {actual}, not {blob.digest}, {blob.rounds} times"
-                self._fail(blob)
-                return
-            self.warn(f"{blob.digest}: the bytes hash to {actual}; fetching it again")
-            blob.reset()
-        except Exception as exc:  # whatever broke, the pull must hear of it, not hang
-            if not blob.done.done():
-                blob.done.set_exception(exc)
-                self._resolved()
-        finally:
-            blob.checking = False
-            self._wake()
-
-    async def _repair(self, blob: _Blob, actual: Digest) -> Digest:
-        """Find who sent the bad bytes: each source's runs fetched again from another source and compared.
-
-        Differing bytes only say that one of the two lies, so the blame goes to the writer only when its bytes
-        replaced by the checker's make the digest right; otherwise ours go back and the search goes on. One
-        repair at a time, so each knows who the ones before caught."""
-        async with self._repairing:
-            writers = list(dict.fromkeys(p for _, _, p in blob.pieces))
-            liars = [p for p in writers if p is not None and p.lied]
-            for peer in liars:  # already caught lying elsewhere: just drop what they wrote
-                blob.forget(peer)
-            if liars:
-                return actual
-            # The least proven first: an earlier run's bytes, then sources by blobs verified, then bytes written.
-            writers.sort(key=lambda p: (p is not None, p.proven if p else 0, sum(b - a for a, b in blob.runs_of(p))))
-            for writer in writers:
-                runs = blob.runs_of(writer)
-                for checker in self._checkers(blob, writer):
-                    try:
-                        undo = await self._compare(blob, runs, checker)
-                    except (RegistryClientError, TimeoutError) as exc:
-                        log.info("could not check %s against %s: %s", blob.digest, checker.url, exc)
-                        continue
-                    if not undo:
-                        break  # the same bytes: this writer is not the one
-                    actual = await asyncio.to_thread(_sync_and_hash, blob.fd, blob.digest)
-                    where = _where([(pos, pos + len(data)) for pos, data in undo])
-                    if actual == blob.digest:
-                        self._blame(blob, writer, checker, where, undo)
-                        return actual
-                    for pos, data in undo:  # inconclusive: maybe the checker lies; our bytes go back
-                        os.pwrite(blob.fd, data, pos)
-                    log.info(
-                        "%s: bytes %s differ between %s and %s; no proof yet",
-                        blob.digest,
-                        where,
-                        writer.url if writer else "the partial file",
-                        checker.url,
-                    )
-            return actual
-
-    def _blame(
-        self, blob: _Blob, writer: Peer | None, checker: Peer, where: str, undo: list[tuple[int, bytes]]
-    ) -> None:
-        if writer is not None:
-            why = f"{writer.url} sent corrupt bytes for {blob.digest} (bytes {where} differ from {checker.url}'s)"
-            self._drop(writer, f"{why}; not using it again", lied=True)
-        else:
-            self.warn(f"the partial download of {blob.digest} had bad bytes ({where}); replaced them")
-        for pos, data in undo:  # those bytes are the checker's now
-            start, end = pos, pos + len(data)
-            blob.pieces = [
-                piece
-                for a, b, p in blob.pieces
-                for piece in ((a, min(b, start), p), (max(a, end), b, p))
-                if piece[0] < piece[1]
-            ] + [(start, end, checker)]
-
-    def _checkers(self, blob: _Blob, writer: Peer | None) -> list[Peer]:
-        """Who to compare ``writer``'s bytes with: other live sources, those whose bytes verified first, then
-        mirrors, fastest first."""
-        usable = [p for p in self.peers if p is not writer and p.out is None and blob.digest not in p.missing]
-        return sorted(usable, key=lambda p: (-p.proven, not p.source.mirror, -(p.rate or 0.0), p.rank))
-
-    async def _compare(self, blob: _Blob, runs: list[tuple[int, int]], checker: Peer) -> list[tuple[int, bytes]]:
-        """Fetch ``runs`` from ``checker`` (in chunks, several at once); where its bytes differ, they replace
-        ours. Returns what they replaced (offset, our bytes), to put back if that proves nothing."""
-        source = checker.source.client.blob_source(self._repo, blob.digest)
-        undo: list[tuple[int, bytes]] = []
-        kept = 0
-        pieces = [(a, min(a + FIRST_CHUNK, end)) for start, end in runs for a in range(start, end, FIRST_CHUNK)]
-        gate = asyncio.Semaphore(self.per_source)
-
-        async def one(start: int, end: int) -> None:
-            nonlocal kept
-            pos = start
-            async with gate, source.open(start, None if (start, end) == (0, blob.size) else end - 1) as body:
-                if body.offset != start:
-                    raise UpstreamUnavailable(f"answered from byte {body.offset}, wanted {start}")
-                async for chunk in body.chunks():
-                    theirs = memoryview(chunk)[: end - pos]
-                    self.stats.count(checker.url, len(theirs))
-                    ours = os.pread(blob.fd, len(theirs), pos)
-                    if ours != theirs:
-                        kept += len(ours)
-                        if kept > UNDO_MAX:
-                            raise UpstreamUnavailable(f"more than {UNDO_MAX} bytes differ: not a bad chunk")
-                        os.pwrite(blob.fd, theirs, pos)
-                        undo.append((pos, ours))
-                    pos += len(theirs)
-                    if pos >= end:
-                        break
-            if pos < end:
-                raise UpstreamUnavailable(f"body ended at byte {pos}, wanted {end}")
-
-        checker.active += 1
-        try:
-            async with asyncio.TaskGroup() as group:
-                for start, end in pieces:
-                    group.create_task(one(start, end))
-        except BaseExceptionGroup as eg:
-            for pos, data in undo:
-                os.pwrite(blob.fd, data, pos)
-            raise first_error(eg) from None
-        finally:
-            checker.active -= 1
-        return sorted(undo)
 
 
 def _stalled(exc: BaseException | None) -> bool:
@@ -785,24 +445,3 @@ def _stalled(exc: BaseException | None) -> bool:
     return False
 
 
-def _where(runs: list[tuple[int, int]]) -> str:
-    merged = Runs(runs).runs
-    return ", ".join(f"{a}-{b - 1}" for a, b in merged[:3]) + (" ..." if len(merged) > 3 else "")
-
-
-def _sync_and_hash(fd: int, want: Digest) -> Digest:
-    os.fsync(fd)
-    h = hashlib.new(want.algorithm)
-    pos = 0
-    while chunk := os.pread(fd, HASH_CHUNK, pos):
-        h.update(chunk)
-        pos += len(chunk)
-    return Digest(want.algorithm, h.hexdigest())
-
-
-def _hash_file(path: Path, want: Digest) -> Digest:
-    h = hashlib.new(want.algorithm)
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return Digest(want.algorithm, h.hexdigest())

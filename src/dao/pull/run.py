@@ -35,7 +35,8 @@ from dao.oci.layers import chain_ids
 from dao.oci.manifest import DEFAULT_ACCEPT, Descriptor, Platform
 from dao.oci.reference import DOCKER_HUB_DOMAIN, Reference
 from dao.paths import config_file
-from dao.pull.fetch import BlobCache, Fetcher, Stats, default_cache_dir
+from dao.pull.cache import BlobCache, default_cache_dir
+from dao.pull.fetch import Fetcher, Stats
 from dao.pull.load import parse_output, write_oci_layout, write_stream
 from dao.pull.plan import PullError, Source, resolve
 from dao.pull.route import Peer, rank
