@@ -27,3 +27,12 @@ def backoff(attempt: int, base: float, cap: float) -> float:
     """Seconds to wait before try ``attempt + 1``: exponential, capped, with "equal jitter" (half fixed, half
     random), so retries of many transfers that broke together spread out but never come back at once."""
     return min(base * 2**attempt, cap) * random.uniform(0.5, 1.0)
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first real exception in a task group's (possibly nested) group: the one to show the caller."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return first_error(exc)
+        return exc
+    return group

@@ -14,7 +14,6 @@ import os
 import re
 import signal
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -23,8 +22,8 @@ from aiohttp.typedefs import Handler
 from dao.config import ConfigError, MirrorConfig
 from dao.mirror.accounts import Accounts
 from dao.mirror.availability import CircuitBreaker
-from dao.mirror.eviction import Collector
-from dao.mirror.guard import GUARD_KEY, ConnectionGuard
+from dao.mirror.eviction import Collector, collecting
+from dao.mirror.guard import GUARD_KEY, ConnectionGuard, GuardedRunner
 from dao.mirror.guard import middleware as guard_middleware
 from dao.mirror.inflight import FetchGate, Inflight
 from dao.mirror.logs import AccessLogger
@@ -256,40 +255,6 @@ def _reserve(request: web.Request, size: int | None) -> int:
     return count
 
 
-async def _collecting(
-    collector: Collector, metrics: Metrics, interval: float, app: web.Application
-) -> AsyncIterator[None]:
-    """Every ``interval`` seconds: write the blobs' last-use times, and evict when over a limit (file walks and
-    unlinks in a thread). The last-use times are written once more at a clean stop."""
-
-    async def loop() -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                if not collector.enabled:
-                    await asyncio.to_thread(collector.access.persist, collector.blobs_dir)
-                    continue
-                plan = await asyncio.to_thread(collector.plan)
-                if plan.items:
-                    removed = await asyncio.to_thread(collector.apply, plan)
-                    metrics.evictions.inc(removed)
-                    log.info(
-                        "cache at %d bytes, limit %d: removed %d items, %d bytes",
-                        plan.cache_bytes,
-                        plan.target_bytes,
-                        removed,
-                        plan.freed,
-                    )
-            except OSError as exc:
-                log.warning("cache eviction failed, will retry: %s", exc)
-
-    task = asyncio.get_running_loop().create_task(loop(), name="cache eviction")
-    yield
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    await asyncio.to_thread(collector.access.persist, collector.blobs_dir)
-
-
 def make_app(
     router: Router,
     proxies: Proxies,
@@ -330,17 +295,6 @@ def make_app(
     app.on_shutdown.append(close_proxy)
     app.cleanup_ctx.append(metering)
     return app
-
-
-class GuardedRunner(web.AppRunner):
-    """aiohttp's runner whose every connection goes through the :class:`ConnectionGuard`."""
-
-    def __init__(self, guard: ConnectionGuard, app: web.Application, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self.guard = guard
-
-    async def _make_server(self) -> web.Server:
-        return self.guard.wrap(await super()._make_server())
 
 
 async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> None:
@@ -422,7 +376,7 @@ async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> 
         guard = ConnectionGuard(config.max_connections_per_client, config.header_timeout)
         send = SendPolicy(config.send_timeout, float(min_send_rate))
         app = make_app(router, Proxies(make_proxy, inflight), metrics, meter, guard, send)
-        app.cleanup_ctx.append(functools.partial(_collecting, collector, metrics, config.gc_interval))
+        app.cleanup_ctx.append(functools.partial(collecting, collector, metrics.evictions.inc, config.gc_interval))
         runner = GuardedRunner(
             guard,
             app,

@@ -16,11 +16,12 @@ limit, so many large fetches at once make room in the cache instead of overrunni
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,4 +183,36 @@ class Collector:
             return []
 
 
+async def collecting(
+    collector: Collector, evicted: Callable[[int], None], interval: float, app: object = None
+) -> AsyncIterator[None]:
+    """An aiohttp cleanup context: every ``interval`` seconds write the blobs' last-use times, and evict when
+    over a limit (file walks and unlinks in a thread; ``evicted`` learns how many items went). The last-use
+    times are written once more at a clean stop."""
 
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not collector.enabled:
+                    await asyncio.to_thread(collector.access.persist, collector.blobs_dir)
+                    continue
+                plan = await asyncio.to_thread(collector.plan)
+                if plan.items:
+                    removed = await asyncio.to_thread(collector.apply, plan)
+                    evicted(removed)
+                    log.info(
+                        "cache at %d bytes, limit %d: removed %d items, %d bytes",
+                        plan.cache_bytes,
+                        plan.target_bytes,
+                        removed,
+                        plan.freed,
+                    )
+            except OSError as exc:
+                log.warning("cache eviction failed, will retry: %s", exc)
+
+    task = asyncio.get_running_loop().create_task(loop(), name="cache eviction")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await asyncio.to_thread(collector.access.persist, collector.blobs_dir)

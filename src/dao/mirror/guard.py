@@ -140,3 +140,14 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         return await handler(request)
     finally:
         guarded.finished()
+
+
+class GuardedRunner(web.AppRunner):
+    """aiohttp's runner whose every connection goes through the :class:`ConnectionGuard`."""
+
+    def __init__(self, guard: ConnectionGuard, app: web.Application, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.guard = guard
+
+    async def _make_server(self) -> web.Server:
+        return self.guard.wrap(await super()._make_server())

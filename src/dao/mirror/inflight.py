@@ -27,8 +27,9 @@ from pathlib import Path
 
 from dao.mirror.storage.base import BlobIngester, Origin
 from dao.oci.digest import Digest, Verifier
-from dao.registry.download import Download, DownloadPolicy, Runs, Source
+from dao.registry.download import Download, DownloadPolicy, Source
 from dao.registry.errors import RegistryClientError, UpstreamUnavailable
+from dao.registry.runs import Runs
 
 log = logging.getLogger(__name__)
 

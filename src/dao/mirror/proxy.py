@@ -12,12 +12,7 @@
   the same one, by digest) pulls when the upstream is gone.
 - every upstream conversation goes through the circuit breaker and 404s through the negative cache (see
   :mod:`dao.mirror.availability`).
-- what is shared between users and repositories: a cached digest records each (registry, repository) it
-  was fetched for or confirmed in (:class:`~dao.mirror.storage.base.Origin`). A hit through a repository not
-  among them is served at once only when some origin is allowed by the mirror's rules and was fetched without
-  the mirror's upstream credentials (public content); otherwise the upstream is asked first (a HEAD in the
-  requested repository) whether the digest belongs there, so a digest learned from a private repository
-  cannot be read through a public name.
+- what is shared between users and repositories: see :mod:`dao.mirror.sharing`.
 """
 
 from __future__ import annotations
@@ -34,6 +29,7 @@ from dao.aio import gather_bounded
 from dao.mirror.availability import CircuitBreaker, CircuitOpen, NegativeCache
 from dao.mirror.inflight import Fetch, FetchQueueFull, Inflight
 from dao.mirror.metrics import Metrics
+from dao.mirror.sharing import Sharing
 from dao.mirror.storage.base import BlobStore, LocalBlob, ManifestRecord, ManifestStore, Origin, OriginStore
 from dao.oci.digest import Digest, DigestError
 from dao.oci.errors import ErrorCode, RegistryError
@@ -131,9 +127,7 @@ class Proxy:
         self.breaker = breaker or CircuitBreaker(client.host, threshold=5, cooldown=15.0)
         self.prefetch_children = prefetch_children
         self.upstream_key = client.host
-        self.origins = origins
-        self.allowed = allowed or (lambda registry, repository: True)
-        self.credentialed = client.auth.credentials is not None
+        self.sharing = Sharing(origins, allowed, self.registry, credentialed=client.auth.credentials is not None)
         self._background: dict[tuple[str, ...], asyncio.Task[None]] = {}
         self._complete_indexes: set[Digest] = set()  # indexes whose children are all cached
 
@@ -177,7 +171,7 @@ class Proxy:
             return BlobAnswer(local.size, local=local)
         key = ("blob", repo, str(digest))
         running = self.inflight.get(digest)
-        if running is not None and running.origin != self._origin(repo):
+        if running is not None and running.origin != self.sharing.origin(repo):
             await self._check_shared(repo, digest, ErrorCode.BLOB_UNKNOWN, also=running.origin)
         if running is None:
             self._check_negative(key, ErrorCode.BLOB_UNKNOWN)
@@ -206,8 +200,8 @@ class Proxy:
         if started:
             self._observe("blob", began)
             self.breaker.success()
-            fetch.origin = self._origin(repo)
-            await self._record_origin(digest, repo)  # the upstream answered for this repository: it is there
+            fetch.origin = self.sharing.origin(repo)
+            await self.sharing.record(digest, repo)  # the upstream answered for this repository: it is there
         return BlobAnswer(fetch.size, fetch=fetch, cache="miss" if started else "join")
 
     async def stat_blob(self, repo: str, digest: Digest) -> tuple[int | None, str]:
@@ -315,7 +309,7 @@ class Proxy:
             self._remember_missing(key, exc)
             raise upstream_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
         await self.manifests.put(m.digest, m.body, m.media_type)
-        await self._record_origin(m.digest, repo)
+        await self.sharing.record(m.digest, repo)
         return ManifestAnswer(m.body, m.media_type, m.digest, "miss")
 
     async def _record_tag(self, repo: str, tag: str, key: str, digest: Digest, media_type: str) -> None:
@@ -348,26 +342,13 @@ class Proxy:
 
     # -- what is shared across repositories ----------------------------------------------------------------
 
-    def _origin(self, repo: str) -> Origin:
-        return Origin(self.registry, repo, self.credentialed)
-
-    async def _record_origin(self, digest: Digest, repo: str) -> None:
-        if self.origins is not None:
-            await self.origins.add_origin(digest, self._origin(repo))
-
     async def _check_shared(
         self, repo: str, digest: Digest, code: ErrorCode, *, also: Origin | None = None, manifest: str = ""
     ) -> None:
-        """Raises ``code`` (404) unless ``digest`` may be served through ``repo``: it was seen there, or it is
-        public content some allowed repository has, or the upstream confirms it belongs to ``repo``."""
-        if self.origins is None:
+        """Raises ``code`` (404) unless ``digest`` may be served through ``repo``: it was seen there, it is
+        public content some allowed repository has, or the upstream confirms (a HEAD) it belongs to ``repo``."""
+        if not await self.sharing.must_confirm(repo, digest, also):
             return
-        seen = set(await self.origins.origins(digest)) | ({also} if also is not None else set())
-        if any(o.registry == self.registry and o.repository == repo for o in seen):
-            return
-        allowed = [o for o in seen if self.allowed(o.registry, o.repository)]
-        if any(not o.credentialed for o in allowed) or (not seen and not self.credentialed):
-            return  # public: the digest names the content, whoever asks through an allowed name
         try:
             async with self._upstream("manifest_head" if manifest else "blob_head"):
                 if manifest:
@@ -378,7 +359,7 @@ class Proxy:
             raise RegistryError(code, f"{digest} is not known in {repo}") from exc
         except (RegistryClientError, CircuitOpen) as exc:
             raise upstream_error(exc, code) from exc
-        await self._record_origin(digest, repo)
+        await self.sharing.record(digest, repo)
 
     # -- negative cache and background work ----------------------------------------------------------------
 

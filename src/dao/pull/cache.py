@@ -13,7 +13,7 @@ from pathlib import Path
 from dao.oci.digest import Digest
 from dao.oci.manifest import Descriptor
 from dao.paths import cache_dir
-from dao.registry.download import Runs
+from dao.registry.runs import Runs
 
 HASH_CHUNK = 4 * 1024 * 1024
 

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dao.aio import backoff
+from dao.aio import backoff, first_error
 from dao.oci.digest import Digest
 from dao.oci.manifest import Descriptor
 from dao.pull.cache import BlobCache, load_runs
@@ -49,7 +49,7 @@ from dao.pull.partial import Claim, PartialBlob, Progress
 from dao.pull.plan import PullError
 from dao.pull.route import Peer, can_serve, pick
 from dao.pull.verify import Verification
-from dao.registry.download import first_error, skipping
+from dao.registry.download import skipping
 from dao.registry.errors import RegistryClientError, UpstreamNotFound, UpstreamUnavailable
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from pathlib import Path
 from dao.oci.manifest import Descriptor
 from dao.pull.cache import BlobCache
 from dao.pull.route import Peer
-from dao.registry.download import Runs
+from dao.registry.runs import Runs
 
 SAVE_EVERY = 0.5  # seconds between saves of a partial blob's written runs
 

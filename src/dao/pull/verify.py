@@ -9,12 +9,13 @@ import asyncio
 import logging
 import os
 
+from dao.aio import first_error
 from dao.oci.digest import Digest
 from dao.pull.cache import sync_and_hash
 from dao.pull.partial import PartialBlob
 from dao.pull.route import Peer
-from dao.registry.download import Runs, first_error
 from dao.registry.errors import RegistryClientError, UpstreamUnavailable
+from dao.registry.runs import Runs
 
 log = logging.getLogger("dao.pull.fetch")
 

@@ -34,8 +34,9 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-from dao.aio import backoff
+from dao.aio import backoff, first_error
 from dao.registry.errors import UpstreamRateLimited, UpstreamStatusError, UpstreamUnavailable
+from dao.registry.runs import Runs
 
 log = logging.getLogger(__name__)
 
@@ -406,53 +407,6 @@ async def skipping(chunks: AsyncIterator[bytes], skip: int) -> AsyncIterator[mem
             yield view
 
 
-class Runs:
-    """Disjoint, sorted ``[start, end)`` byte runs written so far; adjacent runs merge."""
-
-    def __init__(self, runs: list[tuple[int, int]] | None = None) -> None:
-        self.runs: list[list[int]] = []
-        for start, end in runs or []:
-            self.add(start, end)
-
-    def add(self, start: int, end: int) -> None:
-        runs = self.runs
-        i = 0
-        while i < len(runs) and runs[i][1] < start:
-            i += 1
-        j = i
-        while j < len(runs) and runs[j][0] <= end:
-            start, end = min(start, runs[j][0]), max(end, runs[j][1])
-            j += 1
-        runs[i:j] = [[start, end]]
-
-    def end_of(self, pos: int) -> int:
-        """Exclusive end of the run holding ``pos``; ``pos`` itself when that byte is not written."""
-        for start, end in self.runs:
-            if start <= pos < end:
-                return end
-            if start > pos:
-                break
-        return pos
-
-    def holes(self, start: int, end: int) -> list[tuple[int, int]]:
-        """The unwritten gaps of ``[start, end)``, in order."""
-        out, pos = [], start
-        for a, b in self.runs:
-            if b <= pos:
-                continue
-            if a >= end:
-                break
-            if a > pos:
-                out.append((pos, a))
-            pos = max(pos, b)
-        if pos < end:
-            out.append((pos, end))
-        return out
-
-    def covered(self) -> int:
-        return sum(b - a for a, b in self.runs)
-
-
 class _RangeIgnored(Exception):
     pass
 
@@ -465,12 +419,3 @@ class _Segment:
 
     def __post_init__(self) -> None:
         self.pos = self.start
-
-
-def first_error(group: BaseExceptionGroup) -> BaseException:
-    """The first real exception in a task group's (possibly nested) group: the one to show the caller."""
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return first_error(exc)
-        return exc
-    return group

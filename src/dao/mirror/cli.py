@@ -1,0 +1,404 @@
+"""``dao mirror``: serve the accelerator, its usage and cache, and point a host's engines at it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dao.cliutil import ConfigOpt, DatabaseOpt, DataDirOpt, JsonOpt, fail, size_arg
+from dao.config import ConfigError, MirrorConfig, load
+from dao.mirror.users_cli import _accounts, _print_usage, users_app
+from dao.units import format_size
+
+mirror_app = typer.Typer(
+    help="The accelerator: a Docker Hub pull-through registry mirror.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+mirror_app.add_typer(users_app, name="users")
+
+
+@mirror_app.command("serve")
+def mirror_serve(
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="TOML file; settings go in its [mirror] table.")
+    ] = None,
+    listen: Annotated[str | None, typer.Option(help="HOST:PORT to listen on. [default: 127.0.0.1:5000]")] = None,
+    upstream: Annotated[
+        str | None,
+        typer.Option(help="Registry to mirror, http(s)://host[:port]. [default: https://registry-1.docker.io]"),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Cache directory. [default: /var/lib/dao/mirror as root, else ~/.local/share/dao/mirror]"),
+    ] = None,
+    registry: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--registry",
+            metavar="NAME=URL",
+            help="NAME=URL: also mirror this registry (repeatable). Built in: docker.io (--upstream), ghcr.io, "
+            "gcr.io, registry.k8s.io, k8s.gcr.io, quay.io, mcr.microsoft.com, public.ecr.aws, docker.elastic.co, "
+            "nvcr.io.",
+        ),
+    ] = None,
+    alias: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--alias",
+            metavar="ALIAS=REGISTRY",
+            help="ALIAS=REGISTRY: /v2/ALIAS/<repo> means REGISTRY/<repo> (repeatable).",
+        ),
+    ] = None,
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--host",
+            metavar="HOSTNAME=REGISTRY",
+            help="HOSTNAME=REGISTRY: requests sent to HOSTNAME are for REGISTRY (repeatable).",
+        ),
+    ] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            metavar="GLOB",
+            help="Only serve <registry>/<repository> matching one of these globs (repeatable).",
+        ),
+    ] = None,
+    deny: Annotated[
+        list[str] | None,
+        typer.Option("--deny", metavar="GLOB", help="Refuse <registry>/<repository> matching this glob (repeatable)."),
+    ] = None,
+    manifest_ttl: Annotated[
+        float | None,
+        typer.Option(help="Seconds a tag's manifest is served before re-checking upstream. [default: 300]"),
+    ] = None,
+    manifest_timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds to wait for upstream manifest answers before serving stale. [default: 10]"),
+    ] = None,
+    manifest_swr: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds past the TTL a tag is answered from cache at once while it is re-checked in the "
+            "background; later, the client waits for the check (0 = always wait). [default: 86400]"
+        ),
+    ] = None,
+    negative_ttl: Annotated[
+        float | None, typer.Option(help="Seconds an upstream 'not found' is remembered. [default: 15]")
+    ] = None,
+    breaker_failures: Annotated[
+        int | None,
+        typer.Option(help="Upstream failures in a row after which requests fail fast or come from cache. [default: 5]"),
+    ] = None,
+    breaker_cooldown: Annotated[
+        float | None, typer.Option(help="Seconds before the upstream is tried again after that. [default: 15]")
+    ] = None,
+    prefetch_children: Annotated[
+        bool | None,
+        typer.Option(help="Cache every platform's manifest when a client pulls a multi-platform index. [default: on]"),
+    ] = None,
+    fetch_connections: Annotated[
+        int | None, typer.Option(help="Parallel upstream connections for one big blob. [default: 6]")
+    ] = None,
+    fetch_split_mib: Annotated[
+        float | None, typer.Option(help="Blobs at least this many MiB are fetched as parallel ranges. [default: 8]")
+    ] = None,
+    max_fetches: Annotated[
+        int | None, typer.Option(help="Upstream blob fetches at once; more wait, then get 429. [default: 64]")
+    ] = None,
+    max_fetches_per_client: Annotated[
+        int | None, typer.Option(help="Of those, started by one client address. [default: 16]")
+    ] = None,
+    max_connections_per_client: Annotated[
+        int | None, typer.Option(help="Connections one client address may hold open. [default: 64]")
+    ] = None,
+    header_timeout: Annotated[
+        float | None, typer.Option(help="Seconds for a request's headers to arrive in full. [default: 15]")
+    ] = None,
+    send_timeout: Annotated[
+        float | None,
+        typer.Option(help="Every this many seconds a response must have sent --min-send-rate's worth. [default: 30]"),
+    ] = None,
+    min_send_rate: Annotated[
+        str | None,
+        typer.Option(help="Bytes a second a client must read, e.g. 8KiB; slower ones are cut. [default: 8KiB]"),
+    ] = None,
+    database: DatabaseOpt = None,
+    mirror_domain: Annotated[
+        str | None,
+        typer.Option(help="Users reach the mirror as http://<id>.<mirror-domain> (usage counted per user)."),
+    ] = None,
+    anonymous: Annotated[
+        bool | None, typer.Option(help="Serve requests that name no user, counted as 'anonymous'. [default: on]")
+    ] = None,
+    default_quota: Annotated[
+        str | None, typer.Option(help="Bytes a user may pull a month, e.g. 50GiB; 0 = no limit. [default: 0]")
+    ] = None,
+    usage_flush: Annotated[
+        float | None,
+        typer.Option(help="Seconds between usage writes and re-reads of users and quotas. [default: 5]"),
+    ] = None,
+    cache_max: Annotated[
+        str | None, typer.Option(help="Size limit of the cache, e.g. 200GiB; 0 = none. [default: 0]")
+    ] = None,
+    cache_min_free: Annotated[
+        str | None, typer.Option(help="Free space to keep on the cache's disk, e.g. 10GiB; 0 = none. [default: 0]")
+    ] = None,
+    gc_interval: Annotated[
+        float | None, typer.Option(help="Seconds between checks of the cache limits. [default: 60]")
+    ] = None,
+    upstream_username: Annotated[
+        str | None, typer.Option(help="Upstream account (raises Docker Hub's rate limit).")
+    ] = None,
+    access_log: Annotated[bool | None, typer.Option(help="One log line per request. [default: on]")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error. [default: info]")] = None,
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            help="text, or json: one object per line (time, client, user, method, path, status, bytes, "
+            "cache, duration, user agent, registry). [default: text]"
+        ),
+    ] = None,
+) -> None:
+    """Run the pull-through mirror.
+
+    Point Docker at it with "registry-mirrors": ["http://HOST:PORT"] in daemon.json; containerd's hosts.toml
+    mirrors (which add ?ns=REGISTRY) reach every registry it knows; so does a path prefix, as in
+    docker pull HOST:PORT/ghcr.io/org/app:tag. Every setting can also
+    come from the TOML file's [mirror] table or from DAO_MIRROR_<SETTING> environment variables (for example
+    DAO_MIRROR_UPSTREAM_PASSWORD); flags win over the environment, which wins over the file.
+    """
+    flags = {
+        "listen": listen,
+        "upstream": upstream,
+        "registries": registry or None,
+        "aliases": alias or None,
+        "hosts": host or None,
+        "allow": allow or None,
+        "deny": deny or None,
+        "data_dir": data_dir,
+        "manifest_ttl": manifest_ttl,
+        "manifest_timeout": manifest_timeout,
+        "manifest_swr": manifest_swr,
+        "negative_ttl": negative_ttl,
+        "breaker_failures": breaker_failures,
+        "breaker_cooldown": breaker_cooldown,
+        "prefetch_children": prefetch_children,
+        "fetch_connections": fetch_connections,
+        "fetch_split_mib": fetch_split_mib,
+        "max_fetches": max_fetches,
+        "max_fetches_per_client": max_fetches_per_client,
+        "max_connections_per_client": max_connections_per_client,
+        "header_timeout": header_timeout,
+        "send_timeout": send_timeout,
+        "min_send_rate": min_send_rate,
+        "database": database,
+        "mirror_domain": mirror_domain,
+        "anonymous": anonymous,
+        "default_quota": default_quota,
+        "usage_flush": usage_flush,
+        "cache_max": cache_max,
+        "cache_min_free": cache_min_free,
+        "gc_interval": gc_interval,
+        "upstream_username": upstream_username,
+        "access_log": access_log,
+        "log_level": log_level,
+        "log_format": log_format,
+    }
+    try:
+        config = load(MirrorConfig, "mirror", file=config_file, env=os.environ, flags=flags)
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+    except ConfigError as exc:
+        raise fail(str(exc), "see 'dao mirror serve --help'") from None
+    except OSError as exc:
+        raise fail(f"cannot create data directory {config.data_dir}: {exc.strerror}", code=1) from None
+    from dao.mirror.logs import configure
+
+    configure(config.log_level, config.log_format)
+    from dao.mirror.app import serve  # aiohttp only when serving: keeps `dao --help` quick
+
+    try:
+        asyncio.run(serve(config))
+    except ConfigError as exc:
+        raise fail(str(exc), "see 'dao mirror serve --help'") from None
+    except OSError as exc:
+        raise fail(f"cannot listen on {config.listen}: {exc.strerror or exc}", code=1) from None
+
+
+@mirror_app.command("usage")
+def mirror_usage(
+    user: Annotated[str | None, typer.Option("--user", help="Only this user ID.")] = None,
+    month: Annotated[str | None, typer.Option("--month", help="Only this month, YYYY-MM (UTC).")] = None,
+    config_file: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database: DatabaseOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """What each user pulled, month by month: bytes and blobs served, pulls, bytes from the cache."""
+    if month is not None and not re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])", month):
+        raise fail(f"--month must be YYYY-MM, got {month!r}")
+    accounts, _ = _accounts(config_file, data_dir, database)
+    rows = accounts.usage(user_id=user, month=month)
+    if as_json:
+        typer.echo(json.dumps([{"user": u, "month": m, **dataclasses.asdict(x)} for u, m, x in rows]))
+        return
+    _print_usage(rows)
+
+
+@mirror_app.command("gc")
+def mirror_gc(
+    max_size: Annotated[
+        str | None, typer.Option("--max-size", help="Cache size limit, e.g. 200GiB. [default: cache_max]")
+    ] = None,
+    min_free: Annotated[
+        str | None, typer.Option("--min-free", help="Free space to keep, e.g. 10GiB. [default: cache_min_free]")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", "-d", help="List what would go; remove nothing.")] = False,
+    config_file: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Bring the cache within its limits now: least recently used blobs first, with the manifests that use them.
+
+    A running mirror does the same every --gc-interval seconds; running this beside it is safe.
+    """
+    from dao.mirror.eviction import Collector
+
+    config = load(MirrorConfig, "mirror", file=config_file, env=os.environ, flags={"data_dir": data_dir})
+    collector = Collector(
+        config.data_dir,
+        max_bytes=size_arg(max_size if max_size is not None else config.cache_max),
+        min_free=size_arg(min_free if min_free is not None else config.cache_min_free),
+    )
+    if not collector.enabled:
+        raise fail("no limit to enforce", "give --max-size or --min-free, or set cache_max / cache_min_free")
+    if not (config.data_dir / "blobs").is_dir():
+        raise fail(f"{config.data_dir} holds no mirror cache", code=1)
+    plan = collector.plan()
+    removed = 0 if dry_run else collector.apply(plan)
+    if as_json:
+        items = [{"kind": i.kind, "digest": i.digest, "size": i.size, "reason": i.reason} for i in plan.items]
+        doc = {"cache_bytes": plan.cache_bytes, "target_bytes": plan.target_bytes, "freed_bytes": plan.freed}
+        typer.echo(json.dumps({**doc, "dry_run": dry_run, "removed": removed, "items": items}))
+        return
+    table = Table("kind", "digest", "size", "last used (UTC)", "reason")
+    for i in plan.items:
+        used = time.strftime("%Y-%m-%d %H:%M", time.gmtime(i.last_used))
+        table.add_row(i.kind, i.digest[:19], format_size(i.size), used, i.reason)
+    if plan.items:
+        Console().print(table)
+    verb = "would free" if dry_run else "freed"
+    typer.echo(
+        f"cache {format_size(plan.cache_bytes)}, limit {format_size(plan.target_bytes)}: "
+        f"{verb} {format_size(plan.freed)} in {len(plan.items)} items"
+    )
+
+
+ENGINES = ("docker", "containerd", "podman")
+
+
+@mirror_app.command("use")
+def mirror_use(
+    url: Annotated[str | None, typer.Argument(help="The mirror, http(s)://host[:port].")] = None,
+    off: Annotated[bool, typer.Option("--off", help="Undo: take the mirror out again.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", "-d", help="Show the changes as diffs; write nothing.")] = False,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--only", metavar="ENGINE", help="docker, containerd or podman (repeatable). [default: those found]"
+        ),
+    ] = None,
+    registry: Annotated[
+        list[str] | None,
+        typer.Option("--registry", metavar="NAME", help="Registries containerd sends through the mirror. [docker.io]"),
+    ] = None,
+    docker_config: Annotated[Path, typer.Option(help="Docker's daemon.json.")] = Path("/etc/docker/daemon.json"),
+    docker_pidfile: Annotated[Path, typer.Option(help="dockerd's pid file (for the reload).")] = Path(
+        "/var/run/docker.pid"
+    ),
+    containerd_certs: Annotated[Path, typer.Option(help="containerd's hosts directory.")] = Path(
+        "/etc/containerd/certs.d"
+    ),
+    registries_conf: Annotated[Path, typer.Option(help="podman/skopeo registries.conf.")] = Path(
+        "/etc/containers/registries.conf"
+    ),
+) -> None:
+    """Configure this host's Docker, containerd and podman/skopeo to pull through a mirror (or, with --off, not).
+
+    Docker's daemon.json is merged (other settings and mirrors kept, a backup beside it) and dockerd reloaded;
+    containerd gets certs.d/<registry>/hosts.toml; registries.conf a marked block. --dry-run prints the diffs.
+    """
+    from dao.mirror import use
+
+    state = _state_dir() / "mirror-use.json"
+    if url is None and off:
+        try:
+            url = json.loads(state.read_text())["url"]
+        except (OSError, ValueError, KeyError):
+            raise fail("which mirror? give its URL", "dao mirror use --off http://MIRROR:5000") from None
+    if url is None:
+        raise fail("give the mirror's URL", "dao mirror use http://MIRROR:5000")
+    engines = only or [e for e, _ in _installed_engines(docker_config, containerd_certs, registries_conf)]
+    unknown = set(engines) - set(ENGINES)
+    if unknown:
+        raise fail(f"unknown engine {sorted(unknown)[0]!r}; choose from {', '.join(ENGINES)}")
+    url = use.check_url(url)
+    changes: list[Any] = []
+    if "docker" in engines:
+        changes.append(use.docker_change(docker_config, url, off=off))
+    if "containerd" in engines:
+        changes += use.containerd_changes(containerd_certs, url, registry or ["docker.io"], off=off)
+    if "podman" in engines:
+        changes.append(use.registries_conf_change(registries_conf, url, off=off))
+    if not engines:
+        raise fail("no Docker, containerd or podman configuration found", "name one with --only", code=1)
+    for change in changes:
+        if dry_run:
+            typer.echo(change.diff() or f"{change.path}: unchanged", nl=not change.diff())
+            if change.note:
+                typer.echo(f"# {change.note}")
+            continue
+        try:
+            use.apply(change)
+        except OSError as exc:
+            raise fail(f"cannot write {change.path}: {exc.strerror}", "run it with sudo", code=1) from None
+        status = "changed" if change.changes else "unchanged"
+        typer.echo(f"{change.path}: {status}" + (f" ({change.note})" if change.note and change.changes else ""))
+        if change.path == docker_config and change.changes:
+            typer.echo(use.reload_docker(docker_pidfile))
+    if not dry_run:
+        try:
+            if off:
+                state.unlink(missing_ok=True)
+            else:
+                state.parent.mkdir(parents=True, exist_ok=True)
+                state.write_text(json.dumps({"url": url}))
+        except OSError:
+            pass  # only a convenience for a later --off without a URL
+
+
+def _state_dir() -> Path:
+    from dao.paths import data_dir
+
+    return data_dir()
+
+
+def _installed_engines(docker: Path, certs: Path, registries: Path) -> list[tuple[str, bool]]:
+    found = [
+        ("docker", docker.parent.is_dir()),
+        ("containerd", certs.parent.is_dir()),
+        ("podman", registries.parent.is_dir()),
+    ]
+    return [(name, present) for name, present in found if present]
