@@ -14,6 +14,7 @@ from tests.conftest import World
 from tests.services import images
 from tests.services.mirror import Mirror
 from tests.services.procs import wait_until
+from tests.services.upstream import serve_in_process
 
 DOCKER_ACCEPT = f"{images.DOCKER_MANIFEST}, {images.DOCKER_LIST}, {images.OCI_MANIFEST}, {images.OCI_INDEX}"
 
@@ -189,16 +190,8 @@ async def test_hostile_ranges_types_and_sniffing(world: World, mirror: Mirror, t
             return aiohttp.web.json_response({})
         return aiohttp.web.Response(body=body, headers={"Content-Type": "text/html"})
 
-    from aiohttp import web
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", lying)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    other = Mirror(tmp_path / "lying", f"http://127.0.0.1:{port}")
+    runner, url = await serve_in_process(lying)
+    other = Mirror(tmp_path / "lying", url)
     try:
         for accept in (DOCKER_ACCEPT, "text/html", "x/" + "y" * 100):
             status, headers, got = await get(f"{other.url}/v2/x/y/manifests/v1", Accept=accept)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -16,6 +16,8 @@ from dao.registry.client import RegistryClient, RetryPolicy, registry_timeout
 from dao.registry.errors import UpstreamNotFound, UpstreamRateLimited, UpstreamUnauthorized, UpstreamUnavailable
 from tests.conftest import World
 from tests.services import images
+from tests.services.upstream import self_signed
+from tests.services.upstream import serve_in_process as serve
 
 ACCEPT = (images.DOCKER_MANIFEST, images.DOCKER_LIST, images.OCI_MANIFEST, images.OCI_INDEX)
 
@@ -66,17 +68,6 @@ async def test_wrong_credentials_and_missing_things(world: World, session: aioht
         await client.get_manifest("dao-test/schema2", "nope", ACCEPT)
     with pytest.raises(UpstreamNotFound):
         await client.head_blob("dao-test/schema2", Digest.of(b"not there"))
-
-
-async def serve(handler: Callable) -> tuple[web.AppRunner, str]:
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}"
 
 
 async def test_redirect_never_carries_authorization_to_another_host(session: aiohttp.ClientSession) -> None:
@@ -228,33 +219,13 @@ async def test_redirects_and_challenges_that_are_refused(session: aiohttp.Client
 async def test_https_to_http_redirect_drops_authorization(tmp_path, session: aiohttp.ClientSession) -> None:
     """Same host, same default port pair (443 -> 80): only the scheme changes, and the credentials stay
     behind. (Ports 80 and 443 of this test's private network namespace.)"""
-    import datetime
     import ssl
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "k.pem").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    key_path, cert_path = self_signed(tmp_path, "tls", "127.0.0.1", ec.generate_private_key(ec.SECP256R1()))
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    tls.load_cert_chain(cert_path, key_path)
     seen: dict[str, str | None] = {}
 
     async def secure(request: web.Request) -> web.Response:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from dao.registry.download import Download, DownloadPolicy, Runs
+from dao.registry.download import Download, DownloadPolicy
 from dao.registry.errors import UpstreamNotFound, UpstreamStatusError, UpstreamUnavailable
+from dao.registry.runs import Runs
 
 DATA = os.urandom(3_000_000)
 POLICY = DownloadPolicy(

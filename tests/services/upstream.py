@@ -12,9 +12,11 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -29,9 +31,10 @@ ADMIN_PASSWORD = "seed-only"
 _ACCESS_LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[\d.]+" (?P<status>\d{3}) (?P<bytes>\d+|-)')
 
 
-def _key_and_cert(workdir: Path) -> tuple[Path, Path]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dao test token signer")])
+def self_signed(workdir: Path, stem: str, common_name: str, key=None) -> tuple[Path, Path]:
+    """A key (RSA 2048 unless given) and a self-signed certificate for it, as ``<stem>.key``/``<stem>.crt``."""
+    key = key or rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -43,12 +46,24 @@ def _key_and_cert(workdir: Path) -> tuple[Path, Path]:
         .not_valid_after(now + datetime.timedelta(days=30))
         .sign(key, hashes.SHA256())
     )
-    key_path, cert_path = workdir / "token.key", workdir / "token.crt"
+    key_path, cert_path = workdir / f"{stem}.key", workdir / f"{stem}.crt"
     key_path.write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path
+
+
+async def serve_in_process(handler: Callable) -> tuple[web.AppRunner, str]:
+    """A small scripted HTTP server on a free loopback port of this process: (runner to clean up, URL)."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}"
 
 
 @dataclass
@@ -117,7 +132,7 @@ class Upstream:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.relays: list[Trickle] = []
-        key, cert = _key_and_cert(workdir)
+        key, cert = self_signed(workdir, "token", "dao test token signer")
         self.token_port = free_port()
         self.token_log = workdir / "tokens.jsonl"
         self.token_log.touch()
