@@ -46,8 +46,8 @@ class MirrorConfig:
     breaker_failures: int = 5  # consecutive upstream failures that open the circuit
     breaker_cooldown: float = 15.0  # seconds the circuit stays open before one trial request
     prefetch_children: bool = True  # cache every child manifest of an index a client pulled
-    fetch_connections: int = 6  # parallel upstream connections for one big blob
-    fetch_split_mib: float = 8.0  # blobs at least this big are fetched as parallel ranges
+    fetch_connections: int = 24  # at most, for one big blob: it starts at 6 and adds while that is faster
+    fetch_split_mib: float = 1.0  # blobs at least this big are fetched as parallel ranges
     max_fetches: int = 64  # upstream blob fetches at once; more wait (up to 30 s, then 429)
     max_fetches_per_client: int = 16  # of those, started by one client address
     max_connections_per_client: int = 64  # connections one client address may hold open

@@ -13,8 +13,8 @@ import pytest
 from dao.mirror.inflight import FetchFailed, FetchGate, FetchQueueFull, Inflight
 from dao.mirror.storage import FilesystemBlobStore
 from dao.oci.digest import Digest
-from dao.registry.download import DownloadPolicy
 from dao.registry.errors import UpstreamUnavailable
+from dao.transfer.download import upstream_policy
 
 DATA = os.urandom(1_000_000)
 
@@ -57,7 +57,7 @@ async def collect(fetch, start: int = 0, end: int | None = None) -> bytes:
 
 async def test_readers_wait_at_the_tail_until_verified_and_survive_commit(tmp_path: Path) -> None:
     store = FilesystemBlobStore(tmp_path)
-    inflight = Inflight(store, DownloadPolicy(resume_attempts=1))
+    inflight = Inflight(store, upstream_policy(resume_attempts=1))
     gate = asyncio.Event()
     digest = Digest.of(DATA)
     fetch, started = await inflight.join_or_start(digest, Source(Body(DATA, 500_000, gate)))
@@ -83,7 +83,7 @@ async def test_readers_wait_at_the_tail_until_verified_and_survive_commit(tmp_pa
 @pytest.mark.parametrize("corrupt", [False, True], ids=["broken", "corrupt"])
 async def test_failure_reaches_every_reader_and_commits_nothing(tmp_path: Path, corrupt: bool) -> None:
     store = FilesystemBlobStore(tmp_path)
-    inflight = Inflight(store, DownloadPolicy(resume_attempts=1))
+    inflight = Inflight(store, upstream_policy(resume_attempts=1))
     gate = asyncio.Event()
     digest = Digest.of(DATA)
     served = bytearray(DATA)
@@ -112,7 +112,7 @@ async def test_a_fetch_nobody_reads_stops_unless_mostly_in(tmp_path: Path, monke
 
     monkeypatch.setattr(module, "ORPHAN_GRACE", 0.05)
     store = FilesystemBlobStore(tmp_path)
-    inflight = Inflight(store, DownloadPolicy(resume_attempts=1))
+    inflight = Inflight(store, upstream_policy(resume_attempts=1))
     gate = asyncio.Event()
     digest = Digest.of(DATA)
     fetch, _ = await inflight.join_or_start(digest, Source(Body(DATA, had, gate)))

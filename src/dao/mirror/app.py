@@ -42,7 +42,7 @@ from dao.oci.manifest import parse_accept
 from dao.oci.reference import DOCKER_HUB_DOMAIN, is_valid_tag
 from dao.registry.auth import Credentials
 from dao.registry.client import NAMESPACES_HEADER, RegistryClient
-from dao.registry.download import DownloadPolicy
+from dao.transfer.download import upstream_policy
 from dao.units import parse_size
 
 log = logging.getLogger("dao.mirror")
@@ -337,7 +337,7 @@ async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> 
     metrics = Metrics()
     inflight = Inflight(
         blobs,
-        DownloadPolicy(connections=config.fetch_connections, split_threshold=int(config.fetch_split_mib * 1024 * 1024)),
+        upstream_policy(config.fetch_connections, int(config.fetch_split_mib * 1024 * 1024)),
         FetchGate(config.max_fetches, config.max_fetches_per_client),
     )
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=64, ttl_dns_cache=300)

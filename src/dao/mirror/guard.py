@@ -19,6 +19,7 @@ from aiohttp.typedefs import Handler
 
 log = logging.getLogger(__name__)
 
+
 class ConnectionGuard:
     def __init__(self, per_client: int = 64, header_timeout: float = 15.0) -> None:
         self.per_client = per_client

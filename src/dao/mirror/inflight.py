@@ -27,9 +27,11 @@ from pathlib import Path
 
 from dao.mirror.storage.base import BlobIngester, Origin
 from dao.oci.digest import Digest, Verifier
-from dao.registry.download import Download, DownloadPolicy, Source
 from dao.registry.errors import RegistryClientError, UpstreamUnavailable
 from dao.registry.runs import Runs
+from dao.transfer.download import Download, upstream_policy
+from dao.transfer.schedule import Policy
+from dao.transfer.sources import BlobSource
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ class FetchFailed(Exception):
 class Fetch:
     """One upstream transfer of one blob into a spool file. Created only through :class:`Inflight`.
 
-    The bytes may land out of order (parallel ranges, see :mod:`dao.registry.download`); ``_filled`` keeps the
+    The bytes may land out of order (parallel ranges, see :mod:`dao.transfer.download`); ``_filled`` keeps the
     written byte runs, and a reader at ``pos`` may send up to the end of the run that holds ``pos``.
     """
 
@@ -91,7 +93,7 @@ class Fetch:
         self,
         digest: Digest,
         store: BlobIngester,
-        policy: DownloadPolicy,
+        policy: Policy,
         on_bytes: Callable[[int], None] | None = None,
     ) -> None:
         self.digest = digest
@@ -116,9 +118,9 @@ class Fetch:
 
     # -- writer side ---------------------------------------------------------------------------------------
 
-    async def run(self, source: Source) -> None:
+    async def run(self, source: BlobSource) -> None:
         try:
-            self.download = Download(source, self.fd, self, self.policy)
+            self.download = Download(source, self.fd, self, self.policy, digest=self.digest)
             size = await self.download.run()
             if self.size is not None and size != self.size:
                 raise UpstreamUnavailable(f"upstream sent {size} of {self.size} bytes for {self.digest}")
@@ -150,9 +152,12 @@ class Fetch:
         if not self.headers_ready.done():
             self.headers_ready.set_result(None)
 
-    def on_data(self, offset: int, data: memoryview) -> None:
+    def on_lost(self, covered: int) -> None:
+        raise AssertionError("the mirror's fetches keep every byte they write")  # nothing verifies them there
+
+    def on_data(self, offset: int, data: memoryview, url: str = "") -> None:
         if offset == self._verifier.size:
-            self._verifier.update(data)  # the in-order head stream hashes as it goes; the rest at the end
+            self._verifier.update(data)  # the bytes that extend the prefix hash as they come; the rest at the end
         self._filled.add(offset, offset + len(data))
         if self.on_bytes is not None:
             self.on_bytes(len(data))
@@ -246,11 +251,9 @@ class Fetch:
 class Inflight:
     """The digest -> running fetch map, one per store; every reader follows the one fetch."""
 
-    def __init__(
-        self, store: BlobIngester, policy: DownloadPolicy | None = None, gate: FetchGate | None = None
-    ) -> None:
+    def __init__(self, store: BlobIngester, policy: Policy | None = None, gate: FetchGate | None = None) -> None:
         self.store = store
-        self.policy = policy or DownloadPolicy()
+        self.policy = policy or upstream_policy()
         self.gate = gate or FetchGate()
         self._fetches: dict[Digest, Fetch] = {}
 
@@ -258,7 +261,7 @@ class Inflight:
         return self._fetches.get(digest)
 
     async def join_or_start(
-        self, digest: Digest, source: Source, on_bytes: Callable[[int], None] | None = None, client: str = ""
+        self, digest: Digest, source: BlobSource, on_bytes: Callable[[int], None] | None = None, client: str = ""
     ) -> tuple[Fetch, bool]:
         """The fetch for ``digest``, already acquired for the caller, and whether this call started it.
 

@@ -101,16 +101,6 @@ class BlobCache:
         return None
 
 
-def sync_and_hash(fd: int, want: Digest) -> Digest:
-    os.fsync(fd)
-    h = hashlib.new(want.algorithm)
-    pos = 0
-    while chunk := os.pread(fd, HASH_CHUNK, pos):
-        h.update(chunk)
-        pos += len(chunk)
-    return Digest(want.algorithm, h.hexdigest())
-
-
 def hash_file(path: Path, want: Digest) -> Digest:
     h = hashlib.new(want.algorithm)
     with open(path, "rb") as f:

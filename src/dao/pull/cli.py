@@ -30,8 +30,15 @@ def pull_command(
     ] = True,
     jobs: Annotated[
         int,
-        typer.Option("--jobs", "-j", min=1, max=64, help="Connections at once, over all layers and sources."),
-    ] = 16,
+        typer.Option(
+            "--jobs",
+            "-j",
+            min=1,
+            max=64,
+            help="Connections at most, over all layers and sources (it starts with 16 and adds more while "
+            "that makes it faster).",
+        ),
+    ] = 32,
     per_source: Annotated[
         int | None,
         typer.Option(min=1, max=64, help="Connections to one mirror or registry at once. [default: as -j]"),

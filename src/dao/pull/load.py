@@ -90,5 +90,3 @@ def write_oci_layout(root: Path, manifest: Manifest, blobs: dict[Digest, Path], 
         if (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") != tag
     ] + [entry]
     index_path.write_text(json.dumps(index, indent=2))
-
-

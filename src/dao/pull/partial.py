@@ -1,121 +1,65 @@
-"""One blob of a pull while it is fetched: its partial file, which byte runs are written and by whom, and the
-claims (byte ranges given to a source) running on it."""
+"""One blob of a pull while it is fetched: a :class:`~dao.transfer.job.Job` whose file is the cache's
+partial file, whose written runs are saved beside it (so a killed pull resumes), and which becomes the
+cache's blob when it verifies."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from dao.oci.manifest import Descriptor
 from dao.pull.cache import BlobCache
-from dao.pull.route import Peer
 from dao.registry.runs import Runs
-
-SAVE_EVERY = 0.5  # seconds between saves of a partial blob's written runs
-
+from dao.transfer.job import Job
 
 # Bytes of the blob now in hand (it can go down when bad bytes are dropped) and where the latest came from
 # (a source's URL; "cache" for the local content cache).
 Progress = Callable[[int, str], None]
 
 
-@dataclass(eq=False)
-class Claim:
-    """A byte range [start, end) being fetched; ``pos``: the first byte of it nobody has written yet."""
+class _Told:
+    """The transfer's events as the pull's progress callback sees them."""
 
-    blob: PartialBlob
-    start: int
-    end: int
-    peer: Peer  # who it was first given to
-    pos: int = 0
-    started: float = field(default_factory=time.monotonic)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    raced: bool = False
+    def __init__(self, blob: PartialBlob, progress: Progress) -> None:
+        self.blob, self.progress = blob, progress
 
-    def __post_init__(self) -> None:
-        self.pos = self.start
+    def on_size(self, size: int | None) -> None:
+        pass
 
-    def rate(self, now: float) -> float:
-        return (self.pos - self.start) / max(now - self.started, 1e-3)
+    def on_data(self, offset: int, data: memoryview, url: str) -> None:
+        self.progress(self.blob.have.covered(), url)
+
+    def on_lost(self, covered: int) -> None:
+        self.progress(covered, "")
 
 
-class PartialBlob:
-    """One blob being fetched: its partial file, the runs written, who wrote which, and the running claims."""
-
+class PartialBlob(Job):
     def __init__(
-        self, desc: Descriptor, order: int, cache: BlobCache, lock: int, have: Runs, progress: Progress
+        self, desc: Descriptor, repo: str, order: int, cache: BlobCache, lock: int, have: Runs, progress: Progress
     ) -> None:
-        self.order = order  # its place in the image: earlier layers are fetched first
-        self.digest = desc.digest
-        self.size = desc.size
         self.partial = cache.partial / desc.digest.encoded
-        self.runs_file = self.partial.with_suffix(".runs")
-        self.final = cache.path(desc.digest)
+        self.final: Path = cache.path(desc.digest)
         self.lock = lock
-        self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644)
-        self.have = have
-        self.pieces: list[tuple[int, int, Peer | None]] = [(a, b, None) for a, b in have.runs]  # None: earlier run
-        self.claims: list[Claim] = []
-        self.progress = progress
-        self.checking = False  # hashing or repairing: no new claims
-        self.rounds = 0
-        self.errors: dict[str, str] = {}
-        self.done: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
-        self._saved = time.monotonic()
+        super().__init__(
+            desc.digest,
+            desc.size,
+            os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644),
+            repo=repo,
+            order=order,
+            have=have,
+            listener=_Told(self, progress),
+            verify=True,
+            runs_file=self.partial.with_suffix(".runs"),
+        )
         progress(have.covered(), "cache")
 
-    def unclaimed(self) -> list[tuple[int, int]]:
-        taken = Runs([(a, b) for a, b in self.have.runs])
-        for claim in self.claims:
-            if claim.pos < claim.end:
-                taken.add(claim.pos, claim.end)
-        return taken.holes(0, self.size)
-
-    def wrote(self, start: int, data: memoryview, peer: Peer) -> None:
-        done = 0
-        while done < len(data):  # page-cache writes: microseconds, not worth a thread hop per chunk
-            done += os.pwrite(self.fd, data[done:], start + done)
-        end = start + len(data)
-        self.have.add(start, end)
-        last = self.pieces[-1] if self.pieces else None
-        if last is not None and last[1] == start and last[2] is peer:
-            self.pieces[-1] = (last[0], end, peer)
-        else:
-            self.pieces.append((start, end, peer))
-        self.progress(self.have.covered(), peer.url)
-        if time.monotonic() - self._saved >= SAVE_EVERY:
-            self.save()
-
-    def complete(self) -> bool:
-        return self.have.covered() >= self.size
-
-    def forget(self, peer: Peer | None) -> None:
-        """Drop every byte ``peer`` wrote: they will be fetched again."""
-        keep = [(a, b, p) for a, b, p in self.pieces if p is not peer]
-        self.pieces = keep
-        self.have = Runs([(a, b) for a, b, _ in keep])
-        self.progress(self.have.covered(), "")
-        self.save()
-
-    def reset(self) -> None:
-        self.pieces = []
-        self.have = Runs()
-        self.progress(0, "")
-        self.save()
-
-    def runs_of(self, peer: Peer | None) -> list[tuple[int, int]]:
-        return Runs([(a, b) for a, b, p in self.pieces if p is peer]).runs  # type: ignore[return-value]
-
-    def save(self) -> None:
-        tmp = self.runs_file.with_suffix(".runs-tmp")
-        tmp.write_text(json.dumps({"size": self.size, "runs": self.have.runs}))
-        os.replace(tmp, self.runs_file)
-        self._saved = time.monotonic()
+    def commit(self) -> None:
+        os.close(self.fd)
+        self.fd = -1
+        os.replace(self.partial, self.final)
+        assert self.runs_file is not None
+        self.runs_file.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -36,14 +36,15 @@ from dao.oci.manifest import DEFAULT_ACCEPT, Descriptor, Platform
 from dao.oci.reference import DOCKER_HUB_DOMAIN, Reference
 from dao.paths import config_file
 from dao.pull.cache import BlobCache, default_cache_dir
-from dao.pull.fetch import Fetcher, Stats
+from dao.pull.fetch import Fetcher
 from dao.pull.load import parse_output, write_oci_layout, write_stream
 from dao.pull.plan import PullError, Source, resolve
-from dao.pull.route import Peer, rank
+from dao.pull.route import peers, rank
 from dao.registry.client import RegistryClient, RetryPolicy, registry_timeout
 from dao.registry.dockerconfig import credentials_for
 from dao.registry.errors import RegistryClientError
 from dao.registry.insecure import InsecureRegistries
+from dao.transfer.schedule import Stats
 
 INSECURE_PROBE_TIMEOUT = 5.0  # seconds for an insecure registry to answer over HTTPS before HTTP is tried
 T = TypeVar("T")
@@ -55,8 +56,8 @@ class PullOptions:
     platform: str | None = None
     mirrors: tuple[str, ...] = ()
     engine_mirrors: bool = True
-    jobs: int = 16  # connections at once, across all blobs and sources
-    per_source: int = 16  # connections to one source at once
+    jobs: int = 32  # connections at most, across all blobs and sources (it starts with 16)
+    per_source: int = 32  # connections to one source at once
     verify_upstream: bool = False  # resolve the tag at the registry itself, not through a mirror
     cache_dir: Path | None = None
     quiet: bool = False
@@ -125,7 +126,7 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
         stats = Stats()
         fetcher = Fetcher(
             cache,
-            [Peer(s, i) for i, s in enumerate(ordered)],
+            peers(ordered),
             stats,
             connections=options.jobs,
             per_source=options.per_source,

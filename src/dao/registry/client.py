@@ -219,7 +219,7 @@ class RegistryClient:
             yield resp
 
     def blob_source(self, repo: str, digest: Digest) -> BlobSource:
-        """The blob as a :class:`~dao.registry.download.Source` for :class:`~dao.registry.download.Download`."""
+        """The blob as a :class:`~dao.transfer.download.Source` for :class:`~dao.transfer.download.Download`."""
         return BlobSource(self, repo, digest)
 
     async def raw_get(
@@ -364,7 +364,7 @@ def address_class(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str
 
 
 class BlobBody:
-    """One blob response as a :class:`~dao.registry.download.Body`: where it starts and ends, the blob's size."""
+    """One blob response as a :class:`~dao.transfer.download.Body`: where it starts and ends, the blob's size."""
 
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self.resp = resp

@@ -45,5 +45,3 @@ class AccessLog:
         for digest, at in touched.items():
             with contextlib.suppress(FileNotFoundError):
                 os.utime(blob_path(blobs_dir, digest), (at, at))
-
-

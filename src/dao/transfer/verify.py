@@ -1,38 +1,66 @@
-"""Verification and blame for dao pull: a blob whose digest does not check is repaired by comparing its runs,
-source by source, against other sources, so the bytes that were wrong are traced to whoever sent them and
-only those are fetched again. A mixin of :class:`~dao.pull.fetch.Fetcher`: it works on the fetcher's peers
-and blobs."""
+"""Verification and blame: a blob whose digest does not check is repaired by comparing its runs, source by
+source, against other sources, so the bytes that were wrong are traced to whoever sent them and only those
+are fetched again. Without a second source (or when that finds nothing), the blob is fetched again from
+scratch, at most ``VERIFY_ROUNDS`` times. A mixin of :class:`~dao.transfer.fetch.Transfer`: it works on the
+transfer's sources and jobs (those with ``verify``)."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from dao.aio import first_error
 from dao.oci.digest import Digest
-from dao.pull.cache import sync_and_hash
-from dao.pull.partial import PartialBlob
-from dao.pull.route import Peer
 from dao.registry.errors import RegistryClientError, UpstreamUnavailable
 from dao.registry.runs import Runs
+from dao.transfer.job import Job
+from dao.transfer.sources import Peer
 
-log = logging.getLogger("dao.pull.fetch")
+if TYPE_CHECKING:
+    from dao.transfer.schedule import Policy, Stats
+
+log = logging.getLogger("dao.transfer")
 
 VERIFY_ROUNDS = 3  # full re-fetches of one blob before the pull gives up on it
 UNDO_MAX = 64 * 1024 * 1024  # differing bytes kept to put back when a comparison proves nothing
 COMPARE_CHUNK = 4 * 1024 * 1024  # a comparison fetches in pieces of an unmeasured source's first chunk
+HASH_CHUNK = 4 * 1024 * 1024
+
+
+def sync_and_hash(fd: int, want: Digest) -> Digest:
+    os.fsync(fd)
+    h = hashlib.new(want.algorithm)
+    pos = 0
+    while chunk := os.pread(fd, HASH_CHUNK, pos):
+        h.update(chunk)
+        pos += len(chunk)
+    return Digest(want.algorithm, h.hexdigest())
 
 
 class Verification:
+    peers: list[Peer]
+    policy: Policy
+    stats: Stats
+    warn: Callable[[str], None]
+    _checks: set[asyncio.Task[None]]
+    _repairing: asyncio.Lock
 
-    def _check_soon(self, blob: PartialBlob) -> None:
+    def _drop(self, peer: Peer, why: str, *, lied: bool = False) -> None: ...
+    def _fail(self, job: Job) -> None: ...
+    def _resolved(self) -> None: ...
+    def _wake(self) -> None: ...
+
+    def _check_soon(self, blob: Job) -> None:
         blob.checking = True
         task = asyncio.get_running_loop().create_task(self._check(blob))
         self._checks.add(task)
         task.add_done_callback(self._checks.discard)
 
-    async def _check(self, blob: PartialBlob) -> None:
+    async def _check(self, blob: Job) -> None:
         try:
             actual = await asyncio.to_thread(sync_and_hash, blob.fd, blob.digest)
             if actual != blob.digest:
@@ -40,11 +68,8 @@ class Verification:
                 if not blob.complete():
                     return  # a known liar's bytes were dropped: the workers fetch them again
             if actual == blob.digest:
-                os.close(blob.fd)
-                blob.fd = -1
-                os.replace(blob.partial, blob.final)
-                blob.runs_file.unlink(missing_ok=True)
-                blob.done.set_result(blob.final)
+                blob.commit()
+                blob.done.set_result(None)
                 for peer in {p for _, _, p in blob.pieces if p is not None}:
                     peer.proven += 1
                 log.debug("%s verified", blob.digest.encoded[:12])
@@ -65,7 +90,7 @@ class Verification:
             blob.checking = False
             self._wake()
 
-    async def _repair(self, blob: PartialBlob, actual: Digest) -> Digest:
+    async def _repair(self, blob: Job, actual: Digest) -> Digest:
         """Find who sent the bad bytes: each source's runs fetched again from another source and compared.
 
         Differing bytes only say that one of the two lies, so the blame goes to the writer only when its bytes
@@ -106,9 +131,7 @@ class Verification:
                     )
             return actual
 
-    def _blame(
-        self, blob: PartialBlob, writer: Peer | None, checker: Peer, where: str, undo: list[tuple[int, bytes]]
-    ) -> None:
+    def _blame(self, blob: Job, writer: Peer | None, checker: Peer, where: str, undo: list[tuple[int, bytes]]) -> None:
         if writer is not None:
             why = f"{writer.url} sent corrupt bytes for {blob.digest} (bytes {where} differ from {checker.url}'s)"
             self._drop(writer, f"{why}; not using it again", lied=True)
@@ -123,20 +146,20 @@ class Verification:
                 if piece[0] < piece[1]
             ] + [(start, end, checker)]
 
-    def _checkers(self, blob: PartialBlob, writer: Peer | None) -> list[Peer]:
+    def _checkers(self, blob: Job, writer: Peer | None) -> list[Peer]:
         """Who to compare ``writer``'s bytes with: other live sources, those whose bytes verified first, then
         mirrors, fastest first."""
         usable = [p for p in self.peers if p is not writer and p.out is None and blob.digest not in p.missing]
-        return sorted(usable, key=lambda p: (-p.proven, not p.source.mirror, -(p.rate or 0.0), p.rank))
+        return sorted(usable, key=lambda p: (-p.proven, not p.mirror, -(p.rate or 0.0), p.rank))
 
-    async def _compare(self, blob: PartialBlob, runs: list[tuple[int, int]], checker: Peer) -> list[tuple[int, bytes]]:
+    async def _compare(self, blob: Job, runs: list[tuple[int, int]], checker: Peer) -> list[tuple[int, bytes]]:
         """Fetch ``runs`` from ``checker`` (in chunks, several at once); where its bytes differ, they replace
         ours. Returns what they replaced (offset, our bytes), to put back if that proves nothing."""
-        source = checker.source.client.blob_source(self._repo, blob.digest)
+        source = checker.blob(blob)
         undo: list[tuple[int, bytes]] = []
         kept = 0
         pieces = [(a, min(a + COMPARE_CHUNK, end)) for start, end in runs for a in range(start, end, COMPARE_CHUNK)]
-        gate = asyncio.Semaphore(self.per_source)
+        gate = asyncio.Semaphore(self.policy.per_source)
 
         async def one(start: int, end: int) -> None:
             nonlocal kept

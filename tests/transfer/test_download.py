@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from dao.registry.download import Download, DownloadPolicy
 from dao.registry.errors import UpstreamNotFound, UpstreamStatusError, UpstreamUnavailable
 from dao.registry.runs import Runs
+from dao.transfer.download import Download, upstream_policy
+from dao.transfer.schedule import Policy
 
 DATA = os.urandom(3_000_000)
-POLICY = DownloadPolicy(
-    connections=4, split_threshold=256 * 1024, segment_min=64 * 1024, backoff_base=0.001, backoff_max=0.01
-)
+POLICY = upstream_policy(4, 256 * 1024, chunk_min=64 * 1024, backoff_base=0.001, backoff_max=0.01)
 
 
 class Body:
@@ -68,12 +67,15 @@ class Recorder:
     def on_size(self, size: int | None) -> None:
         self.sizes.append(size)
 
-    def on_data(self, offset: int, data: memoryview) -> None:
+    def on_data(self, offset: int, data: memoryview, url: str) -> None:
         assert self.sizes, "data before size"
         self.written += len(data)
 
+    def on_lost(self, covered: int) -> None:
+        raise AssertionError("nothing verifies here, so nothing is dropped")
 
-async def download(tmp_path: Path, upstream: Upstream, policy: DownloadPolicy = POLICY) -> tuple[bytes, Recorder]:
+
+async def download(tmp_path: Path, upstream: Upstream, policy: Policy = POLICY) -> tuple[bytes, Recorder]:
     path = tmp_path / "blob"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     recorder = Recorder()
@@ -92,10 +94,10 @@ async def test_parallel_segments_cover_the_blob_exactly_once(tmp_path: Path) -> 
     assert recorder.sizes == [len(DATA)]
     assert recorder.written == len(DATA)  # no byte written twice
     assert upstream.sent == len(DATA)  # and none sent that was not kept: every request is bounded
-    head, *helpers = upstream.asked
-    assert head == (0, POLICY.split_threshold - 1)  # its 206 says the size and that ranges work: no probe
-    assert len(helpers) >= POLICY.connections - 1
-    assert helpers[0][1] == len(DATA) - 1  # the first helper takes the tail
+    head, *others = upstream.asked
+    assert head == (0, POLICY.first_chunk - 1)  # its 206 says the size and that ranges work: no probe
+    assert len(others) >= POLICY.connections - 1
+    assert others[0][0] == POLICY.first_chunk  # the chunks are taken from the front
     spans = sorted((a, b) for a, b in upstream.asked if b is not None)
     assert len(spans) == len(upstream.asked)
     for (_, end), (start, _) in itertools.pairwise(spans):
@@ -114,13 +116,13 @@ async def test_range_ignored_means_one_stream(tmp_path: Path) -> None:
     upstream = Upstream(ranges=False)
     data, recorder = await download(tmp_path, upstream)
     assert data == DATA and recorder.written == len(DATA)
-    assert upstream.asked == [(0, POLICY.split_threshold - 1)]  # answered with the whole blob: read to its end
+    assert upstream.asked == [(0, POLICY.first_chunk - 1)]  # answered with the whole blob: read to its end
     assert upstream.sent == len(DATA)
 
 
 async def test_resume_with_range_ignored_skips_what_it_has(tmp_path: Path) -> None:
     upstream = Upstream(ranges=False, break_rate=0.5, seed=3)
-    data, recorder = await download(tmp_path, upstream, DownloadPolicy(connections=1, backoff_base=0.001))
+    data, recorder = await download(tmp_path, upstream, upstream_policy(1, backoff_base=0.001))
     assert data == DATA and recorder.written == len(DATA)
 
 
@@ -134,7 +136,7 @@ async def test_gives_up_after_attempts_without_progress(tmp_path: Path) -> None:
             yield Body(DATA, 0, len(DATA), 100_000)
 
     upstream = Dead()
-    policy = DownloadPolicy(connections=1, resume_attempts=3, backoff_base=0.001)
+    policy = upstream_policy(1, resume_attempts=3, backoff_base=0.001)
     with pytest.raises(UpstreamUnavailable):
         await download(tmp_path, upstream, policy)
     assert len(upstream.asked) == 1 + 3
@@ -167,12 +169,12 @@ async def test_an_upstream_refusing_ranges_gets_a_plain_get(tmp_path: Path) -> N
     upstream = RangesRefused()
     data, recorder = await download(tmp_path, upstream)
     assert data == DATA and recorder.written == len(DATA)
-    assert upstream.asked == [(0, POLICY.split_threshold - 1), (0, None)]  # one refusal, then one stream
+    assert upstream.asked == [(0, POLICY.first_chunk - 1), (0, None)]  # one refusal, then one stream
 
 
 async def test_a_small_blob_is_one_bounded_request(tmp_path: Path) -> None:
     upstream = Upstream()
-    policy = DownloadPolicy(connections=4, split_threshold=4 * 1024 * 1024)  # more than the blob
+    policy = upstream_policy(4, 4 * 1024 * 1024)  # more than the blob
     data, _ = await download(tmp_path, upstream, policy)
     assert data == DATA and upstream.asked == [(0, 4 * 1024 * 1024 - 1)] and upstream.sent == len(DATA)
 
