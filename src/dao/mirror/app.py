@@ -34,7 +34,6 @@ from dao.mirror.routing import Router
 from dao.mirror.serve import SEND_POLICY_KEY, SendPolicy, blob_headers, parse_range, send_fetch, send_local
 from dao.mirror.state import state
 from dao.mirror.storage import FilesystemBlobStore, FilesystemManifestStore, FilesystemOrigins
-from dao.mirror.storage.access import AccessLog
 from dao.mirror.usage import Meter
 from dao.oci.digest import Digest, DigestError
 from dao.oci.errors import ErrorCode, RegistryError
@@ -299,8 +298,7 @@ def make_app(
 
 async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> None:
     """Run the mirror until SIGTERM/SIGINT; a clean stop cancels fetches (their spool files are removed)."""
-    access = AccessLog()
-    blobs = FilesystemBlobStore(config.data_dir, access)
+    blobs = FilesystemBlobStore(config.data_dir)
     leftovers = blobs.clean_spool()
     if leftovers:
         log.info("removed %d partial downloads left by an earlier run", leftovers)
@@ -318,10 +316,11 @@ async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> 
         default_quota = parse_size(config.default_quota)
         min_send_rate = parse_size(config.min_send_rate)
         collector = Collector(
-            config.data_dir,
+            blobs,
+            manifests,
+            origins,
             max_bytes=parse_size(config.cache_max),
             min_free=parse_size(config.cache_min_free),
-            access=access,
         )
         accounts = Accounts(config.database_url)
     except ValueError as exc:  # AccountError included

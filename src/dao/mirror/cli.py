@@ -278,20 +278,30 @@ def mirror_gc(
 
     A running mirror does the same every --gc-interval seconds; running this beside it is safe.
     """
-    from dao.mirror.eviction import Collector
+    from dao.mirror.eviction import Collector, Plan
+    from dao.mirror.storage import FilesystemBlobStore, FilesystemManifestStore, FilesystemOrigins
 
     config = load(MirrorConfig, "mirror", file=config_file, env=os.environ, flags={"data_dir": data_dir})
-    collector = Collector(
-        config.data_dir,
-        max_bytes=size_arg(max_size if max_size is not None else config.cache_max),
-        min_free=size_arg(min_free if min_free is not None else config.cache_min_free),
-    )
-    if not collector.enabled:
+    max_bytes = size_arg(max_size if max_size is not None else config.cache_max)
+    min_free_bytes = size_arg(min_free if min_free is not None else config.cache_min_free)
+    if not (max_bytes > 0 or min_free_bytes > 0):
         raise fail("no limit to enforce", "give --max-size or --min-free, or set cache_max / cache_min_free")
     if not (config.data_dir / "blobs").is_dir():
         raise fail(f"{config.data_dir} holds no mirror cache", code=1)
-    plan = collector.plan()
-    removed = 0 if dry_run else collector.apply(plan)
+    root = config.data_dir
+    collector = Collector(
+        FilesystemBlobStore(root),
+        FilesystemManifestStore(root),
+        FilesystemOrigins(root),
+        max_bytes=max_bytes,
+        min_free=min_free_bytes,
+    )
+
+    async def collect() -> tuple[Plan, int]:
+        plan = await collector.plan()
+        return plan, 0 if dry_run else await collector.apply(plan)
+
+    plan, removed = asyncio.run(collect())
     if as_json:
         items = [{"kind": i.kind, "digest": i.digest, "size": i.size, "reason": i.reason} for i in plan.items]
         doc = {"cache_bytes": plan.cache_bytes, "target_bytes": plan.target_bytes, "freed_bytes": plan.freed}

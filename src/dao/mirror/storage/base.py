@@ -55,7 +55,37 @@ class BlobDeleter(Protocol):
         """Remove the blob; True when it existed. Readers that already opened it keep reading."""
 
 
-class BlobStore(BlobStatter, BlobProvider, BlobIngester, BlobDeleter, Protocol):
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """One committed blob or manifest as eviction sees it."""
+
+    digest: str
+    size: int  # what it takes in the store (a manifest: its body and media type)
+    last_used: float  # wall-clock seconds
+
+
+class BlobCollection(Protocol):
+    """What eviction needs of a blob store: nothing here names a file."""
+
+    async def listing(self) -> list[Stored]:
+        """Every committed blob with its last use (uses noted since the last :meth:`record_uses` included)."""
+
+    def in_use(self) -> set[str]:
+        """Digests being read right now: not to be removed (a reader would keep its open file anyway)."""
+
+    async def delete(self, digest: Digest) -> bool: ...
+
+    async def record_uses(self) -> None:
+        """Write the uses noted in memory where they survive a restart."""
+
+    async def spool_bytes(self) -> int:
+        """Space taken by fetches in progress: not removable, but it counts toward the limit."""
+
+    async def free_bytes(self) -> int | None:
+        """Free space where the store lives; None for a store without such a limit (object storage)."""
+
+
+class BlobStore(BlobStatter, BlobProvider, BlobIngester, BlobDeleter, BlobCollection, Protocol):
     pass
 
 
@@ -80,6 +110,15 @@ class ManifestStore(Protocol):
     async def put_tag(self, upstream: str, repo: str, tag: str, accept_key: str, record: ManifestRecord) -> None:
         """Record (atomically) what ``tag`` resolved to for clients with this accept key."""
 
+    async def listing(self) -> list[Stored]:
+        """Every stored manifest (last use: when it was stored)."""
+
+    async def references(self, digests: list[str]) -> dict[str, list[str]]:
+        """The digests each of these manifests names (its layers, config, or child manifests)."""
+
+    async def delete(self, digests: set[str]) -> int:
+        """Remove these manifests and the tag records that resolve to them; returns how many manifests went."""
+
 
 @dataclass(frozen=True, slots=True)
 class Origin:
@@ -97,3 +136,6 @@ class OriginStore(Protocol):
 
     async def add_origin(self, digest: Digest, origin: Origin) -> None:
         """Record one more; idempotent."""
+
+    async def forget(self, digest: str) -> None:
+        """The digest left the cache."""

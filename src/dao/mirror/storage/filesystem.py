@@ -7,21 +7,26 @@ Layout (all writes are temp file + fsync + rename, so a crash leaves old or new,
     tags/<upstream>/<repo>/<tag>/<accept-key>.json
     origins/sha256/ab/abcdef...      "<registry>/<repository> <0|1 credentialed>" lines: where a digest was seen
     tmp/                             spool files of fetches in progress; emptied at start-up
+
+A blob's last use is its file's mtime, written in batches from the :class:`AccessLog`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
 import stat as stat_mod
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
-from dao.mirror.storage.access import AccessLog
-from dao.mirror.storage.base import LocalBlob, ManifestRecord, Origin
+from dao.mirror.storage.access import AccessLog, blob_path
+from dao.mirror.storage.base import LocalBlob, ManifestRecord, Origin, Stored
 from dao.oci.digest import Digest, DigestError
+from dao.oci.manifest import descriptors
 
 
 def _digest_path(root: Path, digest: Digest) -> Path:
@@ -52,11 +57,28 @@ def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
     fsync_dir(path.parent)
 
 
+def _walk(base: Path) -> Iterable[tuple[str, Path, os.stat_result]]:
+    """(digest, path, stat) of every item under a digest-named tree; ``.type`` files ride with their manifest."""
+    if not base.is_dir():
+        return
+    for algorithm in base.iterdir():
+        for prefix in algorithm.iterdir() if algorithm.is_dir() else ():
+            for path in prefix.iterdir():
+                if path.suffix:
+                    continue
+                try:
+                    Digest.parse(f"{algorithm.name}:{path.name}")
+                    st = path.stat()
+                except (DigestError, FileNotFoundError):
+                    continue
+                yield f"{algorithm.name}:{path.name}", path, st
+
+
 class FilesystemBlobStore:
     def __init__(self, root: Path, access: AccessLog | None = None) -> None:
         """``access`` learns of every blob served (its last use, and who is reading it) for eviction."""
         self.root = root
-        self.access = access
+        self.access = access or AccessLog()
         self.blobs = root / "blobs"
         self.tmp = root / "tmp"
         for d in (self.blobs, self.tmp):
@@ -83,7 +105,7 @@ class FilesystemBlobStore:
 
     async def open(self, digest: Digest) -> LocalBlob | None:
         blob = await asyncio.to_thread(self._open, _digest_path(self.blobs, digest))
-        if blob is not None and self.access is not None:
+        if blob is not None:
             name = str(digest)
             self.access.touch(name)
             self.access.opened(name)
@@ -119,6 +141,38 @@ class FilesystemBlobStore:
         except FileNotFoundError:
             return False
         return True
+
+    # -- what eviction needs -------------------------------------------------------------------------------
+
+    async def listing(self) -> list[Stored]:
+        return await asyncio.to_thread(self._listing)
+
+    def _listing(self) -> list[Stored]:
+        self.access.persist(self.blobs)
+        return [Stored(digest, st.st_size, st.st_mtime) for digest, _, st in _walk(self.blobs)]
+
+    def in_use(self) -> set[str]:
+        return set(self.access.reading)
+
+    async def record_uses(self) -> None:
+        await asyncio.to_thread(self.access.persist, self.blobs)
+
+    async def spool_bytes(self) -> int:
+        return await asyncio.to_thread(self._spool_bytes)
+
+    def _spool_bytes(self) -> int:
+        """Allocated blocks, not lengths: spool files fill out of order."""
+        total = 0
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.tmp):
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_blocks * 512
+        return total
+
+    async def free_bytes(self) -> int | None:
+        st = await asyncio.to_thread(os.statvfs, self.root)
+        return st.f_bavail * st.f_frsize
 
 
 class FilesystemManifestStore:
@@ -169,6 +223,54 @@ class FilesystemManifestStore:
         path = self._tag_path(upstream, repo, tag, accept_key)
         await asyncio.to_thread(atomic_write, path, json.dumps(doc).encode(), self.tmp)
 
+    # -- what eviction needs -------------------------------------------------------------------------------
+
+    async def listing(self) -> list[Stored]:
+        return await asyncio.to_thread(self._listing)
+
+    def _listing(self) -> list[Stored]:
+        out = []
+        for digest, path, st in _walk(self.manifests):
+            try:
+                size = st.st_size + path.with_suffix(".type").stat().st_size
+            except FileNotFoundError:
+                size = st.st_size
+            out.append(Stored(digest, size, st.st_mtime))
+        return out
+
+    async def references(self, digests: list[str]) -> dict[str, list[str]]:
+        return await asyncio.to_thread(self._references, digests)
+
+    def _references(self, digests: list[str]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for digest in digests:
+            try:
+                out[digest] = [str(d.digest) for d in descriptors(blob_path(self.manifests, digest).read_bytes())]
+            except (OSError, ValueError, KeyError, TypeError):
+                out[digest] = []
+        return out
+
+    async def delete(self, digests: set[str]) -> int:
+        return await asyncio.to_thread(self._delete, digests)
+
+    def _delete(self, digests: set[str]) -> int:
+        removed = 0
+        for digest in digests:
+            path = blob_path(self.manifests, digest)
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            path.with_suffix(".type").unlink(missing_ok=True)
+            removed += 1
+        for record in self.tags.rglob("*.json"):  # the tags that resolve to them are gone with them
+            try:
+                if json.loads(record.read_bytes()).get("digest") in digests:
+                    record.unlink()
+            except (OSError, ValueError, AttributeError):
+                continue
+        return removed
+
 
 class FilesystemOrigins:
     """Origins of digests (blobs and manifests share one digest space), one small append-only file each."""
@@ -213,7 +315,8 @@ class FilesystemOrigins:
         with open(path, "a") as f:  # one short O_APPEND write: lines never interleave
             f.write(line)
 
-    def forget(self, digest: Digest) -> None:
+    async def forget(self, digest: str) -> None:
         """The digest left the cache (eviction)."""
-        self._known.pop(digest, None)
-        _digest_path(self.dir, digest).unlink(missing_ok=True)
+        with contextlib.suppress(DigestError):
+            self._known.pop(Digest.parse(digest), None)
+        await asyncio.to_thread(blob_path(self.dir, digest).unlink, missing_ok=True)
