@@ -3,11 +3,16 @@ size arguments. (``dao.cli.main`` prints every :class:`~dao.errors.DaoError`.)""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar, get_origin, get_type_hints
 
 import typer
 
+from dao.config import shown_default
 from dao.errors import USAGE, DaoError
 from dao.units import parse_size
 
@@ -27,3 +32,50 @@ def fail(message: str, hint: str | None = None, code: int = USAGE) -> DaoError:
 def size_arg(text: str) -> int:
     """A size as users write it (50GiB, 500MB); a UnitError (exit 2) otherwise."""
     return parse_size(text)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def with_settings(cls: type, *, before: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """The command gets one option per field of the settings dataclass ``cls`` (declared with
+    :func:`dao.config.setting`: name, default and help in one place) and receives what the user passed as
+    ``settings``: field name -> value, None when not given, for :func:`dao.config.load`'s ``flags``.
+
+    ``before``: the command's own parameters that come first in ``--help``; the rest follow the settings."""
+
+    def decorate(func: F) -> F:
+        hints = get_type_hints(cls)
+        own = [p for p in inspect.signature(func, eval_str=True).parameters.values() if p.name != "settings"]
+        generated: list[inspect.Parameter] = []
+        for f in dataclasses.fields(cls):
+            if not f.metadata.get("cli", False):
+                continue
+            kind = hints[f.name]
+            repeated = get_origin(kind) in (dict, tuple, list)
+            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            shown = shown_default(f)
+            text = f.metadata["help"] + (f" [default: {shown}]" if shown else "")
+            names = (flag,) if repeated or kind is not bool else (f"{flag}/--no-{flag[2:]}",)
+            option = typer.Option(*names, help=text, metavar=f.metadata.get("metavar"))
+            annotation = Annotated[(list[str] if repeated else kind) | None, option]  # type: ignore[valid-type]
+            generated.append(
+                inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+            )
+        fields = {p.name for p in generated}
+
+        @functools.wraps(func)
+        def command(**kwargs: Any) -> Any:
+            settings: dict[str, Any] = {}
+            for name in fields:
+                value = kwargs.pop(name)
+                settings[name] = (value or None) if isinstance(value, list) else value  # no repeats: not given
+            return func(settings=settings, **kwargs)
+
+        first = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name in before]
+        rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name not in before]
+        command.__signature__ = inspect.Signature(first + generated + rest)  # type: ignore[attr-defined]
+        command.__annotations__ = {}  # typer reads the signature; the wrapped function's hints are not these
+        return command  # type: ignore[return-value]
+
+    return decorate

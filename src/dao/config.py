@@ -2,14 +2,16 @@
 
 Each feature has one dataclass; its fields are the TOML keys of the feature's table (``[mirror]``), the
 environment names upper-cased with the feature prefix (``DAO_MIRROR_MANIFEST_TTL``) and the flags with dashes
-(``--manifest-ttl``). Bad values raise :class:`ConfigError` naming where the value came from.
+(``--manifest-ttl``). Each field is declared with :func:`setting`: its name, default and help in one place,
+from which the command's options are made (:func:`dao.cliutil.with_settings`). Bad values raise
+:class:`ConfigError` naming where the value came from.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_origin, get_type_hints
@@ -24,6 +26,39 @@ class ConfigError(DaoError, ValueError):
     exit_code = USAGE
 
 
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    factory: Callable[[], Any] | None = None,
+    flag: str | None = None,
+    metavar: str | None = None,
+    shown: str | None = None,
+    cli: bool = True,
+) -> Any:
+    """A settings field. ``help`` is the option's help (the default is added to it: ``shown``, or the default
+    itself); ``flag`` names the option when it is not the field's name with dashes (one value per repeat for
+    dicts and tuples); ``cli=False``: file and environment only (a password)."""
+    metadata = {"help": help, "flag": flag, "metavar": metavar, "shown": shown, "cli": cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def shown_default(f: dataclasses.Field[Any]) -> str | None:
+    """How ``--help`` shows a field's default (None: it shows none)."""
+    if f.metadata.get("shown"):
+        return str(f.metadata["shown"])
+    value = f.default
+    if value is dataclasses.MISSING or value in ("", None) or isinstance(value, (dict, tuple, list)):
+        return None
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def default_data_dir() -> Path:
     """Root keeps service data in /var/lib; a user in the XDG data directory."""
     return data_dir() / "mirror"
@@ -31,52 +66,97 @@ def default_data_dir() -> Path:
 
 @dataclass(frozen=True)
 class MirrorConfig:
-    listen: str = "127.0.0.1:5000"
-    upstream: str = DOCKER_HUB_URL  # Docker Hub's upstream
-    registries: dict[str, str] = field(default_factory=dict)  # more registries (name -> URL), beside the built-in
-    aliases: dict[str, str] = field(default_factory=dict)  # short path prefix -> registry name
-    hosts: dict[str, str] = field(default_factory=dict)  # Host header -> registry name
-    allow: tuple[str, ...] = ()  # globs on <registry>/<repository>; when set, one must match
-    deny: tuple[str, ...] = ()  # globs on <registry>/<repository>; any match is refused
-    data_dir: Path = field(default_factory=default_data_dir)
-    manifest_ttl: float = 300.0  # seconds a tag's manifest is served without asking upstream
-    manifest_timeout: float = 10.0  # seconds for an upstream manifest answer before serving stale / failing
-    manifest_swr: float = 86400.0  # seconds past the TTL a tag is answered from cache while refreshed behind
-    negative_ttl: float = 15.0  # seconds an upstream 404 is remembered
-    breaker_failures: int = 5  # consecutive upstream failures that open the circuit
-    breaker_cooldown: float = 15.0  # seconds the circuit stays open before one trial request
-    prefetch_children: bool = True  # cache every child manifest of an index a client pulled
-    fetch_connections: int = 24  # at most, for one big blob: it starts at 6 and adds while that is faster
-    fetch_split_mib: float = 1.0  # blobs at least this big are fetched as parallel ranges
-    max_fetches: int = 64  # upstream blob fetches at once; more wait (up to 30 s, then 429)
-    max_fetches_per_client: int = 16  # of those, started by one client address
-    max_connections_per_client: int = 64  # connections one client address may hold open
-    header_timeout: float = 15.0  # seconds for a request's headers to arrive in full
-    send_timeout: float = 30.0  # a response must send min_send_rate * send_timeout bytes every send_timeout s
-    min_send_rate: str = "8KiB"  # bytes a second, averaged over each send_timeout window
-    database: str = ""  # SQLAlchemy URL for users and usage; default sqlite:///<data_dir>/dao.db
-    mirror_domain: str = ""  # users reach the mirror as <id>.<mirror_domain>
-    anonymous: bool = True  # serve requests that name no user (counted as "anonymous")
-    default_quota: str = "0"  # bytes a user may pull a month (50GiB, 500MB; 0 = no limit)
-    usage_flush: float = 5.0  # seconds between writes of usage counts (and reads of users and quotas)
-    cache_max: str = "0"  # size limit of the cache (blobs + manifests), e.g. 200GiB; 0 = none
-    cache_min_free: str = "0"  # keep this much free on the cache's filesystem, e.g. 10GiB; 0 = none
-    gc_interval: float = 60.0  # seconds between checks of those limits
-    upstream_username: str = ""
-    upstream_password: str = ""
-    access_log: bool = True
-    log_level: str = "info"
-    log_format: str = "text"  # or json: one object per line, for log pipelines
+    listen: str = setting("127.0.0.1:5000", help="HOST:PORT to listen on.")
+    upstream: str = setting(DOCKER_HUB_URL, help="Registry to mirror, http(s)://host[:port].")
+    data_dir: Path = setting(
+        factory=default_data_dir,
+        shown="/var/lib/dao/mirror as root, else ~/.local/share/dao/mirror",
+        help="Cache directory.",
+    )
+    registries: dict[str, str] = setting(
+        factory=dict,
+        flag="--registry",
+        metavar="NAME=URL",
+        help="NAME=URL: also mirror this registry (repeatable). Built in: docker.io (--upstream), ghcr.io, "
+        "gcr.io, registry.k8s.io, k8s.gcr.io, quay.io, mcr.microsoft.com, public.ecr.aws, docker.elastic.co, "
+        "nvcr.io.",
+    )
+    aliases: dict[str, str] = setting(
+        factory=dict,
+        flag="--alias",
+        metavar="ALIAS=REGISTRY",
+        help="ALIAS=REGISTRY: /v2/ALIAS/<repo> means REGISTRY/<repo> (repeatable).",
+    )
+    hosts: dict[str, str] = setting(
+        factory=dict,
+        flag="--host",
+        metavar="HOSTNAME=REGISTRY",
+        help="HOSTNAME=REGISTRY: requests sent to HOSTNAME are for REGISTRY (repeatable).",
+    )
+    allow: tuple[str, ...] = setting(
+        (), metavar="GLOB", help="Only serve <registry>/<repository> matching one of these globs (repeatable)."
+    )
+    deny: tuple[str, ...] = setting(
+        (), metavar="GLOB", help="Refuse <registry>/<repository> matching this glob (repeatable)."
+    )
+    manifest_ttl: float = setting(300.0, help="Seconds a tag's manifest is served before re-checking upstream.")
+    manifest_timeout: float = setting(10.0, help="Seconds to wait for upstream manifest answers before serving stale.")
+    manifest_swr: float = setting(
+        86400.0,
+        help="Seconds past the TTL a tag is answered from cache at once while it is re-checked in the "
+        "background; later, the client waits for the check (0 = always wait).",
+    )
+    negative_ttl: float = setting(15.0, help="Seconds an upstream 'not found' is remembered.")
+    breaker_failures: int = setting(
+        5, help="Upstream failures in a row after which requests fail fast or come from cache."
+    )
+    breaker_cooldown: float = setting(15.0, help="Seconds before the upstream is tried again after that.")
+    prefetch_children: bool = setting(
+        True, help="Cache every platform's manifest when a client pulls a multi-platform index."
+    )
+    fetch_connections: int = setting(
+        24,
+        help="At most this many upstream connections for one big blob (it starts at 6, adds more while "
+        "that makes it faster).",
+    )
+    fetch_split_mib: float = setting(1.0, help="Blobs at least this many MiB are fetched as parallel ranges.")
+    max_fetches: int = setting(64, help="Upstream blob fetches at once; more wait, then get 429.")
+    max_fetches_per_client: int = setting(16, help="Of those, started by one client address.")
+    max_connections_per_client: int = setting(64, help="Connections one client address may hold open.")
+    header_timeout: float = setting(15.0, help="Seconds for a request's headers to arrive in full.")
+    send_timeout: float = setting(
+        30.0, help="Every this many seconds a response must have sent --min-send-rate's worth."
+    )
+    min_send_rate: str = setting("8KiB", help="Bytes a second a client must read, e.g. 8KiB; slower ones are cut.")
+    database: str = setting(
+        "",
+        shown="sqlite:///DATA_DIR/dao.db",
+        help="SQLAlchemy URL.",
+    )
+    mirror_domain: str = setting(
+        "", help="Users reach the mirror as http://<id>.<mirror-domain> (usage counted per user)."
+    )
+    anonymous: bool = setting(True, help="Serve requests that name no user, counted as 'anonymous'.")
+    default_quota: str = setting("0", help="Bytes a user may pull a month, e.g. 50GiB; 0 = no limit.")
+    usage_flush: float = setting(5.0, help="Seconds between usage writes and re-reads of users and quotas.")
+    cache_max: str = setting("0", help="Size limit of the cache, e.g. 200GiB; 0 = none.")
+    cache_min_free: str = setting("0", help="Free space to keep on the cache's disk, e.g. 10GiB; 0 = none.")
+    gc_interval: float = setting(60.0, help="Seconds between checks of the cache limits.")
+    upstream_username: str = setting("", help="Upstream account (raises Docker Hub's rate limit).")
+    upstream_password: str = setting("", cli=False, help="Its password or token: file or environment only.")
+    access_log: bool = setting(True, help="One log line per request.")
+    log_level: str = setting("info", help="debug, info, warning or error.")
+    log_format: str = setting(
+        "text",
+        help="text, or json: one object per line (time, client, user, method, path, status, bytes, "
+        "cache, duration, user agent, registry).",
+    )
 
     def __post_init__(self) -> None:
-        split = urlsplit(self.upstream)
-        if split.scheme not in ("http", "https") or not split.netloc or split.path not in ("", "/"):
-            raise ConfigError(f"upstream must be http(s)://host[:port], got {self.upstream!r}")
+        check_url("upstream", self.upstream)
         parse_listen(self.listen)
         for name, url in self.registries.items():
-            split = urlsplit(url)
-            if split.scheme not in ("http", "https") or not split.netloc or split.path not in ("", "/"):
-                raise ConfigError(f"registry {name!r}: URL must be http(s)://host[:port], got {url!r}")
+            check_url(f"registry {name!r}: URL", url)
         if self.manifest_ttl < 0 or self.manifest_timeout <= 0 or self.manifest_swr < 0:
             raise ConfigError("manifest_ttl and manifest_swr must be >= 0, manifest_timeout > 0")
         if self.negative_ttl < 0 or self.breaker_cooldown < 0 or self.breaker_failures < 1:
@@ -101,6 +181,25 @@ class MirrorConfig:
     @property
     def listen_address(self) -> tuple[str, int]:
         return parse_listen(self.listen)
+
+
+@dataclass(frozen=True)
+class PullConfig:
+    """The ``[pull]`` table (no flags of its own: ``dao pull``'s options are per pull)."""
+
+    mirrors: tuple[str, ...] = setting(
+        (), cli=False, help="Mirrors to try after --mirror, before the engine's registry-mirrors."
+    )
+
+    def __post_init__(self) -> None:
+        for url in self.mirrors:
+            check_url("[pull] mirrors: each", url)
+
+
+def check_url(what: str, url: str) -> None:
+    split = urlsplit(url)
+    if split.scheme not in ("http", "https") or not split.netloc or split.path not in ("", "/"):
+        raise ConfigError(f"{what} must be http(s)://host[:port], got {url!r}")
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -473,8 +473,12 @@ def test_mirrors_from_dao_config_file(world: World, dockerd: Dockerd, tmp_path: 
     assert set(image.layer_digests()) <= {p.rsplit("/", 1)[1] for p in mirror.requests() if "/blobs/" in p}
     config.write_text("[pull]\nmirrors = 5\n")
     bad = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 1
-    assert bad.stderr.strip() == f"dao: error: {config}: [pull] mirrors must be a list of URLs"
+    assert bad.returncode == 2  # a usage error, as every bad setting is
+    assert bad.stderr.strip() == f"dao: error: {config}: [pull] mirrors: each must be http(s)://host[:port], got '5'"
+    config.write_text("[pull]\nmirors = []\n")
+    bad = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == f"dao: error: unknown setting 'mirors' in [pull] of {config}"
 
 
 def test_pulls_over_a_segmented_link(

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dao.cliutil import ConfigOpt, DatabaseOpt, DataDirOpt, JsonOpt, fail, size_arg
+from dao.cliutil import ConfigOpt, DatabaseOpt, DataDirOpt, JsonOpt, fail, size_arg, with_settings
 from dao.config import ConfigError, MirrorConfig, load
 from dao.mirror.users_cli import _accounts, _print_usage, users_app
 from dao.units import format_size
@@ -29,152 +29,13 @@ mirror_app.add_typer(users_app, name="users")
 
 
 @mirror_app.command("serve")
+@with_settings(MirrorConfig, before=("config_file",))
 def mirror_serve(
     config_file: Annotated[
         Path | None, typer.Option("--config", help="TOML file; settings go in its [mirror] table.")
     ] = None,
-    listen: Annotated[str | None, typer.Option(help="HOST:PORT to listen on. [default: 127.0.0.1:5000]")] = None,
-    upstream: Annotated[
-        str | None,
-        typer.Option(help="Registry to mirror, http(s)://host[:port]. [default: https://registry-1.docker.io]"),
-    ] = None,
-    data_dir: Annotated[
-        Path | None,
-        typer.Option(help="Cache directory. [default: /var/lib/dao/mirror as root, else ~/.local/share/dao/mirror]"),
-    ] = None,
-    registry: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--registry",
-            metavar="NAME=URL",
-            help="NAME=URL: also mirror this registry (repeatable). Built in: docker.io (--upstream), ghcr.io, "
-            "gcr.io, registry.k8s.io, k8s.gcr.io, quay.io, mcr.microsoft.com, public.ecr.aws, docker.elastic.co, "
-            "nvcr.io.",
-        ),
-    ] = None,
-    alias: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--alias",
-            metavar="ALIAS=REGISTRY",
-            help="ALIAS=REGISTRY: /v2/ALIAS/<repo> means REGISTRY/<repo> (repeatable).",
-        ),
-    ] = None,
-    host: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--host",
-            metavar="HOSTNAME=REGISTRY",
-            help="HOSTNAME=REGISTRY: requests sent to HOSTNAME are for REGISTRY (repeatable).",
-        ),
-    ] = None,
-    allow: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--allow",
-            metavar="GLOB",
-            help="Only serve <registry>/<repository> matching one of these globs (repeatable).",
-        ),
-    ] = None,
-    deny: Annotated[
-        list[str] | None,
-        typer.Option("--deny", metavar="GLOB", help="Refuse <registry>/<repository> matching this glob (repeatable)."),
-    ] = None,
-    manifest_ttl: Annotated[
-        float | None,
-        typer.Option(help="Seconds a tag's manifest is served before re-checking upstream. [default: 300]"),
-    ] = None,
-    manifest_timeout: Annotated[
-        float | None,
-        typer.Option(help="Seconds to wait for upstream manifest answers before serving stale. [default: 10]"),
-    ] = None,
-    manifest_swr: Annotated[
-        float | None,
-        typer.Option(
-            help="Seconds past the TTL a tag is answered from cache at once while it is re-checked in the "
-            "background; later, the client waits for the check (0 = always wait). [default: 86400]"
-        ),
-    ] = None,
-    negative_ttl: Annotated[
-        float | None, typer.Option(help="Seconds an upstream 'not found' is remembered. [default: 15]")
-    ] = None,
-    breaker_failures: Annotated[
-        int | None,
-        typer.Option(help="Upstream failures in a row after which requests fail fast or come from cache. [default: 5]"),
-    ] = None,
-    breaker_cooldown: Annotated[
-        float | None, typer.Option(help="Seconds before the upstream is tried again after that. [default: 15]")
-    ] = None,
-    prefetch_children: Annotated[
-        bool | None,
-        typer.Option(help="Cache every platform's manifest when a client pulls a multi-platform index. [default: on]"),
-    ] = None,
-    fetch_connections: Annotated[
-        int | None,
-        typer.Option(
-            help="At most this many upstream connections for one big blob (it starts at 6, adds more while "
-            "that makes it faster). [default: 24]"
-        ),
-    ] = None,
-    fetch_split_mib: Annotated[
-        float | None, typer.Option(help="Blobs at least this many MiB are fetched as parallel ranges. [default: 1]")
-    ] = None,
-    max_fetches: Annotated[
-        int | None, typer.Option(help="Upstream blob fetches at once; more wait, then get 429. [default: 64]")
-    ] = None,
-    max_fetches_per_client: Annotated[
-        int | None, typer.Option(help="Of those, started by one client address. [default: 16]")
-    ] = None,
-    max_connections_per_client: Annotated[
-        int | None, typer.Option(help="Connections one client address may hold open. [default: 64]")
-    ] = None,
-    header_timeout: Annotated[
-        float | None, typer.Option(help="Seconds for a request's headers to arrive in full. [default: 15]")
-    ] = None,
-    send_timeout: Annotated[
-        float | None,
-        typer.Option(help="Every this many seconds a response must have sent --min-send-rate's worth. [default: 30]"),
-    ] = None,
-    min_send_rate: Annotated[
-        str | None,
-        typer.Option(help="Bytes a second a client must read, e.g. 8KiB; slower ones are cut. [default: 8KiB]"),
-    ] = None,
-    database: DatabaseOpt = None,
-    mirror_domain: Annotated[
-        str | None,
-        typer.Option(help="Users reach the mirror as http://<id>.<mirror-domain> (usage counted per user)."),
-    ] = None,
-    anonymous: Annotated[
-        bool | None, typer.Option(help="Serve requests that name no user, counted as 'anonymous'. [default: on]")
-    ] = None,
-    default_quota: Annotated[
-        str | None, typer.Option(help="Bytes a user may pull a month, e.g. 50GiB; 0 = no limit. [default: 0]")
-    ] = None,
-    usage_flush: Annotated[
-        float | None,
-        typer.Option(help="Seconds between usage writes and re-reads of users and quotas. [default: 5]"),
-    ] = None,
-    cache_max: Annotated[
-        str | None, typer.Option(help="Size limit of the cache, e.g. 200GiB; 0 = none. [default: 0]")
-    ] = None,
-    cache_min_free: Annotated[
-        str | None, typer.Option(help="Free space to keep on the cache's disk, e.g. 10GiB; 0 = none. [default: 0]")
-    ] = None,
-    gc_interval: Annotated[
-        float | None, typer.Option(help="Seconds between checks of the cache limits. [default: 60]")
-    ] = None,
-    upstream_username: Annotated[
-        str | None, typer.Option(help="Upstream account (raises Docker Hub's rate limit).")
-    ] = None,
-    access_log: Annotated[bool | None, typer.Option(help="One log line per request. [default: on]")] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error. [default: info]")] = None,
-    log_format: Annotated[
-        str | None,
-        typer.Option(
-            help="text, or json: one object per line (time, client, user, method, path, status, bytes, "
-            "cache, duration, user agent, registry). [default: text]"
-        ),
-    ] = None,
+    *,
+    settings: dict[str, Any],
 ) -> None:
     """Run the pull-through mirror.
 
@@ -184,45 +45,8 @@ def mirror_serve(
     come from the TOML file's [mirror] table or from DAO_MIRROR_<SETTING> environment variables (for example
     DAO_MIRROR_UPSTREAM_PASSWORD); flags win over the environment, which wins over the file.
     """
-    flags = {
-        "listen": listen,
-        "upstream": upstream,
-        "registries": registry or None,
-        "aliases": alias or None,
-        "hosts": host or None,
-        "allow": allow or None,
-        "deny": deny or None,
-        "data_dir": data_dir,
-        "manifest_ttl": manifest_ttl,
-        "manifest_timeout": manifest_timeout,
-        "manifest_swr": manifest_swr,
-        "negative_ttl": negative_ttl,
-        "breaker_failures": breaker_failures,
-        "breaker_cooldown": breaker_cooldown,
-        "prefetch_children": prefetch_children,
-        "fetch_connections": fetch_connections,
-        "fetch_split_mib": fetch_split_mib,
-        "max_fetches": max_fetches,
-        "max_fetches_per_client": max_fetches_per_client,
-        "max_connections_per_client": max_connections_per_client,
-        "header_timeout": header_timeout,
-        "send_timeout": send_timeout,
-        "min_send_rate": min_send_rate,
-        "database": database,
-        "mirror_domain": mirror_domain,
-        "anonymous": anonymous,
-        "default_quota": default_quota,
-        "usage_flush": usage_flush,
-        "cache_max": cache_max,
-        "cache_min_free": cache_min_free,
-        "gc_interval": gc_interval,
-        "upstream_username": upstream_username,
-        "access_log": access_log,
-        "log_level": log_level,
-        "log_format": log_format,
-    }
     try:
-        config = load(MirrorConfig, "mirror", file=config_file, env=os.environ, flags=flags)
+        config = load(MirrorConfig, "mirror", file=config_file, env=os.environ, flags=settings)
         config.data_dir.mkdir(parents=True, exist_ok=True)
     except ConfigError as exc:
         raise fail(str(exc), "see 'dao mirror serve --help'") from None

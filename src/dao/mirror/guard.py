@@ -17,11 +17,17 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from dao.config import MirrorConfig
+
 log = logging.getLogger(__name__)
 
 
 class ConnectionGuard:
-    def __init__(self, per_client: int = 64, header_timeout: float = 15.0) -> None:
+    def __init__(
+        self,
+        per_client: int = MirrorConfig.max_connections_per_client,
+        header_timeout: float = MirrorConfig.header_timeout,
+    ) -> None:
         self.per_client = per_client
         self.header_timeout = header_timeout
         self.open: dict[str, int] = {}

@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+from dao.config import MirrorConfig
 from dao.mirror.storage.base import BlobIngester, Origin
 from dao.oci.digest import Digest, Verifier
 from dao.registry.errors import RegistryClientError, UpstreamUnavailable
@@ -48,7 +49,12 @@ class FetchQueueFull(Exception):
 class FetchGate:
     """Slots for upstream fetches: ``max_fetches`` at once, ``per_client`` of them started by one address."""
 
-    def __init__(self, max_fetches: int = 64, per_client: int = 16, queue_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        max_fetches: int = MirrorConfig.max_fetches,
+        per_client: int = MirrorConfig.max_fetches_per_client,
+        queue_timeout: float = 30.0,
+    ) -> None:
         self.max_fetches, self.per_client, self.queue_timeout = max_fetches, per_client, queue_timeout
         self.running = 0
         self._by_client: dict[str, int] = {}

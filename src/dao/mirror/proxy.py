@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dao.aio import gather_bounded
+from dao.config import MirrorConfig
 from dao.mirror.availability import CircuitBreaker, CircuitOpen, NegativeCache
 from dao.mirror.inflight import Fetch, FetchQueueFull, Inflight
 from dao.mirror.metrics import Metrics
@@ -100,12 +101,12 @@ class Proxy:
         blobs: BlobStore,
         manifests: ManifestStore,
         *,
-        manifest_ttl: float,
-        manifest_timeout: float,
-        manifest_swr: float = 0.0,
-        negative_ttl: float = 0.0,
+        manifest_ttl: float = MirrorConfig.manifest_ttl,
+        manifest_timeout: float = MirrorConfig.manifest_timeout,
+        manifest_swr: float = MirrorConfig.manifest_swr,
+        negative_ttl: float = MirrorConfig.negative_ttl,
         breaker: CircuitBreaker | None = None,
-        prefetch_children: bool = False,
+        prefetch_children: bool = MirrorConfig.prefetch_children,
         inflight: Inflight | None = None,
         metrics: Metrics | None = None,
         registry: str = "",
@@ -124,7 +125,9 @@ class Proxy:
         self.manifest_timeout = manifest_timeout
         self.manifest_swr = manifest_swr
         self.negative = NegativeCache(negative_ttl)
-        self.breaker = breaker or CircuitBreaker(client.host, threshold=5, cooldown=15.0)
+        self.breaker = breaker or CircuitBreaker(
+            client.host, threshold=MirrorConfig.breaker_failures, cooldown=MirrorConfig.breaker_cooldown
+        )
         self.prefetch_children = prefetch_children
         self.upstream_key = client.host
         self.sharing = Sharing(origins, allowed, self.registry, credentialed=client.auth.credentials is not None)

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from dao.config import MirrorConfig
 from dao.mirror.inflight import Fetch, FetchFailed
 from dao.mirror.state import state
 from dao.mirror.storage.base import LocalBlob
 from dao.oci.digest import Digest
 from dao.oci.errors import ErrorCode, RegistryError
+from dao.units import parse_size
 
 _RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")  # more digits than an int64 holds is no blob's range
 SENDFILE_FALLBACK_CHUNK = 256 * 1024
@@ -113,8 +115,8 @@ class SendPolicy:
     bytes (and at least one): a reader that trickles or stops is cut, so it holds a connection for a bounded
     time and never a sending thread (those only run while the socket takes bytes)."""
 
-    timeout: float = 30.0
-    min_rate: float = 8 * 1024  # bytes/s, averaged over each ``timeout`` window
+    timeout: float = MirrorConfig.send_timeout
+    min_rate: float = float(parse_size(MirrorConfig.min_send_rate))  # bytes/s, averaged over each window
 
     def window(self) -> _Window:
         return _Window(self)

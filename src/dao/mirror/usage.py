@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from dao.config import MirrorConfig
 from dao.mirror.accounts import ANONYMOUS, Accounts, Usage, User, same_secret, secret_hash
 from dao.oci.errors import ErrorCode, RegistryError
 from dao.units import format_size
@@ -51,9 +52,9 @@ class Meter:
         accounts: Accounts,
         *,
         domain: str = "",
-        anonymous: bool = True,
+        anonymous: bool = MirrorConfig.anonymous,
         default_quota: int = 0,
-        flush_interval: float = 5.0,
+        flush_interval: float = MirrorConfig.usage_flush,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.accounts = accounts

@@ -9,7 +9,6 @@ import json
 import platform as py_platform
 import sys
 import time
-import tomllib
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from dao.config import ConfigError, PullConfig, load
 from dao.engine import Engine, go_arch
 from dao.engine.archive import docker_archive
 from dao.engine.images import engine_chain_ids
@@ -229,16 +229,13 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
 def configured_mirrors() -> list[str]:
     """``mirrors`` of the ``[pull]`` table in dao's config file: tried after ``--mirror``, before the engine's."""
     path = config_file()
-    try:
-        doc = tomllib.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         return []
-    except (OSError, ValueError) as exc:
-        raise PullError(f"{path}: {exc}") from exc
-    mirrors = (doc.get("pull") or {}).get("mirrors") or []
-    if not isinstance(mirrors, list) or not all(isinstance(m, str) for m in mirrors):
-        raise PullError(f"{path}: [pull] mirrors must be a list of URLs")
-    return [m.rstrip("/") for m in mirrors]
+    try:
+        settings = load(PullConfig, "pull", file=path, env={}, flags={})
+    except ConfigError as exc:
+        raise ConfigError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
+    return [m.rstrip("/") for m in settings.mirrors]
 
 
 async def _diff_ids(config: Path, ref: Reference, layers: int) -> list[str]:
