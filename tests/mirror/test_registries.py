@@ -11,8 +11,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from dao.mirror.app import wire
+from dao.mirror.errors import MirrorError
 from dao.mirror.routing import Router
-from dao.oci.errors import RegistryError
 from tests.conftest import World
 from tests.mirror.test_faults import DOCKER_ACCEPT
 from tests.services.dockerd import Dockerd
@@ -79,14 +80,14 @@ def test_router_picks_the_registry() -> None:
         (None, None, "docker.io/evil/thing", 403),
         (None, None, "docker.io/x/../y", 400),
     ]:
-        with pytest.raises(RegistryError) as info:
+        with pytest.raises(MirrorError) as info:
             router.route(host, ns, name)
-        assert info.value.status == status
-    with pytest.raises(RegistryError, match=r"docker\.io/evil/\*"):
+        assert wire(info.value).status == status
+    with pytest.raises(MirrorError, match=r"docker\.io/evil/\*"):
         router.route(None, None, "evil/thing")  # the message names the rule
     only = Router(docker_hub="https://hub.example", allow=("docker.io/library/*",))
     assert only.route(None, None, "nginx").repository == "library/nginx"
-    with pytest.raises(RegistryError, match="allow rules"):
+    with pytest.raises(MirrorError, match="allow rules"):
         only.route(None, None, "someone/app")
 
 

@@ -65,3 +65,34 @@ def test_config_errors(tmp_path: Path, content: str, env: dict[str, str], messag
     f.write_text(content)
     with pytest.raises(ConfigError, match=message):
         load(MirrorConfig, "mirror", file=f, env=env, flags={})
+
+
+def test_every_mirror_error_has_its_oci_answer() -> None:
+    """The HTTP boundary's one table: what a client sees for each of the mirror's errors."""
+    from dao.mirror import errors as e
+    from dao.mirror.app import wire
+
+    cases: list[tuple[e.MirrorError, str, int]] = [
+        (e.NotFound("blob", "x"), "BLOB_UNKNOWN", 404),
+        (e.NotFound("manifest", "x"), "MANIFEST_UNKNOWN", 404),
+        (e.Remembered("manifest", "x"), "MANIFEST_UNKNOWN", 404),
+        (e.NotFound("repository", "x"), "NAME_UNKNOWN", 404),
+        (e.NotProxied("x"), "NAME_UNKNOWN", 404),
+        (e.BadDigest("x"), "DIGEST_INVALID", 400),
+        (e.BadName("x"), "NAME_INVALID", 400),
+        (e.Denied("x"), "DENIED", 403),
+        (e.UpstreamRefused("x"), "DENIED", 403),
+        (e.Busy("x", retry_after=5), "TOOMANYREQUESTS", 429),
+        (e.QuotaUsed("x"), "TOOMANYREQUESTS", 429),
+        (e.UpstreamLimited("x"), "TOOMANYREQUESTS", 429),
+        (e.NotAuthenticated("x"), "UNAUTHORIZED", 401),
+        (e.UpstreamDown("x", retry_after=14.6), "UNAVAILABLE", 503),
+        (e.UpstreamBroken("x"), "UPSTREAM_ERROR", 502),
+    ]
+    for error, code, status in cases:
+        wired = wire(error)
+        assert (wired.code.name, wired.status, wired.message) == (code, status, "x"), error
+    assert wire(e.Busy("x", retry_after=5)).headers == {"Retry-After": "5"}
+    assert wire(e.UpstreamDown("x", retry_after=14.6)).headers == {"Retry-After": "15"}
+    assert wire(e.UpstreamDown("x")).headers in (None, {})
+    assert e.Remembered("blob", "x").cache == "negative"

@@ -17,8 +17,9 @@ import aiohttp
 import pytest
 
 from dao.mirror.accounts import Accounts
+from dao.mirror.app import wire
+from dao.mirror.errors import MirrorError
 from dao.mirror.usage import Meter
-from dao.oci.errors import RegistryError
 from dao.units import parse_size
 from tests.conftest import World
 from tests.mirror.test_faults import DOCKER_ACCEPT
@@ -62,21 +63,22 @@ async def test_meter_counts_by_month_and_enforces_quota(database: str) -> None:
     # the public ID is no identity (it was the address, and --no-anonymous was bypassed with a Host header)
     bypass = [(f"alice.{DOMAIN}", None), ("x", "Basic " + base64.b64encode(b"alice:alice").decode())]
     for host, auth in [("x", None), (f"bob.{DOMAIN}", None), ("x", "Bearer nope"), ("x", "Basic !!!"), *bypass]:
-        with pytest.raises(RegistryError) as info:
+        with pytest.raises(MirrorError) as info:
             meter.identify(host, auth)
-        assert info.value.status == 401 and "Basic" in info.value.headers["WWW-Authenticate"]
+        wired = wire(info.value)  # what the client gets
+        assert wired.status == 401 and "Basic" in wired.headers["WWW-Authenticate"]
 
     meter.record("alice", sent=600, blob=True, hit=True)
     meter.check("alice")  # 600 < 1000
     meter.record("alice", sent=500, pull=True)
-    with pytest.raises(RegistryError) as info:
+    with pytest.raises(MirrorError) as info:
         meter.check("alice")
-    assert info.value.status == 429
+    assert wire(info.value).status == 429
     assert info.value.message == (
         "monthly quota of 1000 B for alice is used up: 1.07 KiB served in 2026-11; it resets at 2026-12-01T00:00:00Z"
     )
     await meter.refresh()  # written, and read back: still over
-    with pytest.raises(RegistryError):
+    with pytest.raises(MirrorError):
         meter.check("alice")
 
     now[0] += 120  # 2026-12-01 00:01 UTC: a new month, a new allowance
@@ -199,7 +201,7 @@ def test_a_database_from_before_hashing_is_migrated(tmp_path: Path) -> None:
     meter = Meter(accounts, domain=DOMAIN, anonymous=False)
     asyncio.run(meter.refresh())
     assert meter.identify("x", "Bearer dao_plaintext-token") == "c0ffee01"
-    with pytest.raises(RegistryError):
+    with pytest.raises(MirrorError):
         meter.identify(f"c0ffee01.{DOMAIN}", None)  # the old, guessable address is gone
     issued = accounts.reissue("c0ffee01", address=True)
     asyncio.run(meter.refresh())

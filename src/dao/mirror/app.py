@@ -1,48 +1,52 @@
-"""HTTP face of the mirror: Registry API V2 read routes, one error dispatcher, the access log.
+"""The mirror's HTTP boundary: Registry API V2 read routes, the middlewares, and the one place errors
+become OCI codes.
 
-Handlers validate the request, ask :class:`~dao.mirror.proxy.Proxy`, and raise :class:`RegistryError`;
-the middleware turns every error into the OCI JSON body with the right status. Write methods are refused
-with ``UNSUPPORTED``: a pull-through cache does not accept pushes.
+Handlers validate the request and ask :class:`~dao.mirror.proxy.Proxy`; the proxy, the router and the meter
+raise :class:`~dao.mirror.errors.MirrorError`, which :func:`wire` turns into the OCI error (code, status,
+headers) and the middleware into the JSON body. Write methods are refused with ``UNSUPPORTED``: a
+pull-through cache does not accept pushes. The daemon that serves this app is :mod:`.daemon`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import re
-import signal
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from dao.config import ConfigError, MirrorConfig
-from dao.mirror.accounts import Accounts
-from dao.mirror.availability import CircuitBreaker
-from dao.mirror.eviction import Collector, collecting
-from dao.mirror.guard import GUARD_KEY, ConnectionGuard, GuardedRunner
+from dao.mirror.errors import (
+    BadDigest,
+    BadName,
+    Busy,
+    Denied,
+    MirrorError,
+    NotAuthenticated,
+    NotFound,
+    NotProxied,
+    QuotaUsed,
+    UpstreamBroken,
+    UpstreamDown,
+    UpstreamLimited,
+    UpstreamRefused,
+)
+from dao.mirror.guard import GUARD_KEY, ConnectionGuard
 from dao.mirror.guard import middleware as guard_middleware
-from dao.mirror.inflight import FetchGate, Inflight
-from dao.mirror.logs import AccessLogger
 from dao.mirror.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dao.mirror.metrics import Metrics
-from dao.mirror.proxy import STALE_WARNING, Proxies, Proxy, RememberedError
+from dao.mirror.proxy import STALE_WARNING, Proxies, Proxy
 from dao.mirror.routing import Router
 from dao.mirror.serve import SEND_POLICY_KEY, SendPolicy, blob_headers, parse_range, send_fetch, send_local
 from dao.mirror.state import state
-from dao.mirror.storage import FilesystemBlobStore, FilesystemManifestStore, FilesystemOrigins
 from dao.mirror.usage import Meter
 from dao.oci.digest import Digest, DigestError
 from dao.oci.errors import ErrorCode, RegistryError
 from dao.oci.manifest import parse_accept
-from dao.oci.reference import DOCKER_HUB_DOMAIN, is_valid_tag
-from dao.registry.auth import Credentials
-from dao.registry.client import NAMESPACES_HEADER, RegistryClient
-from dao.transfer.download import upstream_policy
-from dao.units import parse_size
+from dao.oci.reference import is_valid_tag
+from dao.registry.client import NAMESPACES_HEADER
 
 log = logging.getLogger("dao.mirror")
 access_log = logging.getLogger("dao.mirror.access")
@@ -80,10 +84,13 @@ async def measure(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except MirrorError as exc:
+        state(request).failure = exc.message
+        if exc.cache is not None:
+            state(request).cache = exc.cache
+        return error_response(wire(exc))
     except RegistryError as exc:
         state(request).failure = exc.message
-        if isinstance(exc, RememberedError):
-            state(request).cache = exc.cache
         return error_response(exc)
     except web.HTTPException:
         raise
@@ -99,6 +106,41 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def error_response(exc: RegistryError) -> web.Response:
     return web.Response(status=exc.status, body=exc.body(), content_type="application/json", headers=exc.headers)
+
+
+_NOT_FOUND = {
+    "blob": ErrorCode.BLOB_UNKNOWN,
+    "manifest": ErrorCode.MANIFEST_UNKNOWN,
+    "repository": ErrorCode.NAME_UNKNOWN,
+}
+
+
+def wire(exc: MirrorError) -> RegistryError:
+    """What a client sees for each of the mirror's errors: the one table."""
+    retry = {"Retry-After": f"{exc.retry_after:.0f}"} if exc.retry_after is not None else None
+    match exc:
+        case NotFound():
+            return RegistryError(_NOT_FOUND[exc.subject], exc.message)
+        case NotProxied():
+            return RegistryError(ErrorCode.NAME_UNKNOWN, exc.message, status=404)
+        case BadDigest():
+            return RegistryError(ErrorCode.DIGEST_INVALID, exc.message)
+        case BadName():
+            return RegistryError(ErrorCode.NAME_INVALID, exc.message)
+        case Denied() | UpstreamRefused():
+            # An upstream refusal is never a 401 of our own: the client would look for a challenge we do not issue.
+            return RegistryError(ErrorCode.DENIED, exc.message)
+        case Busy() | QuotaUsed() | UpstreamLimited():
+            return RegistryError(ErrorCode.TOOMANYREQUESTS, exc.message, headers=retry)
+        case NotAuthenticated():
+            return RegistryError(
+                ErrorCode.UNAUTHORIZED, exc.message, headers={"WWW-Authenticate": 'Basic realm="dao mirror"'}
+            )
+        case UpstreamDown():
+            return RegistryError(ErrorCode.UNAVAILABLE, exc.message, headers=retry)
+        case UpstreamBroken():
+            return RegistryError(ErrorCode.UPSTREAM_ERROR, exc.message, status=502)
+    return RegistryError(ErrorCode.UNKNOWN, exc.message)
 
 
 @web.middleware
@@ -226,7 +268,7 @@ async def blob(request: web.Request, proxy: Proxy, name: str, digest: Digest) ->
     state(request).cache = answer.cache
     try:
         held = _reserve(request, answer.size)
-    except RegistryError:
+    except (MirrorError, RegistryError):
         if answer.local is not None:
             answer.local.close()
         elif answer.fetch is not None:
@@ -294,113 +336,3 @@ def make_app(
     app.on_shutdown.append(close_proxy)
     app.cleanup_ctx.append(metering)
     return app
-
-
-async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> None:
-    """Run the mirror until SIGTERM/SIGINT; a clean stop cancels fetches (their spool files are removed)."""
-    blobs = FilesystemBlobStore(config.data_dir)
-    leftovers = blobs.clean_spool()
-    if leftovers:
-        log.info("removed %d partial downloads left by an earlier run", leftovers)
-    manifests = FilesystemManifestStore(config.data_dir)
-    origins = FilesystemOrigins(config.data_dir)
-    try:
-        router = Router(
-            docker_hub=config.upstream,
-            registries=config.registries,
-            aliases=config.aliases,
-            hosts=config.hosts,
-            allow=config.allow,
-            deny=config.deny,
-        )
-        default_quota = parse_size(config.default_quota)
-        min_send_rate = parse_size(config.min_send_rate)
-        collector = Collector(
-            blobs,
-            manifests,
-            origins,
-            max_bytes=parse_size(config.cache_max),
-            min_free=parse_size(config.cache_min_free),
-        )
-        accounts = Accounts(config.database_url)
-    except ValueError as exc:  # AccountError included
-        raise ConfigError(str(exc)) from exc
-    unaddressed = [u.id for u in accounts.users() if u.address is None]
-    if config.mirror_domain and unaddressed:
-        log.warning(
-            "%d users have no secret address yet, so only their tokens identify them (%s): "
-            "dao mirror users reissue ID --address",
-            len(unaddressed),
-            ", ".join(unaddressed[:10]),
-        )
-    metrics = Metrics()
-    inflight = Inflight(
-        blobs,
-        upstream_policy(config.fetch_connections, int(config.fetch_split_mib * 1024 * 1024)),
-        FetchGate(config.max_fetches, config.max_fetches_per_client),
-    )
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=64, ttl_dns_cache=300)
-    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
-
-        def make_proxy(registry: str) -> Proxy:
-            credentials = None
-            if registry == DOCKER_HUB_DOMAIN and config.upstream_username:
-                credentials = Credentials(config.upstream_username, config.upstream_password)
-            upstream = router.upstream(registry)
-            client = RegistryClient(upstream, session, credentials=credentials)
-            return Proxy(
-                client,
-                blobs,
-                manifests,
-                manifest_ttl=config.manifest_ttl,
-                manifest_timeout=config.manifest_timeout,
-                manifest_swr=config.manifest_swr,
-                negative_ttl=config.negative_ttl,
-                breaker=CircuitBreaker(upstream, threshold=config.breaker_failures, cooldown=config.breaker_cooldown),
-                prefetch_children=config.prefetch_children,
-                inflight=inflight,
-                metrics=metrics,
-                registry=registry,
-                origins=origins,
-                allowed=router.allows,
-            )
-
-        meter = Meter(
-            accounts,
-            domain=config.mirror_domain,
-            anonymous=config.anonymous,
-            default_quota=default_quota,
-            flush_interval=config.usage_flush,
-        )
-        guard = ConnectionGuard(config.max_connections_per_client, config.header_timeout)
-        send = SendPolicy(config.send_timeout, float(min_send_rate))
-        app = make_app(router, Proxies(make_proxy, inflight), metrics, meter, guard, send)
-        app.cleanup_ctx.append(functools.partial(collecting, collector, metrics.evictions.inc, config.gc_interval))
-        runner = GuardedRunner(
-            guard,
-            app,
-            access_log_class=AccessLogger,
-            access_log=access_log if config.access_log else None,
-            handle_signals=False,
-        )
-        await runner.setup()
-        host, port = config.listen_address
-        site = web.TCPSite(runner, host, port, reuse_address=True)
-        await site.start()
-        log.info(
-            "dao mirror listening on %s, upstream %s, data in %s",
-            config.listen,
-            config.upstream,
-            config.data_dir,
-        )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        if ready is not None:
-            ready.set()
-        try:
-            await stop.wait()
-        finally:
-            log.info("dao mirror stopping")
-            await runner.cleanup()

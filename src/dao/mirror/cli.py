@@ -55,7 +55,7 @@ def mirror_serve(
     from dao.mirror.logs import configure
 
     configure(config.log_level, config.log_format)
-    from dao.mirror.app import serve  # aiohttp only when serving: keeps `dao --help` quick
+    from dao.mirror.daemon import serve  # aiohttp only when serving: keeps `dao --help` quick
 
     try:
         asyncio.run(serve(config))

@@ -28,12 +28,23 @@ from typing import Any
 from dao.aio import gather_bounded
 from dao.config import MirrorConfig
 from dao.mirror.availability import CircuitBreaker, CircuitOpen, NegativeCache
+from dao.mirror.errors import (
+    BadDigest,
+    Busy,
+    MirrorError,
+    NotFound,
+    Remembered,
+    Subject,
+    UpstreamBroken,
+    UpstreamDown,
+    UpstreamLimited,
+    UpstreamRefused,
+)
 from dao.mirror.inflight import Fetch, FetchQueueFull, Inflight
 from dao.mirror.metrics import Metrics
 from dao.mirror.sharing import Sharing
 from dao.mirror.storage.base import BlobStore, LocalBlob, ManifestRecord, ManifestStore, Origin, OriginStore
 from dao.oci.digest import Digest, DigestError
-from dao.oci.errors import ErrorCode, RegistryError
 from dao.oci.manifest import (
     DEFAULT_ACCEPT,
     INDEX_TYPES,
@@ -86,12 +97,6 @@ class BlobAnswer:
     local: LocalBlob | None = None
     fetch: Fetch | None = None
     cache: str = "hit"
-
-
-class RememberedError(RegistryError):
-    """An upstream "not found" answered from the negative cache, without asking upstream again."""
-
-    cache = "negative"
 
 
 class Proxy:
@@ -159,15 +164,15 @@ class Proxy:
     # -- blobs ---------------------------------------------------------------------------------------------
 
     async def open_blob(self, repo: str, digest: Digest, client: str = "") -> BlobAnswer:
-        """Raises :class:`RegistryError` (BLOB_UNKNOWN, upstream errors, a full fetch queue) before any byte
-        is promised. ``client``: the address asking, whose new upstream fetches are bounded.
+        """Raises a :class:`~dao.mirror.errors.MirrorError` (not found, upstream errors, a full fetch queue)
+        before any byte is promised. ``client``: the address asking, whose new upstream fetches are bounded.
 
         The caller closes ``local`` or releases ``fetch`` when done with the answer.
         """
         local = await self.blobs.open(digest)
         if local is not None:
             try:
-                await self._check_shared(repo, digest, ErrorCode.BLOB_UNKNOWN)
+                await self._check_shared(repo, digest, "blob")
             except BaseException:
                 local.close()
                 raise
@@ -175,19 +180,19 @@ class Proxy:
         key = ("blob", repo, str(digest))
         running = self.inflight.get(digest)
         if running is not None and running.origin != self.sharing.origin(repo):
-            await self._check_shared(repo, digest, ErrorCode.BLOB_UNKNOWN, also=running.origin)
+            await self._check_shared(repo, digest, "blob", also=running.origin)
         if running is None:
-            self._check_negative(key, ErrorCode.BLOB_UNKNOWN)
+            self._check_negative(key, "blob")
             try:
                 self.breaker.check()
             except CircuitOpen as exc:
-                raise upstream_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
+                raise upstream_error(exc, "blob") from exc
         try:
             fetch, started = await self.inflight.join_or_start(
                 digest, self.client.blob_source(repo, digest), self._count_upstream_bytes, client
             )
         except FetchQueueFull as exc:  # our own queue: says nothing about the upstream, never trips the breaker
-            raise RegistryError(ErrorCode.TOOMANYREQUESTS, str(exc), headers={"Retry-After": "5"}) from exc
+            raise Busy(str(exc), retry_after=5) from exc
         began = time.monotonic()
         try:
             await asyncio.shield(fetch.headers_ready)
@@ -196,7 +201,7 @@ class Proxy:
             if started:
                 self._count(exc)
                 self._remember_missing(key, exc)
-            raise upstream_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
+            raise upstream_error(exc, "blob") from exc
         except BaseException:
             fetch.release()
             raise
@@ -210,19 +215,19 @@ class Proxy:
     async def stat_blob(self, repo: str, digest: Digest) -> tuple[int | None, str]:
         size = await self.blobs.stat(digest)
         if size is not None:
-            await self._check_shared(repo, digest, ErrorCode.BLOB_UNKNOWN)
+            await self._check_shared(repo, digest, "blob")
             return size, "hit"
         fetch = self.inflight.get(digest)
         if fetch is not None and fetch.headers_ready.done() and fetch.error is None:
             return fetch.size, "join"
         key = ("blob", repo, str(digest))
-        self._check_negative(key, ErrorCode.BLOB_UNKNOWN)
+        self._check_negative(key, "blob")
         try:
             async with self._upstream("blob_head"):
                 return await self.client.head_blob(repo, digest), "miss"
         except (RegistryClientError, CircuitOpen) as exc:
             self._remember_missing(key, exc)
-            raise upstream_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
+            raise upstream_error(exc, "blob") from exc
 
     # -- manifests -----------------------------------------------------------------------------------------
 
@@ -230,7 +235,7 @@ class Proxy:
         try:
             digest = Digest.parse(reference) if ":" in reference else None
         except DigestError as exc:
-            raise RegistryError(ErrorCode.DIGEST_INVALID, str(exc)) from exc
+            raise BadDigest(str(exc)) from exc
         if digest is not None:
             answer = await self._manifest_by_digest(repo, digest, accept)
         else:
@@ -242,7 +247,7 @@ class Proxy:
     async def _manifest_by_digest(self, repo: str, digest: Digest, accept: tuple[str, ...]) -> ManifestAnswer:
         cached = await self.manifests.get(digest)
         if cached is not None and acceptable(cached[1], accept):
-            await self._check_shared(repo, digest, ErrorCode.MANIFEST_UNKNOWN, manifest=cached[1])
+            await self._check_shared(repo, digest, "manifest", manifest=cached[1])
             return ManifestAnswer(cached[0], cached[1], digest, "hit")
         fetched = await self._fetch_manifest(repo, str(digest), accept)
         return ManifestAnswer(fetched.body, fetched.media_type, fetched.digest, "miss")
@@ -270,8 +275,8 @@ class Proxy:
             log.warning("serving %s:%s stale: %s", repo, tag, exc)
             return ManifestAnswer(body, media_type, record.digest, "stale")
         except RegistryClientError as exc:
-            raise upstream_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
-        except RegistryError:
+            raise upstream_error(exc, "manifest") from exc
+        except MirrorError:
             # The refresh failed after the HEAD said "changed": the old answer beats none.
             return ManifestAnswer(body, media_type, record.digest, "stale")
         return moved or ManifestAnswer(body, media_type, record.digest, "revalidated")
@@ -281,7 +286,7 @@ class Proxy:
     ) -> ManifestAnswer | None:
         """A HEAD of the tag; the manifest itself only when the tag moved (returned; None: it still names
         ``known``). Either way the tag is recorded as checked now. The HEAD fails with a
-        ``RegistryClientError`` (or ``TimeoutError``, ``CircuitOpen``), the fetch with a ``RegistryError``."""
+        ``RegistryClientError`` (or ``TimeoutError``, ``CircuitOpen``), the fetch with a ``MirrorError``."""
         async with self._upstream("manifest_head"), asyncio.timeout(self.manifest_timeout):
             head = await self.client.head_manifest(repo, tag, accept)
         if head.digest == known:
@@ -297,20 +302,20 @@ class Proxy:
         """Background revalidation: its failures only leave the cached copy in place."""
         try:
             await self._revalidate(repo, tag, accept, key, known, media_type)
-        except (RegistryClientError, RegistryError, CircuitOpen, TimeoutError) as exc:
+        except (RegistryClientError, MirrorError, CircuitOpen, TimeoutError) as exc:
             log.warning("background refresh of %s:%s failed, cached copy kept: %s", repo, tag, exc)
 
     async def _fetch_manifest(self, repo: str, reference: str, accept: tuple[str, ...]) -> ManifestAnswer:
         key = ("manifest", repo, reference)
-        self._check_negative(key, ErrorCode.MANIFEST_UNKNOWN)
+        self._check_negative(key, "manifest")
         try:
             async with self._upstream("manifest"), asyncio.timeout(self.manifest_timeout):
                 m = await self.client.get_manifest(repo, reference, accept)
         except TimeoutError as exc:
-            raise RegistryError(ErrorCode.UNAVAILABLE, "upstream registry timed out") from exc
+            raise UpstreamDown("upstream registry timed out") from exc
         except (RegistryClientError, CircuitOpen) as exc:
             self._remember_missing(key, exc)
-            raise upstream_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
+            raise upstream_error(exc, "manifest") from exc
         await self.manifests.put(m.digest, m.body, m.media_type)
         await self.sharing.record(m.digest, repo)
         return ManifestAnswer(m.body, m.media_type, m.digest, "miss")
@@ -335,7 +340,7 @@ class Proxy:
             accept = (child.media_type,) if child.media_type else DEFAULT_ACCEPT
             try:
                 await self._fetch_manifest(repo, str(child.digest), accept)
-            except RegistryError as exc:
+            except MirrorError as exc:
                 log.warning("child manifest %s of %s not cached: %s", child.digest, index.digest, exc.message)
                 return False
             return True
@@ -346,9 +351,9 @@ class Proxy:
     # -- what is shared across repositories ----------------------------------------------------------------
 
     async def _check_shared(
-        self, repo: str, digest: Digest, code: ErrorCode, *, also: Origin | None = None, manifest: str = ""
+        self, repo: str, digest: Digest, subject: Subject, *, also: Origin | None = None, manifest: str = ""
     ) -> None:
-        """Raises ``code`` (404) unless ``digest`` may be served through ``repo``: it was seen there, it is
+        """Raises :class:`NotFound` unless ``digest`` may be served through ``repo``: it was seen there, it is
         public content some allowed repository has, or the upstream confirms (a HEAD) it belongs to ``repo``."""
         if not await self.sharing.must_confirm(repo, digest, also):
             return
@@ -359,16 +364,16 @@ class Proxy:
                 else:
                     await self.client.head_blob(repo, digest)
         except (UpstreamNotFound, UpstreamUnauthorized) as exc:
-            raise RegistryError(code, f"{digest} is not known in {repo}") from exc
+            raise NotFound(subject, f"{digest} is not known in {repo}") from exc
         except (RegistryClientError, CircuitOpen) as exc:
-            raise upstream_error(exc, code) from exc
+            raise upstream_error(exc, subject) from exc
         await self.sharing.record(digest, repo)
 
     # -- negative cache and background work ----------------------------------------------------------------
 
-    def _check_negative(self, key: tuple[str, ...], code: ErrorCode) -> None:
+    def _check_negative(self, key: tuple[str, ...], subject: Subject) -> None:
         if key in self.negative:
-            raise RememberedError(code, f"upstream said {key[-1]} does not exist in {key[1]} (remembered)")
+            raise Remembered(subject, f"upstream said {key[-1]} does not exist in {key[1]} (remembered)")
 
     def _remember_missing(self, key: tuple[str, ...], exc: BaseException) -> None:
         if isinstance(exc, UpstreamNotFound):
@@ -398,9 +403,9 @@ class Proxy:
                     f"/v2/{repo}/tags/list", scope=f"repository:{repo}:pull", params=query or None
                 )
         except TimeoutError as exc:
-            raise RegistryError(ErrorCode.UNAVAILABLE, "upstream registry timed out") from exc
+            raise UpstreamDown("upstream registry timed out") from exc
         except (RegistryClientError, CircuitOpen) as exc:
-            raise upstream_error(exc, ErrorCode.NAME_UNKNOWN) from exc
+            raise upstream_error(exc, "repository") from exc
 
     async def aclose(self) -> None:
         for task in list(self._background.values()):
@@ -434,17 +439,16 @@ class Proxies:
         await self.inflight.aclose()
 
 
-def upstream_error(exc: RegistryClientError | CircuitOpen, not_found: ErrorCode) -> RegistryError:
-    """The answer a client gets for an upstream failure: the upstream's own 404/401/429, else 502/503."""
+def upstream_error(exc: RegistryClientError | CircuitOpen, subject: Subject) -> MirrorError:
+    """What an upstream failure means for the client: the upstream's own 404/401/429, else broken or down."""
     if isinstance(exc, CircuitOpen):
-        return RegistryError(ErrorCode.UNAVAILABLE, str(exc), headers={"Retry-After": f"{exc.retry_after:.0f}"})
+        return UpstreamDown(str(exc), retry_after=exc.retry_after)
     if isinstance(exc, UpstreamNotFound):
-        return RegistryError(not_found, str(exc))
+        return NotFound(subject, str(exc))
     if isinstance(exc, UpstreamRateLimited):
-        return RegistryError(ErrorCode.TOOMANYREQUESTS, f"upstream registry rate limit: {exc}")
+        return UpstreamLimited(f"upstream registry rate limit: {exc}")
     if isinstance(exc, UpstreamUnauthorized):
-        # Never a 401 of our own: the client would look for a challenge we do not issue.
-        return RegistryError(ErrorCode.DENIED, f"upstream registry refused the mirror: {exc}")
+        return UpstreamRefused(f"upstream registry refused the mirror: {exc}")
     if isinstance(exc, UpstreamStatusError) and 400 <= exc.status < 500:
-        return RegistryError(ErrorCode.UPSTREAM_ERROR, str(exc), status=502)
-    return RegistryError(ErrorCode.UNAVAILABLE, f"upstream registry unavailable: {exc}")
+        return UpstreamBroken(str(exc))
+    return UpstreamDown(f"upstream registry unavailable: {exc}")

@@ -19,7 +19,7 @@ import fnmatch
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from dao.oci.errors import ErrorCode, RegistryError
+from dao.mirror.errors import BadName, Denied, MirrorError, NotProxied
 from dao.oci.reference import DOCKER_HUB_DOMAIN, DOCKER_HUB_NAMES, ReferenceError, normalize_repository
 
 DOCKER_HUB_ALIASES = DOCKER_HUB_NAMES
@@ -66,14 +66,14 @@ class Router:
         self.deny = deny
 
     def route(self, host: str | None, ns: str | None, name: str) -> Route:
-        """Raises RegistryError: NAME_UNKNOWN for registries we do not proxy, NAME_INVALID, DENIED."""
+        """Raises :class:`NotProxied` for registries we do not proxy, :class:`BadName`, :class:`Denied`."""
         registry = None
         if host is not None:
             registry = self.hosts.get(host.lower()) or self.hosts.get(host.lower().rsplit(":", 1)[0])
         if registry is None and ns:
             registry = canonical(ns)
             if registry not in self.upstreams:
-                raise RegistryError(ErrorCode.NAME_UNKNOWN, f"this mirror does not proxy {ns[:200]!r}", status=404)
+                raise NotProxied(f"this mirror does not proxy {ns[:200]!r}")
         if registry is None:
             first, sep, remainder = name.partition("/")
             if sep and first in self.aliases:
@@ -81,23 +81,21 @@ class Router:
             elif sep and (any(c in first for c in ".:") or first == "localhost"):
                 registry = canonical(first)
                 if registry not in self.upstreams:
-                    raise RegistryError(
-                        ErrorCode.NAME_UNKNOWN, f"this mirror does not proxy {first[:200]!r}", status=404
-                    )
+                    raise NotProxied(f"this mirror does not proxy {first[:200]!r}")
                 name = remainder
             else:
                 registry = DOCKER_HUB_DOMAIN
         try:
             repository = normalize_repository(name, official_prefix=registry == DOCKER_HUB_DOMAIN)
         except ReferenceError as exc:
-            raise RegistryError(ErrorCode.NAME_INVALID, str(exc)) from exc
+            raise BadName(str(exc)) from exc
         self.check_allowed(registry, repository)
         return Route(registry, repository)
 
     def allows(self, registry: str, repository: str) -> bool:
         try:
             self.check_allowed(registry, repository)
-        except RegistryError:
+        except MirrorError:
             return False
         return True
 
@@ -105,11 +103,9 @@ class Router:
         subject = f"{registry}/{repository}"
         for rule in self.deny:
             if fnmatch.fnmatchcase(subject, rule):
-                raise RegistryError(ErrorCode.DENIED, f"{subject} is denied by the mirror's rule {rule!r}")
+                raise Denied(f"{subject} is denied by the mirror's rule {rule!r}")
         if self.allow and not any(fnmatch.fnmatchcase(subject, rule) for rule in self.allow):
-            raise RegistryError(
-                ErrorCode.DENIED, f"{subject} matches none of the mirror's allow rules ({', '.join(self.allow)})"
-            )
+            raise Denied(f"{subject} matches none of the mirror's allow rules ({', '.join(self.allow)})")
 
     def upstream(self, registry: str) -> str:
         return self.upstreams[registry]

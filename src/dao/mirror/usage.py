@@ -28,7 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dao.config import MirrorConfig
 from dao.mirror.accounts import ANONYMOUS, Accounts, Usage, User, same_secret, secret_hash
-from dao.oci.errors import ErrorCode, RegistryError
+from dao.mirror.errors import NotAuthenticated, QuotaUsed
 from dao.units import format_size
 
 log = logging.getLogger(__name__)
@@ -89,12 +89,10 @@ class Meter:
                 return user.id
         if self.anonymous:
             return ANONYMOUS
-        raise RegistryError(
-            ErrorCode.UNAUTHORIZED,
+        raise NotAuthenticated(
             "this mirror serves its users only: use your address <id>."
             + (self.domain or "<mirror domain>")
-            + " or log in with your user ID and token",
-            headers={"WWW-Authenticate": 'Basic realm="dao mirror"'},
+            + " or log in with your user ID and token"
         )
 
     def _from_credentials(self, scheme: str, value: str) -> User | None:
@@ -133,8 +131,7 @@ class Meter:
         month = month_of(self.clock())
         used = self.used(user_id, month) + self._reserved.get(user_id, 0)
         if used >= quota:
-            raise RegistryError(
-                ErrorCode.TOOMANYREQUESTS,
+            raise QuotaUsed(
                 f"monthly quota of {format_size(quota)} for {user_id} is used up: {format_size(used)} served in "
                 f"{month}; it resets at {next_month(month)}-01T00:00:00Z",
             )

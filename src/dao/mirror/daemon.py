@@ -1,0 +1,145 @@
+"""The mirror as a daemon: the stores, the accounts, the proxies and their shared fetches, the cache's
+collector, built from one :class:`~dao.config.MirrorConfig`, served until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import signal
+
+import aiohttp
+from aiohttp import web
+
+from dao.config import ConfigError, MirrorConfig
+from dao.mirror.accounts import Accounts
+from dao.mirror.app import make_app
+from dao.mirror.availability import CircuitBreaker
+from dao.mirror.eviction import Collector, collecting
+from dao.mirror.guard import ConnectionGuard, GuardedRunner
+from dao.mirror.inflight import FetchGate, Inflight
+from dao.mirror.logs import AccessLogger
+from dao.mirror.metrics import Metrics
+from dao.mirror.proxy import Proxies, Proxy
+from dao.mirror.routing import Router
+from dao.mirror.serve import SendPolicy
+from dao.mirror.storage import FilesystemBlobStore, FilesystemManifestStore, FilesystemOrigins
+from dao.mirror.usage import Meter
+from dao.oci.reference import DOCKER_HUB_DOMAIN
+from dao.registry.auth import Credentials
+from dao.registry.client import RegistryClient
+from dao.transfer.download import upstream_policy
+from dao.units import parse_size
+
+log = logging.getLogger("dao.mirror")
+access_log = logging.getLogger("dao.mirror.access")
+
+
+async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> None:
+    """Run the mirror until SIGTERM/SIGINT; a clean stop cancels fetches (their spool files are removed)."""
+    blobs = FilesystemBlobStore(config.data_dir)
+    leftovers = blobs.clean_spool()
+    if leftovers:
+        log.info("removed %d partial downloads left by an earlier run", leftovers)
+    manifests = FilesystemManifestStore(config.data_dir)
+    origins = FilesystemOrigins(config.data_dir)
+    try:
+        router = Router(
+            docker_hub=config.upstream,
+            registries=config.registries,
+            aliases=config.aliases,
+            hosts=config.hosts,
+            allow=config.allow,
+            deny=config.deny,
+        )
+        default_quota = parse_size(config.default_quota)
+        min_send_rate = parse_size(config.min_send_rate)
+        collector = Collector(
+            blobs,
+            manifests,
+            origins,
+            max_bytes=parse_size(config.cache_max),
+            min_free=parse_size(config.cache_min_free),
+        )
+        accounts = Accounts(config.database_url)
+    except ValueError as exc:  # AccountError included
+        raise ConfigError(str(exc)) from exc
+    unaddressed = [u.id for u in accounts.users() if u.address is None]
+    if config.mirror_domain and unaddressed:
+        log.warning(
+            "%d users have no secret address yet, so only their tokens identify them (%s): "
+            "dao mirror users reissue ID --address",
+            len(unaddressed),
+            ", ".join(unaddressed[:10]),
+        )
+    metrics = Metrics()
+    inflight = Inflight(
+        blobs,
+        upstream_policy(config.fetch_connections, int(config.fetch_split_mib * 1024 * 1024)),
+        FetchGate(config.max_fetches, config.max_fetches_per_client),
+    )
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=64, ttl_dns_cache=300)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+
+        def make_proxy(registry: str) -> Proxy:
+            credentials = None
+            if registry == DOCKER_HUB_DOMAIN and config.upstream_username:
+                credentials = Credentials(config.upstream_username, config.upstream_password)
+            upstream = router.upstream(registry)
+            client = RegistryClient(upstream, session, credentials=credentials)
+            return Proxy(
+                client,
+                blobs,
+                manifests,
+                manifest_ttl=config.manifest_ttl,
+                manifest_timeout=config.manifest_timeout,
+                manifest_swr=config.manifest_swr,
+                negative_ttl=config.negative_ttl,
+                breaker=CircuitBreaker(upstream, threshold=config.breaker_failures, cooldown=config.breaker_cooldown),
+                prefetch_children=config.prefetch_children,
+                inflight=inflight,
+                metrics=metrics,
+                registry=registry,
+                origins=origins,
+                allowed=router.allows,
+            )
+
+        meter = Meter(
+            accounts,
+            domain=config.mirror_domain,
+            anonymous=config.anonymous,
+            default_quota=default_quota,
+            flush_interval=config.usage_flush,
+        )
+        guard = ConnectionGuard(config.max_connections_per_client, config.header_timeout)
+        send = SendPolicy(config.send_timeout, float(min_send_rate))
+        app = make_app(router, Proxies(make_proxy, inflight), metrics, meter, guard, send)
+        app.cleanup_ctx.append(functools.partial(collecting, collector, metrics.evictions.inc, config.gc_interval))
+        runner = GuardedRunner(
+            guard,
+            app,
+            access_log_class=AccessLogger,
+            access_log=access_log if config.access_log else None,
+            handle_signals=False,
+        )
+        await runner.setup()
+        host, port = config.listen_address
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        log.info(
+            "dao mirror listening on %s, upstream %s, data in %s",
+            config.listen,
+            config.upstream,
+            config.data_dir,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready.set()
+        try:
+            await stop.wait()
+        finally:
+            log.info("dao mirror stopping")
+            await runner.cleanup()
