@@ -160,7 +160,7 @@ def test_networks_volumes_and_build_cache() -> None:
 
 def test_which_volumes_containers_show_to_be_anonymous() -> None:
     """Engines before 23.0 label no volume anonymous: a container's own config is the evidence."""
-    from dao.clean.decide import _volume_evidence
+    from dao.clean.facts import volume_evidence as _volume_evidence
 
     anon = {"Config": {"Volumes": {"/data": {}}}, "HostConfig": {"Binds": None}}
     anon["Mounts"] = [{"Type": "volume", "Name": "1" * 64, "Destination": "/data"}]

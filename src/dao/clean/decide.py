@@ -8,10 +8,10 @@ prune``; then images (children before parents), orphan layers, volumes, networks
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from typing import Any
 
 from dao.clean.dataroot import DataRoot
+from dao.clean.facts import container_name, digests, engine_time, finished_at, tags, volume_evidence
 from dao.clean.plan import KINDS, Item, Options, Plan, PlanError, Spared
 from dao.clean.policy import Policy
 from dao.clean.scan import State
@@ -20,37 +20,6 @@ from dao.units import format_age
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 ANONYMOUS_LABEL = "com.docker.volume.anonymous"  # set by the engine (23.0 and later) on the volumes it makes
 _PREDEFINED_NETWORKS = {"bridge", "host", "none", "ingress", "docker_gwbridge"}
-
-
-def _time(text: Any) -> float | None:
-    """An engine timestamp (RFC 3339 with nanoseconds, or unix seconds) as unix time; None for Go's zero time."""
-    if isinstance(text, int | float):
-        return float(text) or None
-    if not text or str(text).startswith("0001-"):
-        return None
-    s = str(text).replace("Z", "+00:00")
-    s = re.sub(r"(\.\d{6})\d+", r"\1", s)
-    try:
-        return datetime.fromisoformat(s).timestamp()
-    except ValueError:
-        return None
-
-
-def _name(container: dict[str, Any]) -> str:
-    return str(container.get("Name", "")).lstrip("/")
-
-
-def _finished(container: dict[str, Any]) -> float | None:
-    state = container.get("State") or {}
-    return _time(state.get("FinishedAt")) or _time(container.get("Created"))
-
-
-def _tags(entry: dict[str, Any]) -> list[str]:
-    return [t for t in entry.get("RepoTags") or [] if t != "<none>:<none>"]
-
-
-def _digests(entry: dict[str, Any]) -> list[str]:
-    return [d for d in entry.get("RepoDigests") or [] if d != "<none>@<none>"]
 
 
 class _Decider:
@@ -74,7 +43,7 @@ class _Decider:
         self.planned_set: set[str] = set()
         self.ran: dict[str, float] = {}  # image id -> when a container of it last finished (or was created)
         for c in state.containers:
-            if (t := _finished(c)) is not None:
+            if (t := finished_at(c)) is not None:
                 self.ran[str(c.get("Image"))] = max(self.ran.get(str(c.get("Image")), 0.0), t)
         self._broken: dict[str, list[str]] = {}
 
@@ -90,7 +59,7 @@ class _Decider:
         removed: set[str] = set()
         if "container" not in self.kinds:
             return removed
-        for c in sorted(self.state.containers, key=lambda c: _finished(c) or 0):
+        for c in sorted(self.state.containers, key=lambda c: finished_at(c) or 0):
             state = c.get("State") or {}
             status = str(state.get("Status", ""))
             if status not in ("exited", "dead", "created"):
@@ -101,7 +70,7 @@ class _Decider:
                 reason = "dead"
             else:
                 reason = f"exited ({state.get('ExitCode', '?')})"
-            finished = _finished(c)
+            finished = finished_at(c)
             labels = (c.get("Config") or {}).get("Labels") or {}
             rule = self.policy.spare(
                 labels=labels, last_used=finished, grace=max(self.options.grace, self.options.until)
@@ -110,14 +79,14 @@ class _Decider:
             if rule is None and restart == "always":
                 rule = "restart policy always: the engine starts it again on its next start"
             if rule:
-                self.spare("container", c["Id"], _name(c), rule)
+                self.spare("container", c["Id"], container_name(c), rule)
                 continue
             removed.add(c["Id"])
             self.add(
                 Item(
                     "container",
                     c["Id"],
-                    _name(c),
+                    container_name(c),
                     reason,
                     size=self.df_sizes.get(c["Id"], 0),
                     last_used=finished,
@@ -130,15 +99,15 @@ class _Decider:
 
     def image_last_used(self, image_id: str) -> float | None:
         doc = self.state.inspected.get(image_id) or {}
-        times = [_time((doc.get("Metadata") or {}).get("LastTagTime")), self.ran.get(image_id)]
+        times = [engine_time((doc.get("Metadata") or {}).get("LastTagTime")), self.ran.get(image_id)]
         known = [t for t in times if t]
         if known:
             return max(known)
-        return _time(doc.get("Created")) or _time(self.by_id[image_id].get("Created"))
+        return engine_time(doc.get("Created")) or engine_time(self.by_id[image_id].get("Created"))
 
     def images(self, kept_containers: list[dict[str, Any]]) -> None:
         for c in kept_containers:
-            self.users.setdefault(str(c.get("Image")), []).append(_name(c))
+            self.users.setdefault(str(c.get("Image")), []).append(container_name(c))
         if "broken-image" in self.kinds:
             for image_id in sorted(self.by_id, key=lambda i: self.image_last_used(i) or 0):
                 evidence = self.broken(image_id)
@@ -152,7 +121,7 @@ class _Decider:
         if "image" in self.kinds:
             # dangling: no tag (a digest reference may remain: a re-pulled tag's old image), no child image;
             # then the untagged parents they leave behind. As docker's dangling=true.
-            untagged = [i for i in self.by_id if not _tags(self.by_id[i])]
+            untagged = [i for i in self.by_id if not tags(self.by_id[i])]
             for image_id in sorted(untagged, key=lambda i: self.image_last_used(i) or 0):
                 if image_id not in self.planned_set and not self.children.get(image_id) and not self.broken(image_id):
                     self.consider(image_id, "image", "dangling: untagged, no container uses it")
@@ -188,13 +157,13 @@ class _Decider:
     def consider(self, image_id: str, kind: str, reason: str, evidence: list[str] | None = None) -> bool:
         """Plan the image unless a container or a safety rule keeps it; True when planned."""
         entry = self.by_id[image_id]
-        name = ", ".join(_tags(entry) or _digests(entry)) or "<none>"
+        name = ", ".join(tags(entry) or digests(entry)) or "<none>"
         last = self.image_last_used(image_id)
         if image_id in self.users:
             rule: str | None = f"used by container {', '.join(sorted(self.users[image_id]))}"
         else:
             rule = self.policy.spare(
-                labels=entry.get("Labels") or {}, last_used=last, refs=_tags(entry) + _digests(entry)
+                labels=entry.get("Labels") or {}, last_used=last, refs=tags(entry) + digests(entry)
             )
         if rule:
             self.spare(kind, image_id, name, rule)
@@ -212,11 +181,11 @@ class _Decider:
         candidates = [
             i
             for i in self.by_id
-            if i not in self.planned_set and i not in self.users and _tags(self.by_id[i]) and not self.broken(i)
+            if i not in self.planned_set and i not in self.users and tags(self.by_id[i]) and not self.broken(i)
         ]
         if self.policy.pull_in_progress:  # the pull may be of one of these: it is not garbage yet
             for image_id in candidates:
-                name = ", ".join(_tags(self.by_id[image_id]) or _digests(self.by_id[image_id]))
+                name = ", ".join(tags(self.by_id[image_id]) or digests(self.by_id[image_id]))
                 self.spare("image", image_id, name, f"a pull is in progress ({self.policy.pull_in_progress})")
             return
         for image_id in sorted(candidates, key=lambda i: self.image_last_used(i) or 0):
@@ -322,9 +291,9 @@ class _Decider:
         finished: dict[str, float] = {}
         for c in removed:
             for m in c.get("Mounts") or []:
-                if m.get("Type") == "volume" and (t := _finished(c)):
+                if m.get("Type") == "volume" and (t := finished_at(c)):
                     finished[m["Name"]] = max(finished.get(m["Name"], 0), t)
-        named, declared = _volume_evidence(self.state.containers)
+        named, declared = volume_evidence(self.state.containers)
         for v in sorted(self.state.volumes, key=lambda v: str(v.get("Name"))):
             name = str(v.get("Name"))
             labels = v.get("Labels") or {}
@@ -337,7 +306,7 @@ class _Decider:
                     # `docker volume create <64 hex>` is a named volume.
                     self.spare("volume", name, name[:12], "no anonymous label or container says it is anonymous")
                 continue
-            last = max(filter(None, [_time(v.get("CreatedAt")), finished.get(name)]), default=None)
+            last = max(filter(None, [engine_time(v.get("CreatedAt")), finished.get(name)]), default=None)
             rule = self.policy.spare(labels=labels, last_used=last)
             if rule:
                 self.spare("volume", name, name, rule)
@@ -361,7 +330,7 @@ class _Decider:
                 continue
             if name in used or id_ in used or n.get("Containers"):
                 continue
-            last = _time(n.get("Created"))
+            last = engine_time(n.get("Created"))
             rule = self.policy.spare(labels=n.get("Labels") or {}, last_used=last)
             if rule:
                 self.spare("network", id_, name, rule)
@@ -383,7 +352,7 @@ class _Decider:
         for r in sorted(records.values(), key=lambda r: (-depth(r), str(r["ID"]))):
             if r.get("InUse") or r.get("Shared"):
                 continue  # in use by a build, or its bytes are an image's: removing it frees nothing
-            last = _time(r.get("LastUsedAt")) or _time(r.get("CreatedAt"))
+            last = engine_time(r.get("LastUsedAt")) or engine_time(r.get("CreatedAt"))
             rule = self.policy.spare(last_used=last)
             if rule:
                 self.spare("build-cache", str(r["ID"]), str(r.get("Type")), rule)
@@ -415,25 +384,3 @@ def decide(state: State, options: Options, now: float) -> Plan:
     d.networks(kept)
     d.build_cache()
     return d.plan
-
-
-def _volume_evidence(containers: list[dict[str, Any]]) -> tuple[set[str], set[str]]:
-    """Volumes some container names (``-v name:/d``, ``--mount source=name``): named, whatever they look like;
-    and volumes mounted where a container declares an anonymous one (``-v /d``, an image's ``VOLUME``):
-    anonymous, unless some container names them. What engines before 23.0 leave as the only evidence."""
-    named: set[str] = set()
-    declared: set[str] = set()
-    for c in containers:
-        host = c.get("HostConfig") or {}
-        for bind in host.get("Binds") or []:
-            source = str(bind).split(":", 1)[0]
-            if source and not source.startswith("/"):
-                named.add(source)
-        for mount in host.get("Mounts") or []:
-            if mount.get("Type") == "volume" and mount.get("Source"):
-                named.add(str(mount["Source"]))
-        wanted = set((c.get("Config") or {}).get("Volumes") or {})
-        for mount in c.get("Mounts") or []:
-            if mount.get("Type") == "volume" and mount.get("Destination") in wanted and mount.get("Name"):
-                declared.add(str(mount["Name"]))
-    return named, declared

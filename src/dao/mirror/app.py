@@ -37,9 +37,18 @@ from dao.mirror.guard import GUARD_KEY, ConnectionGuard
 from dao.mirror.guard import middleware as guard_middleware
 from dao.mirror.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dao.mirror.metrics import Metrics
-from dao.mirror.proxy import STALE_WARNING, Proxies, Proxy
+from dao.mirror.proxies import Proxies
+from dao.mirror.proxy import STALE_WARNING, Proxy
 from dao.mirror.routing import Router
-from dao.mirror.serve import SEND_POLICY_KEY, SendPolicy, blob_headers, parse_range, send_fetch, send_local
+from dao.mirror.serve import (
+    SEND_POLICY_KEY,
+    SendPolicy,
+    Wanted,
+    blob_headers,
+    parse_range,
+    send_fetch,
+    send_local,
+)
 from dao.mirror.state import state
 from dao.mirror.usage import Meter
 from dao.oci.digest import Digest, DigestError
@@ -267,7 +276,8 @@ async def blob(request: web.Request, proxy: Proxy, name: str, digest: Digest) ->
     answer = await proxy.open_blob(name, digest, request.remote or "")
     state(request).cache = answer.cache
     try:
-        held = _reserve(request, answer.size)
+        wanted = parse_range(request.headers.get("Range"), answer.size)  # once: for the quota and the answer
+        held = _reserve(request, answer.size, wanted)
     except (MirrorError, RegistryError):
         if answer.local is not None:
             answer.local.close()
@@ -276,21 +286,20 @@ async def blob(request: web.Request, proxy: Proxy, name: str, digest: Digest) ->
         raise
     try:
         if answer.local is not None:
-            return await send_local(request, digest, answer.local)
+            return await send_local(request, digest, answer.local, wanted)
         assert answer.fetch is not None
-        return await send_fetch(request, digest, answer.fetch)
+        return await send_fetch(request, digest, answer.fetch, wanted)
     finally:
         if held:
             request.app[METER_KEY].release(state(request).user, held)
 
 
-def _reserve(request: web.Request, size: int | None) -> int:
-    """Hold the bytes this response will send against the user's quota (raises TOOMANYREQUESTS when that
-    is used up, RANGE_INVALID for a bad Range); returns what was held, for the caller to release."""
+def _reserve(request: web.Request, size: int | None, wanted: Wanted) -> int:
+    """Hold the bytes this response will send against the user's quota (raises QuotaUsed when that is used
+    up); returns what was held, for the caller to release."""
     user = state(request).user
     if user is None or size is None:
         return 0
-    wanted = parse_range(request.headers.get("Range"), size)
     count = size if wanted is None else (wanted[1] if wanted[1] is not None else size - 1) - wanted[0] + 1
     request.app[METER_KEY].reserve(user, count)
     return count

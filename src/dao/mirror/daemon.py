@@ -20,7 +20,8 @@ from dao.mirror.guard import ConnectionGuard, GuardedRunner
 from dao.mirror.inflight import FetchGate, Inflight
 from dao.mirror.logs import AccessLogger
 from dao.mirror.metrics import Metrics
-from dao.mirror.proxy import Proxies, Proxy
+from dao.mirror.proxies import Proxies
+from dao.mirror.proxy import Proxy
 from dao.mirror.routing import Router
 from dao.mirror.serve import SendPolicy
 from dao.mirror.storage import FilesystemBlobStore, FilesystemManifestStore, FilesystemOrigins

@@ -8,6 +8,15 @@ from __future__ import annotations
 
 from typing import Literal
 
+from dao.mirror.availability import CircuitOpen
+from dao.registry.errors import (
+    RegistryClientError,
+    UpstreamNotFound,
+    UpstreamRateLimited,
+    UpstreamStatusError,
+    UpstreamUnauthorized,
+)
+
 Subject = Literal["blob", "manifest", "repository"]
 
 
@@ -82,3 +91,18 @@ class UpstreamRefused(MirrorError):
 
 class UpstreamBroken(MirrorError):
     """The upstream answered with something no client should get (a 4xx/5xx that is not one of the above)."""
+
+
+def upstream_error(exc: RegistryClientError | CircuitOpen, subject: Subject) -> MirrorError:
+    """What an upstream failure means for the client: the upstream's own 404/401/429, else broken or down."""
+    if isinstance(exc, CircuitOpen):
+        return UpstreamDown(str(exc), retry_after=exc.retry_after)
+    if isinstance(exc, UpstreamNotFound):
+        return NotFound(subject, str(exc))
+    if isinstance(exc, UpstreamRateLimited):
+        return UpstreamLimited(f"upstream registry rate limit: {exc}")
+    if isinstance(exc, UpstreamUnauthorized):
+        return UpstreamRefused(f"upstream registry refused the mirror: {exc}")
+    if isinstance(exc, UpstreamStatusError) and 400 <= exc.status < 500:
+        return UpstreamBroken(str(exc))
+    return UpstreamDown(f"upstream registry unavailable: {exc}")

@@ -35,10 +35,8 @@ from dao.mirror.errors import (
     NotFound,
     Remembered,
     Subject,
-    UpstreamBroken,
     UpstreamDown,
-    UpstreamLimited,
-    UpstreamRefused,
+    upstream_error,
 )
 from dao.mirror.inflight import Fetch, FetchQueueFull, Inflight
 from dao.mirror.metrics import Metrics
@@ -59,7 +57,6 @@ from dao.registry.errors import (
     RegistryClientError,
     UpstreamNotFound,
     UpstreamRateLimited,
-    UpstreamStatusError,
     UpstreamUnauthorized,
     UpstreamUnavailable,
 )
@@ -411,44 +408,3 @@ class Proxy:
         for task in list(self._background.values()):
             task.cancel()
         await asyncio.gather(*self._background.values(), return_exceptions=True)
-
-
-class Proxies:
-    """One :class:`Proxy` per upstream registry, made on first use; the in-flight fetches are shared."""
-
-    def __init__(self, make: Callable[[str], Proxy], inflight: Inflight) -> None:
-        self._make = make
-        self._proxies: dict[str, Proxy] = {}
-        self.inflight = inflight
-
-    def get(self, registry: str) -> Proxy:
-        proxy = self._proxies.get(registry)
-        if proxy is None:
-            proxy = self._proxies[registry] = self._make(registry)
-        return proxy
-
-    def states(self) -> list[tuple[str, str, int | None]]:
-        """Per registry in use: circuit state and the upstream's remaining pull allowance (for metrics)."""
-        return [
-            (name, proxy.breaker.state.value, proxy.client.ratelimit_remaining) for name, proxy in self._proxies.items()
-        ]
-
-    async def aclose(self) -> None:
-        for proxy in self._proxies.values():
-            await proxy.aclose()
-        await self.inflight.aclose()
-
-
-def upstream_error(exc: RegistryClientError | CircuitOpen, subject: Subject) -> MirrorError:
-    """What an upstream failure means for the client: the upstream's own 404/401/429, else broken or down."""
-    if isinstance(exc, CircuitOpen):
-        return UpstreamDown(str(exc), retry_after=exc.retry_after)
-    if isinstance(exc, UpstreamNotFound):
-        return NotFound(subject, str(exc))
-    if isinstance(exc, UpstreamRateLimited):
-        return UpstreamLimited(f"upstream registry rate limit: {exc}")
-    if isinstance(exc, UpstreamUnauthorized):
-        return UpstreamRefused(f"upstream registry refused the mirror: {exc}")
-    if isinstance(exc, UpstreamStatusError) and 400 <= exc.status < 500:
-        return UpstreamBroken(str(exc))
-    return UpstreamDown(f"upstream registry unavailable: {exc}")

@@ -80,9 +80,11 @@ def blob_headers(resp: web.StreamResponse, digest: Digest) -> None:
     resp.content_type = "application/octet-stream"
 
 
-def _window(request: web.Request, resp: web.StreamResponse, size: int | None) -> tuple[int, int | None]:
+Wanted = tuple[int, int | None] | None  # the request's Range as parse_range read it (None: the whole blob)
+
+
+def _window(resp: web.StreamResponse, size: int | None, wanted: Wanted) -> tuple[int, int | None]:
     """Apply the request's Range to ``resp``; returns (start, inclusive end or None when size unknown)."""
-    wanted = parse_range(request.headers.get("Range"), size)
     if wanted is None:
         if size is not None:
             resp.content_length = size
@@ -149,12 +151,12 @@ def _policy(request: web.Request) -> SendPolicy:
     return request.app.get(SEND_POLICY_KEY) or SendPolicy()
 
 
-async def send_local(request: web.Request, digest: Digest, blob: LocalBlob) -> web.StreamResponse:
+async def send_local(request: web.Request, digest: Digest, blob: LocalBlob, wanted: Wanted) -> web.StreamResponse:
     """Serve a committed blob with zero-copy ``sendfile``; closes ``blob``."""
     try:
         resp = web.StreamResponse()
         blob_headers(resp, digest)
-        start, end = _window(request, resp, blob.size)
+        start, end = _window(resp, blob.size, wanted)
         count = (end - start + 1) if end is not None else 0
         await resp.prepare(request)
         if request.method == "HEAD" or count == 0:
@@ -272,21 +274,21 @@ async def _copy_fallback(resp: web.StreamResponse, fd: int, start: int, count: i
         pos += len(chunk)
 
 
-async def send_fetch(request: web.Request, digest: Digest, fetch: Fetch) -> web.StreamResponse:
+async def send_fetch(request: web.Request, digest: Digest, fetch: Fetch, wanted: Wanted) -> web.StreamResponse:
     """Serve a blob while it is being fetched, following the spool file; cut the connection on failure.
 
     Releases the caller's reader registration on ``fetch``.
     """
     try:
-        return await _send_fetch(request, digest, fetch)
+        return await _send_fetch(request, digest, fetch, wanted)
     finally:
         fetch.release()
 
 
-async def _send_fetch(request: web.Request, digest: Digest, fetch: Fetch) -> web.StreamResponse:
+async def _send_fetch(request: web.Request, digest: Digest, fetch: Fetch, wanted: Wanted) -> web.StreamResponse:
     resp = web.StreamResponse()
     blob_headers(resp, digest)
-    start, end = _window(request, resp, fetch.size)
+    start, end = _window(resp, fetch.size, wanted)
     if fetch.size is None:
         resp.enable_chunked_encoding()
     await resp.prepare(request)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,6 +25,7 @@ from dao.oci.digest import Digest, DigestError
 from dao.oci.errors import parse_error_body
 from dao.oci.manifest import MAX_MANIFEST_SIZE, media_type_of
 from dao.registry.auth import Authenticator, Credentials
+from dao.registry.blobs import BlobSource
 from dao.registry.body import read_capped, read_errors
 from dao.registry.errors import (
     RegistryClientError,
@@ -42,8 +42,6 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_REDIRECTS = 10
 ERROR_BODY_LIMIT = 64 * 1024
 USER_AGENT = "dao"
-BLOB_CHUNK = 256 * 1024
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 # A dao mirror's ``/v2/`` answer carries this header: it serves many registries and routes by ``?ns=``.
 NAMESPACES_HEADER = "Dao-Mirror-Namespaces"
 
@@ -219,7 +217,7 @@ class RegistryClient:
             yield resp
 
     def blob_source(self, repo: str, digest: Digest) -> BlobSource:
-        """The blob as a :class:`~dao.transfer.download.Source` for :class:`~dao.transfer.download.Download`."""
+        """The blob as a source for a transfer (:class:`dao.transfer.sources.BlobSource`)."""
         return BlobSource(self, repo, digest)
 
     async def raw_get(
@@ -361,49 +359,6 @@ def address_class(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str
     if address.is_private or address.is_unspecified or address.is_reserved:
         return "private"
     return "public"
-
-
-class BlobBody:
-    """One blob response as a :class:`~dao.transfer.download.Body`: where it starts and ends, the blob's size."""
-
-    def __init__(self, resp: aiohttp.ClientResponse) -> None:
-        self.resp = resp
-        self.offset = 0
-        self.size: int | None = resp.content_length
-        self.end: int | None = resp.content_length
-        if resp.status == 206:
-            self.offset, last, self.size = parse_content_range(resp.headers.get("Content-Range", ""))
-            self.end = last + 1
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self.resp.content.iter_chunked(BLOB_CHUNK):
-                yield chunk
-        except read_errors() as exc:
-            raise UpstreamUnavailable(f"upstream body broke: {exc.__class__.__name__}: {exc}") from exc
-
-
-class BlobSource:
-    def __init__(self, client: RegistryClient, repo: str, digest: Digest) -> None:
-        self.client, self.repo, self.digest = client, repo, digest
-
-    @asynccontextmanager
-    async def open(self, start: int = 0, end: int | None = None) -> AsyncIterator[BlobBody]:
-        async with self.client.blob(self.repo, self.digest, start=start, end=end) as resp:
-            yield BlobBody(resp)
-
-
-def parse_content_range(value: str) -> tuple[int, int, int | None]:
-    """``bytes first-last/total`` -> (first, last, total or None for ``*``); raises UpstreamUnavailable if
-    garbled or impossible."""
-    match = _CONTENT_RANGE.fullmatch(value.strip())
-    if match is None or len(match[1]) > 19 or len(match[2]) > 19 or len(match[3]) > 19:
-        raise UpstreamUnavailable(f"upstream sent 206 with a bad Content-Range: {value[:100]!r}")
-    first, last = int(match[1]), int(match[2])
-    total = None if match[3] == "*" else int(match[3])
-    if last < first or (total is not None and last >= total):
-        raise UpstreamUnavailable(f"upstream sent 206 with an impossible Content-Range: {value[:100]!r}")
-    return first, last, total
 
 
 def _digest_or_none(text: str) -> Digest | None:
