@@ -1,16 +1,27 @@
-"""The ``dao`` command: the top level only composes the features' own command lines."""
+"""The ``dao`` command: the top level only composes the features' own command lines.
+
+Each feature's command line is imported only when it is the command being run (``dao pull`` never imports
+the mirror's or clean's), so start-up costs what that command uses; ``dao --help`` and a command line that
+names none compose them all.
+"""
 
 from __future__ import annotations
 
+import importlib
+import sys
 from typing import Annotated
 
 import typer
 
 from dao import __version__
-from dao.clean.cli import clean_command
 from dao.errors import DaoError
-from dao.mirror.cli import mirror_app
-from dao.pull.cli import pull_command
+
+# command -> (module, attribute, a sub-app or one command)
+COMMANDS = {
+    "mirror": ("dao.mirror.cli", "mirror_app", "group"),
+    "pull": ("dao.pull.cli", "pull_command", "command"),
+    "clean": ("dao.clean.cli", "clean_command", "command"),
+}
 
 app = typer.Typer(
     help="Fast, tidy Docker image distribution for slow, lossy or metered links.",
@@ -19,9 +30,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # help text holds literal [brackets] (TOML tables, defaults)
 )
-app.add_typer(mirror_app, name="mirror")
-app.command("pull")(pull_command)
-app.command("clean")(clean_command)
+
+
+def compose(argv: list[str]) -> typer.Typer:
+    """Add the command ``argv`` names (the first word that is not an option), or all of them."""
+    words = [a for a in argv if not a.startswith("-")]
+    if not words and "--version" in argv and "--help" not in argv:
+        return app  # nothing to compose for the version
+    wanted = [words[0]] if words and words[0] in COMMANDS else list(COMMANDS)
+    for name in wanted:
+        module, attribute, kind = COMMANDS[name]
+        thing = getattr(importlib.import_module(module), attribute)
+        if kind == "group":
+            app.add_typer(thing, name=name)
+        else:
+            app.command(name)(thing)
+    return app
 
 
 def _version(value: bool) -> None:
@@ -42,7 +66,7 @@ def main_callback(
 def main() -> None:
     """The CLI's one error boundary: a DaoError from any command is one line (and a hint) and its status."""
     try:
-        app()
+        compose(sys.argv[1:])()
     except DaoError as exc:
         typer.secho(f"dao: error: {exc}", err=True, fg="red")
         if exc.hint:

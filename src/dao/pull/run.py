@@ -12,19 +12,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from dao.config import ConfigError, PullConfig, load
 from dao.engine import Engine, go_arch
@@ -45,6 +35,9 @@ from dao.registry.dockerconfig import credentials_for
 from dao.registry.errors import RegistryClientError
 from dao.registry.insecure import InsecureRegistries
 from dao.transfer.schedule import Stats
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 INSECURE_PROBE_TIMEOUT = 5.0  # seconds for an insecure registry to answer over HTTPS before HTTP is tried
 T = TypeVar("T")
@@ -272,7 +265,11 @@ def _background(work: Coroutine[Any, Any, T]) -> Iterator[asyncio.Task[T]]:
 
 
 def _progress_bars() -> Progress:
-    """One bar per layer: bytes, speed, time left, source; on stderr, so stdout stays docker's lines."""
+    """One bar per layer: bytes, speed, time left, source; on stderr, so stdout stays docker's lines. (rich is
+    imported here: a pull without bars, or one that fails early, does not pay for it.)"""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
