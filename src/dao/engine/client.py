@@ -203,6 +203,39 @@ class Engine:
         """Remove these build cache records (``docker builder prune --filter id=...``)."""
         return await self._json("POST", "/build/prune", params={"filters": json.dumps({"id": ids})}) or {}
 
+    async def events(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        filters: dict[str, list[str]] | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The engine's event stream (``docker events``): one document per event, as they happen. ``since`` and
+        ``until`` are unix times; with ``until`` the stream ends then (in the past: what happened in between,
+        and the end), otherwise when the engine closes it or the caller stops. A cut stream raises
+        :class:`EngineError`."""
+        params: dict[str, str] = {}
+        if since is not None:
+            params["since"] = f"{since:.9f}"
+        if until is not None:
+            params["until"] = f"{until:.9f}"
+        if filters:
+            params["filters"] = json.dumps(filters)
+        url = f"{self._base}/{self.version}/events"
+        try:
+            async with self.session.get(url, params=params or None) as resp:
+                if resp.status >= 400:
+                    raise EngineError(f"GET /events: {resp.status} {_message(await resp.text())}", resp.status)
+                while line := await resp.content.readline():  # newline-delimited JSON, one event a line
+                    try:
+                        doc = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(doc, dict):
+                        yield doc
+        except aiohttp.ClientError as exc:
+            raise self._unreachable(exc) from exc
+
     async def load(self, body: AsyncIterator[bytes]) -> list[dict[str, Any]]:
         """POST a docker-archive stream to ``/images/load``; the engine's progress messages, errors raised."""
         url = f"{self._base}/{self.version}/images/load?quiet=1"
