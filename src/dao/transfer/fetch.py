@@ -78,6 +78,7 @@ class Transfer(Verification):
         self._workers = 0
         self._idle = 0
         self._adapting = False
+        self._finished = asyncio.Event()  # set when a run's last job is resolved
         self._asked_first = 0.0
 
     # -- the caller's side ---------------------------------------------------------------------------------
@@ -86,6 +87,7 @@ class Transfer(Verification):
         """Run ``tasks`` (each ends a job: :meth:`add` and await its ``done``, or :meth:`skip`) with the
         workers. Raises the first error of a task."""
         self._unresolved += len(tasks)
+        self._finished = asyncio.Event()
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
@@ -200,6 +202,8 @@ class Transfer(Verification):
 
     def _resolved(self) -> None:
         self._unresolved -= 1
+        if self._unresolved <= 0:
+            self._finished.set()
         self._wake()
 
     # -- one request ---------------------------------------------------------------------------------------
@@ -297,8 +301,10 @@ class Transfer(Verification):
         return skip
 
     def _first_answer(self, job: Job) -> None:
-        """A job's size is known: more workers for it, and the stream count starts measuring."""
-        if not self._adapting and self.streams.target < self.streams.cap:
+        """A job's size is known: more workers for it, and the stream count starts measuring (when there is
+        enough left to fetch for more connections to matter)."""
+        work = sum(sum(b - a for a, b in j.unclaimed()) for j in self._jobs if j.size is not None)
+        if not self._adapting and self.streams.target < self.streams.cap and work > self.policy.first_chunk:
             self._adapting = True
             self.streams.start(time.monotonic(), time.monotonic() - self._asked_first)
             assert self._group is not None
@@ -307,10 +313,15 @@ class Transfer(Verification):
         self._wake()
 
     async def _adapt(self) -> None:
-        """Feed the stream count while there is work; open workers when it rises."""
+        """Feed the stream count while there is work; open workers when it rises. Ends the moment the last
+        job is resolved (the run waits for it: a sleep here would hold every blob's completion)."""
         step = max(0.05, self.streams.window / 10)
         while not self.streams.held and self._unresolved > 0:
-            await asyncio.sleep(step)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(step):
+                    await self._finished.wait()
+            if self._unresolved <= 0:
+                break
             before = self.streams.target
             if self.streams.observe(time.monotonic(), self.received) > before:
                 self._more_workers()
