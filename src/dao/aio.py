@@ -29,6 +29,13 @@ def backoff(attempt: int, base: float, cap: float) -> float:
     return min(base * 2**attempt, cap) * random.uniform(0.5, 1.0)
 
 
+def full_jitter(attempt: int, base: float, cap: float) -> float:
+    """Seconds to wait before reconnect ``attempt + 1``: anywhere between 0 and the capped exponential. For
+    many clients that lost one server together (agents when the console restarts): they come back spread
+    over the whole window instead of in waves."""
+    return random.uniform(0, min(base * 2**attempt, cap))
+
+
 def first_error(group: BaseExceptionGroup) -> BaseException:
     """The first real exception in a task group's (possibly nested) group: the one to show the caller."""
     for exc in group.exceptions:
