@@ -21,6 +21,8 @@ COMMANDS = {
     "mirror": ("dao.mirror.cli", "mirror_app", "group"),
     "pull": ("dao.pull.cli", "pull_command", "command"),
     "clean": ("dao.clean.cli", "clean_command", "command"),
+    "console": ("dao.console.cli", "console_app", "group"),
+    "agent": ("dao.agent.cli", "agent_app", "group"),
 }
 
 app = typer.Typer(

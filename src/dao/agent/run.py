@@ -1,0 +1,220 @@
+"""``dao agent enroll`` and ``dao agent run``: the host's side of the channel (``docs/agent.md``).
+
+The identity (console URL, host ID, credential) lives in the agent's config file, mode 600, and nothing
+that happens to the connection changes it. ``run`` samples the host every ``interval`` whether or not the
+console is reachable (the samples wait in the outbox), and keeps one outbound WebSocket open: ``hello``
+with the host's facts and the commands already done, the engine's state when an engine answers, metrics
+batches until acknowledged, pongs to the console's pings. When three pings do not come the connection is
+taken for half-open and dialled again, with full-jitter backoff. A refused credential (revoked) ends the
+agent: dialling again would not help.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from dao import __version__
+from dao.agent.engine_state import snapshot
+from dao.agent.host import Sampler, facts
+from dao.aio import full_jitter
+from dao.channel.frames import (
+    MAX_FRAME,
+    Ack,
+    Command,
+    FrameError,
+    Hello,
+    Metrics,
+    Ping,
+    Pong,
+    Result,
+    Welcome,
+    decode,
+    encode,
+)
+from dao.channel.ledger import Ledger
+from dao.channel.outbox import Outbox
+from dao.engine import Engine, EngineError
+from dao.errors import DaoError
+
+log = logging.getLogger("dao.agent")
+
+RECONNECT_BASE, RECONNECT_CAP = 0.5, 30.0
+
+
+class AgentError(DaoError):
+    pass
+
+
+def default_config() -> Path:
+    if os.geteuid() == 0:
+        return Path(os.environ.get("DAO_PREFIX", "/")) / "etc/dao/agent.toml"
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "dao" / "agent.toml"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    console: str
+    host: str
+    credential: str
+
+    @classmethod
+    def load(cls, path: Path) -> Identity:
+        try:
+            doc = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise AgentError(
+                f"{path} does not exist", hint="enrol first: dao agent enroll --console URL --token T"
+            ) from None
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise AgentError(f"cannot read {path}: {exc}") from None
+        try:
+            return cls(str(doc["console"]), str(doc["host"]), str(doc["credential"]))
+        except KeyError as exc:
+            raise AgentError(f"{path} has no {exc.args[0]}: enrol again") from None
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = f'console = "{self.console}"\nhost = "{self.host}"\ncredential = "{self.credential}"\n'
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+
+
+async def enroll(console: str, token: str, path: Path, name: str | None = None) -> Identity:
+    console = console.rstrip("/")
+    body = {"token": token, "name": name or facts()["hostname"]}
+    try:
+        async with (
+            aiohttp.ClientSession(trust_env=True) as session,
+            session.post(f"{console}/api/agent/enroll", json=body, timeout=aiohttp.ClientTimeout(total=30)) as resp,
+        ):
+            doc = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        raise AgentError(f"cannot enrol with {console}: {exc.__class__.__name__}: {exc}") from None
+    if resp.status != 200 or not isinstance(doc, dict) or "credential" not in doc:
+        why = doc.get("error") if isinstance(doc, dict) else None
+        raise AgentError(f"{console} refused the enrolment: {why or resp.status}")
+    identity = Identity(console, str(doc["host"]), str(doc["credential"]))
+    identity.save(path)
+    return identity
+
+
+class Agent:
+    def __init__(self, identity: Identity, state_dir: Path, interval: float = 10.0) -> None:
+        self.identity = identity
+        self.interval = interval
+        self.outbox = Outbox()
+        self.ledger = Ledger(state_dir / "commands.json")
+        self.sampler = Sampler()
+        self._sampled = asyncio.Event()
+
+    async def run(self) -> None:
+        sampling = asyncio.get_running_loop().create_task(self._sample())
+        try:
+            attempt = 0
+            async with aiohttp.ClientSession(trust_env=True) as session:
+                while True:
+                    welcomed = await self._connect(session)
+                    attempt = 0 if welcomed else attempt + 1
+                    wait = full_jitter(attempt, RECONNECT_BASE, RECONNECT_CAP)
+                    log.info("channel closed; dialling again in %.1f s", wait)
+                    await asyncio.sleep(wait)
+        finally:
+            sampling.cancel()
+
+    async def _sample(self) -> None:
+        while True:
+            self.outbox.add(self.sampler.sample())
+            self._sampled.set()
+            await asyncio.sleep(self.interval)
+
+    async def _connect(self, session: aiohttp.ClientSession) -> bool:
+        """One connection, until it ends; True when the console welcomed us."""
+        url = self.identity.console.replace("http", "ws", 1) + "/api/agent/channel"
+        headers = {"Authorization": f"Bearer {self.identity.credential}"}
+        try:
+            async with session.ws_connect(url, headers=headers, max_msg_size=MAX_FRAME, heartbeat=None) as ws:
+                await ws.send_str(encode(Hello(__version__, facts(), self.ledger.ids())))
+                welcome = decode((await ws.receive(timeout=30)).data)
+                if not isinstance(welcome, Welcome):
+                    log.warning("the console did not welcome us: %s", welcome.kind)
+                    return False
+                log.info("connected to %s as host %s", self.identity.console, welcome.host)
+                await self._session(ws, welcome.ping_interval)
+                return True
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status == 401:
+                raise AgentError("the console refuses this host's credential (revoked?)", hint="enrol again") from None
+            log.warning("cannot open the channel: %s", exc)
+        except (aiohttp.ClientError, TimeoutError, FrameError, TypeError, ConnectionError) as exc:
+            log.warning("channel to %s: %s: %s", self.identity.console, exc.__class__.__name__, exc)
+        return False
+
+    async def _session(self, ws: aiohttp.ClientWebSocketResponse, ping_interval: float) -> None:
+        heard = time.monotonic()
+
+        async def send_state() -> None:
+            try:
+                async with Engine() as engine:
+                    await engine.negotiate()
+                    await ws.send_str(encode(await snapshot(engine)))
+            except EngineError as exc:
+                log.info("no engine state to report: %s", exc)
+
+        async def send_metrics() -> None:
+            sent = 0
+            while not ws.closed:
+                last, batch = self.outbox.batch(after=sent)
+                if batch:
+                    await ws.send_str(encode(Metrics(last, batch)))
+                    sent = last
+                    continue
+                self._sampled.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(ping_interval):
+                        await self._sampled.wait()
+
+        async def watchdog() -> None:
+            while not ws.closed:
+                await asyncio.sleep(ping_interval)
+                if time.monotonic() - heard > 3 * ping_interval:
+                    log.warning("no ping for 3 intervals: the channel is half-open; closing it")
+                    await ws.close()
+                    return
+
+        tasks = [asyncio.ensure_future(t()) for t in (send_state, send_metrics, watchdog)]
+        try:
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    break
+                frame = decode(msg.data)
+                heard = time.monotonic()
+                if isinstance(frame, Ping):
+                    await ws.send_str(encode(Pong(frame.at)))
+                elif isinstance(frame, Ack):
+                    self.outbox.ack(frame.seq)
+                elif isinstance(frame, Command):
+                    await ws.send_str(encode(self._command(frame)))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _command(self, command: Command) -> Result:
+        """At most once: a known ID gets its recorded result. No operation is wired up yet (issue 14)."""
+        if not self.ledger.begin(command.id):
+            known = self.ledger.result(command.id) or {"ok": False, "data": "unknown"}
+            return Result(command.id, bool(known["ok"]), known["data"])
+        self.ledger.end(command.id, False, f"unknown operation {command.op[:60]!r}")
+        return Result(command.id, False, f"unknown operation {command.op[:60]!r}")

@@ -1,0 +1,225 @@
+"""What the console keeps: enrolment tokens, hosts (with the hash of each host's credential), and the
+metrics samples its agents sent. SQLAlchemy on the same database as the accelerator's users
+(:class:`dao.mirror.accounts.Accounts`), so a user is one identity everywhere. Synchronous: the server calls
+it in threads.
+
+Secrets (enrolment tokens, host credentials) are stored as SHA-256 hashes and found by hash; the hash is
+then compared again in constant time. A token is used once and expires; a host credential works until the
+host is revoked.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Boolean, Column, Float, Integer, MetaData, String, Table, Text, create_engine, select, update
+from sqlalchemy.engine import Engine
+
+from dao.errors import DaoError
+from dao.mirror.accounts import same_secret, secret_hash
+
+metadata = MetaData()
+
+tokens_table = Table(
+    "console_enroll_tokens",
+    metadata,
+    Column("token_hash", String(100), primary_key=True),
+    Column("user_id", String(64), nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("used_at", Float),
+)
+
+hosts_table = Table(
+    "console_hosts",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("user_id", String(64), nullable=False, index=True),
+    Column("name", String(200), nullable=False),
+    Column("credential_hash", String(100), nullable=False, unique=True),
+    Column("facts", Text, nullable=False, default="{}"),
+    Column("version", String(50), nullable=False, default=""),
+    Column("created_at", Float, nullable=False),
+    Column("connected", Boolean, nullable=False, default=False),
+    Column("ping_interval", Float, nullable=False, default=10.0),
+    Column("last_seen", Float),
+    Column("revoked_at", Float),
+)
+
+samples_table = Table(
+    "console_samples",
+    metadata,
+    Column("host_id", String(32), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("at", Float, nullable=False, index=True),
+    Column("data", Text, nullable=False),
+)
+
+
+class EnrollError(DaoError):
+    """An enrolment token that is unknown, used, or expired."""
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    id: str
+    user_id: str
+    name: str
+    revoked: bool
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.engine: Engine = create_engine(url, future=True)
+        metadata.create_all(self.engine)
+
+    # -- enrolment -----------------------------------------------------------------------------------------
+
+    def issue_token(self, user_id: str, ttl: float = 24 * 3600) -> str:
+        token = "daoenroll_" + secrets.token_urlsafe(24)
+        with self.engine.begin() as conn:
+            conn.execute(
+                tokens_table.insert().values(
+                    token_hash=secret_hash(token), user_id=user_id, expires_at=time.time() + ttl
+                )
+            )
+        return token
+
+    def redeem(self, token: str, name: str) -> tuple[str, str]:
+        """Swap a token for a new host: (host ID, credential). The credential exists only in this answer."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            row = conn.execute(select(tokens_table).where(tokens_table.c.token_hash == secret_hash(token))).first()
+            if row is None or not same_secret(token, row.token_hash):
+                raise EnrollError("unknown enrolment token")
+            if row.used_at is not None:
+                raise EnrollError("this enrolment token was used already; ask the console for a new one")
+            if row.expires_at < now:
+                raise EnrollError("this enrolment token expired; ask the console for a new one")
+            done = conn.execute(
+                update(tokens_table)
+                .where(tokens_table.c.token_hash == row.token_hash, tokens_table.c.used_at.is_(None))
+                .values(used_at=now)
+            )
+            if done.rowcount != 1:
+                raise EnrollError("this enrolment token was used already; ask the console for a new one")
+            host_id, credential = secrets.token_hex(8), "daohost_" + secrets.token_urlsafe(32)
+            conn.execute(
+                hosts_table.insert().values(
+                    id=host_id,
+                    user_id=row.user_id,
+                    name=name[:200] or host_id,
+                    credential_hash=secret_hash(credential),
+                    created_at=now,
+                )
+            )
+        return host_id, credential
+
+    def host_by_credential(self, credential: str) -> Host | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(hosts_table).where(hosts_table.c.credential_hash == secret_hash(credential))
+            ).first()
+        if row is None or not same_secret(credential, row.credential_hash):
+            return None
+        return Host(row.id, row.user_id, row.name, row.revoked_at is not None)
+
+    def revoke(self, host_id: str) -> bool:
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                update(hosts_table).where(hosts_table.c.id == host_id).values(revoked_at=time.time(), connected=False)
+            )
+        return done.rowcount == 1
+
+    # -- the channel ---------------------------------------------------------------------------------------
+
+    def connected(self, host_id: str, facts: dict[str, Any], version: str, ping_interval: float) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(hosts_table)
+                .where(hosts_table.c.id == host_id)
+                .values(
+                    connected=True,
+                    facts=json.dumps(facts),
+                    version=version[:50],
+                    ping_interval=ping_interval,
+                    last_seen=time.time(),
+                )
+            )
+
+    def seen(self, host_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(hosts_table).where(hosts_table.c.id == host_id).values(last_seen=time.time()))
+
+    def disconnected(self, host_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(hosts_table).where(hosts_table.c.id == host_id).values(connected=False))
+
+    def add_samples(self, host_id: str, last_seq: int, samples: list[dict[str, Any]]) -> None:
+        """Store a batch whose last sample is ``last_seq``; samples already stored (a batch sent again after
+        a reconnect) are skipped, so every sample is stored once."""
+        first = last_seq - len(samples) + 1
+        with self.engine.begin() as conn:
+            have = set(
+                conn.execute(
+                    select(samples_table.c.seq).where(
+                        samples_table.c.host_id == host_id, samples_table.c.seq.between(first, last_seq)
+                    )
+                ).scalars()
+            )
+            rows = [
+                {"host_id": host_id, "seq": first + i, "at": float(s.get("at") or 0.0), "data": json.dumps(s)}
+                for i, s in enumerate(samples)
+                if first + i not in have
+            ]
+            if rows:
+                conn.execute(samples_table.insert(), rows)
+
+    # -- reading -------------------------------------------------------------------------------------------
+
+    def hosts(self, user_id: str | None = None) -> list[dict[str, Any]]:
+        """Every host (or a user's), with ``online`` (channel open and heard from within 3 ping intervals)
+        and its latest metrics sample."""
+        now = time.time()
+        query = select(hosts_table).order_by(hosts_table.c.created_at)
+        if user_id is not None:
+            query = query.where(hosts_table.c.user_id == user_id)
+        out = []
+        with self.engine.connect() as conn:
+            for row in conn.execute(query):
+                latest = conn.execute(
+                    select(samples_table.c.data)
+                    .where(samples_table.c.host_id == row.id)
+                    .order_by(samples_table.c.seq.desc())
+                    .limit(1)
+                ).scalar()
+                fresh = row.last_seen is not None and now - row.last_seen < 3 * row.ping_interval
+                out.append(
+                    {
+                        "id": row.id,
+                        "name": row.name,
+                        "user": row.user_id,
+                        "online": bool(row.connected and fresh and row.revoked_at is None),
+                        "last_seen": row.last_seen,
+                        "revoked": row.revoked_at is not None,
+                        "version": row.version,
+                        "facts": json.loads(row.facts or "{}"),
+                        "metrics": json.loads(latest) if latest else None,
+                    }
+                )
+        return out
+
+    def samples(self, host_id: str, since: float = 0.0) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(samples_table.c.data)
+                .where(samples_table.c.host_id == host_id, samples_table.c.at >= since)
+                .order_by(samples_table.c.seq)
+            ).scalars()
+            return [json.loads(r) for r in rows]
+
+    def close(self) -> None:
+        self.engine.dispose()
