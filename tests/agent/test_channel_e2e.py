@@ -189,3 +189,24 @@ def test_agents_come_back_after_a_console_restart_and_no_sample_is_lost(tmp_path
 def _seqs(data: Path) -> list[int]:
     with sqlite3.connect(data / "dao.db") as db:
         return [row[0] for row in db.execute("SELECT seq FROM console_samples ORDER BY seq")]
+
+
+def test_a_revoked_host_is_cut_off_and_its_agent_stops(console, tmp_path: Path) -> None:
+    url, data = console
+    config = tmp_path / "agent.toml"
+    assert enroll(url, data, "alice", config).returncode == 0
+    env = {"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"}
+    agent = Process([DAO, "agent", "run", "--config", str(config), "--interval", "0.3"], tmp_path / "agent.log", env)
+    try:
+        wait_until(lambda: hosts(data)[0]["online"], 30, "host online", agent.proc)
+        [host] = hosts(data)
+        revoked = dao("console", "revoke", host["id"], "--data-dir", str(data), data=data)
+        assert revoked.returncode == 0, revoked.stderr
+        agent.proc.wait(30)  # the channel closes within a ping; the next dial is refused: the agent ends
+        assert agent.proc.returncode == 1
+        assert "refuses this host's credential" in agent.output() and "Traceback" not in agent.output()
+        assert hosts(data)[0]["online"] is False and hosts(data)[0]["revoked"] is True
+    finally:
+        agent.kill()
+    missing = dao("console", "revoke", "nosuchhost", "--data-dir", str(data), data=data)
+    assert missing.returncode == 1 and "no host" in missing.stderr

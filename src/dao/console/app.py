@@ -109,6 +109,10 @@ async def _serve(ws: web.WebSocketResponse, host_id: str, store: Store, hub: Hub
     async def pinger() -> None:
         while not ws.closed:
             await asyncio.sleep(hub.ping_interval)
+            if await asyncio.to_thread(store.revoked, host_id):  # revoked by another process: within a ping
+                log.info("host %s revoked: channel closed", host_id)
+                await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"this host was revoked")
+                return
             if time.monotonic() - heard > 3 * hub.ping_interval:
                 log.info("host %s: no answer to 3 pings, channel closed", host_id)
                 await ws.close(code=WSCloseCode.GOING_AWAY, message=b"no answer to pings")

@@ -93,3 +93,17 @@ def console_hosts(
         state = "online" if h["online"] else ("revoked" if h["revoked"] else "offline")
         cpu = f"cpu {h['metrics']['cpu']:.0f}%" if h["metrics"] else "no metrics yet"
         typer.echo(f"{h['id']}  {h['name']:<24} {h['user']:<12} {state:<8} {cpu}")
+
+
+@console_app.command("revoke")
+def console_revoke(
+    host: Annotated[str, typer.Argument(help="The host's ID (dao console hosts).")],
+    config_file: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database: DatabaseOpt = None,
+) -> None:
+    """Revoke a host: its credential stops working, and its open channel closes within one ping interval."""
+    _, store = _open(config_file, data_dir, database)
+    if not store.revoke(host):
+        raise fail(f"no host {host!r}", "see 'dao console hosts'", code=1)
+    typer.echo(f"host {host} revoked")

@@ -127,6 +127,11 @@ class Store:
             return None
         return Host(row.id, row.user_id, row.name, row.revoked_at is not None)
 
+    def revoked(self, host_id: str) -> bool:
+        with self.engine.connect() as conn:
+            at = conn.execute(select(hosts_table.c.revoked_at).where(hosts_table.c.id == host_id)).first()
+        return at is None or at[0] is not None
+
     def revoke(self, host_id: str) -> bool:
         with self.engine.begin() as conn:
             done = conn.execute(
