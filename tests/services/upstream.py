@@ -153,12 +153,19 @@ class Upstream:
             ],
             workdir / "tokenserver.log",
         )
+        # Listening before any other port is picked: free_port() can hand out the same number again until
+        # it is bound, and a relay that took it first left the token server unable to start.
+        wait_until(
+            lambda: http_status(f"http://127.0.0.1:{self.token_port}/token") == 200,
+            15,
+            "token server",
+            self.tokens.proc,
+        )
+        if segmented:  # each relay listens before the next port is picked, as above
+            self.relays = [Trickle(workdir, f"127.0.0.1:{self.token_port}")]
+            realm = f"{self.relays[0].url}/token"
         self.port = free_port()
         self.url = self.direct_url = f"http://127.0.0.1:{self.port}"
-        if segmented:
-            self.relays = [Trickle(workdir, f"127.0.0.1:{self.token_port}"), Trickle(workdir, f"127.0.0.1:{self.port}")]
-            realm = f"{self.relays[0].url}/token"
-            self.url = self.relays[1].url
         config = workdir / "registry.yml"
         config.write_text(
             json.dumps(
@@ -178,14 +185,11 @@ class Upstream:
                 }
             )
         )
-        wait_until(
-            lambda: http_status(f"http://127.0.0.1:{self.token_port}/token") == 200,
-            15,
-            "token server",
-            self.tokens.proc,
-        )
         self.registry = Process(["docker-registry", "serve", str(config)], workdir / "registry.log")
         wait_until(lambda: http_status(self.direct_url + "/v2/") == 401, 15, "registry", self.registry.proc)
+        if segmented:
+            self.relays.append(Trickle(workdir, f"127.0.0.1:{self.port}"))
+            self.url = self.relays[1].url
 
     def stop(self) -> None:
         for relay in self.relays:
