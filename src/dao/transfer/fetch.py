@@ -144,10 +144,13 @@ class Transfer(Verification):
 
     def _more_workers(self) -> None:
         """Up to the stream count, as far as there is work for them."""
-        work = sum(sum(b - a for a, b in j.unclaimed()) for j in self._jobs if j.size is not None)
-        useful = self._workers + work // self.policy.chunk_min
+        useful = self._workers + self._unclaimed() // self.policy.chunk_min
         while self._workers < min(self.streams.target, useful):
             self._spawn()
+
+    def _unclaimed(self) -> int:
+        """Bytes of the jobs of known size that no claim covers yet: the work left to hand out."""
+        return sum(sum(b - a for a, b in j.unclaimed()) for j in self._jobs if j.size is not None)
 
     async def _worker(self) -> None:
         try:
@@ -303,8 +306,8 @@ class Transfer(Verification):
     def _first_answer(self, job: Job) -> None:
         """A job's size is known: more workers for it, and the stream count starts measuring (when there is
         enough left to fetch for more connections to matter)."""
-        work = sum(sum(b - a for a, b in j.unclaimed()) for j in self._jobs if j.size is not None)
-        if not self._adapting and self.streams.target < self.streams.cap and work > self.policy.first_chunk:
+        more = self.streams.target < self.streams.cap and self._unclaimed() > self.policy.first_chunk
+        if not self._adapting and more:
             self._adapting = True
             self.streams.start(time.monotonic(), time.monotonic() - self._asked_first)
             assert self._group is not None
