@@ -33,3 +33,13 @@ def config_file() -> Path:
 def docker_config_dir() -> Path:
     """The docker CLI's directory (``config.json``, contexts, certificates): ``$DOCKER_CONFIG`` or ``~/.docker``."""
     return _xdg("DOCKER_CONFIG", ".docker")
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``, readable by its owner only (mode 600 from the first byte) and whole or
+    not at all: the agent's identity and its record of the commands it ran."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

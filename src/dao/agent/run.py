@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -44,6 +45,7 @@ from dao.channel.ledger import Ledger
 from dao.channel.outbox import Outbox
 from dao.engine import Engine, EngineError
 from dao.errors import DaoError
+from dao.paths import write_private
 
 log = logging.getLogger("dao.agent")
 
@@ -83,12 +85,9 @@ class Identity:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = f'console = "{self.console}"\nhost = "{self.host}"\ncredential = "{self.credential}"\n'
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        # A JSON string is a TOML basic string: a URL with a quote or a backslash stays one value.
+        values = {"console": self.console, "host": self.host, "credential": self.credential}
+        write_private(path, "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
 
 
 async def enroll(console: str, token: str, path: Path, name: str | None = None) -> Identity:

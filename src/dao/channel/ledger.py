@@ -9,10 +9,11 @@ run again: the agent answers with the recorded result (or "still running").
 from __future__ import annotations
 
 import json
-import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
+
+from dao.paths import write_private
 
 RUNNING = object()  # the result of a command that has started and not ended
 
@@ -59,11 +60,7 @@ class Ledger:
         if self.path is None:
             return
         doc = {k: ({"ok": False, "data": "interrupted"} if v is RUNNING else v) for k, v in self._results.items()}
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f)
-        os.replace(tmp, self.path)
+        write_private(self.path, json.dumps(doc))
 
     def _load(self, path: Path) -> None:
         try:
