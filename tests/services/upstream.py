@@ -153,15 +153,13 @@ class Upstream:
             ],
             workdir / "tokenserver.log",
         )
-        # Listening before any other port is picked: free_port() can hand out the same number again until
-        # it is bound, and a relay that took it first left the token server unable to start.
         wait_until(
             lambda: http_status(f"http://127.0.0.1:{self.token_port}/token") == 200,
             15,
             "token server",
             self.tokens.proc,
         )
-        if segmented:  # each relay listens before the next port is picked, as above
+        if segmented:
             self.relays = [Trickle(workdir, f"127.0.0.1:{self.token_port}")]
             realm = f"{self.relays[0].url}/token"
         self.port = free_port()
