@@ -24,19 +24,22 @@ from pathlib import Path
 import aiohttp
 
 from dao import __version__
-from dao.agent.engine_state import snapshot
+from dao.agent.engine_state import follow, snapshot
 from dao.agent.host import Sampler, facts
+from dao.agent.operations import OPERATIONS
 from dao.aio import full_jitter
 from dao.channel.frames import (
     MAX_FRAME,
     Ack,
     Command,
+    Frame,
     FrameError,
     Hello,
     Metrics,
     Ping,
     Pong,
     Result,
+    Stream,
     Welcome,
     decode,
     encode,
@@ -50,6 +53,9 @@ from dao.paths import write_private
 log = logging.getLogger("dao.agent")
 
 RECONNECT_BASE, RECONNECT_CAP = 0.5, 30.0
+MAX_RUNNING = 32  # commands running at once (log streams included); more are refused, not queued
+STATE_SETTLE = 0.2  # seconds after an engine event before the fresh state is sent (a burst: one state)
+CANCEL = "command.cancel"  # stops a running command (a log stream the page closed); args.id names it
 
 
 class AgentError(DaoError):
@@ -117,6 +123,8 @@ class Agent:
         self.ledger = Ledger(state_dir / "commands.json")
         self.sampler = Sampler()
         self._sampled = asyncio.Event()
+        self._ws: aiohttp.ClientWebSocketResponse | None = None  # the open channel, when there is one
+        self._running: dict[str, asyncio.Task[None]] = {}
 
     async def run(self) -> None:
         sampling = asyncio.get_running_loop().create_task(self._sample())
@@ -131,6 +139,8 @@ class Agent:
                     await asyncio.sleep(wait)
         finally:
             sampling.cancel()
+            for task in self._running.values():
+                task.cancel()
 
     async def _sample(self) -> None:
         while True:
@@ -144,13 +154,17 @@ class Agent:
         headers = {"Authorization": f"Bearer {self.identity.credential}"}
         try:
             async with session.ws_connect(url, headers=headers, max_msg_size=MAX_FRAME, heartbeat=None) as ws:
-                await ws.send_str(encode(Hello(__version__, facts(), self.ledger.ids())))
+                await ws.send_str(encode(Hello(__version__, await self._facts(), self.ledger.ids())))
                 welcome = decode((await ws.receive(timeout=30)).data)
                 if not isinstance(welcome, Welcome):
                     log.warning("the console did not welcome us: %s", welcome.kind)
                     return False
                 log.info("connected to %s as host %s", self.identity.console, welcome.host)
-                await self._session(ws, welcome.ping_interval)
+                self._ws = ws
+                try:
+                    await self._session(ws, welcome.ping_interval)
+                finally:
+                    self._ws = None
                 return True
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status == 401:
@@ -160,16 +174,58 @@ class Agent:
             log.warning("channel to %s: %s: %s", self.identity.console, exc.__class__.__name__, exc)
         return False
 
+    @staticmethod
+    async def _facts() -> dict[str, object]:
+        """The host's facts, with its engine's version when the engine answers."""
+        found: dict[str, object] = dict(facts())
+        with contextlib.suppress(EngineError, TimeoutError):
+            async with asyncio.timeout(5), Engine() as engine:
+                found["docker"] = (await engine.negotiate()).server_version
+        return found
+
+    async def _send(self, frame: Frame) -> None:
+        """On the open channel; with none (or a broken one) the frame is dropped: results wait in the ledger
+        for the console to ask again, metrics in the outbox."""
+        ws = self._ws
+        if ws is None or ws.closed:
+            return
+        try:
+            text = encode(frame)
+        except FrameError as exc:  # an answer too big for a frame is an answer that it was
+            if not isinstance(frame, Result):
+                raise
+            text = encode(Result(frame.id, False, str(exc)))
+        with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
+            await ws.send_str(text)
+
     async def _session(self, ws: aiohttp.ClientWebSocketResponse, ping_interval: float) -> None:
         heard = time.monotonic()
+        changed = asyncio.Event()
+
+        async def follow_engine() -> None:
+            """The state on connect, then each engine event as it happens (and a fresh state after it)."""
+            while not ws.closed:
+                try:
+                    async with Engine() as engine:
+                        await engine.negotiate()
+                        since = time.time()
+                        await self._send(await snapshot(engine))
+                        async for event in follow(engine, since=since):
+                            await self._send(event)
+                            changed.set()
+                except EngineError as exc:
+                    log.info("no engine state to report: %s", exc)
+                await asyncio.sleep(self.interval)
 
         async def send_state() -> None:
-            try:
-                async with Engine() as engine:
-                    await engine.negotiate()
-                    await ws.send_str(encode(await snapshot(engine)))
-            except EngineError as exc:
-                log.info("no engine state to report: %s", exc)
+            while not ws.closed:
+                await changed.wait()
+                await asyncio.sleep(STATE_SETTLE)
+                changed.clear()
+                with contextlib.suppress(EngineError):
+                    async with Engine() as engine:
+                        await engine.negotiate()
+                        await self._send(await snapshot(engine))
 
         async def send_metrics() -> None:
             sent = 0
@@ -192,7 +248,7 @@ class Agent:
                     await ws.close()
                     return
 
-        tasks = [asyncio.ensure_future(t()) for t in (send_state, send_metrics, watchdog)]
+        tasks = [asyncio.ensure_future(t()) for t in (follow_engine, send_state, send_metrics, watchdog)]
         try:
             async for msg in ws:
                 if msg.type != aiohttp.WSMsgType.TEXT:
@@ -204,16 +260,48 @@ class Agent:
                 elif isinstance(frame, Ack):
                     self.outbox.ack(frame.seq)
                 elif isinstance(frame, Command):
-                    await ws.send_str(encode(self._command(frame)))
+                    await self._command(frame)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _command(self, command: Command) -> Result:
-        """At most once: a known ID gets its recorded result. No operation is wired up yet (issue 14)."""
+    async def _command(self, command: Command) -> None:
+        """At most once. A command seen before is not run again: a running one will send its result when it
+        ends, an ended one gets its recorded result. A new one runs in a task of its own, so a log stream
+        does not hold up the pings."""
+        if command.op == CANCEL:
+            target = self._running.get(str(command.args.get("id")))
+            if target is not None:
+                target.cancel()
+            await self._send(Result(command.id, True, {"cancelled": target is not None}))
+            return
+        if command.id in self._running:
+            return
         if not self.ledger.begin(command.id):
             known = self.ledger.result(command.id) or {"ok": False, "data": "unknown"}
-            return Result(command.id, bool(known["ok"]), known["data"])
-        self.ledger.end(command.id, False, f"unknown operation {command.op[:60]!r}")
-        return Result(command.id, False, f"unknown operation {command.op[:60]!r}")
+            await self._send(Result(command.id, bool(known["ok"]), known["data"]))
+            return
+        operation = OPERATIONS.get(command.op)
+        if operation is None or len(self._running) >= MAX_RUNNING:
+            why = f"unknown operation {command.op[:60]!r}" if operation is None else "too many commands running"
+            self.ledger.end(command.id, False, why)
+            await self._send(Result(command.id, False, why))
+            return
+
+        async def run() -> None:
+            try:
+                ok, data = True, await operation(command.args, lambda text: self._send(Stream(command.id, text)))
+            except asyncio.CancelledError:
+                ok, data = False, "cancelled"
+            except DaoError as exc:
+                ok, data = False, exc.message
+            except Exception as exc:  # an operation's bug must not end the agent; the console hears of it
+                log.exception("%s %s failed", command.op, command.id)
+                ok, data = False, f"internal error: {exc.__class__.__name__}"
+            finally:
+                self._running.pop(command.id, None)
+            self.ledger.end(command.id, ok, data)
+            await self._send(Result(command.id, ok, data))
+
+        self._running[command.id] = asyncio.get_running_loop().create_task(run())

@@ -106,9 +106,18 @@ class Plan:
     @classmethod
     def read(cls, path: Path) -> Plan:
         try:
-            doc = json.loads(path.read_text())
+            return cls.from_json(json.loads(path.read_text()), str(path))
+        except OSError as exc:
+            raise PlanError(f"cannot read the plan {path}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise PlanError(f"{path}: not a dao clean plan ({exc})") from None
+
+    @classmethod
+    def from_json(cls, doc: Any, where: str = "the plan") -> Plan:
+        """A plan from its JSON (a file, or one the console sends an agent back): checked, never trusted."""
+        try:
             if doc.get("format") != FORMAT:
-                raise PlanError(f"{path}: not a dao clean plan (format {doc.get('format')!r})")
+                raise PlanError(f"{where}: not a dao clean plan (format {doc.get('format')!r})")
             opts = doc["options"]
             options = Options(**{**opts, "kinds": tuple(opts["kinds"]), "keep": tuple(opts["keep"])})
             return cls(
@@ -119,7 +128,5 @@ class Plan:
                 list(doc.get("notes", [])),
                 float(doc["created"]),
             )
-        except OSError as exc:
-            raise PlanError(f"cannot read the plan {path}: {exc.strerror or exc}") from None
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise PlanError(f"{path}: not a dao clean plan ({exc})") from None
+            raise PlanError(f"{where}: not a dao clean plan ({exc})") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from rich.table import Table
 from dao.clean.decide import decide
 from dao.clean.plan import Options, Plan, PlanError
 from dao.clean.remove import Outcome, Result, apply, select
-from dao.clean.scan import read_state
+from dao.clean.scan import State, read_state
 from dao.engine import Engine
 from dao.units import format_age, format_size
 
@@ -34,29 +35,44 @@ async def clean(request: Request, console: Console) -> int:
     wanted = Plan.read(request.plan_in) if request.plan_in else None
     options = wanted.options if wanted else request.options
     async with Engine() as engine:
-        if wanted and wanted.host != engine.host:
-            raise PlanError(f"the plan was made for the engine at {wanted.host}, not {engine.host}")
-        info = await engine.negotiate()
         with console.status("reading the engine's state ...") if console.is_terminal else nullcontext():
-            state = await read_state(engine, info, build_cache="build-cache" in options.kinds)
-        fresh = decide(state, options, time.time())
+            state, fresh = await scan(engine, options, made_for=wanted)
         if request.plan_out:
             fresh.write(request.plan_out)
         if request.dry_run:
             shown = fresh
             if wanted:
-                todo, skipped = select(wanted, fresh)
+                todo, _ = select(wanted, fresh)
                 shown = Plan(fresh.host, options, todo, fresh.spared, fresh.notes, fresh.created)
             _print_plan(shown, console, request)
             return 0
-        todo, skipped = select(wanted or fresh, fresh)
         report = (lambda o: None) if request.as_json else (lambda o: _print_outcome(o, console))
-        for outcome in skipped:
-            report(outcome)
-        result = await apply(engine, todo, state, report)
-        result.outcomes[:0] = skipped
+        result = await apply_plan(engine, wanted or fresh, state, fresh, report)
     _print_result(result, console, request)
     return 1 if result.failed else 0
+
+
+async def scan(engine: Engine, options: Options, made_for: Plan | None = None) -> tuple[State, Plan]:
+    """The engine's state and what is garbage in it now. ``made_for``: a plan to apply, which must be this
+    engine's (a plan names the engine it was made on, so it is never applied to another)."""
+    if made_for and made_for.host != engine.host:
+        raise PlanError(f"the plan was made for the engine at {made_for.host}, not {engine.host}")
+    info = await engine.negotiate()
+    state = await read_state(engine, info, build_cache="build-cache" in options.kinds)
+    return state, decide(state, options, time.time())
+
+
+async def apply_plan(
+    engine: Engine, wanted: Plan, state: State, fresh: Plan, report: Callable[[Outcome], None] = lambda o: None
+) -> Result:
+    """Remove what ``wanted`` lists and ``fresh`` (a scan made just now) still finds garbage; the rest is
+    skipped, with the rule that now spares it. Nothing outside ``wanted`` is ever touched."""
+    todo, skipped = select(wanted, fresh)
+    for outcome in skipped:
+        report(outcome)
+    result = await apply(engine, todo, state, report)
+    result.outcomes[:0] = skipped
+    return result
 
 
 def _print_plan(plan: Plan, console: Console, request: Request) -> None:

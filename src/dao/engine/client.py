@@ -11,6 +11,7 @@ Errors come out as :class:`EngineError` with one line a person can act on (engin
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -53,6 +54,7 @@ class EngineInfo:
     root_dir: str = ""  # DockerRootDir: the data root, as the engine's host sees it
     driver: str = ""  # the storage driver: overlay2, ...
     registry_config: dict[str, Any] | None = None  # /info's RegistryConfig: insecure registries, mirrors
+    server_version: str = ""  # the engine's own version (Docker 26.1.5)
 
 
 def _parse_version(text: str) -> tuple[int, int]:
@@ -140,6 +142,7 @@ class Engine:
             str(info.get("DockerRootDir") or ""),
             str(info.get("Driver") or ""),
             registry if isinstance(registry, dict) else None,
+            str(doc.get("Version") or ""),
         )
 
     # Typed calls: the operation and its parameters are named here, once; the answers are the API's documents.
@@ -158,6 +161,46 @@ class Engine:
     async def remove_container(self, container: str) -> None:
         """Without force: the engine refuses (409) a running one."""
         await self._json("DELETE", f"/containers/{quote(container, safe='')}")
+
+    async def start_container(self, container: str) -> None:
+        """Already running: the engine answers 304, which is not an error."""
+        await self._json("POST", f"/containers/{quote(container, safe='')}/start")
+
+    async def stop_container(self, container: str, *, grace: int = 10) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds (``docker stop -t``)."""
+        await self._json("POST", f"/containers/{quote(container, safe='')}/stop", params={"t": str(grace)})
+
+    async def restart_container(self, container: str, *, grace: int = 10) -> None:
+        await self._json("POST", f"/containers/{quote(container, safe='')}/restart", params={"t": str(grace)})
+
+    async def logs(
+        self, container: str, *, follow: bool = False, tail: int = 100, timestamps: bool = False
+    ) -> AsyncIterator[tuple[str, bytes]]:
+        """A container's output as ``(stream, chunk)`` pairs, stream ``stdout`` or ``stderr`` (``tty`` for a
+        container with a terminal, whose two streams the engine cannot tell apart). With ``follow`` it goes on
+        until the container stops or the caller does."""
+        tty = bool(((await self.inspect_container(container)).get("Config") or {}).get("Tty"))
+        params = {"stdout": "1", "stderr": "1", "tail": str(tail), "follow": "1" if follow else "0"}
+        if timestamps:
+            params["timestamps"] = "1"
+        url = f"{self._base}/{self.version}/containers/{quote(container, safe='')}/logs"
+        try:
+            async with self.session.get(url, params=params) as resp:
+                if resp.status >= 400:
+                    raise EngineError(f"GET logs: {resp.status} {_message(await resp.text())}", resp.status)
+                if tty:
+                    async for chunk in resp.content.iter_any():
+                        yield "tty", chunk
+                    return
+                while True:  # multiplexed: an 8-byte header (stream, 0, 0, 0, big-endian length) per frame
+                    try:
+                        header = await resp.content.readexactly(8)
+                        chunk = await resp.content.readexactly(int.from_bytes(header[4:8], "big"))
+                    except asyncio.IncompleteReadError:
+                        return
+                    yield ("stderr" if header[0] == 2 else "stdout"), chunk
+        except aiohttp.ClientError as exc:
+            raise self._unreachable(exc) from exc
 
     async def images(self, *, intermediate: bool = False) -> list[dict[str, Any]]:
         """``intermediate``: the untagged build steps too (``docker images -a``)."""
