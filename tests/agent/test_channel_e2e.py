@@ -4,53 +4,19 @@ online and offline, and what a hostile or revoked peer gets."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import sqlite3
 import subprocess
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from tests.services.console import PING, Console, dao
 from tests.services.mirror import DAO
-from tests.services.procs import Process, free_port, wait_until
-
-PING = 0.5  # the console's ping interval in these tests: offline after 3 missed, 1.5 s
-
-
-def dao(*args: str, data: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DOCKER_HOST": f"unix://{data}/no-engine.sock"}  # the agent reports no engine here
-    return subprocess.run([DAO, *args], capture_output=True, text=True, timeout=60, env=env, check=False)
-
-
-class Console:
-    """``dao console serve`` on a port of its own, restartable on the same port."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.data = tmp_path / "console"
-        self.data.mkdir()
-        for user in ("alice", "bob"):
-            added = dao("mirror", "users", "add", user, "--id", user, "--data-dir", str(self.data), data=self.data)
-            assert added.returncode == 0, added.stderr
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tmp_path / "console.log"
-        self.proc: Process | None = None
-        self.start()
-
-    def start(self) -> None:
-        argv = [DAO, "console", "serve", "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.data)]
-        self.proc = Process([*argv, "--ping-interval", str(PING)], self.log)
-        wait_until(lambda: _answers(f"{self.url}/api/agent/enroll"), 20, "console", self.proc.proc)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
+from tests.services.procs import Process, wait_until
 
 
 @pytest.fixture
@@ -60,13 +26,6 @@ def console(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         yield c.url, c.data
     finally:
         c.stop()
-
-
-def _answers(url: str) -> bool:
-    """Any HTTP answer (the empty enrolment is a 400); a refused connection raises, and wait_until waits."""
-    with contextlib.suppress(urllib.error.HTTPError):
-        urllib.request.urlopen(urllib.request.Request(url, data=b"{}", method="POST"), timeout=2)
-    return True
 
 
 def hosts(data: Path, *args: str) -> list[dict]:

@@ -19,14 +19,14 @@ console_app = typer.Typer(
 )
 
 
-def _open(config_file: Path | None, data_dir: Path | None, database: str | None) -> tuple[Any, Any]:
+def _open(config_file: Path | None, data_dir: Path | None, database: str | None) -> tuple[Any, Any, Any]:
     """The accounts (the accelerator's users: one identity everywhere) and the console's store, on the same
     database: the accelerator's unless ``--database`` names another."""
     from dao.console.store import Store
     from dao.mirror.users_cli import _accounts
 
     accounts, config = _accounts(config_file, data_dir, database)
-    return accounts, Store(config.database_url)
+    return accounts, Store(config.database_url), config
 
 
 def _user_id(accounts: Any, user: str) -> str:
@@ -40,26 +40,89 @@ def _user_id(accounts: Any, user: str) -> str:
 @console_app.command("serve")
 def console_serve(
     listen: Annotated[str, typer.Option(help="HOST:PORT to listen on.")] = "127.0.0.1:8080",
+    public_url: Annotated[
+        str,
+        typer.Option(
+            help="The console's URL as hosts reach it, for the install command. [default: the URL the page came by]"
+        ),
+    ] = "",
     ping_interval: Annotated[
         float, typer.Option(min=0.1, max=3600, help="Seconds between pings to each agent; 3 missed: offline.")
     ] = 10.0,
+    signup: Annotated[
+        bool, typer.Option("--signup/--no-signup", help="Let anyone create an account at /signup.")
+    ] = True,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate (chain): serve HTTPS.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
     config_file: ConfigOpt = None,
     data_dir: DataDirOpt = None,
     database: DatabaseOpt = None,
 ) -> None:
-    """Serve the console: agents enrol at /api/agent/enroll and keep a channel open at /api/agent/channel."""
+    """Serve the web console: pages and their JSON API for people, one WebSocket per agent
+    (/api/agent/channel) on the same port. Accounts, hosts and metrics are in the accelerator's database
+    (SQLite in the data dir unless --database names another)."""
+    import ssl
+
     from aiohttp import web
 
     from dao.console.app import make_app
 
     host, port = parse_listen(listen)
-    accounts, store = _open(config_file, data_dir, database)
-    accounts.close()
+    context = None
+    if (tls_cert is None) != (tls_key is None):
+        raise fail("give both --tls-cert and --tls-key, or neither")
+    if tls_cert is not None and tls_key is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(tls_cert, tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise fail(f"cannot use {tls_cert} with {tls_key}: {exc}") from None
+    accounts, store, _ = _open(config_file, data_dir, database)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = make_app(store, accounts, ping_interval=ping_interval, public_url=public_url, signup=signup)
     try:
-        web.run_app(make_app(store, ping_interval), host=host or None, port=port, print=None, access_log=None)
+        web.run_app(
+            app, host=host or None, port=port, ssl_context=context, print=None, access_log=None, shutdown_timeout=5
+        )
     except OSError as exc:
         raise fail(f"cannot listen on {listen}: {exc.strerror or exc}", code=1) from None
+
+
+users_app = typer.Typer(help="The console's accounts.", no_args_is_help=True, rich_markup_mode=None)
+console_app.add_typer(users_app, name="users")
+
+
+@users_app.command("add")
+def console_users_add(
+    name: Annotated[
+        str, typer.Argument(help="The log-in name (an accelerator user of that ID or name, if any, gets it).")
+    ],
+    admin: Annotated[bool, typer.Option("--admin", help="May approve quota requests and see every host.")] = False,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input (required).")
+    ] = False,
+    config_file: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database: DatabaseOpt = None,
+) -> None:
+    """Add an account that can log in to the console."""
+    import sys
+
+    from dao.console.users import AccountError, Users
+
+    if not password_stdin:
+        raise fail("give the password on standard input with --password-stdin (never on the command line)")
+    password = sys.stdin.readline().rstrip("\r\n")
+    accounts, store, config = _open(config_file, data_dir, database)
+    try:
+        user_id, issued = Users(store.engine, accounts).add(name, password, admin=admin or None)
+    except AccountError as exc:
+        raise fail(exc.message) from None
+    typer.echo(f"account {name} added (user {user_id})")
+    if issued is not None:  # a new accelerator user too: their secrets, once
+        from dao.mirror.users_cli import _print_issued
+
+        _print_issued(issued, config.mirror_domain, False)
 
 
 @console_app.command("enroll-token")
@@ -71,7 +134,7 @@ def console_enroll_token(
     database: DatabaseOpt = None,
 ) -> None:
     """Print a one-time enrolment token for a new host of USER (dao agent enroll --token)."""
-    accounts, store = _open(config_file, data_dir, database)
+    accounts, store, _ = _open(config_file, data_dir, database)
     typer.echo(store.issue_token(_user_id(accounts, user), ttl_hours * 3600))
 
 
@@ -84,7 +147,7 @@ def console_hosts(
     as_json: JsonOpt = False,
 ) -> None:
     """The enrolled hosts: online or not, last seen, the latest metrics."""
-    accounts, store = _open(config_file, data_dir, database)
+    accounts, store, _ = _open(config_file, data_dir, database)
     hosts = store.hosts(None if user is None else _user_id(accounts, user))
     if as_json:
         typer.echo(json.dumps(hosts))
@@ -103,7 +166,7 @@ def console_revoke(
     database: DatabaseOpt = None,
 ) -> None:
     """Revoke a host: its credential stops working, and its open channel closes within one ping interval."""
-    _, store = _open(config_file, data_dir, database)
+    _, store, _ = _open(config_file, data_dir, database)
     if not store.revoke(host):
         raise fail(f"no host {host!r}", "see 'dao console hosts'", code=1)
     typer.echo(f"host {host} revoked")

@@ -16,7 +16,22 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Boolean, Column, Float, Integer, MetaData, String, Table, Text, create_engine, select, update
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    func,
+    inspect,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import Engine
 
 from dao.errors import DaoError
@@ -47,6 +62,7 @@ hosts_table = Table(
     Column("ping_interval", Float, nullable=False, default=10.0),
     Column("last_seen", Float),
     Column("revoked_at", Float),
+    Column("labels", Text, nullable=False, default="{}"),  # the user's key=value labels (placement, in part 2)
 )
 
 samples_table = Table(
@@ -75,6 +91,10 @@ class Store:
     def __init__(self, url: str) -> None:
         self.engine: Engine = create_engine(url, future=True)
         metadata.create_all(self.engine)
+        columns = {c["name"] for c in inspect(self.engine).get_columns(hosts_table.name)}
+        if "labels" not in columns:  # a database from before labels
+            with self.engine.begin() as conn:
+                conn.execute(text(f"ALTER TABLE {hosts_table.name} ADD COLUMN labels TEXT NOT NULL DEFAULT '{{}}'"))
 
     # -- enrolment -----------------------------------------------------------------------------------------
 
@@ -185,13 +205,15 @@ class Store:
 
     # -- reading -------------------------------------------------------------------------------------------
 
-    def hosts(self, user_id: str | None = None) -> list[dict[str, Any]]:
-        """Every host (or a user's), with ``online`` (channel open and heard from within 3 ping intervals)
-        and its latest metrics sample."""
+    def hosts(self, user_id: str | None = None, host_id: str | None = None) -> list[dict[str, Any]]:
+        """Every host (or a user's, or the one), with ``online`` (channel open and heard from within 3 ping
+        intervals) and its latest metrics sample."""
         now = time.time()
         query = select(hosts_table).order_by(hosts_table.c.created_at)
         if user_id is not None:
             query = query.where(hosts_table.c.user_id == user_id)
+        if host_id is not None:
+            query = query.where(hosts_table.c.id == host_id)
         out = []
         with self.engine.connect() as conn:
             for row in conn.execute(query):
@@ -212,19 +234,28 @@ class Store:
                         "revoked": row.revoked_at is not None,
                         "version": row.version,
                         "facts": json.loads(row.facts or "{}"),
+                        "labels": json.loads(row.labels or "{}"),
                         "metrics": json.loads(latest) if latest else None,
                     }
                 )
         return out
 
-    def samples(self, host_id: str, since: float = 0.0) -> list[dict[str, Any]]:
+    def samples(self, host_id: str, since: float = 0.0, points: int | None = None) -> list[dict[str, Any]]:
+        """The samples since ``since``, oldest first; with ``points``, at most about that many (every n-th:
+        a day's 8,640 samples drawn as a chart need not all cross the wire)."""
+        c = samples_table.c
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(samples_table.c.data)
-                .where(samples_table.c.host_id == host_id, samples_table.c.at >= since)
-                .order_by(samples_table.c.seq)
-            ).scalars()
-            return [json.loads(r) for r in rows]
+            where = (c.host_id == host_id, c.at >= since)
+            step = 1
+            if points:
+                count = conn.execute(select(func.count()).select_from(samples_table).where(*where)).scalar() or 0
+                step = max(1, -(-count // points))
+            rows = conn.execute(select(c.data).where(*where).order_by(c.seq)).scalars()
+            return [json.loads(r) for i, r in enumerate(rows) if i % step == 0]
+
+    def set_labels(self, host_id: str, labels: dict[str, str]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(hosts_table).where(hosts_table.c.id == host_id).values(labels=json.dumps(labels)))
 
     def close(self) -> None:
         self.engine.dispose()

@@ -1,0 +1,157 @@
+"""The agents' side of the console: enrolment and the agent channel (``docs/agent.md``).
+
+``POST /api/agent/enroll`` swaps a one-time token for a host and its credential. ``GET /api/agent/channel``
+is the WebSocket each agent dials: authenticated by its credential, it must say ``hello`` first, gets
+``welcome``, then is pinged every ``ping_interval``; three unanswered pings close it. Metrics are stored and
+acknowledged; state, events and command results go to the :class:`Hub`. A bad frame closes that one channel
+with a reason (1003, 1009 when too big), never the console. A host has one channel: a new one replaces the
+old.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from dao.channel.frames import (
+    MAX_FRAME,
+    Ack,
+    Event,
+    FrameError,
+    Hello,
+    Metrics,
+    Ping,
+    Pong,
+    Result,
+    State,
+    Stream,
+    Welcome,
+    decode,
+    encode,
+)
+from dao.console.hub import Hub
+from dao.console.store import EnrollError, Host, Store
+
+log = logging.getLogger("dao.console")
+
+HELLO_TIMEOUT = 10.0
+MAX_ENROLL_BODY = 16 * 1024
+STORE_KEY = web.AppKey("store", Store)
+HUB_KEY = web.AppKey("hub", Hub)
+
+
+async def enroll(request: web.Request) -> web.Response:
+    try:
+        doc = json.loads(await request.content.read(MAX_ENROLL_BODY + 1) or b"{}")
+    except ValueError:
+        return _error(400, 'the body must be JSON: {"token": ..., "name": ...}')
+    if not isinstance(doc, dict) or not isinstance(doc.get("token"), str) or len(doc["token"]) > 200:
+        return _error(400, 'give the enrolment token as {"token": "..."}')
+    name = doc.get("name") if isinstance(doc.get("name"), str) else ""
+    try:
+        host, credential = await asyncio.to_thread(request.app[STORE_KEY].redeem, doc["token"], name)
+    except EnrollError as exc:
+        return _error(403, str(exc))
+    log.info("host %s (%s) enrolled", host, name)
+    return web.json_response({"host": host, "credential": credential})
+
+
+async def channel(request: web.Request) -> web.StreamResponse:
+    store, hub = request.app[STORE_KEY], request.app[HUB_KEY]
+    scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+    host = await asyncio.to_thread(store.host_by_credential, credential.strip()) if scheme == "Bearer" else None
+    if host is None or host.revoked:
+        return _error(401, "unknown or revoked host credential")
+    ws = web.WebSocketResponse(max_msg_size=MAX_FRAME, heartbeat=None)
+    await ws.prepare(request)
+    old = hub.channels.get(host.id)
+    hub.channels[host.id] = ws
+    hub.owners[host.id] = host.user_id
+    if old is not None:
+        await old.close(code=WSCloseCode.POLICY_VIOLATION, message=b"replaced by a new connection")
+    try:
+        await _serve(ws, host, store, hub)
+    finally:
+        if hub.channels.get(host.id) is ws:
+            del hub.channels[host.id]
+            await asyncio.to_thread(store.disconnected, host.id)
+            hub.publish(host.user_id, {"kind": "offline", "host": host.id})
+    return ws
+
+
+async def _serve(ws: web.WebSocketResponse, host: Host, store: Store, hub: Hub) -> None:
+    host_id = host.id
+    try:
+        first = await ws.receive(timeout=HELLO_TIMEOUT)
+        hello = decode(first.data) if first.type == WSMsgType.TEXT else None
+    except (TimeoutError, FrameError):
+        hello = None
+    if not isinstance(hello, Hello):
+        await ws.close(code=WSCloseCode.PROTOCOL_ERROR, message=b"say hello first")
+        return
+    await asyncio.to_thread(store.connected, host_id, hello.facts, hello.version, hub.ping_interval)
+    await ws.send_str(encode(Welcome(host_id, hub.ping_interval)))
+    hub.publish(host.user_id, {"kind": "online", "host": host_id})
+    for command in hub.resend(host_id):  # sent before this channel opened and not answered: ask again
+        await ws.send_str(encode(command))
+    heard = time.monotonic()
+
+    async def pinger() -> None:
+        while not ws.closed:
+            await asyncio.sleep(hub.ping_interval)
+            if await asyncio.to_thread(store.revoked, host_id):  # revoked by another process: within a ping
+                log.info("host %s revoked: channel closed", host_id)
+                await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"this host was revoked")
+                return
+            if time.monotonic() - heard > 3 * hub.ping_interval:
+                log.info("host %s: no answer to 3 pings, channel closed", host_id)
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"no answer to pings")
+                return
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await ws.send_str(encode(Ping(time.time())))
+
+    task = asyncio.get_running_loop().create_task(pinger())
+    try:
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"text frames only")
+                return
+            try:
+                frame = decode(msg.data)
+            except FrameError as exc:
+                log.warning("host %s sent a bad frame, channel closed: %s", host_id, exc)
+                await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=str(exc)[:120].encode())
+                return
+            heard = time.monotonic()
+            if isinstance(frame, Pong):
+                await asyncio.to_thread(store.seen, host_id)
+            elif isinstance(frame, Metrics):
+                await asyncio.to_thread(store.add_samples, host_id, frame.seq, frame.samples)
+                await ws.send_str(encode(Ack(frame.seq)))
+                if frame.samples:
+                    hub.reported(host_id, host.user_id, "metrics", frame.samples[-1])
+            elif isinstance(frame, State):
+                hub.reported(host_id, host.user_id, "state", frame)
+            elif isinstance(frame, Event):
+                hub.reported(host_id, host.user_id, "event", frame.event)
+            elif isinstance(frame, Result | Stream):
+                hub.answered(host_id, frame)
+            else:
+                await ws.close(code=WSCloseCode.PROTOCOL_ERROR, message=f"{frame.kind} is not for the console".encode())
+                return
+    finally:
+        task.cancel()
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/agent/enroll", enroll)
+    app.router.add_get("/api/agent/channel", channel)

@@ -1,0 +1,363 @@
+// The console's pages, kept live. Each page is rendered by the server; this script fetches the same JSON the
+// page was drawn from (/api/...), listens to /api/live (server-sent events) and redraws what changed.
+"use strict";
+
+const CSRF = document.querySelector("meta[name=csrf]").content;
+
+async function api(method, path, body) {
+  const init = { method, headers: { "X-CSRF-Token": CSRF }, credentials: "same-origin" };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const response = await fetch(path, init);
+  const text = await response.text();
+  const doc = text ? JSON.parse(text) : null;
+  if (!response.ok) throw new Error((doc && doc.error) || response.statusText);
+  return doc;
+}
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k.startsWith("data-")) node.setAttribute(k, v);
+    else node[k] = v;
+  }
+  for (const child of children) node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  return node;
+}
+
+function size(n) {
+  if (n == null) return "-";
+  for (const [unit, f] of [["TiB", 2 ** 40], ["GiB", 2 ** 30], ["MiB", 2 ** 20], ["KiB", 2 ** 10]]) {
+    if (n >= f) return (n / f).toFixed(1) + " " + unit;
+  }
+  return n + " B";
+}
+
+function pct(used, total) { return total ? (100 * used) / total : 0; }
+
+function fullestDisk(sample) {
+  let best = 0;
+  for (const d of Object.values(sample.disks || {})) best = Math.max(best, pct(d.used, d.total));
+  return best;
+}
+
+function statusOf(host) { return host.online ? "online" : host.revoked ? "revoked" : "offline"; }
+
+function ago(t) {
+  if (!t) return "never";
+  const s = Math.max(0, Date.now() / 1000 - t);
+  return s < 90 ? Math.round(s) + " s ago" : s < 5400 ? Math.round(s / 60) + " min ago" : Math.round(s / 3600) + " h ago";
+}
+
+function live(onMessage) {
+  const source = new EventSource("/api/live");
+  source.onmessage = (e) => onMessage(JSON.parse(e.data));
+  return source;
+}
+
+function debounce(fn, ms) {
+  let timer = null;
+  return () => { clearTimeout(timer); timer = setTimeout(fn, ms); };
+}
+
+// -- My hosts -------------------------------------------------------------------------------------------------
+
+function hostsPage() {
+  const body = document.querySelector("#hosts tbody");
+  async function refresh() {
+    const hosts = await api("GET", "/api/hosts");
+    body.replaceChildren();
+    if (!hosts.length) {
+      body.append(el("tr", { class: "empty" }, el("td", { colSpan: 10 }, "No hosts yet. ", el("a", { href: "/hosts/add" }, "Add one"), ".")));
+      return;
+    }
+    for (const h of hosts) {
+      const m = h.metrics;
+      const state = statusOf(h);
+      body.append(el("tr", { "data-host": h.id },
+        el("td", {}, el("a", { href: "/hosts/" + h.id }, h.name)),
+        el("td", { class: "status " + state }, state === "online" ? "online" : state + " (seen " + ago(h.last_seen) + ")"),
+        el("td", {}, (h.facts.os || "") + " " + (h.facts.kernel || "")),
+        el("td", {}, (h.facts.cpus || "?") + " / " + size(h.facts.mem_total)),
+        el("td", {}, (h.facts.docker || "-") + " / " + h.version),
+        el("td", { class: "cpu" }, m ? m.cpu.toFixed(0) + " %" : "-"),
+        el("td", { class: "mem" }, m ? pct(m.mem_used, m.mem_total).toFixed(0) + " %" : "-"),
+        el("td", { class: "disk" }, m ? fullestDisk(m).toFixed(0) + " %" : "-"),
+        el("td", { class: "containers" }, h.counts.running + " running / " + h.counts.total),
+        el("td", {}, Object.entries(h.labels || {}).map(([k, v]) => k + "=" + v).join(", ")),
+      ));
+    }
+  }
+  refresh();
+  const later = debounce(refresh, 300);
+  live(later);
+  setInterval(refresh, 15000); // "seen ... ago" and offline-by-silence
+}
+
+// -- Add host -------------------------------------------------------------------------------------------------
+
+function addHostPage() {
+  const button = document.getElementById("new-token");
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    try {
+      const made = await api("POST", "/api/hosts/enroll-token");
+      const pre = document.getElementById("install-command");
+      pre.textContent = made.command;
+      pre.hidden = false;
+      document.getElementById("token-note").hidden = false;
+    } catch (err) {
+      alert(err.message);
+    } finally {
+      button.disabled = false;
+    }
+  });
+}
+
+// -- Host detail ----------------------------------------------------------------------------------------------
+
+function drawChart(canvas, series, opts) {
+  const ratio = window.devicePixelRatio || 1;
+  const w = canvas.clientWidth || canvas.width, h = canvas.clientHeight || canvas.height;
+  canvas.width = w * ratio; canvas.height = h * ratio;
+  const g = canvas.getContext("2d");
+  g.scale(ratio, ratio);
+  g.clearRect(0, 0, w, h);
+  const left = 44, right = 8, top = 8, bottom = 18;
+  const t0 = opts.from, t1 = opts.to;
+  let max = opts.max || 0;
+  for (const s of series) for (const [, v] of s.points) max = Math.max(max, v);
+  if (!max) max = 1;
+  g.strokeStyle = "#e3e7ee"; g.fillStyle = "#667085"; g.font = "11px system-ui";
+  for (const f of [0, 0.5, 1]) {
+    const y = top + (1 - f) * (h - top - bottom);
+    g.beginPath(); g.moveTo(left, y); g.lineTo(w - right, y); g.stroke();
+    g.fillText(opts.format(max * f), 2, y + 4);
+  }
+  const x = (t) => left + ((t - t0) / (t1 - t0)) * (w - left - right);
+  const y = (v) => top + (1 - v / max) * (h - top - bottom);
+  g.fillText(new Date(t0 * 1000).toLocaleTimeString(), left, h - 4);
+  const end = new Date(t1 * 1000).toLocaleTimeString();
+  g.fillText(end, w - right - g.measureText(end).width, h - 4);
+  for (const s of series) {
+    g.strokeStyle = s.color; g.lineWidth = 1.5; g.beginPath();
+    let last = null;
+    for (const [t, v] of s.points) {
+      if (last === null || t - last > opts.gap) g.moveTo(x(t), y(v)); else g.lineTo(x(t), y(v));
+      last = t;
+    }
+    g.stroke();
+  }
+  canvas.dataset.points = String(series.reduce((n, s) => n + s.points.length, 0));
+}
+
+function hostPage() {
+  const host = JSON.parse(document.getElementById("host-data").textContent);
+  const base = "/api/hosts/" + host.id;
+  let range = "1h";
+  let samples = [];
+
+  function setStatus(state) {
+    const badge = document.getElementById("status");
+    badge.textContent = state;
+    badge.className = "badge status " + state;
+  }
+
+  function charts() {
+    const now = Date.now() / 1000;
+    const span = range === "1h" ? 3600 : 86400;
+    const opts = { from: now - span, to: now, gap: span === 3600 ? 35 : 900 };
+    const pctFmt = (v) => v.toFixed(0) + "%";
+    const at = (f) => samples.map((s) => [s.at, f(s)]);
+    drawChart(document.getElementById("chart-cpu"), [{ color: "#0b63ce", points: at((s) => s.cpu) }], { ...opts, max: 100, format: pctFmt });
+    drawChart(document.getElementById("chart-mem"), [{ color: "#7a5af8", points: at((s) => pct(s.mem_used, s.mem_total)) }], { ...opts, max: 100, format: pctFmt });
+    drawChart(document.getElementById("chart-disk"), [{ color: "#dc6803", points: at(fullestDisk) }], { ...opts, max: 100, format: pctFmt });
+    drawChart(document.getElementById("chart-net"), [
+      { color: "#12805c", points: at((s) => s.net_rx) }, { color: "#b42318", points: at((s) => s.net_tx) },
+    ], { ...opts, format: (v) => size(v) });
+  }
+
+  async function loadSamples() {
+    samples = (await api("GET", base + "/samples?range=" + range)).samples;
+    charts();
+  }
+
+  const said = (text, bad) => {
+    const line = document.getElementById("labels-said");
+    line.textContent = text;
+    line.className = bad ? "error" : "hint";
+  };
+
+  function containers(list) {
+    const body = document.querySelector("#containers tbody");
+    body.replaceChildren();
+    for (const c of list) {
+      const running = c.state === "running";
+      const actions = el("td", {});
+      for (const action of running ? ["stop", "restart", "logs"] : ["start", "remove", "logs"]) {
+        actions.append(el("button", { "data-action": action, "data-container": c.id, type: "button" }, action));
+      }
+      body.append(el("tr", { "data-container": c.id, "data-name": c.name },
+        el("td", {}, c.name), el("td", {}, c.image),
+        el("td", { class: "state state-" + c.state }, c.state), el("td", {}, c.status), actions));
+    }
+  }
+
+  function images(list) {
+    const body = document.querySelector("#images tbody");
+    body.replaceChildren();
+    for (const i of list) {
+      body.append(el("tr", {}, el("td", {}, (i.tags || []).join(", ") || "<none>"),
+        el("td", {}, i.id.replace("sha256:", "").slice(0, 12)), el("td", {}, size(i.size))));
+    }
+  }
+
+  function events(list) {
+    const ul = document.getElementById("events");
+    ul.replaceChildren();
+    for (const e of list.slice(-30).reverse()) {
+      const when = e.time ? new Date(e.time * 1000).toLocaleTimeString() : "";
+      ul.append(el("li", {}, `${when} ${e.type} ${e.action} ${e.name || e.id.slice(0, 12)}` + (e.exitCode ? ` (exit ${e.exitCode})` : "")));
+    }
+  }
+  let eventList = host.events || [];
+
+  let logSource = null;
+  function closeLogs() {
+    if (logSource) logSource.close();
+    logSource = null;
+    document.getElementById("logs-panel").hidden = true;
+  }
+  function openLogs(id) {
+    closeLogs();
+    const row = document.querySelector(`tr[data-container="${id}"]`);
+    document.getElementById("logs-name").textContent = row ? row.dataset.name : id;
+    const pre = document.getElementById("logs");
+    pre.textContent = "";
+    document.getElementById("logs-panel").hidden = false;
+    logSource = new EventSource(`${base}/containers/${encodeURIComponent(id)}/logs`);
+    logSource.onmessage = (e) => { pre.textContent += JSON.parse(e.data); pre.scrollTop = pre.scrollHeight; };
+    logSource.addEventListener("end", () => { pre.textContent += "\n[the container's output ended]\n"; logSource.close(); });
+    logSource.addEventListener("failed", (e) => { pre.textContent += "\n[" + JSON.parse(e.data) + "]\n"; logSource.close(); });
+  }
+  document.getElementById("logs-close").addEventListener("click", closeLogs);
+
+  document.getElementById("containers").addEventListener("click", async (e) => {
+    const button = e.target.closest("button[data-action]");
+    if (!button) return;
+    const { action, container } = button.dataset;
+    if (action === "logs") return openLogs(container);
+    if (action === "remove" && !confirm("Remove this container?")) return;
+    button.disabled = true;
+    try {
+      await api("POST", `${base}/containers/${encodeURIComponent(container)}/${action}`);
+    } catch (err) {
+      alert(`${action}: ${err.message}`);
+    } finally {
+      button.disabled = false;
+    }
+  });
+
+  document.getElementById("pull-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const out = document.getElementById("pull-output");
+    out.hidden = false;
+    out.textContent = "";
+    const response = await fetch(base + "/pull", {
+      method: "POST", credentials: "same-origin",
+      headers: { "X-CSRF-Token": CSRF, "Content-Type": "application/json" },
+      body: JSON.stringify({ ref: document.getElementById("pull-ref").value }),
+    });
+    if (!response.ok) { out.textContent = (await response.json()).error; return; }
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffered = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffered += decoder.decode(value, { stream: true });
+      const lines = buffered.split("\n");
+      buffered = lines.pop();
+      for (const line of lines) {
+        if (!line.trim()) continue;
+        const doc = JSON.parse(line);
+        if ("output" in doc) out.textContent += doc.output;
+        else out.textContent += doc.ok ? "done\n" : "failed: " + doc.result + "\n";
+      }
+    }
+  });
+
+  document.getElementById("clean-plan").addEventListener("click", async () => {
+    const box = document.getElementById("clean-out");
+    box.replaceChildren(el("p", { class: "hint" }, "reading the host's engine ..."));
+    let made;
+    try { made = await api("POST", base + "/clean/plan"); } catch (err) { box.replaceChildren(el("p", { class: "error" }, err.message)); return; }
+    const plan = made.plan;
+    const table = el("table", { class: "grid", id: "clean-plan-table" },
+      el("thead", {}, el("tr", {}, el("th", {}, "Kind"), el("th", {}, "Name"), el("th", {}, "Reason"), el("th", {}, "Size"))));
+    const tbody = el("tbody");
+    for (const item of plan.items) tbody.append(el("tr", {}, el("td", {}, item.kind), el("td", {}, item.name || item.id.slice(0, 19)), el("td", {}, item.reason), el("td", {}, size(item.size))));
+    table.append(tbody);
+    const summary = el("p", { id: "clean-summary" }, plan.items.length ? `${plan.items.length} items; would free ${size(plan.size)}` : "nothing to clean");
+    box.replaceChildren(summary, table);
+    if (!plan.items.length) return;
+    const apply = el("button", { class: "primary", id: "clean-apply", type: "button" }, "Apply exactly this plan");
+    apply.addEventListener("click", async () => {
+      apply.disabled = true;
+      try {
+        const result = await api("POST", base + "/clean/apply", { plan_id: made.plan_id });
+        const skipped = result.skipped.length ? `, skipped ${result.skipped.length}` : "";
+        const failed = result.failed.length ? `, ${result.failed.length} failed` : "";
+        box.append(el("p", { id: "clean-result" }, `removed ${result.removed.length} items${skipped}${failed}, freed ${size(result.size)}`));
+      } catch (err) {
+        box.append(el("p", { class: "error" }, err.message));
+      }
+    });
+    box.append(apply);
+  });
+
+  document.getElementById("labels-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const labels = {};
+    for (const part of document.getElementById("labels").value.split(",")) {
+      if (!part.trim()) continue;
+      const [k, ...v] = part.split("=");
+      labels[k.trim()] = v.join("=").trim();
+    }
+    try { await api("PUT", base + "/labels", { labels }); said("saved"); } catch (err) { said(err.message, true); }
+  });
+
+  document.getElementById("revoke").addEventListener("click", async () => {
+    if (!confirm("Revoke this host? Its agent stops at once.")) return;
+    try { await api("POST", base + "/revoke"); setStatus("revoked"); } catch (err) { alert(err.message); }
+  });
+
+  for (const button of document.querySelectorAll(".range button")) {
+    button.addEventListener("click", () => {
+      range = button.dataset.range;
+      for (const b of document.querySelectorAll(".range button")) b.classList.toggle("on", b === button);
+      loadSamples();
+    });
+  }
+
+  containers(host.containers || []);
+  images(host.images || []);
+  events(eventList);
+  setStatus(statusOf(host));
+  loadSamples();
+  live((m) => {
+    if (m.kind === "reload") return location.reload();
+    if (m.host !== host.id) return;
+    if (m.kind === "state") { containers(m.data.containers); images(m.data.images); }
+    else if (m.kind === "event") { eventList.push(m.data); events(eventList); }
+    else if (m.kind === "metrics") { if (range === "1h") { samples.push(m.data); charts(); } }
+    else if (m.kind === "online" || m.kind === "offline") setStatus(m.kind);
+  });
+}
+
+const PAGES = { hosts: hostsPage, "add-host": addHostPage, host: hostPage };
+const page = PAGES[document.body.dataset.page];
+if (page) page();
