@@ -5,12 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_RUN := python3 python3-venv python3-pip
 APT_TEST := $(APT_RUN) docker.io containerd docker-registry skopeo busybox-static iproute2 util-linux ca-certificates \
-	postgresql
+	postgresql chromium curl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 LISTEN ?= 127.0.0.1:5000
 DATA_DIR ?= $(CURDIR)/.dao-data
 
-APT_BENCH := $(APT_TEST) nginx-light curl
+APT_BENCH := $(APT_TEST) nginx-light
 
 .PHONY: run test install install-dev apt-run apt-test apt-bench lint bench
 
@@ -36,7 +36,7 @@ install: apt-run
 install-dev: apt-run
 	[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(PY) -m pip install -q -e '.[dev]'
 
 apt-run:
 	@missing=$$(for p in $(APT_RUN); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

@@ -17,6 +17,7 @@ import pytest
 from tests.services.console import PING, Console, dao
 from tests.services.mirror import DAO
 from tests.services.procs import Process, wait_until
+from tests.services.upstream import self_signed
 
 
 @pytest.fixture
@@ -169,3 +170,23 @@ def test_a_revoked_host_is_cut_off_and_its_agent_stops(console, tmp_path: Path) 
         agent.kill()
     missing = dao("console", "revoke", "nosuchhost", "--data-dir", str(data), data=data)
     assert missing.returncode == 1 and "no host" in missing.stderr
+
+
+def test_over_https_the_agent_trusts_only_a_certificate_it_was_given(tmp_path: Path) -> None:
+    key, cert = self_signed(tmp_path, "console", "127.0.0.1", ips=("127.0.0.1",))
+    console = Console(tmp_path, users=("alice",), tls=(cert, key))
+    config = tmp_path / "agent.toml"
+    try:
+        untrusted = console.enroll("alice", config)
+        assert untrusted.returncode == 1 and "certificate" in untrusted.stderr.lower(), untrusted.stderr
+        trusted = {"SSL_CERT_FILE": str(cert)}  # as a private CA is given to any OpenSSL client
+        done = console.enroll("alice", config, env=trusted)
+        assert done.returncode == 0, done.stderr
+        env = {"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock", **trusted}
+        agent = Process([DAO, "agent", "run", "--config", str(config), "--interval", "0.3"], tmp_path / "a.log", env)
+        try:
+            wait_until(lambda: console.hosts()[0]["online"], 30, "the host online over wss", agent.proc)
+        finally:
+            agent.stop()
+    finally:
+        console.stop()

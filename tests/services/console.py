@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import ssl
 import subprocess
 import urllib.error
 import urllib.request
@@ -21,13 +22,22 @@ PING = 0.5  # the console's ping interval in these tests: offline after 3 missed
 PASSWORD = "correct horse battery"
 
 
-def dao(*args: str, data: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DOCKER_HOST": f"unix://{data}/no-engine.sock"}  # the CLI reports no engine here
+def dao(
+    *args: str, data: Path, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DOCKER_HOST": f"unix://{data}/no-engine.sock", **(env or {})}  # no engine here
     return subprocess.run([DAO, *args], capture_output=True, text=True, timeout=60, env=env, check=False, input=stdin)
 
 
 class Console:
-    def __init__(self, tmp_path: Path, users: tuple[str, ...] = ("alice", "bob"), ping: float = PING) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        users: tuple[str, ...] = ("alice", "bob"),
+        ping: float = PING,
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
+        self.tls = tls
         self.data = tmp_path / "console"
         self.data.mkdir()
         self.ping = ping
@@ -37,7 +47,7 @@ class Console:
             account = self.dao("console", "users", "add", user, "--password-stdin", stdin=PASSWORD + "\n")
             assert account.returncode == 0, account.stderr
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.log = tmp_path / "console.log"
         self.proc: Process | None = None
         self.start()
@@ -47,8 +57,10 @@ class Console:
 
     def start(self) -> None:
         argv = [DAO, "console", "serve", "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.data)]
+        if self.tls:
+            argv += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
         self.proc = Process([*argv, "--ping-interval", str(self.ping)], self.log)
-        wait_until(lambda: _answers(f"{self.url}/api/agent/enroll"), 20, "console", self.proc.proc)
+        wait_until(lambda: _answers(f"{self.url}/api/agent/enroll", self.tls), 20, "console", self.proc.proc)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -64,7 +76,7 @@ class Console:
         assert done.returncode == 0, done.stderr
         return done.stdout.strip()
 
-    def enroll(self, user: str, config: Path) -> subprocess.CompletedProcess[str]:
+    def enroll(self, user: str, config: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return dao(
             "agent",
             "enroll",
@@ -75,13 +87,15 @@ class Console:
             "--config",
             str(config),
             data=self.data,
+            env=env,
         )
 
 
-def _answers(url: str) -> bool:
+def _answers(url: str, tls: tuple[Path, Path] | None = None) -> bool:
     """Any HTTP answer (the empty enrolment is a 400); a refused connection raises, and wait_until waits."""
+    context = ssl.create_default_context(cafile=str(tls[0])) if tls else None
     with contextlib.suppress(urllib.error.HTTPError):
-        urllib.request.urlopen(urllib.request.Request(url, data=b"{}", method="POST"), timeout=2)
+        urllib.request.urlopen(urllib.request.Request(url, data=b"{}", method="POST"), timeout=2, context=context)
     return True
 
 

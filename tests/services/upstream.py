@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import ipaddress
 import json
 import re
 import sys
@@ -31,12 +32,13 @@ ADMIN_PASSWORD = "seed-only"
 _ACCESS_LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[\d.]+" (?P<status>\d{3}) (?P<bytes>\d+|-)')
 
 
-def self_signed(workdir: Path, stem: str, common_name: str, key=None) -> tuple[Path, Path]:
-    """A key (RSA 2048 unless given) and a self-signed certificate for it, as ``<stem>.key``/``<stem>.crt``."""
+def self_signed(workdir: Path, stem: str, common_name: str, key=None, ips: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """A key (RSA 2048 unless given) and a self-signed certificate for it, as ``<stem>.key``/``<stem>.crt``;
+    ``ips``: addresses it is also valid for (a subjectAltName, which TLS clients check)."""
     key = key or rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -44,8 +46,11 @@ def self_signed(workdir: Path, stem: str, common_name: str, key=None) -> tuple[P
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=30))
-        .sign(key, hashes.SHA256())
     )
+    if ips:
+        san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips])
+        builder = builder.add_extension(san, critical=False)
+    cert = builder.sign(key, hashes.SHA256())
     key_path, cert_path = workdir / f"{stem}.key", workdir / f"{stem}.crt"
     key_path.write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())

@@ -8,7 +8,7 @@ import logging
 
 from aiohttp import WSCloseCode, web
 
-from dao.console import agents, api, auth, pages
+from dao.console import agents, api, auth, install, pages
 from dao.console.agents import HUB_KEY, STORE_KEY
 from dao.console.hub import Hub
 from dao.console.store import Store
@@ -33,6 +33,7 @@ def make_app(
     auth.add_routes(app)
     api.add_routes(app)
     pages.setup(app)
+    install.setup(app)
 
     async def close_channels(app: web.Application) -> None:
         for ws in list(app[HUB_KEY].channels.values()):

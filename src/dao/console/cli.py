@@ -97,7 +97,9 @@ def console_users_add(
     name: Annotated[
         str, typer.Argument(help="The log-in name (an accelerator user of that ID or name, if any, gets it).")
     ],
-    admin: Annotated[bool, typer.Option("--admin", help="May approve quota requests and see every host.")] = False,
+    admin: Annotated[
+        bool, typer.Option("--admin", help="An admin of the console (the first account is one anyway).")
+    ] = False,
     password_stdin: Annotated[
         bool, typer.Option("--password-stdin", help="Read the password from standard input (required).")
     ] = False,

@@ -169,7 +169,11 @@ function hostPage() {
   function charts() {
     const now = Date.now() / 1000;
     const span = range === "1h" ? 3600 : 86400;
-    const opts = { from: now - span, to: now, gap: span === 3600 ? 35 : 900 };
+    // From the first sample when the host is younger than the range: a new host's chart is not a dot.
+    const first = samples.length ? samples[0].at : now;
+    const from = Math.max(now - span, Math.min(first, now - 60));
+    const interval = samples.length > 1 ? (samples[samples.length - 1].at - first) / (samples.length - 1) : 10;
+    const opts = { from, to: now, gap: Math.max(3 * interval, span === 3600 ? 35 : 900) };
     const pctFmt = (v) => v.toFixed(0) + "%";
     const at = (f) => samples.map((s) => [s.at, f(s)]);
     drawChart(document.getElementById("chart-cpu"), [{ color: "#0b63ce", points: at((s) => s.cpu) }], { ...opts, max: 100, format: pctFmt });
