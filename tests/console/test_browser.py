@@ -8,39 +8,14 @@ checked with the docker CLI), and its logs stream in. Each page is photographed 
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
+from tests.console.conftest import shots
 from tests.console.test_operations import TICKER
 from tests.services import images
 from tests.services.console import PASSWORD, Console, agent, dao
 from tests.services.dockerd import Dockerd
-
-playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (make test does)")
-CHROMIUM = os.environ.get("DAO_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture
-def browser() -> Iterator[object]:
-    if CHROMIUM is None:
-        pytest.fail("no chromium: apt-get install chromium (make test does)", pytrace=False)
-    with playwright.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
-
-def shots(tmp_path: Path) -> Path:
-    where = Path(os.environ.get("DAO_SCREENSHOTS") or tmp_path / "shots")
-    where.mkdir(parents=True, exist_ok=True)
-    return where
 
 
 def test_sign_up_add_a_host_watch_it_and_act_on_it(tmp_path: Path, dockerd: Dockerd, browser) -> None:  # type: ignore[no-untyped-def]

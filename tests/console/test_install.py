@@ -4,6 +4,8 @@ dependencies from a local wheelhouse in place of the package index: the test's n
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.services import wheelhouse
-from tests.services.console import Console
+from tests.services.console import Client, Console
 from tests.services.procs import Process, wait_until
 
 
@@ -32,13 +34,25 @@ def install(console: Console, token: str, prefix: Path, wheels: Path) -> subproc
     return subprocess.run(["sh", "-c", command], capture_output=True, text=True, env=env, timeout=300, check=False)
 
 
+async def _issue_address(console: Console) -> str:
+    async with Client(console.url) as alice:
+        await alice.login("alice")
+        return (await alice.json("POST", "/api/accelerator/address"))["address"]
+
+
 def test_install_sh_enrols_a_host_and_a_rerun_keeps_its_identity(tmp_path: Path, wheels: Path) -> None:
-    console = Console(tmp_path, users=("alice",))
+    console = Console(tmp_path, users=("alice",), args=("--accelerator-url", "http://mirror.test:5000"))
     prefix = tmp_path / "host"
+    daemon_json = prefix / "etc/docker/daemon.json"  # a host with Docker, and a setting of its own
+    daemon_json.parent.mkdir(parents=True)
+    daemon_json.write_text('{"log-level": "warn"}')
     agent = None
     try:
+        address = asyncio.run(_issue_address(console))
         done = install(console, console.token("alice"), prefix, wheels)
         assert done.returncode == 0, done.stdout + done.stderr
+        docker = json.loads(daemon_json.read_text())  # pointed at alice's accelerator, its own setting kept
+        assert docker == {"log-level": "warn", "registry-mirrors": [address]}, docker
         config = prefix / "etc/dao/agent.toml"
         assert oct(config.stat().st_mode & 0o777) == "0o600"
         dao = prefix / "usr/local/bin/dao"

@@ -36,8 +36,10 @@ class Console:
         users: tuple[str, ...] = ("alice", "bob"),
         ping: float = PING,
         tls: tuple[Path, Path] | None = None,
+        args: tuple[str, ...] = (),
     ) -> None:
         self.tls = tls
+        self.args = args
         self.data = tmp_path / "console"
         self.data.mkdir()
         self.ping = ping
@@ -59,6 +61,7 @@ class Console:
         argv = [DAO, "console", "serve", "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.data)]
         if self.tls:
             argv += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
+        argv += self.args
         self.proc = Process([*argv, "--ping-interval", str(self.ping)], self.log)
         wait_until(lambda: _answers(f"{self.url}/api/agent/enroll", self.tls), 20, "console", self.proc.proc)
 

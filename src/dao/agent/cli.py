@@ -37,6 +37,18 @@ def agent_enroll(
     typer.echo(f"enrolled as host {identity.host}; identity in {path}")
 
 
+@agent_app.command("mirror")
+def agent_mirror(config: ConfigFile = None) -> None:
+    """Print the accelerator address the console gave this host's user at enrolment (for dao mirror use)."""
+    from dao.agent.run import Identity, default_config
+    from dao.cliutil import fail
+
+    identity = Identity.load(config or default_config())
+    if not identity.mirror:
+        raise fail("the console gave no accelerator address at enrolment", code=1)
+    typer.echo(identity.mirror)
+
+
 @agent_app.command("run")
 def agent_run(
     interval: Annotated[float, typer.Option(min=0.2, max=3600, help="Seconds between metrics samples.")] = 10.0,

@@ -73,6 +73,7 @@ class Identity:
     console: str
     host: str
     credential: str
+    mirror: str = ""  # the user's accelerator address, when the console gave one at enrolment
 
     @classmethod
     def load(cls, path: Path) -> Identity:
@@ -85,7 +86,7 @@ class Identity:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise AgentError(f"cannot read {path}: {exc}") from None
         try:
-            return cls(str(doc["console"]), str(doc["host"]), str(doc["credential"]))
+            return cls(str(doc["console"]), str(doc["host"]), str(doc["credential"]), str(doc.get("mirror", "")))
         except KeyError as exc:
             raise AgentError(f"{path} has no {exc.args[0]}: enrol again") from None
 
@@ -93,6 +94,8 @@ class Identity:
         path.parent.mkdir(parents=True, exist_ok=True)
         # A JSON string is a TOML basic string: a URL with a quote or a backslash stays one value.
         values = {"console": self.console, "host": self.host, "credential": self.credential}
+        if self.mirror:
+            values["mirror"] = self.mirror
         write_private(path, "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
 
 
@@ -110,7 +113,8 @@ async def enroll(console: str, token: str, path: Path, name: str | None = None) 
     if resp.status != 200 or not isinstance(doc, dict) or "credential" not in doc:
         why = doc.get("error") if isinstance(doc, dict) else None
         raise AgentError(f"{console} refused the enrolment: {why or resp.status}")
-    identity = Identity(console, str(doc["host"]), str(doc["credential"]))
+    mirror = doc.get("mirror") if isinstance(doc.get("mirror"), str) else ""
+    identity = Identity(console, str(doc["host"]), str(doc["credential"]), mirror)
     identity.save(path)
     return identity
 

@@ -54,11 +54,26 @@ async def enroll(request: web.Request) -> web.Response:
         return _error(400, 'give the enrolment token as {"token": "..."}')
     name = doc.get("name") if isinstance(doc.get("name"), str) else ""
     try:
-        host, credential = await asyncio.to_thread(request.app[STORE_KEY].redeem, doc["token"], name)
+        host, credential, user = await asyncio.to_thread(request.app[STORE_KEY].redeem, doc["token"], name)
     except EnrollError as exc:
         return _error(403, str(exc))
     log.info("host %s (%s) enrolled", host, name)
-    return web.json_response({"host": host, "credential": credential})
+    answer = {"host": host, "credential": credential}
+    mirror = await _mirror_of(request, user)
+    if mirror:
+        answer["mirror"] = mirror  # the user's accelerator address: install.sh points the host's Docker at it
+    return web.json_response(answer)
+
+
+async def _mirror_of(request: web.Request, user_id: str) -> str | None:
+    from dao.console.accelerator_web import ACCELERATOR_KEY
+    from dao.console.auth import USERS_KEY
+
+    accel = request.app.get(ACCELERATOR_KEY)
+    if accel is None:
+        return None
+    issue = await asyncio.to_thread(request.app[USERS_KEY].address_issue, user_id)
+    return accel.url(accel.address(user_id, issue))
 
 
 async def channel(request: web.Request) -> web.StreamResponse:

@@ -36,18 +36,25 @@ KEEPALIVE = 15.0  # seconds between comments on an idle event stream (a proxy cl
 PUBLIC_URL_KEY = web.AppKey("public_url", str)  # the console's URL as hosts reach it; "" = as the page came
 
 
-def _json_error(status: int, message: str) -> web.HTTPException:
-    cls = {400: web.HTTPBadRequest, 404: web.HTTPNotFound, 409: web.HTTPConflict, 504: web.HTTPGatewayTimeout}
+def json_error(status: int, message: str) -> web.HTTPException:
+    cls = {
+        400: web.HTTPBadRequest,
+        401: web.HTTPUnauthorized,
+        403: web.HTTPForbidden,
+        404: web.HTTPNotFound,
+        409: web.HTTPConflict,
+        504: web.HTTPGatewayTimeout,
+    }
     return cls[status](text=json.dumps({"error": message}), content_type="application/json")
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
+async def read_body(request: web.Request) -> dict[str, Any]:
     try:
         doc = await request.json()
     except ValueError:
-        raise _json_error(400, "the body must be a JSON object") from None
+        raise json_error(400, "the body must be a JSON object") from None
     if not isinstance(doc, dict):
-        raise _json_error(400, "the body must be a JSON object")
+        raise json_error(400, "the body must be a JSON object")
     return doc
 
 
@@ -57,7 +64,7 @@ async def user_host(request: web.Request) -> dict[str, Any]:
     host_id = request.match_info["host"]
     found = await asyncio.to_thread(request.app[STORE_KEY].hosts, user, host_id) if len(host_id) <= 32 else []
     if not found:
-        raise _json_error(404, "no such host")
+        raise json_error(404, "no such host")
     return with_live(request, found[0])
 
 
@@ -87,13 +94,13 @@ async def _command(request: web.Request, host_id: str, op: str, args: dict[str, 
     try:
         result = await request.app[HUB_KEY].call(host_id, op, args, within=within)
     except HostOffline as exc:
-        raise _json_error(409, exc.message) from None
+        raise json_error(409, exc.message) from None
     except CommandTimeout as exc:
-        raise _json_error(504, exc.message) from None
+        raise json_error(504, exc.message) from None
     except DaoError as exc:
-        raise _json_error(400, exc.message) from None
+        raise json_error(400, exc.message) from None
     if not result.ok:
-        raise _json_error(409, str(result.data))
+        raise json_error(409, str(result.data))
     return result.data
 
 
@@ -161,7 +168,7 @@ async def samples(request: web.Request) -> web.Response:
     found = await user_host(request)
     span = RANGES.get(request.query.get("range", "1h"))
     if span is None:
-        raise _json_error(400, f"range is one of {', '.join(RANGES)}")
+        raise json_error(400, f"range is one of {', '.join(RANGES)}")
     rows = await asyncio.to_thread(request.app[STORE_KEY].samples, found["id"], time.time() - span, CHART_POINTS)
     return web.json_response({"range": request.query.get("range", "1h"), "samples": rows})
 
@@ -171,7 +178,7 @@ async def container_action(request: web.Request) -> web.Response:
     found = await user_host(request)
     container, action = request.match_info["container"], request.match_info["action"]
     if action not in ACTIONS or not CONTAINER.fullmatch(container):
-        raise _json_error(404, "no such container action")
+        raise json_error(404, "no such container action")
     return web.json_response(await _command(request, found["id"], f"container.{action}", {"id": container}))
 
 
@@ -182,9 +189,9 @@ async def container_logs(request: web.Request) -> web.StreamResponse:
     found = await user_host(request)
     container = request.match_info["container"]
     if not CONTAINER.fullmatch(container):
-        raise _json_error(404, "no such container")
+        raise json_error(404, "no such container")
     if found["id"] not in request.app[HUB_KEY].channels:
-        raise _json_error(409, "the host is offline")
+        raise json_error(409, "the host is offline")
     response = await _event_stream(request)
 
     async def send(text: str) -> None:
@@ -204,11 +211,11 @@ async def pull(request: web.Request) -> web.StreamResponse:
     """dao pull on the host. The answer is NDJSON: ``{"output": line}`` as the pull prints, then
     ``{"ok": ..., "result": ...}``."""
     found = await user_host(request)
-    ref = (await _body(request)).get("ref")
+    ref = (await read_body(request)).get("ref")
     if not isinstance(ref, str) or not REFERENCE.fullmatch(ref.strip()):
-        raise _json_error(400, "give an image reference, e.g. debian:12")
+        raise json_error(400, "give an image reference, e.g. debian:12")
     if found["id"] not in request.app[HUB_KEY].channels:
-        raise _json_error(409, "the host is offline")
+        raise json_error(409, "the host is offline")
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"})
     await response.prepare(request)
 
@@ -254,7 +261,7 @@ async def clean_plan(request: web.Request) -> web.Response:
     found = await user_host(request)
     args = {}
     if request.can_read_body:  # {"grace": seconds}: younger garbage is spared (default: an hour, as dao clean)
-        grace = (await _body(request)).get("grace")
+        grace = (await read_body(request)).get("grace")
         if grace is not None:
             args["grace"] = grace
     plan = await _command(request, found["id"], "clean.plan", args, within=120)
@@ -264,22 +271,22 @@ async def clean_plan(request: web.Request) -> web.Response:
 @login_required
 async def clean_apply(request: web.Request) -> web.Response:
     found = await user_host(request)
-    plan_id = (await _body(request)).get("plan_id")
+    plan_id = (await read_body(request)).get("plan_id")
     plan = request.app[PLANS_KEY].take(found["id"], plan_id) if isinstance(plan_id, str) else None
     if plan is None:
-        raise _json_error(404, "no such plan (plans are kept an hour, and applied once): make a new one")
+        raise json_error(404, "no such plan (plans are kept an hour, and applied once): make a new one")
     return web.json_response(await _command(request, found["id"], "clean.apply", {"plan": plan}, within=600))
 
 
 @login_required
 async def labels(request: web.Request) -> web.Response:
     found = await user_host(request)
-    given = (await _body(request)).get("labels")
+    given = (await read_body(request)).get("labels")
     if not isinstance(given, dict) or len(given) > LABELS_MAX:
-        raise _json_error(400, f"labels is an object of at most {LABELS_MAX} key: value strings")
+        raise json_error(400, f"labels is an object of at most {LABELS_MAX} key: value strings")
     for key, value in given.items():
         if not LABEL_KEY.fullmatch(key) or not isinstance(value, str) or len(value) > 200:
-            raise _json_error(400, f"bad label {str(key)[:64]!r}: a key of a-z, 0-9, '._/-' and a value of text")
+            raise json_error(400, f"bad label {str(key)[:64]!r}: a key of a-z, 0-9, '._/-' and a value of text")
     await asyncio.to_thread(request.app[STORE_KEY].set_labels, found["id"], given)
     return web.json_response({"labels": given})
 

@@ -5,10 +5,12 @@
 from __future__ import annotations
 
 import logging
+import secrets
 
 from aiohttp import WSCloseCode, web
 
-from dao.console import agents, api, auth, install, pages
+from dao.console import accelerator_web, agents, api, auth, install, pages
+from dao.console.accelerator import Accelerator, Settings
 from dao.console.agents import HUB_KEY, STORE_KEY
 from dao.console.hub import Hub
 from dao.console.store import Store
@@ -21,7 +23,14 @@ MAX_BODY = 1024 * 1024  # a form, a label set, a clean plan's ID: nothing the co
 
 
 def make_app(
-    store: Store, accounts: Accounts, *, ping_interval: float = 10.0, public_url: str = "", signup: bool = True
+    store: Store,
+    accounts: Accounts,
+    *,
+    ping_interval: float = 10.0,
+    public_url: str = "",
+    signup: bool = True,
+    secret: bytes | None = None,
+    accelerator: Settings | None = None,
 ) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[auth.sessions])
     app[STORE_KEY] = store
@@ -34,6 +43,9 @@ def make_app(
     api.add_routes(app)
     pages.setup(app)
     install.setup(app)
+    accelerator_web.setup(
+        app, Accelerator(store.engine, accounts, secret or secrets.token_bytes(32), accelerator or Settings("", 0))
+    )
 
     async def close_channels(app: web.Application) -> None:
         for ws in list(app[HUB_KEY].channels.values()):

@@ -132,9 +132,14 @@ async def signup(request: web.Request) -> web.StreamResponse:
         return _form_error(request, "login", "sign-up is closed here: ask the console's admin for an account", 403)
     try:
         name, password = await _credentials(request)
-        user_id, _ = await asyncio.to_thread(users.add, name, password)
+        user_id, issued = await asyncio.to_thread(users.add, name, password)
     except AccountError as exc:
         return _form_error(request, "signup", exc.message)
+    if issued is not None:  # a new accelerator user: their address is the console's to derive from now on
+        from dao.console.accelerator_web import ACCELERATOR_KEY
+
+        issue, _ = await asyncio.to_thread(request.app[ACCELERATOR_KEY].issue, user_id, 0)
+        await asyncio.to_thread(users.set_address_issue, user_id, issue)
     cookie = await asyncio.to_thread(users.open_session, user_id)
     if is_api(request):
         return _start(request, web.json_response({"user": user_id, "name": name}, status=201), cookie)

@@ -52,6 +52,17 @@ def console_serve(
     signup: Annotated[
         bool, typer.Option("--signup/--no-signup", help="Let anyone create an account at /signup.")
     ] = True,
+    accelerator_url: Annotated[
+        str,
+        typer.Option(
+            help="The accelerator as hosts reach it, e.g. http://mirror.example:5000; a user's address is "
+            "<label>.<its host>. [default: http://<mirror_domain> of the mirror's config, if set]"
+        ),
+    ] = "",
+    secret_file: Annotated[
+        Path | None,
+        typer.Option(help="The console's secret (made on first start; share it between console nodes)."),
+    ] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate (chain): serve HTTPS.")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
     config_file: ConfigOpt = None,
@@ -77,15 +88,44 @@ def console_serve(
             context.load_cert_chain(tls_cert, tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise fail(f"cannot use {tls_cert} with {tls_key}: {exc}") from None
-    accounts, store, _ = _open(config_file, data_dir, database)
+    accounts, store, config = _open(config_file, data_dir, database)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = make_app(store, accounts, ping_interval=ping_interval, public_url=public_url, signup=signup)
+    app = make_app(
+        store,
+        accounts,
+        ping_interval=ping_interval,
+        public_url=public_url,
+        signup=signup,
+        secret=_secret(secret_file, config),
+        accelerator=_accelerator(accelerator_url, config),
+    )
     try:
         web.run_app(
             app, host=host or None, port=port, ssl_context=context, print=None, access_log=None, shutdown_timeout=5
         )
     except OSError as exc:
         raise fail(f"cannot listen on {listen}: {exc.strerror or exc}", code=1) from None
+
+
+def _secret(path: Path | None, config: Any) -> bytes:
+    from dao.console.accelerator import load_secret
+    from dao.errors import DaoError
+
+    try:
+        return load_secret(path or config.data_dir / "console.secret")
+    except (OSError, DaoError) as exc:
+        raise fail(f"cannot use the console's secret: {exc}") from None
+
+
+def _accelerator(url: str, config: Any) -> Any:
+    from dao.console.accelerator import Settings
+    from dao.units import parse_size
+
+    if not url and config.mirror_domain:
+        url = f"http://{config.mirror_domain}"
+    if url and not url.startswith(("http://", "https://")):
+        raise fail(f"--accelerator-url {url!r}: give http(s)://host[:port]")
+    return Settings(url.rstrip("/"), parse_size(config.default_quota))
 
 
 users_app = typer.Typer(help="The console's accounts.", no_args_is_help=True, rich_markup_mode=None)
@@ -120,11 +160,13 @@ def console_users_add(
         user_id, issued = Users(store.engine, accounts).add(name, password, admin=admin or None)
     except AccountError as exc:
         raise fail(exc.message) from None
-    typer.echo(f"account {name} added (user {user_id})")
-    if issued is not None:  # a new accelerator user too: their secrets, once
-        from dao.mirror.users_cli import _print_issued
+    if issued is not None:  # a new accelerator user: the console derives their address from now on
+        from dao.console.accelerator import Accelerator
 
-        _print_issued(issued, config.mirror_domain, False)
+        accel = Accelerator(store.engine, accounts, _secret(None, config), _accelerator("", config))
+        issue, _ = accel.issue(user_id, 0)
+        Users(store.engine, accounts).set_address_issue(user_id, issue)
+    typer.echo(f"account {name} added (user {user_id}); its accelerator address is on the console's Accelerator page")
 
 
 @console_app.command("enroll-token")

@@ -5,7 +5,8 @@
 #
 # It installs dao @VERSION@ into its own venv (/opt/dao, with dao on PATH), enrols the host with the one-time
 # TOKEN (the identity goes to /etc/dao/agent.toml, mode 600), and starts the agent as a systemd service
-# when systemd runs (else it says how to start it). Run again, it upgrades dao in place and keeps the
+# when systemd runs (else it says how to start it), and points the host's Docker at your accelerator address
+# (dao mirror use) when the console has one for you. Run again, it upgrades dao in place and keeps the
 # host's identity. With DAO_PREFIX=/some/dir every path is under that directory (and no service is
 # installed), so the script can be tried without root. pip's own variables (PIP_INDEX_URL, ...) apply.
 set -eu
@@ -60,6 +61,14 @@ else
     fail "give the enrolment token: curl -fsSL $CONSOLE/install.sh | sudo sh -s -- TOKEN"
 fi
 chmod 600 "$CONFIG"
+
+if MIRROR=$("$VENV/bin/dao" agent mirror --config "$CONFIG" 2>/dev/null); then
+    say "pointing this host's Docker, containerd and podman at your accelerator"
+    "$VENV/bin/dao" mirror use "$MIRROR" \
+        --docker-config "$PREFIX/etc/docker/daemon.json" --docker-pidfile "$PREFIX/var/run/docker.pid" \
+        --containerd-certs "$PREFIX/etc/containerd/certs.d" --registries-conf "$PREFIX/etc/containers/registries.conf" ||
+        say "could not: run  dao mirror use $MIRROR  yourself"
+fi
 
 if [ -z "$PREFIX" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
     cat > "$UNIT" <<UNIT

@@ -108,8 +108,9 @@ class Store:
             )
         return token
 
-    def redeem(self, token: str, name: str) -> tuple[str, str]:
-        """Swap a token for a new host: (host ID, credential). The credential exists only in this answer."""
+    def redeem(self, token: str, name: str) -> tuple[str, str, str]:
+        """Swap a token for a new host: (host ID, credential, user ID). The credential exists only in this
+        answer."""
         now = time.time()
         with self.engine.begin() as conn:
             row = conn.execute(select(tokens_table).where(tokens_table.c.token_hash == secret_hash(token))).first()
@@ -136,7 +137,7 @@ class Store:
                     created_at=now,
                 )
             )
-        return host_id, credential
+        return host_id, credential, row.user_id
 
     def host_by_credential(self, credential: str) -> Host | None:
         with self.engine.connect() as conn:

@@ -18,7 +18,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import Boolean, Column, Float, MetaData, String, Table, delete, func, select
+from sqlalchemy import Boolean, Column, Float, Integer, MetaData, String, Table, delete, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -35,6 +35,7 @@ accounts_table = Table(
     Column("password_hash", String(200), nullable=False),
     Column("admin", Boolean, nullable=False, default=False),
     Column("created_at", Float, nullable=False),
+    Column("address_issue", Integer, nullable=False, default=0),  # how many addresses the console issued
 )
 
 sessions_table = Table(
@@ -137,6 +138,24 @@ class Users:
     def count(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(accounts_table)).scalar() or 0)
+
+    def address_issue(self, user_id: str) -> int:
+        with self.engine.connect() as conn:
+            found = conn.execute(
+                select(accounts_table.c.address_issue).where(accounts_table.c.user_id == user_id)
+            ).scalar()
+        return int(found or 0)
+
+    def set_address_issue(self, user_id: str, issue: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(accounts_table).where(accounts_table.c.user_id == user_id).values(address_issue=issue))
+
+    def logins(self, user_ids: set[str]) -> dict[str, str]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(accounts_table.c.user_id, accounts_table.c.login).where(accounts_table.c.user_id.in_(user_ids))
+            )
+            return {r.user_id: r.login for r in rows}
 
     def login_of(self, user_id: str) -> str | None:
         with self.engine.connect() as conn:

@@ -190,6 +190,18 @@ class Accounts:
                 conn.execute(update(users_table).where(users_table.c.id == user_id).values(**values))
         return new
 
+    def set_address(self, user_id: str, address: str) -> None:
+        """Give the user this address (a label :func:`new_address` would make, chosen elsewhere: the console
+        derives it from its secret, so it can show it again without storing it). Only its hash is kept."""
+        if not re.fullmatch(r"[a-z2-7]{24}", address):
+            raise AccountError("an address is 24 characters of a-z and 2-7")
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                update(users_table).where(users_table.c.id == user_id).values(address=secret_hash(address))
+            )
+        if done.rowcount == 0:
+            raise AccountError(f"no user {user_id!r} (see 'dao mirror users list')")
+
     def users(self) -> list[User]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(users_table).order_by(users_table.c.id)).all()

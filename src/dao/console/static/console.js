@@ -119,13 +119,19 @@ function addHostPage() {
 
 // -- Host detail ----------------------------------------------------------------------------------------------
 
-function drawChart(canvas, series, opts) {
+// A canvas cleared and scaled to the screen's pixels: its 2D context and its size in CSS pixels.
+function surface(canvas) {
   const ratio = window.devicePixelRatio || 1;
   const w = canvas.clientWidth || canvas.width, h = canvas.clientHeight || canvas.height;
   canvas.width = w * ratio; canvas.height = h * ratio;
   const g = canvas.getContext("2d");
   g.scale(ratio, ratio);
   g.clearRect(0, 0, w, h);
+  return { g, w, h };
+}
+
+function drawChart(canvas, series, opts) {
+  const { g, w, h } = surface(canvas);
   const left = 44, right = 8, top = 8, bottom = 18;
   const t0 = opts.from, t1 = opts.to;
   let max = opts.max || 0;
@@ -362,6 +368,85 @@ function hostPage() {
   });
 }
 
-const PAGES = { hosts: hostsPage, "add-host": addHostPage, host: hostPage };
+// -- Accelerator ----------------------------------------------------------------------------------------------
+
+function barChart(canvas, bars) {
+  const { g, w, h } = surface(canvas);
+  const max = Math.max(1, ...bars.map((b) => b.value));
+  const slot = (w - 60) / Math.max(bars.length, 1);
+  g.font = "11px system-ui"; g.fillStyle = "#667085";
+  g.fillText(size(max), 2, 12);
+  bars.forEach((b, i) => {
+    const bh = (b.value / max) * (h - 34);
+    g.fillStyle = "#0b63ce";
+    g.fillRect(56 + i * slot + 4, h - 18 - bh, Math.min(Math.max(slot - 8, 2), 80), bh);
+    g.fillStyle = "#667085";
+    g.fillText(b.label, 56 + i * slot + 4, h - 4);
+  });
+  canvas.dataset.bars = String(bars.length);
+}
+
+function acceleratorPage() {
+  let accel = JSON.parse(document.getElementById("accel-data").textContent);
+  const said = (text, bad) => {
+    const line = document.getElementById("quota-said");
+    line.textContent = text;
+    line.className = bad ? "error" : "hint";
+  };
+  function draw() {
+    document.getElementById("usage").textContent = size(accel.used) + " of " + (accel.quota ? size(accel.quota) : "no limit");
+    barChart(document.getElementById("chart-months"), accel.months.map((m) => ({ label: m.month, value: m.bytes })));
+    const body = document.querySelector("#my-requests tbody");
+    body.replaceChildren();
+    for (const r of accel.requests) {
+      body.append(el("tr", {}, el("td", {}, new Date(r.created_at * 1000).toLocaleString()), el("td", {}, size(r.quota_bytes)),
+        el("td", {}, r.reason), el("td", { class: "status" }, r.status)));
+    }
+  }
+  let pending = async () => {}; // the admin's table of waiting requests, when this user is an admin
+  async function refresh() { accel = await api("GET", "/api/accelerator"); draw(); await pending(); }
+  draw();
+  setInterval(refresh, 10000);
+  document.getElementById("reissue").addEventListener("click", async () => {
+    if (accel.address && !confirm("Issue a new address? The current one stops working.")) return;
+    const made = await api("POST", "/api/accelerator/address");
+    document.getElementById("address").textContent = made.address || "issued (the console does not know the accelerator's URL)";
+    await refresh();
+  });
+  document.getElementById("quota-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    try {
+      await api("POST", "/api/accelerator/quota-requests", {
+        quota: document.getElementById("quota-wanted").value, reason: document.getElementById("quota-reason").value,
+      });
+      said("sent: an admin will answer it");
+      await refresh();
+    } catch (err) { said(err.message, true); }
+  });
+  const admin = document.getElementById("admin");
+  if (!admin) return;
+  const pendingBody = document.querySelector("#pending-requests tbody");
+  pending = async () => {
+    const rows = await api("GET", "/api/admin/quota-requests");
+    pendingBody.replaceChildren();
+    for (const r of rows) {
+      const act = el("td", {});
+      for (const verdict of ["approve", "decline"]) {
+        const b = el("button", { type: "button", "data-verdict": verdict }, verdict);
+        b.addEventListener("click", async () => {
+          try { await api("POST", `/api/admin/quota-requests/${r.id}/${verdict}`); } catch (err) { alert(err.message); }
+          refresh();
+        });
+        act.append(b);
+      }
+      pendingBody.append(el("tr", { "data-request": r.id }, el("td", {}, r.user), el("td", {}, size(r.quota_bytes)),
+        el("td", {}, r.reason), el("td", {}, new Date(r.created_at * 1000).toLocaleString()), act));
+    }
+    if (!rows.length) pendingBody.append(el("tr", {}, el("td", { colSpan: 5 }, "none waiting")));
+  };
+  pending();
+}
+
+const PAGES = { hosts: hostsPage, "add-host": addHostPage, host: hostPage, accelerator: acceleratorPage };
 const page = PAGES[document.body.dataset.page];
 if (page) page();
