@@ -37,7 +37,11 @@ class Console:
         ping: float = PING,
         tls: tuple[Path, Path] | None = None,
         args: tuple[str, ...] = (),
+        listen: str = "127.0.0.1",
     ) -> None:
+        """``listen``: the address it listens on (``0.0.0.0`` for hosts in namespaces of their own); the
+        test itself always uses it at 127.0.0.1."""
+        self.listen = listen
         self.tls = tls
         self.args = args
         self.data = tmp_path / "console"
@@ -58,7 +62,7 @@ class Console:
         return dao(*args, "--data-dir", str(self.data), data=self.data, stdin=stdin)
 
     def start(self) -> None:
-        argv = [DAO, "console", "serve", "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.data)]
+        argv = [DAO, "console", "serve", "--listen", f"{self.listen}:{self.port}", "--data-dir", str(self.data)]
         if self.tls:
             argv += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
         argv += self.args

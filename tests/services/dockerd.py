@@ -15,8 +15,12 @@ DOCKER_CLI = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
 
 
 class Dockerd:
-    def __init__(self, workdir: Path, mirrors: list[str], extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, mirrors: list[str], extra_args: list[str] | None = None, prefix: list[str] | None = None
+    ) -> None:
+        """``prefix``: what the engine is started under (``ip netns exec NAME``: a host of its own)."""
         self.workdir = workdir
+        self.prefix = prefix or []
         self.extra_args = extra_args or []
         # unix socket paths are limited to 108 bytes; containerd's lives under the exec root
         self.exec_root = Path(tempfile.mkdtemp(prefix="dao-x", dir="/tmp"))
@@ -31,6 +35,7 @@ class Dockerd:
         workdir, config = self.workdir, self.config
         self.proc = Process(
             [
+                *self.prefix,
                 "dockerd",
                 "--config-file",
                 str(config),

@@ -53,6 +53,7 @@ from dao.paths import write_private
 log = logging.getLogger("dao.agent")
 
 RECONNECT_BASE, RECONNECT_CAP = 0.5, 30.0
+CONNECT_TIMEOUT = 10.0  # seconds for one dial (TCP, TLS, the upgrade) before it counts as failed
 MAX_RUNNING = 32  # commands running at once (log streams included); more are refused, not queued
 STATE_SETTLE = 0.2  # seconds after an engine event before the fresh state is sent (a burst: one state)
 CANCEL = "command.cancel"  # stops a running command (a log stream the page closed); args.id names it
@@ -134,7 +135,9 @@ class Agent:
         sampling = asyncio.get_running_loop().create_task(self._sample())
         try:
             attempt = 0
-            async with aiohttp.ClientSession(trust_env=True) as session:
+            # A dial into a dead link must give up and try again, not wait out the kernel's SYN retries.
+            timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT, sock_connect=CONNECT_TIMEOUT)
+            async with aiohttp.ClientSession(trust_env=True, timeout=timeout) as session:
                 while True:
                     welcomed = await self._connect(session)
                     attempt = 0 if welcomed else attempt + 1

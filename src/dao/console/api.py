@@ -179,7 +179,13 @@ async def container_action(request: web.Request) -> web.Response:
     container, action = request.match_info["container"], request.match_info["action"]
     if action not in ACTIONS or not CONTAINER.fullmatch(container):
         raise json_error(404, "no such container action")
-    return web.json_response(await _command(request, found["id"], f"container.{action}", {"id": container}))
+    args: dict[str, Any] = {"id": container}
+    if "grace" in request.query and action in ("stop", "restart"):  # seconds before SIGKILL (docker stop -t)
+        try:
+            args["grace"] = int(request.query["grace"])
+        except ValueError:
+            raise json_error(400, "grace is a whole number of seconds") from None
+    return web.json_response(await _command(request, found["id"], f"container.{action}", args))
 
 
 @login_required
