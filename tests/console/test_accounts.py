@@ -170,7 +170,18 @@ async def test_live_updates_go_to_the_owner_only(console: Console, alice: Client
 
 
 async def test_bad_input_gets_a_clear_4xx_and_the_console_goes_on(console: Console, alice: Client) -> None:
-    host, _ = await enrolled(console, "alice")
+    host, credential = await enrolled(console, "alice")
+    channel = console.url.replace("http", "ws") + "/api/agent/channel"
+    async with (
+        aiohttp.ClientSession() as agent,
+        agent.ws_connect(channel, headers={"Authorization": f"Bearer {credential}"}) as ws,
+    ):
+        await ws.send_str('{"t": "hello", "version": "test"}')
+        await ws.send_str('{"t": "ping", "at": 1, "pad": "' + "x" * 300_000 + '"}')  # over the frame limit
+        msg = await ws.receive(timeout=10)
+        while msg.type == aiohttp.WSMsgType.TEXT:
+            msg = await ws.receive(timeout=10)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1009
     labels = f"/api/hosts/{host}/labels"
     cases = [
         ("PUT", labels, {"labels": "region=eu"}, 400),

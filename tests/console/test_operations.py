@@ -198,3 +198,13 @@ async def test_an_offline_host_is_refused_at_once(host: Host, alice: Client) -> 
 
 async def _offline(client: Client, host: Host) -> bool:
     return not (await client.json("GET", f"/api/hosts/{host.id}"))["online"]
+
+
+async def test_revoke_from_the_page_cuts_the_host_at_once(host: Host, alice: Client) -> None:
+    started = time.monotonic()
+    assert await alice.json("POST", f"/api/hosts/{host.id}/revoke") == {"revoked": host.id}
+    host.agent.proc.wait(10)  # the channel closed now, not at the next ping; the next dial is refused
+    assert host.agent.proc.returncode == 1 and time.monotonic() - started < 10
+    assert "refuses this host's credential" in host.agent.output()
+    found = await alice.json("GET", f"/api/hosts/{host.id}")
+    assert found["revoked"] is True and found["online"] is False

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -119,10 +120,6 @@ async def _serve(ws: web.WebSocketResponse, host: Host, store: Store, hub: Hub) 
     async def pinger() -> None:
         while not ws.closed:
             await asyncio.sleep(hub.ping_interval)
-            if await asyncio.to_thread(store.revoked, host_id):  # revoked by another process: within a ping
-                log.info("host %s revoked: channel closed", host_id)
-                await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"this host was revoked")
-                return
             if time.monotonic() - heard > 3 * hub.ping_interval:
                 log.info("host %s: no answer to 3 pings, channel closed", host_id)
                 await ws.close(code=WSCloseCode.GOING_AWAY, message=b"no answer to pings")
@@ -144,7 +141,7 @@ async def _serve(ws: web.WebSocketResponse, host: Host, store: Store, hub: Hub) 
                 return
             heard = time.monotonic()
             if isinstance(frame, Pong):
-                await asyncio.to_thread(store.seen, host_id)
+                hub.heard[host_id] = time.time()  # written with every other host's in one go (heartbeat)
             elif isinstance(frame, Metrics):
                 await asyncio.to_thread(store.add_samples, host_id, frame.seq, frame.samples)
                 await ws.send_str(encode(Ack(frame.seq)))
@@ -167,6 +164,39 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+async def heartbeat(app: web.Application) -> None:
+    """Once a second for all hosts together, not once a ping for each (at 1,000 hosts, 200 statements a
+    second less): the pongs heard are written as ``last_seen`` in one statement, and the open channels of
+    hosts revoked meanwhile (by ``dao console revoke`` in another process) are closed."""
+    store, hub = app[STORE_KEY], app[HUB_KEY]
+    every = min(1.0, hub.ping_interval / 2)
+    while True:
+        await asyncio.sleep(every)
+        heard, hub.heard = hub.heard, {}
+        try:
+            if heard:
+                await asyncio.to_thread(store.seen_many, heard)
+            revoked = await asyncio.to_thread(store.revoked_among, set(hub.channels)) if hub.channels else set()
+        except Exception:  # the database went away for a moment: the next beat tries again
+            log.exception("heartbeat")
+            hub.heard = {**heard, **hub.heard}
+            continue
+        for host_id in revoked:
+            ws = hub.channels.get(host_id)
+            if ws is not None:
+                log.info("host %s revoked: channel closed", host_id)
+                await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"this host was revoked")
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/agent/enroll", enroll)
     app.router.add_get("/api/agent/channel", channel)
+
+    async def beating(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.get_running_loop().create_task(heartbeat(app))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.append(beating)

@@ -58,6 +58,7 @@ class Hub:
         self.owners: dict[str, str] = {}  # host ID -> user ID, for the hosts that have been connected
         self.live: dict[str, Live] = {}
         self.pending: dict[str, Pending] = {}
+        self.heard: dict[str, float] = {}  # host ID -> when its last pong came, not yet written
         self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
 
     # -- commands ------------------------------------------------------------------------------------------

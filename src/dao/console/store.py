@@ -25,7 +25,9 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     create_engine,
+    event,
     func,
     inspect,
     select,
@@ -75,6 +77,16 @@ samples_table = Table(
 )
 
 
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """WAL: readers (pages, the API) no longer wait for the writers (metrics, heartbeats), and the other way
+    round; the setting stays with the file, so the accelerator's connections to it get it too. NORMAL sync
+    is safe under WAL (a power cut may lose the last commits, never the file)."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
 class EnrollError(DaoError):
     """An enrolment token that is unknown, used, or expired."""
 
@@ -90,6 +102,8 @@ class Host:
 class Store:
     def __init__(self, url: str) -> None:
         self.engine: Engine = create_engine(url, future=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
         columns = {c["name"] for c in inspect(self.engine).get_columns(hosts_table.name)}
         if "labels" not in columns:  # a database from before labels
@@ -148,11 +162,6 @@ class Store:
             return None
         return Host(row.id, row.user_id, row.name, row.revoked_at is not None)
 
-    def revoked(self, host_id: str) -> bool:
-        with self.engine.connect() as conn:
-            at = conn.execute(select(hosts_table.c.revoked_at).where(hosts_table.c.id == host_id)).first()
-        return at is None or at[0] is not None
-
     def revoke(self, host_id: str) -> bool:
         with self.engine.begin() as conn:
             done = conn.execute(
@@ -177,8 +186,22 @@ class Store:
             )
 
     def seen(self, host_id: str) -> None:
+        self.seen_many({host_id: time.time()})
+
+    def seen_many(self, heard: dict[str, float]) -> None:
+        """``last_seen`` of many hosts in one statement (executemany)."""
+        t = hosts_table
         with self.engine.begin() as conn:
-            conn.execute(update(hosts_table).where(hosts_table.c.id == host_id).values(last_seen=time.time()))
+            conn.execute(
+                update(t).where(t.c.id == bindparam("host")).values(last_seen=bindparam("at")),
+                [{"host": h, "at": at} for h, at in heard.items()],
+            )
+
+    def revoked_among(self, host_ids: set[str]) -> set[str]:
+        t = hosts_table
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(t.c.id).where(t.c.id.in_(host_ids), t.c.revoked_at.is_not(None)))
+            return {r.id for r in rows}
 
     def disconnected(self, host_id: str) -> None:
         with self.engine.begin() as conn:
