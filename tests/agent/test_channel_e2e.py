@@ -14,8 +14,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.services.connect_proxy import ConnectProxy
 from tests.services.console import PING, Console, dao
 from tests.services.mirror import DAO
+from tests.services.postgres import Postgres
 from tests.services.procs import Process, wait_until
 from tests.services.upstream import self_signed
 
@@ -172,14 +174,16 @@ def test_a_revoked_host_is_cut_off_and_its_agent_stops(console, tmp_path: Path) 
     assert missing.returncode == 1 and "no host" in missing.stderr
 
 
-def test_over_https_the_agent_trusts_only_a_certificate_it_was_given(tmp_path: Path) -> None:
+def test_over_https_through_a_proxy_the_agent_trusts_only_a_certificate_it_was_given(tmp_path: Path) -> None:
     key, cert = self_signed(tmp_path, "console", "127.0.0.1", ips=("127.0.0.1",))
     console = Console(tmp_path, users=("alice",), tls=(cert, key))
     config = tmp_path / "agent.toml"
+    proxy = ConnectProxy()
     try:
         untrusted = console.enroll("alice", config)
         assert untrusted.returncode == 1 and "certificate" in untrusted.stderr.lower(), untrusted.stderr
         trusted = {"SSL_CERT_FILE": str(cert)}  # as a private CA is given to any OpenSSL client
+        trusted |= {"HTTPS_PROXY": proxy.url, "NO_PROXY": "", "no_proxy": ""}  # the only way out of a firewall
         done = console.enroll("alice", config, env=trusted)
         assert done.returncode == 0, done.stderr
         env = {"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock", **trusted}
@@ -190,3 +194,26 @@ def test_over_https_the_agent_trusts_only_a_certificate_it_was_given(tmp_path: P
             agent.stop()
     finally:
         console.stop()
+        proxy.stop()
+    target = f"127.0.0.1:{console.port}"
+    assert proxy.tunnels.count(target) >= 2, proxy.tunnels  # the enrolment and the channel both went through it
+
+
+def test_the_console_on_postgresql(tmp_path: Path) -> None:
+    server = Postgres()
+    console = None
+    try:
+        console = Console(tmp_path, users=("alice",), database=server.create_database("console"))
+        config = tmp_path / "agent.toml"
+        assert console.enroll("alice", config).returncode == 0
+        env = {"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"}
+        agent = Process([DAO, "agent", "run", "--config", str(config), "--interval", "0.2"], tmp_path / "a.log", env)
+        try:
+            wait_until(lambda: (h := console.hosts()[0])["online"] and h["metrics"], 30, "online", agent.proc)
+        finally:
+            agent.stop()
+        assert not (console.data / "dao.db").exists()  # everything went to PostgreSQL
+    finally:
+        if console is not None:
+            console.stop()
+        server.stop()

@@ -38,10 +38,12 @@ class Console:
         tls: tuple[Path, Path] | None = None,
         args: tuple[str, ...] = (),
         listen: str = "127.0.0.1",
+        database: str | None = None,
     ) -> None:
         """``listen``: the address it listens on (``0.0.0.0`` for hosts in namespaces of their own); the
         test itself always uses it at 127.0.0.1."""
         self.listen = listen
+        self.database = ["--database", database] if database else []  # else SQLite in the data dir
         self.tls = tls
         self.args = args
         self.data = tmp_path / "console"
@@ -59,13 +61,13 @@ class Console:
         self.start()
 
     def dao(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return dao(*args, "--data-dir", str(self.data), data=self.data, stdin=stdin)
+        return dao(*args, "--data-dir", str(self.data), *self.database, data=self.data, stdin=stdin)
 
     def start(self) -> None:
         argv = [DAO, "console", "serve", "--listen", f"{self.listen}:{self.port}", "--data-dir", str(self.data)]
         if self.tls:
             argv += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
-        argv += self.args
+        argv += [*self.args, *self.database]
         self.proc = Process([*argv, "--ping-interval", str(self.ping)], self.log)
         wait_until(lambda: _answers(f"{self.url}/api/agent/enroll", self.tls), 20, "console", self.proc.proc)
 

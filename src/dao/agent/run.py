@@ -18,8 +18,10 @@ import logging
 import os
 import time
 import tomllib
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -120,6 +122,19 @@ async def enroll(console: str, token: str, path: Path, name: str | None = None) 
     return identity
 
 
+def channel_proxy(url: str) -> str | None:
+    """The proxy for the channel, as for any HTTP(S) client on the host: ``WSS_PROXY``, else ``HTTPS_PROXY``
+    for ``wss://`` (``WS_PROXY``, else ``HTTP_PROXY`` for ``ws://``), none for a ``NO_PROXY`` host. aiohttp
+    alone would look only at the ``WS*`` variables for a WebSocket, and HTTPS_PROXY is what a firewalled
+    host has."""
+    split = urlsplit(url)
+    if split.hostname and urllib.request.proxy_bypass(split.hostname):
+        return None
+    proxies = urllib.request.getproxies()
+    secure = split.scheme == "wss"
+    return proxies.get("wss" if secure else "ws") or proxies.get("https" if secure else "http")
+
+
 class Agent:
     def __init__(self, identity: Identity, state_dir: Path, interval: float = 10.0) -> None:
         self.identity = identity
@@ -159,8 +174,11 @@ class Agent:
         """One connection, until it ends; True when the console welcomed us."""
         url = self.identity.console.replace("http", "ws", 1) + "/api/agent/channel"
         headers = {"Authorization": f"Bearer {self.identity.credential}"}
+        proxy = channel_proxy(url)
         try:
-            async with session.ws_connect(url, headers=headers, max_msg_size=MAX_FRAME, heartbeat=None) as ws:
+            async with session.ws_connect(
+                url, headers=headers, max_msg_size=MAX_FRAME, heartbeat=None, proxy=proxy
+            ) as ws:
                 await ws.send_str(encode(Hello(__version__, await self._facts(), self.ledger.ids())))
                 welcome = decode((await ws.receive(timeout=30)).data)
                 if not isinstance(welcome, Welcome):

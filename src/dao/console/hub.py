@@ -59,6 +59,7 @@ class Hub:
         self.live: dict[str, Live] = {}
         self.pending: dict[str, Pending] = {}
         self.heard: dict[str, float] = {}  # host ID -> when its last pong came, not yet written
+        self.unwritten: list[tuple[str, int, list[dict[str, Any]], web.WebSocketResponse]] = []  # metrics frames
         self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
 
     # -- commands ------------------------------------------------------------------------------------------

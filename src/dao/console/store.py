@@ -34,6 +34,8 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 
 from dao.errors import DaoError
@@ -101,7 +103,10 @@ class Host:
 
 class Store:
     def __init__(self, url: str) -> None:
-        self.engine: Engine = create_engine(url, future=True)
+        # A server database: as many pooled connections as the threads that use them (the default of 5 made
+        # the console open and close a connection per request past the fifth, under load).
+        pool = {} if url.startswith("sqlite") else {"pool_size": 10, "max_overflow": 10}
+        self.engine: Engine = create_engine(url, future=True, **pool)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
@@ -208,22 +213,43 @@ class Store:
             conn.execute(update(hosts_table).where(hosts_table.c.id == host_id).values(connected=False))
 
     def add_samples(self, host_id: str, last_seq: int, samples: list[dict[str, Any]]) -> None:
-        """Store a batch whose last sample is ``last_seq``; samples already stored (a batch sent again after
-        a reconnect) are skipped, so every sample is stored once."""
-        first = last_seq - len(samples) + 1
-        with self.engine.begin() as conn:
-            have = set(
-                conn.execute(
-                    select(samples_table.c.seq).where(
-                        samples_table.c.host_id == host_id, samples_table.c.seq.between(first, last_seq)
-                    )
-                ).scalars()
-            )
-            rows = [
-                {"host_id": host_id, "seq": first + i, "at": float(s.get("at") or 0.0), "data": json.dumps(s)}
-                for i, s in enumerate(samples)
-                if first + i not in have
-            ]
+        self.add_sample_batches([(host_id, last_seq, samples)])
+
+    def add_sample_batches(self, batches: list[tuple[str, int, list[dict[str, Any]]]]) -> None:
+        """Store metrics frames of many hosts in one transaction; each is ``(host, seq of its last sample,
+        samples)``. A sample already stored (a frame sent again after a reconnect) is left as it is, so every
+        sample is stored once."""
+        rows = [
+            {
+                "host_id": host,
+                "seq": last - len(samples) + 1 + i,
+                "at": float(s.get("at") or 0.0),
+                "data": json.dumps(s),
+            }
+            for host, last, samples in batches
+            for i, s in enumerate(samples)
+        ]
+        if not rows:
+            return
+        dialect = self.engine.dialect.name
+        if dialect in ("sqlite", "postgresql"):
+            insert = sqlite_insert if dialect == "sqlite" else postgresql_insert
+            with self.engine.begin() as conn:
+                conn.execute(insert(samples_table).on_conflict_do_nothing(), rows)
+            return
+        with self.engine.begin() as conn:  # another database: look first
+            keys = {(r["host_id"], r["seq"]) for r in rows}
+            c = samples_table.c
+            have = set()
+            for host in {r["host_id"] for r in rows}:
+                seqs = [seq for h, seq in keys if h == host]
+                have |= {
+                    (host, seq)
+                    for seq in conn.execute(
+                        select(c.seq).where(c.host_id == host, c.seq.between(min(seqs), max(seqs)))
+                    ).scalars()
+                }
+            rows = [r for r in rows if (r["host_id"], r["seq"]) not in have]
             if rows:
                 conn.execute(samples_table.insert(), rows)
 
