@@ -286,7 +286,7 @@ def run_one(args: argparse.Namespace, work: Path, backend: str) -> dict:
         back = wait_all(events, 2, args.agents, 300)
         result["back_s"] = back if back is not None else float("nan")
         arrivals = sorted(e["t"] - restarted for e in events.connected(2))
-        result["histogram"] = histogram(arrivals, 5.0)
+        result["histogram"] = histogram(arrivals, 1.0)
     finally:
         for p in procs:
             p.kill()
