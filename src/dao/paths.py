@@ -4,6 +4,7 @@ Base Directory spec), and docker's own files stay where the docker CLI keeps the
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 
@@ -38,8 +39,8 @@ def docker_config_dir() -> Path:
 def write_private(path: Path, text: str) -> None:
     """Replace ``path`` with ``text``, readable by its owner only (mode 600 from the first byte) and whole or
     not at all: the agent's identity and its record of the commands it ran."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # two writers never share one
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)

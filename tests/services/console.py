@@ -108,10 +108,19 @@ def _answers(url: str, tls: tuple[Path, Path] | None = None) -> bool:
     return True
 
 
-def agent(config: Path, log: Path, docker_host: str, interval: float = 0.3, cache: Path | None = None) -> Process:
-    """``dao agent run`` for the engine at ``docker_host``; ``cache``: where its dao pull keeps blobs."""
+def agent(
+    config: Path,
+    log: Path,
+    docker_host: str,
+    interval: float = 0.3,
+    cache: Path | None = None,
+    args: tuple[str, ...] = (),
+) -> Process:
+    """``dao agent run`` for the engine at ``docker_host``; ``cache``: where its dao pull keeps blobs. App
+    replicas go on the network ``none``: the test engines have no bridge."""
     env = {"DOCKER_HOST": docker_host, **({"XDG_CACHE_HOME": str(cache)} if cache else {})}
-    return Process([DAO, "agent", "run", "--config", str(config), "--interval", str(interval)], log, env)
+    argv = [DAO, "agent", "run", "--config", str(config), "--interval", str(interval), "--app-network", "none"]
+    return Process([*argv, *args], log, env)
 
 
 class Client:

@@ -54,9 +54,15 @@ def agent_run(
     interval: Annotated[float, typer.Option(min=0.2, max=3600, help="Seconds between metrics samples.")] = 10.0,
     config: ConfigFile = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    app_network: Annotated[
+        str, typer.Option(help="The Docker network the console's app replicas run on (bridge, host, none, ...).")
+    ] = "bridge",
 ) -> None:
     """Keep this host's channel to the console open: it dials out only, and dials again when it breaks."""
+    from dao.agent import operations
     from dao.agent.run import Agent, Identity, default_config
+
+    operations.NETWORK = app_network
 
     path = config or default_config()
     identity = Identity.load(path)

@@ -27,6 +27,8 @@ async def snapshot(engine: Engine) -> State:
             "state": str(c.get("State", "")),
             "status": str(c.get("Status", "")),
             "created": c.get("Created"),
+            # what the console's scheduler knows its replicas by (dao.app, dao.service, ...); nothing else
+            "labels": {k: str(v) for k, v in (c.get("Labels") or {}).items() if k.startswith("dao.")},
         }
         for c in await engine.containers(stopped=True)
     ]

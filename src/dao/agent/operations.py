@@ -68,7 +68,7 @@ def _lifecycle(action: str) -> Operation:
             elif action == "restart":
                 await engine.restart_container(container, grace=_int(args, "grace", 10, 0, 600))
             else:
-                await engine.remove_container(container)
+                await engine.remove_container(container, force=args.get("force") is True)
             return {"id": container, "done": action}
 
         return await _on_engine(call)
@@ -171,7 +171,106 @@ async def clean_apply(args: dict[str, Any], emit: Emit) -> Any:
     return await _on_engine(call)
 
 
+_LABEL = re.compile(r"dao\.[a-z0-9_.-]{1,40}")
+_VOLUME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+NETWORK = "bridge"  # where app containers go; dao agent run --app-network changes it
+
+
+def _strings(value: Any, where: str, limit: int = 1000) -> list[str]:
+    if not isinstance(value, list) or len(value) > limit or not all(isinstance(v, str) for v in value):
+        raise OperationError(f"args.{where} must be a list of strings")
+    return value
+
+
+async def container_run(args: dict[str, Any], emit: Emit) -> Any:
+    """Create and start one replica of an app's service: an image, its command and environment, published
+    ports, named volumes (made if missing), a restart policy, a healthcheck, limits, and ``dao.*`` labels.
+    No bind mounts, no privileges, no host namespaces: nothing an app may ask for reaches outside its
+    container but its ports and its volumes. The image is pulled first (dao pull) when the policy says so."""
+    name = args.get("name")
+    image = args.get("image")
+    if not isinstance(name, str) or not _CONTAINER.fullmatch(name):
+        raise OperationError("args.name: a container name")
+    if not isinstance(image, str) or not _REFERENCE.fullmatch(image):
+        raise OperationError("args.image: an image reference")
+    labels = args.get("labels") or {}
+    if not isinstance(labels, dict) or not all(
+        _LABEL.fullmatch(str(k)) and isinstance(v, str) for k, v in labels.items()
+    ):
+        raise OperationError("args.labels: dao.* labels only, of strings")
+    command = args.get("command")
+    env = _strings(args.get("env") or [], "env")
+    mounts = []
+    for m in args.get("mounts") or []:
+        if (
+            not isinstance(m, dict)
+            or not _VOLUME.fullmatch(str(m.get("volume")))
+            or not str(m.get("target")).startswith("/")
+        ):
+            raise OperationError("args.mounts: named volumes on absolute paths only")
+        mounts.append(
+            {"Type": "volume", "Source": m["volume"], "Target": m["target"], "ReadOnly": m.get("read_only") is True}
+        )
+    ports: dict[str, list[dict[str, str]]] = {}
+    for p in args.get("ports") or []:
+        if (
+            not isinstance(p, dict)
+            or not isinstance(p.get("container"), int)
+            or p.get("protocol", "tcp") not in ("tcp", "udp")
+        ):
+            raise OperationError("args.ports: {container, host, protocol}")
+        host_port = p.get("host")
+        ports[f"{p['container']}/{p.get('protocol', 'tcp')}"] = [
+            {"HostPort": str(host_port) if isinstance(host_port, int) else ""}
+        ]
+    restart = args.get("restart", "no")
+    if restart not in ("no", "always", "on-failure", "unless-stopped"):
+        raise OperationError("args.restart: no, always, on-failure or unless-stopped")
+    config: dict[str, Any] = {
+        "Image": image,
+        "Env": env,
+        "Labels": labels,
+        "ExposedPorts": {key: {} for key in ports},
+        "HostConfig": {
+            "Mounts": mounts,
+            "PortBindings": ports,
+            "RestartPolicy": {"Name": restart},
+            "NetworkMode": NETWORK,
+            "NanoCpus": int(float(args.get("cpus_limit") or 0) * 1e9),
+            "Memory": int(args.get("memory_limit") or 0),
+        },
+    }
+    if isinstance(command, str):
+        config["Cmd"] = ["/bin/sh", "-c", command]
+    elif command is not None:
+        config["Cmd"] = _strings(command, "command")
+    check = args.get("healthcheck")
+    if isinstance(check, dict):
+        ns = 1_000_000_000
+        config["Healthcheck"] = {
+            "Test": _strings(check.get("test"), "healthcheck.test", 100),
+            "Interval": int(float(check.get("interval", 30)) * ns),
+            "Timeout": int(float(check.get("timeout", 30)) * ns),
+            "Retries": int(check.get("retries", 3)),
+            "StartPeriod": int(float(check.get("start_period", 0)) * ns),
+        }
+    policy = args.get("pull_policy", "missing")
+
+    async def call(engine: Engine) -> Any:
+        present = await engine.inspect_image(image) is not None
+        if policy == "always" or (policy == "missing" and not present):
+            await image_pull({"ref": image}, emit)
+        elif not present:
+            raise OperationError(f"{image} is not on this host and pull_policy is never")
+        container = await engine.create_container(name, config)
+        await engine.start_container(container)
+        return {"id": container, "name": name}
+
+    return await _on_engine(call)
+
+
 OPERATIONS: dict[str, Operation] = {
+    "container.run": container_run,
     "container.start": _lifecycle("start"),
     "container.stop": _lifecycle("stop"),
     "container.restart": _lifecycle("restart"),

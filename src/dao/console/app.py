@@ -12,6 +12,7 @@ from aiohttp import WSCloseCode, web
 from dao.console import accelerator_web, agents, api, auth, install, pages
 from dao.console.accelerator import Accelerator, Settings
 from dao.console.agents import HUB_KEY, STORE_KEY
+from dao.console.apps import web as apps_web
 from dao.console.hub import Hub
 from dao.console.store import Store
 from dao.console.users import Users
@@ -31,6 +32,7 @@ def make_app(
     signup: bool = True,
     secret: bytes | None = None,
     accelerator: Settings | None = None,
+    host_grace: float = 60.0,
 ) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[auth.sessions])
     app[STORE_KEY] = store
@@ -43,6 +45,7 @@ def make_app(
     api.add_routes(app)
     pages.setup(app)
     install.setup(app)
+    apps_web.setup(app, host_grace=host_grace)
     accelerator_web.setup(
         app, Accelerator(store.engine, accounts, secret or secrets.token_bytes(32), accelerator or Settings("", 0))
     )

@@ -63,6 +63,9 @@ def console_serve(
         Path | None,
         typer.Option(help="The console's secret (made on first start; share it between console nodes)."),
     ] = None,
+    host_grace: Annotated[
+        float, typer.Option(min=1, help="Seconds a host may be offline before its app replicas are placed elsewhere.")
+    ] = 60.0,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate (chain): serve HTTPS.")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
     config_file: ConfigOpt = None,
@@ -103,6 +106,7 @@ def console_serve(
         signup=signup,
         secret=_secret(secret_file, config),
         accelerator=_accelerator(accelerator_url, config),
+        host_grace=host_grace,
     )
     try:
         web.run_app(

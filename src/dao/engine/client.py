@@ -158,9 +158,14 @@ class Engine:
     async def inspect_container(self, container: str) -> dict[str, Any]:
         return await self._json("GET", f"/containers/{quote(container, safe='')}/json")
 
-    async def remove_container(self, container: str) -> None:
-        """Without force: the engine refuses (409) a running one."""
-        await self._json("DELETE", f"/containers/{quote(container, safe='')}")
+    async def remove_container(self, container: str, *, force: bool = False) -> None:
+        """Without force: the engine refuses (409) a running one. With it, a running one is killed first."""
+        await self._json("DELETE", f"/containers/{quote(container, safe='')}", params={"force": "1"} if force else None)
+
+    async def create_container(self, name: str, config: dict[str, Any]) -> str:
+        """``POST /containers/create`` with the Engine API's container config; the new container's ID."""
+        created = await self._json("POST", "/containers/create", params={"name": name}, body=config)
+        return str(created.get("Id", ""))
 
     async def start_container(self, container: str) -> None:
         """Already running: the engine answers 304, which is not an error."""
@@ -303,11 +308,17 @@ class Engine:
     # -- transport -----------------------------------------------------------------------------------------
 
     async def _json(
-        self, method: str, path: str, *, versioned: bool = True, params: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        versioned: bool = True,
+        params: dict[str, str] | None = None,
+        body: Any = None,
     ) -> Any:
         url = f"{self._base}/{self.version}{path}" if versioned else f"{self._base}{path}"
         try:
-            async with self.session.request(method, url, params=params or None) as resp:
+            async with self.session.request(method, url, params=params or None, json=body) as resp:
                 text = await resp.text()
                 if resp.status >= 400:
                     raise EngineError(f"{method} {path}: {resp.status} {_message(text)}", resp.status)

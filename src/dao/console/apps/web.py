@@ -1,0 +1,119 @@
+"""The apps' JSON API (the Apps page and ``dao app`` come next): create or update an app from a compose file,
+list them with where each replica runs, delete one. The reconcile loop does the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from dao.console.agents import HUB_KEY, STORE_KEY
+from dao.console.api import json_error, read_body
+from dao.console.apps.compose import ComposeError
+from dao.console.apps.store import Apps
+from dao.console.auth import login_required, session_of
+from dao.console.scheduler.loop import Reconciler
+
+APPS_KEY = web.AppKey("apps", Apps)
+RECONCILER_KEY = web.AppKey("reconciler", Reconciler)
+APP_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
+def _view(request: web.Request, row: dict[str, Any]) -> dict[str, Any]:
+    apps, hub, loop = request.app[APPS_KEY], request.app[HUB_KEY], request.app[RECONCILER_KEY]
+    app = apps.parsed(row["compose"])
+    placed: dict[str, list[dict[str, Any]]] = {name: [] for name in app.services}
+    for host_id, live in hub.live.items():
+        if hub.owners.get(host_id) != row["user_id"] or live.state is None:
+            continue
+        for c in live.state.containers:
+            labels = c.get("labels") or {}
+            if labels.get("dao.app") == row["id"] and labels.get("dao.service") in placed:
+                placed[labels["dao.service"]].append(
+                    {
+                        "replica": int(labels.get("dao.replica", -1)),
+                        "host": host_id,
+                        "container": c.get("name"),
+                        "state": c.get("state"),
+                        "status": c.get("status"),
+                    }
+                )
+    pending = loop.pending.get(row["id"], [])
+    return {
+        "name": row["name"],
+        "id": row["id"],
+        "compose": row["compose"],
+        "updated_at": row["updated_at"],
+        "services": {
+            name: {
+                "image": s.image,
+                "replicas": s.replicas,
+                "placed": sorted(placed[name], key=lambda p: p["replica"]),
+                "pending": [{"replica": p.index, "why": p.why} for p in pending if p.service == name],
+            }
+            for name, s in app.services.items()
+        },
+        "errors": loop.errors(row["id"]),
+    }
+
+
+@login_required
+async def list_apps(request: web.Request) -> web.Response:
+    rows = await asyncio.to_thread(request.app[APPS_KEY].list, session_of(request).user_id)
+    return web.json_response([_view(request, r) for r in rows])
+
+
+@login_required
+async def put_app(request: web.Request) -> web.Response:
+    body = await read_body(request)
+    name = request.match_info.get("name") or body.get("name")
+    compose = body.get("compose")
+    if not isinstance(name, str) or not APP_NAME.fullmatch(name):
+        raise json_error(400, "an app's name is a-z, 0-9, '_' and '-', up to 63")
+    if not isinstance(compose, str):
+        raise json_error(400, 'give the compose file as {"compose": "services: ..."}')
+    try:
+        row = await asyncio.to_thread(request.app[APPS_KEY].put, session_of(request).user_id, name, compose)
+    except ComposeError as exc:
+        raise json_error(400, exc.message) from None
+    return web.json_response(_view(request, row), status=201 if request.method == "POST" else 200)
+
+
+@login_required
+async def get_app(request: web.Request) -> web.Response:
+    row = await asyncio.to_thread(request.app[APPS_KEY].get, session_of(request).user_id, request.match_info["name"])
+    if row is None:
+        raise json_error(404, "no such app")
+    return web.json_response(_view(request, row))
+
+
+@login_required
+async def delete_app(request: web.Request) -> web.Response:
+    done = await asyncio.to_thread(
+        request.app[APPS_KEY].delete, session_of(request).user_id, request.match_info["name"]
+    )
+    if not done:
+        raise json_error(404, "no such app")
+    return web.json_response({"deleted": request.match_info["name"]})
+
+
+def setup(app: web.Application, *, host_grace: float = 60.0, interval: float = 2.0) -> None:
+    apps = Apps(app[STORE_KEY].engine)
+    app[APPS_KEY] = apps
+    app[RECONCILER_KEY] = Reconciler(app[STORE_KEY], apps, app[HUB_KEY], interval=interval, host_grace=host_grace)
+
+    async def reconciling(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.get_running_loop().create_task(app[RECONCILER_KEY].run())
+        yield
+        task.cancel()
+
+    app.cleanup_ctx.append(reconciling)
+    r = app.router
+    r.add_get("/api/apps", list_apps)
+    r.add_post("/api/apps", put_app)
+    r.add_get("/api/apps/{name}", get_app)
+    r.add_put("/api/apps/{name}", put_app)
+    r.add_delete("/api/apps/{name}", delete_app)

@@ -1,0 +1,119 @@
+"""Apps end to end: a compose file given to the console is placed on the owner's hosts by the scheduler and
+run by their agents on their real engines (the docker CLI says what runs where); scaling, constraints on
+labels, a replica that fits nowhere, and deleting the app."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.services import images
+from tests.services.console import Client, Console, agent
+from tests.services.dockerd import Dockerd
+
+COMPOSE = """
+services:
+  web:
+    image: base:1
+    command: ["sh", "-c", "while true; do busybox sleep 1; done"]
+    pull_policy: never
+    restart: always
+    deploy:
+      replicas: {web}
+  batch:
+    image: base:1
+    command: sh -c 'busybox sleep 3600'
+    pull_policy: never
+    deploy:
+      placement:
+        constraints: ["node.labels.role == batch"]
+  gpu:
+    image: base:1
+    pull_policy: never
+    deploy:
+      placement:
+        constraints: ["node.labels.gpu == yes"]
+"""
+
+
+def running(engine: Dockerd, app_id: str) -> dict[str, str]:
+    """The app's containers on this engine: name -> service."""
+    out = engine.docker(
+        "ps", "--filter", f"label=dao.app={app_id}", "--format", '{{.Names}} {{.Label "dao.service"}}'
+    ).stdout.split("\n")
+    return dict(line.split(" ", 1) for line in out if line.strip())
+
+
+async def until(check, seconds: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+@pytest.fixture
+async def pool(tmp_path: Path, dockerd: Dockerd) -> AsyncIterator[tuple[Console, list[Dockerd], list[str]]]:
+    (tmp_path / "second").mkdir()
+    second = Dockerd(tmp_path / "second", [])
+    layer = images.busybox_layer(tmp_path)
+    console = Console(tmp_path, users=("alice",))
+    agents = []
+    try:
+        for i, engine in enumerate((dockerd, second)):
+            engine.docker("import", "--change", 'CMD ["/bin/sh"]', str(layer.path), "base:1")
+            config = tmp_path / f"agent{i}" / "agent.toml"  # each its own state directory
+            assert console.enroll("alice", config).returncode == 0
+            agents.append(agent(config, tmp_path / f"agent{i}.log", f"unix://{engine.sock}"))
+        await until(lambda: len(console.hosts()) == 2 and all(h["online"] for h in console.hosts()), 30, "online")
+        ids = [h["id"] for h in console.hosts()]
+        yield console, [dockerd, second], ids
+    finally:
+        for a in agents:
+            a.stop()
+            assert "Traceback" not in a.output()
+        console.stop()
+        second.stop()
+        assert "Traceback" not in console.log.read_text()
+
+
+async def test_an_app_is_placed_scaled_and_removed(pool) -> None:  # type: ignore[no-untyped-def]
+    console, (e1, e2), (_, h2) = pool
+    async with Client(console.url) as alice:
+        await alice.login("alice")
+        await alice.json("PUT", f"/api/hosts/{h2}/labels", {"labels": {"role": "batch"}})
+        status, refused = await alice.call(
+            "POST", "/api/apps", {"name": "shop", "compose": "services: {x: {build: .}}"}
+        )
+        assert status == 400 and "services.x.build" in refused["error"]
+        made = await alice.json("POST", "/api/apps", {"name": "shop", "compose": COMPOSE.format(web=2)})
+        app = made["id"]
+
+        def placed() -> tuple[list[str], list[str]]:
+            return sorted(running(e1, app).values()), sorted(running(e2, app).values())
+
+        await until(lambda: placed() == (["web"], ["batch", "web"]), 60, "two web replicas spread, batch on h2")
+        view = await alice.json("GET", "/api/apps/shop")
+        assert [p["replica"] for p in view["services"]["web"]["placed"]] == [0, 1]
+        assert view["services"]["gpu"]["pending"] == [
+            {"replica": 0, "why": "no online host satisfies node.labels.gpu == yes"}
+        ]
+
+        await alice.json("PUT", "/api/apps/shop", {"compose": COMPOSE.format(web=3)})
+        await until(lambda: len(running(e1, app)) + len(running(e2, app)) == 4, 60, "a third web replica")
+        web_hosts = sorted([*running(e1, app).values(), *running(e2, app).values()])
+        assert web_hosts == ["batch", "web", "web", "web"]
+        await alice.json("PUT", "/api/apps/shop", {"compose": COMPOSE.format(web=1)})
+        await until(lambda: sorted([*running(e1, app).values(), *running(e2, app).values()]) == ["batch", "web"],
+                    60, "scaled down to one")  # fmt: skip
+
+        async with Client(console.url) as bob_less:  # nobody else's: the same 404 as for no app
+            bob_less.csrf = (await bob_less.json("GET", "/api/me"))["csrf"]
+            assert (await bob_less.call("GET", "/api/apps/shop"))[0] == 401
+        await alice.json("DELETE", "/api/apps/shop")
+        await until(lambda: not running(e1, app) and not running(e2, app), 60, "every replica removed")
+        assert (await alice.call("GET", "/api/apps/shop"))[0] == 404
