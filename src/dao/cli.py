@@ -23,6 +23,7 @@ COMMANDS = {
     "clean": ("dao.clean.cli", "clean_command", "command"),
     "console": ("dao.console.cli", "console_app", "group"),
     "agent": ("dao.agent.cli", "agent_app", "group"),
+    "app": ("dao.console.app_cli", "app_app", "group"),
 }
 
 app = typer.Typer(

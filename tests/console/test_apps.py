@@ -5,6 +5,7 @@ labels, a replica that fits nowhere, and deleting the app."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.services import images
-from tests.services.console import Client, Console, agent
+from tests.services.console import Client, Console, agent, dao
 from tests.services.dockerd import Dockerd
 
 COMPOSE = """
@@ -117,3 +118,20 @@ async def test_an_app_is_placed_scaled_and_removed(pool) -> None:  # type: ignor
         await alice.json("DELETE", "/api/apps/shop")
         await until(lambda: not running(e1, app) and not running(e2, app), 60, "every replica removed")
         assert (await alice.call("GET", "/api/apps/shop"))[0] == 404
+
+    # the same from a script, with an API token
+    token = console.dao("console", "api-token", "alice").stdout.strip()
+    compose = console.data.parent / "compose.yml"
+    compose.write_text(COMPOSE.format(web=2))
+    env = {"DAO_CONSOLE": console.url, "DAO_TOKEN": token}
+    deployed = dao("app", "deploy", "-f", str(compose), "--name", "cli-shop", data=console.data, env=env)
+    assert deployed.returncode == 0 and "cli-shop/web: 2 replica(s) of base:1" in deployed.stdout, deployed.stderr
+    [listed] = json.loads(dao("app", "ls", "--json", data=console.data, env=env).stdout)
+    cli_app = listed["id"]
+    await until(lambda: len(running(e1, cli_app)) + len(running(e2, cli_app)) == 3, 60, "the script's app placed")
+    text = dao("app", "ls", data=console.data, env=env).stdout
+    assert "cli-shop/web  2/2 running" in text and "cli-shop/gpu  0/1 running, 1 pending: no online host" in text
+    wrong = dao("app", "ls", data=console.data, env={**env, "DAO_TOKEN": "daoapi_guessed"})
+    assert wrong.returncode == 1 and "unknown API token" in wrong.stderr and "Traceback" not in wrong.stderr
+    assert dao("app", "rm", "cli-shop", data=console.data, env=env).returncode == 0
+    await until(lambda: not running(e1, cli_app) and not running(e2, cli_app), 60, "the script's app removed")

@@ -7,6 +7,8 @@
   ``dao_csrf`` cookie's (double submit). A browser's ``Origin``, when sent, must be this console. Anything
   else is a 403 before a handler runs.
 - The agents' routes (``/api/agent/``) use the host credential instead and take no cookie.
+- A script may send ``Authorization: Bearer daoapi_...`` (``dao console api-token``) to the other ``/api/``
+  routes: it acts as its user and needs no CSRF token (there is no cookie to ride on).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from dao.console.users import AccountError, Session, Users
+from dao.console.users import API_TOKEN_PREFIX, AccountError, Session, Users
 
 SESSION_COOKIE, CSRF_COOKIE = "dao_session", "dao_csrf"
 SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -46,6 +48,15 @@ async def sessions(request: web.Request, handler: Handler) -> web.StreamResponse
     if request.path.startswith("/api/agent/"):
         return await handler(request)
     users = request.app[USERS_KEY]
+    scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
+    if scheme == "Bearer" and bearer.startswith(API_TOKEN_PREFIX) and is_api(request):
+        # A script's API token: no cookie, so no forgery to guard against; a wrong token is a 401, not a guest.
+        token_session = await asyncio.to_thread(users.by_api_token, bearer.strip()) if len(bearer) <= 100 else None
+        if token_session is None:
+            return refuse(request, 401, "unknown API token")
+        request[SESSION_KEY] = token_session
+        request[CSRF_KEY] = ""
+        return await handler(request)
     cookie = request.cookies.get(SESSION_COOKIE, "")
     session = await asyncio.to_thread(users.session, cookie) if 0 < len(cookie) <= 100 else None
     anonymous = request.cookies.get(CSRF_COOKIE, "")

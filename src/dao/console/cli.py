@@ -191,6 +191,24 @@ def console_enroll_token(
     typer.echo(store.issue_token(_user_id(accounts, user), ttl_hours * 3600))
 
 
+@console_app.command("api-token")
+def console_api_token(
+    user: Annotated[str, typer.Argument(help="The account (log-in name) the token acts as.")],
+    config_file: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database: DatabaseOpt = None,
+) -> None:
+    """Print an API token for scripts and CI (dao app --token, or DAO_TOKEN); it acts as USER."""
+    from dao.console.users import Users
+
+    accounts, store, _ = _open(config_file, data_dir, database)
+    users = Users(store.engine, accounts)
+    user_id = users.user_of(user)
+    if user_id is None:
+        raise fail(f"no account {user!r}", "add one with 'dao console users add'")
+    typer.echo(users.issue_api_token(user_id))
+
+
 @console_app.command("hosts")
 def console_hosts(
     user: Annotated[str | None, typer.Option("--user", help="Only this user's hosts (name or ID).")] = None,

@@ -47,6 +47,15 @@ sessions_table = Table(
     Column("expires_at", Float, nullable=False),
 )
 
+tokens_table = Table(
+    "console_api_tokens",
+    metadata,
+    Column("token_hash", String(100), primary_key=True),
+    Column("user_id", String(63), nullable=False, index=True),
+    Column("created_at", Float, nullable=False),
+)
+
+API_TOKEN_PREFIX = "daoapi_"
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 SESSION_TTL = 14 * 24 * 3600.0
 LOGIN = re.compile(r"[a-z0-9][a-z0-9._-]{1,62}")
@@ -188,6 +197,29 @@ class Users:
         if row is None or row.expires_at < time.time():
             return None
         return Session(row.user_id, row.login, bool(row.admin), row.csrf)
+
+    def issue_api_token(self, user_id: str) -> str:
+        """A token for scripts and CI (``dao app --token``): it acts as its user, until the account goes."""
+        token = API_TOKEN_PREFIX + secrets.token_urlsafe(32)
+        with self.engine.begin() as conn:
+            conn.execute(
+                tokens_table.insert().values(token_hash=secret_hash(token), user_id=user_id, created_at=time.time())
+            )
+        return token
+
+    def by_api_token(self, token: str) -> Session | None:
+        t, a = tokens_table, accounts_table
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(t.c.user_id, a.c.login, a.c.admin)
+                .join(a, a.c.user_id == t.c.user_id)
+                .where(t.c.token_hash == secret_hash(token))
+            ).first()
+        return None if row is None else Session(row.user_id, row.login, bool(row.admin), "")
+
+    def user_of(self, login: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(accounts_table.c.user_id).where(accounts_table.c.login == login)).scalar()
 
     def close_session(self, cookie: str) -> None:
         with self.engine.begin() as conn:
