@@ -57,12 +57,15 @@ async def until(check, seconds: float, what: str) -> None:  # type: ignore[no-un
         await asyncio.sleep(0.2)
 
 
+GRACE = 3.0  # --host-grace in these tests: a host away longer loses its replicas
+
+
 @pytest.fixture
-async def pool(tmp_path: Path, dockerd: Dockerd) -> AsyncIterator[tuple[Console, list[Dockerd], list[str]]]:
+async def pool(tmp_path: Path, dockerd: Dockerd) -> AsyncIterator[tuple[Console, list[Dockerd], list[str], list]]:
     (tmp_path / "second").mkdir()
     second = Dockerd(tmp_path / "second", [])
     layer = images.busybox_layer(tmp_path)
-    console = Console(tmp_path, users=("alice",))
+    console = Console(tmp_path, users=("alice",), args=("--host-grace", str(GRACE)))
     agents = []
     try:
         for i, engine in enumerate((dockerd, second)):
@@ -72,7 +75,7 @@ async def pool(tmp_path: Path, dockerd: Dockerd) -> AsyncIterator[tuple[Console,
             agents.append(agent(config, tmp_path / f"agent{i}.log", f"unix://{engine.sock}"))
         await until(lambda: len(console.hosts()) == 2 and all(h["online"] for h in console.hosts()), 30, "online")
         ids = [h["id"] for h in console.hosts()]
-        yield console, [dockerd, second], ids
+        yield console, [dockerd, second], ids, agents
     finally:
         for a in agents:
             a.stop()
@@ -83,7 +86,7 @@ async def pool(tmp_path: Path, dockerd: Dockerd) -> AsyncIterator[tuple[Console,
 
 
 async def test_an_app_is_placed_scaled_and_removed(pool) -> None:  # type: ignore[no-untyped-def]
-    console, (e1, e2), (_, h2) = pool
+    console, (e1, e2), (_, h2), _ = pool
     async with Client(console.url) as alice:
         await alice.login("alice")
         await alice.json("PUT", f"/api/hosts/{h2}/labels", {"labels": {"role": "batch"}})
@@ -135,3 +138,36 @@ async def test_an_app_is_placed_scaled_and_removed(pool) -> None:  # type: ignor
     assert wrong.returncode == 1 and "unknown API token" in wrong.stderr and "Traceback" not in wrong.stderr
     assert dao("app", "rm", "cli-shop", data=console.data, env=env).returncode == 0
     await until(lambda: not running(e1, cli_app) and not running(e2, cli_app), 60, "the script's app removed")
+
+
+async def test_a_lost_host_s_replicas_run_elsewhere_and_no_duplicate_stays_when_it_returns(pool, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    console, (e1, e2), _, agents = pool
+    async with Client(console.url) as alice:
+        await alice.login("alice")
+        app = (await alice.json("POST", "/api/apps", {"name": "web", "compose": SPREAD}))["id"]
+        await until(lambda: len(running(e1, app)) == 1 and len(running(e2, app)) == 1, 60, "one replica on each")
+        lost = time.monotonic()
+        agents[1].kill()  # the host goes: its agent SIGKILLed, its engine stopped
+        e2.proc.stop(60)
+        await until(lambda: len(running(e1, app)) == 2, GRACE + 60, "both replicas on the host left")
+        print(f"replaced {time.monotonic() - lost:.1f} s after the host went (grace {GRACE} s)")
+        e2._start()  # back: its replica restarts with the engine (restart: always), a copy too many
+        agents[1] = agent(tmp_path / "agent1" / "agent.toml", tmp_path / "agent1-again.log", f"unix://{e2.sock}")
+        await until(lambda: all(h["online"] for h in console.hosts()), 30, "the host online again")
+        await until(lambda: len(running(e1, app)) + len(running(e2, app)) == 2, 60, "the duplicate removed")
+        await asyncio.sleep(3)  # and it stays that way
+        assert len(running(e1, app)) + len(running(e2, app)) == 2
+        view = await alice.json("GET", "/api/apps/web")
+        assert sorted(p["replica"] for p in view["services"]["web"]["placed"]) == [0, 1]
+
+
+SPREAD = """
+services:
+  web:
+    image: base:1
+    command: ["sh", "-c", "while true; do busybox sleep 1; done"]
+    pull_policy: never
+    restart: always
+    deploy:
+      replicas: 2
+"""
