@@ -33,3 +33,14 @@ def shots(tmp_path: Path) -> Path:
     where = Path(os.environ.get("DAO_SCREENSHOTS") or tmp_path / "shots")
     where.mkdir(parents=True, exist_ok=True)
     return where
+
+
+def sign_in(page: object, url: str, name: str) -> None:
+    """Log in through the page, as a person does."""
+    from tests.services.console import PASSWORD
+
+    page.goto(f"{url}/login")  # type: ignore[attr-defined]
+    page.fill("input[name=name]", name)  # type: ignore[attr-defined]
+    page.fill("input[name=password]", PASSWORD)  # type: ignore[attr-defined]
+    page.click("button[type=submit]")  # type: ignore[attr-defined]
+    page.wait_for_url(f"{url}/")  # type: ignore[attr-defined]

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import World
-from tests.console.conftest import shots
-from tests.services.console import PASSWORD, Client, Console
+from tests.console.conftest import shots, sign_in
+from tests.services.console import Client, Console
 from tests.services.mirror import Mirror, skopeo_copy
 from tests.services.procs import free_port
 
@@ -91,11 +91,7 @@ def test_usage_of_a_pull_through_the_address_and_an_approved_quota_reaching_the_
     """In the browser (its session also makes the API calls: Playwright's sync API and asyncio do not mix)."""
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     try:
-        page.goto(f"{console.url}/login")
-        page.fill("input[name=name]", "alice")
-        page.fill("input[name=password]", PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_url(f"{console.url}/")
+        sign_in(page, console.url, "alice")
         csrf = {"X-CSRF-Token": page.get_attribute("meta[name=csrf]", "content") or ""}
         address = page.request.post(f"{console.url}/api/accelerator/address", headers=csrf).json()["address"]
         host = address.split("://", 1)[1]

@@ -7,14 +7,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.console.conftest import shots, sign_in
 from tests.services import images
 from tests.services.console import Client, Console, agent, dao
 from tests.services.dockerd import Dockerd
+from tests.services.procs import wait_until
 
 COMPOSE = """
 services:
@@ -61,7 +63,7 @@ GRACE = 3.0  # --host-grace in these tests: a host away longer loses its replica
 
 
 @pytest.fixture
-async def pool(tmp_path: Path, dockerd: Dockerd) -> AsyncIterator[tuple[Console, list[Dockerd], list[str], list]]:
+def pool(tmp_path: Path, dockerd: Dockerd) -> Iterator[tuple[Console, list[Dockerd], list[str], list]]:
     (tmp_path / "second").mkdir()
     second = Dockerd(tmp_path / "second", [])
     layer = images.busybox_layer(tmp_path)
@@ -71,9 +73,9 @@ async def pool(tmp_path: Path, dockerd: Dockerd) -> AsyncIterator[tuple[Console,
         for i, engine in enumerate((dockerd, second)):
             engine.docker("import", "--change", 'CMD ["/bin/sh"]', str(layer.path), "base:1")
             config = tmp_path / f"agent{i}" / "agent.toml"  # each its own state directory
-            assert console.enroll("alice", config).returncode == 0
+            assert console.enroll("alice", config, name=f"edge-{i + 1}").returncode == 0
             agents.append(agent(config, tmp_path / f"agent{i}.log", f"unix://{engine.sock}"))
-        await until(lambda: len(console.hosts()) == 2 and all(h["online"] for h in console.hosts()), 30, "online")
+        wait_until(lambda: len(console.hosts()) == 2 and all(h["online"] for h in console.hosts()), 30, "online")
         ids = [h["id"] for h in console.hosts()]
         yield console, [dockerd, second], ids, agents
     finally:
@@ -132,8 +134,12 @@ async def test_an_app_is_placed_scaled_and_removed(pool) -> None:  # type: ignor
     [listed] = json.loads(dao("app", "ls", "--json", data=console.data, env=env).stdout)
     cli_app = listed["id"]
     await until(lambda: len(running(e1, cli_app)) + len(running(e2, cli_app)) == 3, 60, "the script's app placed")
-    text = dao("app", "ls", data=console.data, env=env).stdout
-    assert "cli-shop/web  2/2 running" in text and "cli-shop/gpu  0/1 running, 1 pending: no online host" in text
+
+    def listing() -> str:
+        return dao("app", "ls", data=console.data, env=env).stdout
+
+    await until(lambda: "cli-shop/web  2/2 running" in listing(), 30, "the console's view to follow the engines")
+    assert "cli-shop/gpu  0/1 running, 1 pending: no online host satisfies node.labels.gpu == yes" in listing()
     wrong = dao("app", "ls", data=console.data, env={**env, "DAO_TOKEN": "daoapi_guessed"})
     assert wrong.returncode == 1 and "unknown API token" in wrong.stderr and "Traceback" not in wrong.stderr
     assert dao("app", "rm", "cli-shop", data=console.data, env=env).returncode == 0
@@ -171,3 +177,25 @@ services:
     deploy:
       replicas: 2
 """
+
+
+def test_the_apps_page(pool, browser, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    console, (e1, e2), _, _ = pool
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        sign_in(page, console.url, "alice")
+        page.goto(f"{console.url}/apps")
+        page.fill("#app-name", "shop")
+        page.fill("#app-compose", COMPOSE.format(web=2))
+        page.click("#deploy-form button[type=submit]")
+        app = page.locator(".app[data-app=shop]")
+        app.locator("tr[data-service=web] td.running", has_text="2/2").wait_for(timeout=60_000)
+        app.locator(".pending", has_text="no online host satisfies node.labels.gpu == yes").wait_for()
+        page.screenshot(path=shots(tmp_path) / "console-apps.png", full_page=True)
+        placed = [*running(e1, "x"), *running(e2, "x")]  # nothing of another app
+        assert placed == []
+        page.fill("#app-compose", "services: {web: {image: base:1, build: .}}")
+        page.click("#deploy-form button[type=submit]")
+        page.locator("#deploy-said.error", has_text="services.web.build is not supported").wait_for()
+    finally:
+        page.close()

@@ -85,7 +85,10 @@ class Console:
         assert done.returncode == 0, done.stderr
         return done.stdout.strip()
 
-    def enroll(self, user: str, config: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def enroll(
+        self, user: str, config: Path, env: dict[str, str] | None = None, name: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        named = ("--name", name) if name else ()
         return dao(
             "agent",
             "enroll",
@@ -95,6 +98,7 @@ class Console:
             self.token(user),
             "--config",
             str(config),
+            *named,
             data=self.data,
             env=env,
         )

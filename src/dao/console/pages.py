@@ -55,6 +55,11 @@ async def host_page(request: web.Request) -> web.Response:
     return render(request, "host.html", {"host": found})
 
 
+@login_required
+async def apps_page(request: web.Request) -> web.Response:
+    return render(request, "apps.html", {})
+
+
 def setup(app: web.Application) -> None:
     env = aiohttp_jinja2.setup(
         app, loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=jinja2.select_autoescape(["html"])
@@ -66,3 +71,4 @@ def setup(app: web.Application) -> None:
     app.router.add_get("/", hosts_page)
     app.router.add_get("/hosts/add", add_host_page)
     app.router.add_get("/hosts/{host}", host_page)
+    app.router.add_get("/apps", apps_page)

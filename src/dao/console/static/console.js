@@ -447,6 +447,67 @@ function acceleratorPage() {
   pending();
 }
 
-const PAGES = { hosts: hostsPage, "add-host": addHostPage, host: hostPage, accelerator: acceleratorPage };
+// -- Apps -----------------------------------------------------------------------------------------------------
+
+function appsPage() {
+  const box = document.getElementById("apps");
+  let names = {};
+  async function refresh() {
+    const [apps, hosts] = await Promise.all([api("GET", "/api/apps"), api("GET", "/api/hosts")]);
+    names = Object.fromEntries(hosts.map((h) => [h.id, h.name]));
+    box.replaceChildren();
+    if (!apps.length) box.append(el("p", { class: "hint" }, "No apps yet."));
+    for (const a of apps) {
+      const table = el("table", { class: "grid" },
+        el("thead", {}, el("tr", {}, el("th", {}, "Service"), el("th", {}, "Image"), el("th", {}, "Running"), el("th", {}, "Replicas"))));
+      const body = el("tbody");
+      for (const [name, s] of Object.entries(a.services)) {
+        const running = s.placed.filter((p) => p.state === "running").length;
+        const where = el("td", {});
+        for (const p of s.placed) where.append(el("div", {}, `#${p.replica} on ${names[p.host] || p.host}: ${p.state}`));
+        for (const p of s.pending) where.append(el("div", { class: "pending" }, `#${p.replica} pending: ${p.why}`));
+        body.append(el("tr", { "data-service": name }, el("td", {}, name), el("td", {}, s.image),
+          el("td", { class: "running" }, `${running}/${s.replicas}`), where));
+      }
+      table.append(body);
+      const remove = el("button", { class: "danger", type: "button" }, "Delete");
+      remove.addEventListener("click", async () => {
+        if (!confirm(`Delete ${a.name}? Its replicas are removed from your hosts.`)) return;
+        await api("DELETE", `/api/apps/${a.name}`);
+        refresh();
+      });
+      const edit = el("button", { type: "button" }, "Edit");
+      edit.addEventListener("click", () => {
+        document.getElementById("app-name").value = a.name;
+        document.getElementById("app-compose").value = a.compose;
+      });
+      const errors = Object.entries(a.errors || {}).map(([k, v]) => el("p", { class: "error" }, `${k}: ${v}`));
+      box.append(el("div", { class: "app", "data-app": a.name }, el("h3", {}, a.name, " ", edit, " ", remove), table, ...errors));
+    }
+  }
+  document.getElementById("app-file").addEventListener("change", async (e) => {
+    const file = e.target.files[0];
+    if (file) document.getElementById("app-compose").value = await file.text();
+  });
+  document.getElementById("deploy-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const said = document.getElementById("deploy-said");
+    const name = document.getElementById("app-name").value;
+    try {
+      await api("PUT", `/api/apps/${encodeURIComponent(name)}`, { compose: document.getElementById("app-compose").value });
+      said.textContent = `deployed ${name}`;
+      said.className = "hint";
+      refresh();
+    } catch (err) {
+      said.textContent = err.message;
+      said.className = "error";
+    }
+  });
+  refresh();
+  live(debounce(refresh, 300));
+  setInterval(refresh, 5000);
+}
+
+const PAGES = { apps: appsPage, hosts: hostsPage, "add-host": addHostPage, host: hostPage, accelerator: acceleratorPage };
 const page = PAGES[document.body.dataset.page];
 if (page) page();
