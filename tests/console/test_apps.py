@@ -67,7 +67,7 @@ def pool(tmp_path: Path, dockerd: Dockerd) -> Iterator[tuple[Console, list[Docke
     (tmp_path / "second").mkdir()
     second = Dockerd(tmp_path / "second", [])
     layer = images.busybox_layer(tmp_path)
-    console = Console(tmp_path, users=("alice",), args=("--host-grace", str(GRACE)))
+    console = Console(tmp_path, users=("alice",), args=("--host-grace", str(GRACE), "--min-ready", "1"))
     agents = []
     try:
         for i, engine in enumerate((dockerd, second)):
@@ -199,3 +199,36 @@ def test_the_apps_page(pool, browser, tmp_path) -> None:  # type: ignore[no-unty
         page.locator("#deploy-said.error", has_text="services.web.build is not supported").wait_for()
     finally:
         page.close()
+
+
+def specs(engines: list[Dockerd], app_id: str) -> list[str]:
+    """The ``dao.spec`` of each running replica of the app, on all engines."""
+    out = []
+    for engine in engines:
+        listed = engine.docker("ps", "--filter", f"label=dao.app={app_id}", "--format", '{{.Label "dao.spec"}}')
+        out += [line for line in listed.stdout.split() if line]
+    return sorted(out)
+
+
+async def test_a_new_spec_rolls_out_without_a_moment_below_the_replica_count(pool) -> None:  # type: ignore[no-untyped-def]
+    console, engines, _, _ = pool
+    async with Client(console.url) as alice:
+        await alice.login("alice")
+        app = (await alice.json("POST", "/api/apps", {"name": "web", "compose": SPREAD}))["id"]
+        await until(lambda: len(specs(engines, app)) == 2, 60, "two replicas")
+        [old] = set(specs(engines, app))
+        await alice.json(
+            "PUT", "/api/apps/web", {"compose": SPREAD.replace("replicas: 2", "replicas: 2\n    environment: {V: 2}")}
+        )
+        fewest = 2
+        deadline = time.monotonic() + 90
+        while True:  # polled all through the update: never fewer running than asked for
+            now = specs(engines, app)
+            fewest = min(fewest, len(now))
+            if len(now) == 2 and old not in now:
+                break
+            assert time.monotonic() < deadline, f"the update did not finish: {now}"
+            await asyncio.sleep(0.1)
+        assert fewest >= 2, f"{fewest} replica(s) running at one point of the update"
+        [new] = set(specs(engines, app))
+        assert new != old

@@ -103,3 +103,21 @@ def test_a_thousand_hosts_and_five_thousand_replicas() -> None:
     for s in decision.start:
         per_service.setdefault(s.app, set()).add(s.host)
     assert all(len(on) == 5 for on in per_service.values())  # five replicas on five hosts
+
+
+def test_a_new_spec_rolls_out_one_replica_at_a_time_make_before_break() -> None:
+    hosts = [host("a"), host("b")]
+    v2 = Want("shop", "web", 2, "v2")
+    old = [Replica("o0", "a", "shop", "web", 0, "v1", created=1), Replica("o1", "b", "shop", "web", 1, "v1", created=1)]
+    first = decide([v2], old, hosts, NOW)
+    assert [(s.index, s.spec) for s in first.start] == [(0, "v2")] and first.remove == []  # one, beside the old
+    starting = [*old, Replica("n0", first.start[0].host, "shop", "web", 0, "v2", created=2, ready=False)]
+    waiting = decide([v2], starting, hosts, NOW)
+    assert waiting.start == [] and waiting.remove == []  # not ready: the old one keeps serving, the next waits
+    ready = [*old, Replica("n0", first.start[0].host, "shop", "web", 0, "v2", created=2)]
+    next_step = decide([v2], ready, hosts, NOW)
+    assert next_step.remove == [Remove("o0", "a", "replaced by its new spec, now ready")]
+    assert [(s.index, s.spec) for s in next_step.start] == [(1, "v2")]
+    failing = [*old, Replica("n0", "a", "shop", "web", 0, "v2", created=2, running=False, ready=False)]
+    held = decide([v2], failing, hosts, NOW)
+    assert held.remove == [] and held.start == []  # a failed update stops there and keeps the old replicas

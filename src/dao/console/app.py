@@ -33,6 +33,7 @@ def make_app(
     secret: bytes | None = None,
     accelerator: Settings | None = None,
     host_grace: float = 60.0,
+    min_ready: float = 5.0,
 ) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[auth.sessions])
     app[STORE_KEY] = store
@@ -45,7 +46,7 @@ def make_app(
     api.add_routes(app)
     pages.setup(app)
     install.setup(app)
-    apps_web.setup(app, host_grace=host_grace)
+    apps_web.setup(app, host_grace=host_grace, min_ready=min_ready)
     accelerator_web.setup(
         app, Accelerator(store.engine, accounts, secret or secrets.token_bytes(32), accelerator or Settings("", 0))
     )

@@ -66,6 +66,10 @@ def console_serve(
     host_grace: Annotated[
         float, typer.Option(min=1, help="Seconds a host may be offline before its app replicas are placed elsewhere.")
     ] = 60.0,
+    min_ready: Annotated[
+        float,
+        typer.Option(min=0, help="Seconds a new replica without a healthcheck must run before an old one goes."),
+    ] = 5.0,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate (chain): serve HTTPS.")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
     config_file: ConfigOpt = None,
@@ -107,6 +111,7 @@ def console_serve(
         secret=_secret(secret_file, config),
         accelerator=_accelerator(accelerator_url, config),
         host_grace=host_grace,
+        min_ready=min_ready,
     )
     try:
         web.run_app(

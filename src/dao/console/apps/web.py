@@ -100,10 +100,12 @@ async def delete_app(request: web.Request) -> web.Response:
     return web.json_response({"deleted": request.match_info["name"]})
 
 
-def setup(app: web.Application, *, host_grace: float = 60.0, interval: float = 2.0) -> None:
+def setup(app: web.Application, *, host_grace: float = 60.0, min_ready: float = 5.0, interval: float = 2.0) -> None:
     apps = Apps(app[STORE_KEY].engine)
     app[APPS_KEY] = apps
-    app[RECONCILER_KEY] = Reconciler(app[STORE_KEY], apps, app[HUB_KEY], interval=interval, host_grace=host_grace)
+    app[RECONCILER_KEY] = Reconciler(
+        app[STORE_KEY], apps, app[HUB_KEY], interval=interval, host_grace=host_grace, min_ready=min_ready
+    )
 
     async def reconciling(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.get_running_loop().create_task(app[RECONCILER_KEY].run())

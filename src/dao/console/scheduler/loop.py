@@ -91,8 +91,10 @@ class Reconciler:
         interval: float = 2.0,
         host_grace: float = 60.0,
         expiry_lead: float = 600.0,
+        min_ready: float = 5.0,
     ) -> None:
         self.store, self.apps, self.hub = store, apps, hub
+        self.min_ready = min_ready
         self.interval, self.host_grace, self.expiry_lead = interval, host_grace, expiry_lead
         self.tried: dict[tuple[str, str, int], Tried] = {}  # (app, service, index) -> last try
         self.pending: dict[str, list[Pending]] = {}  # app ID -> what cannot be placed, and why
@@ -198,6 +200,15 @@ class Reconciler:
                 labels = c.get("labels") or {}
                 if "dao.app" not in labels or not str(labels.get("dao.replica", "")).isdigit():
                     continue
+                running = c.get("state") == "running"
+                status = str(c.get("status") or "")
+                created = float(c.get("created") or 0)
+                if "(healthy)" in status:
+                    ready = running
+                elif "health" in status:  # (health: starting), (unhealthy)
+                    ready = False
+                else:  # no healthcheck: it has kept running for --min-ready
+                    ready = running and time.time() - created >= self.min_ready
                 out.append(
                     Replica(
                         str(c.get("name") or c.get("id")),
@@ -206,8 +217,9 @@ class Reconciler:
                         labels.get("dao.service", ""),
                         int(labels["dao.replica"]),
                         labels.get("dao.spec", ""),
-                        running=c.get("state") == "running",
-                        created=float(c.get("created") or 0),
+                        running=running,
+                        created=created,
+                        ready=ready,
                     )
                 )
         return out

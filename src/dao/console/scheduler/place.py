@@ -11,7 +11,10 @@ The rules:
 - a replica on a host offline for longer than ``host_grace`` is lost: it is placed again elsewhere. When that
   host comes back, its copy is extra and removed (the replacement stays);
 - a replica index beyond ``replicas``, a replica of an app that is gone, a second copy of one index: removed;
-- a replica that cannot be placed is *pending*, with the reason, and placed nowhere.
+- a replica that cannot be placed is *pending*, with the reason, and placed nowhere;
+- a new spec rolls out one replica at a time per service, make-before-break: a replica of the new spec
+  starts beside the old one, and the old one is removed only once the new one is ready (healthy, or running
+  for ``--min-ready``). One that never gets ready holds the update there, and the old replicas keep serving.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class Replica:
     spec: str
     running: bool = True
     created: float = 0.0
+    ready: bool = True  # running and healthy (its healthcheck passes, or it has run for --min-ready)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,20 +138,41 @@ def decide(
     count: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))  # service -> host -> n
 
     missing: list[tuple[Want, int]] = []
+    stale: list[tuple[Want, int]] = []  # replicas of an older spec with no new one beside them yet
+    updating: set[tuple[str, str]] = set()  # services with a new-spec replica not yet ready
     for want in wanted.values():
+        key = (want.app, want.service)
         for index in range(want.replicas):
             copies = held.get((want.app, want.service, index), [])
             alive = [c for c in copies if not gone(c.host)]
             if not alive:
                 missing.append((want, index))
                 continue
-            # Two copies of one index: a host that was away came back after its replica was placed again.
-            # The newest running one of the current spec stays.
-            keep = min(alive, key=lambda c: (not c.running, c.spec != want.spec, -c.created, c.host))
-            count[(want.app, want.service)][keep.host] += 1
-            for extra in alive:
-                if extra is not keep and hosts_by_id.get(extra.host, Host("")).online:
+            current = [c for c in alive if c.spec == want.spec]
+            older = [c for c in alive if c.spec != want.spec]
+            # Two copies of one spec for one index: a host that was away came back after its replica was placed
+            # again. The newest running one stays.
+            keep = min(current or older, key=lambda c: (not c.running, -c.created, c.host))
+            count[key][keep.host] += 1
+            for extra in current or older:
+                if extra is not keep and _online(hosts_by_id, extra.host):
                     decision.remove.append(Remove(extra.container, extra.host, "a second copy of one replica"))
+            if not older or not current:
+                if older:
+                    stale.append((want, index))
+                continue
+            # A rolling update: the new replica runs beside the old one until it is ready, then the old goes.
+            if keep.ready:
+                for c in older:
+                    if _online(hosts_by_id, c.host):
+                        decision.remove.append(Remove(c.container, c.host, "replaced by its new spec, now ready"))
+            else:
+                updating.add(key)
+    for want, index in stale:  # one new replica at a time per service; a failing one holds the rest back
+        key = (want.app, want.service)
+        if key not in updating:
+            updating.add(key)
+            missing.append((want, index))
 
     # Place the missing ones, service by service, each from a heap of its eligible hosts.
     by_service: dict[tuple[str, str], list[int]] = defaultdict(list)
@@ -186,6 +211,11 @@ def decide(
             counts[placed] += 1
             heapq.heappush(heap, (counts[placed], -free_mem[placed], placed))
     return decision
+
+
+def _online(hosts: dict[str, Host], host_id: str) -> bool:
+    host = hosts.get(host_id)
+    return host is not None and host.online
 
 
 def _fmt(want: Want) -> str:
