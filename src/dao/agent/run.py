@@ -227,17 +227,23 @@ class Agent:
         heard = time.monotonic()
         changed = asyncio.Event()
 
+        following: list[Engine] = []  # the engine whose events are followed: the fresh states come from it too
+
         async def follow_engine() -> None:
             """The state on connect, then each engine event as it happens (and a fresh state after it)."""
             while not ws.closed:
                 try:
                     async with Engine() as engine:
                         await engine.negotiate()
-                        since = time.time()
-                        await self._send(await snapshot(engine))
-                        async for event in follow(engine, since=since):
-                            await self._send(event)
-                            changed.set()
+                        following[:] = [engine]
+                        try:
+                            since = time.time()
+                            await self._send(await snapshot(engine))
+                            async for event in follow(engine, since=since):
+                                await self._send(event)
+                                changed.set()
+                        finally:
+                            following.clear()
                 except EngineError as exc:
                     log.info("no engine state to report: %s", exc)
                 await asyncio.sleep(self.interval)
@@ -247,10 +253,9 @@ class Agent:
                 await changed.wait()
                 await asyncio.sleep(STATE_SETTLE)
                 changed.clear()
-                with contextlib.suppress(EngineError):
-                    async with Engine() as engine:
-                        await engine.negotiate()
-                        await self._send(await snapshot(engine))
+                if following:
+                    with contextlib.suppress(EngineError):
+                        await self._send(await snapshot(following[0]))
 
         async def send_metrics() -> None:
             sent = 0
