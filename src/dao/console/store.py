@@ -190,9 +190,6 @@ class Store:
                 )
             )
 
-    def seen(self, host_id: str) -> None:
-        self.seen_many({host_id: time.time()})
-
     def seen_many(self, heard: dict[str, float]) -> None:
         """``last_seen`` of many hosts in one statement (executemany)."""
         t = hosts_table
@@ -211,9 +208,6 @@ class Store:
     def disconnected(self, host_id: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(update(hosts_table).where(hosts_table.c.id == host_id).values(connected=False))
-
-    def add_samples(self, host_id: str, last_seq: int, samples: list[dict[str, Any]]) -> None:
-        self.add_sample_batches([(host_id, last_seq, samples)])
 
     def add_sample_batches(self, batches: list[tuple[str, int, list[dict[str, Any]]]]) -> None:
         """Store metrics frames of many hosts in one transaction; each is ``(host, seq of its last sample,

@@ -18,7 +18,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import Boolean, Column, Float, Integer, MetaData, String, Table, delete, func, select, update
+from sqlalchemy import Boolean, Column, Float, Integer, MetaData, String, Table, delete, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -144,10 +144,6 @@ class Users:
         ok = check_password(password, row.password_hash if row is not None else _DUMMY)
         return row.user_id if row is not None and ok else None
 
-    def count(self) -> int:
-        with self.engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(accounts_table)).scalar() or 0)
-
     def address_issue(self, user_id: str) -> int:
         with self.engine.connect() as conn:
             found = conn.execute(
@@ -165,10 +161,6 @@ class Users:
                 select(accounts_table.c.user_id, accounts_table.c.login).where(accounts_table.c.user_id.in_(user_ids))
             )
             return {r.user_id: r.login for r in rows}
-
-    def login_of(self, user_id: str) -> str | None:
-        with self.engine.connect() as conn:
-            return conn.execute(select(accounts_table.c.login).where(accounts_table.c.user_id == user_id)).scalar()
 
     # -- sessions ------------------------------------------------------------------------------------------
 

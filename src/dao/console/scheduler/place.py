@@ -187,7 +187,7 @@ def decide(
         want = wants_of[key]
         eligible = [h for h in targets if all(c.holds(h.labels, h.name, h.id) for c in want.constraints)]
         if not eligible:
-            why = _no_host_why(want, hosts_by_id.values(), targets)
+            why = _no_host_why(want, targets)
             decision.pending += [Pending(want.app, want.service, i, why) for i in indexes]
             continue
         counts = count[key]
@@ -227,7 +227,7 @@ def _fmt(want: Want) -> str:
     return " and ".join(parts) or "room"
 
 
-def _no_host_why(want: Want, hosts: Iterable[Host], targets: list[Host]) -> str:
+def _no_host_why(want: Want, targets: list[Host]) -> str:
     if not targets:
         return "no host of the app's owner is online (and not about to expire)"
     failed = [str(c) for c in want.constraints if not any(c.holds(h.labels, h.name, h.id) for h in targets)]
