@@ -21,10 +21,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sqlalchemy import BigInteger, Column, Float, MetaData, String, Table, Text, select, update
-from sqlalchemy.engine import Engine
 
+from dao.console.users import Users
 from dao.errors import DaoError
-from dao.mirror.accounts import Accounts
 from dao.paths import write_private
 
 metadata = MetaData()
@@ -85,30 +84,39 @@ class Settings:
 
 
 class Accelerator:
-    def __init__(self, engine: Engine, accounts: Accounts, secret: bytes, settings: Settings) -> None:
-        self.engine = engine
-        self.accounts = accounts
+    def __init__(self, users: Users, secret: bytes, settings: Settings) -> None:
+        self.users = users
+        self.engine = users.engine
+        self.accounts = users.accounts
         self.secret = secret
         self.settings = settings
-        metadata.create_all(engine)
+        metadata.create_all(self.engine)
 
     # -- the address ---------------------------------------------------------------------------------------
 
-    def address(self, user_id: str, issue: int) -> str | None:
+    def address(self, user_id: str) -> str | None:
+        """The user's address label, None until the console has issued one."""
+        issue = self.users.address_issue(user_id)
         return derive_address(self.secret, user_id, issue) if issue > 0 else None
 
-    def issue(self, user_id: str, current: int) -> tuple[int, str]:
-        """A new address (the old one stops working within the mirror's flush interval): (issue count, label)."""
-        address = derive_address(self.secret, user_id, current + 1)
+    def issue(self, user_id: str) -> str:
+        """A new address label (the old one stops working within the mirror's flush interval)."""
+        issue = self.users.address_issue(user_id) + 1
+        address = derive_address(self.secret, user_id, issue)
         self.accounts.set_address(user_id, address)
-        return current + 1, address
+        self.users.set_address_issue(user_id, issue)
+        return address
 
     def url(self, address: str | None) -> str | None:
         return address_url(self.settings.base_url, address) if address and self.settings.base_url else None
 
+    def mirror(self, user_id: str) -> str | None:
+        """The user's accelerator URL (``http://<label>.<domain>``), when there is one to give."""
+        return self.url(self.address(user_id))
+
     # -- usage ---------------------------------------------------------------------------------------------
 
-    def view(self, user_id: str, issue: int) -> dict[str, Any]:
+    def view(self, user_id: str) -> dict[str, Any]:
         user = self.accounts.user(user_id)
         month = time.strftime("%Y-%m", time.gmtime())
         months = [
@@ -116,7 +124,7 @@ class Accelerator:
             for _, m, u in self.accounts.usage(user_id=user_id)
         ]
         quota = user.quota_bytes if user.quota_bytes is not None else self.settings.default_quota
-        url = self.url(self.address(user_id, issue))
+        url = self.mirror(user_id)
         return {
             "configured": bool(self.settings.base_url),
             "address": url,

@@ -17,9 +17,7 @@ ACCELERATOR_KEY = web.AppKey("accelerator", Accelerator)
 
 
 async def view(request: web.Request) -> dict[str, Any]:
-    user = session_of(request).user_id
-    issue = await asyncio.to_thread(request.app[USERS_KEY].address_issue, user)
-    return await asyncio.to_thread(request.app[ACCELERATOR_KEY].view, user, issue)
+    return await asyncio.to_thread(request.app[ACCELERATOR_KEY].view, session_of(request).user_id)
 
 
 @login_required
@@ -30,11 +28,8 @@ async def accelerator_json(request: web.Request) -> web.Response:
 @login_required
 async def reissue(request: web.Request) -> web.Response:
     """A new address; the old one stops working within the mirror's flush interval."""
-    user = session_of(request).user_id
-    users, accel = request.app[USERS_KEY], request.app[ACCELERATOR_KEY]
-    current = await asyncio.to_thread(users.address_issue, user)
-    issue, address = await asyncio.to_thread(accel.issue, user, current)
-    await asyncio.to_thread(users.set_address_issue, user, issue)
+    accel = request.app[ACCELERATOR_KEY]
+    address = await asyncio.to_thread(accel.issue, session_of(request).user_id)
     return web.json_response({"address": accel.url(address)}, status=201)
 
 

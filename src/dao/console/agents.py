@@ -69,13 +69,9 @@ async def enroll(request: web.Request) -> web.Response:
 
 async def _mirror_of(request: web.Request, user_id: str) -> str | None:
     from dao.console.accelerator_web import ACCELERATOR_KEY
-    from dao.console.auth import USERS_KEY
 
     accel = request.app.get(ACCELERATOR_KEY)
-    if accel is None:
-        return None
-    issue = await asyncio.to_thread(request.app[USERS_KEY].address_issue, user_id)
-    return accel.url(accel.address(user_id, issue))
+    return None if accel is None else await asyncio.to_thread(accel.mirror, user_id)
 
 
 async def channel(request: web.Request) -> web.StreamResponse:

@@ -38,7 +38,7 @@ def make_app(
     app = web.Application(client_max_size=MAX_BODY, middlewares=[auth.sessions])
     app[STORE_KEY] = store
     app[HUB_KEY] = Hub(ping_interval)
-    app[auth.USERS_KEY] = Users(store.engine, accounts)
+    users = app[auth.USERS_KEY] = Users(store.engine, accounts)
     app[api.PUBLIC_URL_KEY] = public_url.rstrip("/")
     app[auth.SIGNUP_KEY] = signup
     agents.add_routes(app)
@@ -47,9 +47,7 @@ def make_app(
     pages.setup(app)
     install.setup(app)
     apps_web.setup(app, host_grace=host_grace, min_ready=min_ready)
-    accelerator_web.setup(
-        app, Accelerator(store.engine, accounts, secret or secrets.token_bytes(32), accelerator or Settings("", 0))
-    )
+    accelerator_web.setup(app, Accelerator(users, secret or secrets.token_bytes(32), accelerator or Settings("", 0)))
 
     async def close_channels(app: web.Application) -> None:
         for ws in list(app[HUB_KEY].channels.values()):

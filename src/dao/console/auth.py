@@ -149,8 +149,7 @@ async def signup(request: web.Request) -> web.StreamResponse:
     if issued is not None:  # a new accelerator user: their address is the console's to derive from now on
         from dao.console.accelerator_web import ACCELERATOR_KEY
 
-        issue, _ = await asyncio.to_thread(request.app[ACCELERATOR_KEY].issue, user_id, 0)
-        await asyncio.to_thread(users.set_address_issue, user_id, issue)
+        await asyncio.to_thread(request.app[ACCELERATOR_KEY].issue, user_id)
     cookie = await asyncio.to_thread(users.open_session, user_id)
     if is_api(request):
         return _start(request, web.json_response({"user": user_id, "name": name}, status=201), cookie)

@@ -170,16 +170,15 @@ def console_users_add(
         raise fail("give the password on standard input with --password-stdin (never on the command line)")
     password = sys.stdin.readline().rstrip("\r\n")
     accounts, store, config = _open(config_file, data_dir, database)
+    users = Users(store.engine, accounts)
     try:
-        user_id, issued = Users(store.engine, accounts).add(name, password, admin=admin or None)
+        user_id, issued = users.add(name, password, admin=admin or None)
     except AccountError as exc:
         raise fail(exc.message) from None
     if issued is not None:  # a new accelerator user: the console derives their address from now on
         from dao.console.accelerator import Accelerator
 
-        accel = Accelerator(store.engine, accounts, _secret(None, config), _accelerator("", config))
-        issue, _ = accel.issue(user_id, 0)
-        Users(store.engine, accounts).set_address_issue(user_id, issue)
+        Accelerator(users, _secret(None, config), _accelerator("", config)).issue(user_id)
     typer.echo(f"account {name} added (user {user_id}); its accelerator address is on the console's Accelerator page")
 
 
