@@ -18,15 +18,18 @@ from tests.services.console import Client, Console, agent, dao
 from tests.services.dockerd import Dockerd
 from tests.services.procs import wait_until
 
-COMPOSE = """
-services:
+WEB = """
   web:
     image: base:1
     command: ["sh", "-c", "while true; do busybox sleep 1; done"]
     pull_policy: never
     restart: always
     deploy:
-      replicas: {web}
+      replicas: {web}"""
+COMPOSE = (
+    "services:"
+    + WEB
+    + """
   batch:
     image: base:1
     command: sh -c 'busybox sleep 3600'
@@ -41,6 +44,7 @@ services:
       placement:
         constraints: ["node.labels.gpu == yes"]
 """
+)
 
 
 def running(engine: Dockerd, app_id: str) -> dict[str, str]:
@@ -167,16 +171,7 @@ async def test_a_lost_host_s_replicas_run_elsewhere_and_no_duplicate_stays_when_
         assert sorted(p["replica"] for p in view["services"]["web"]["placed"]) == [0, 1]
 
 
-SPREAD = """
-services:
-  web:
-    image: base:1
-    command: ["sh", "-c", "while true; do busybox sleep 1; done"]
-    pull_policy: never
-    restart: always
-    deploy:
-      replicas: 2
-"""
+SPREAD = "services:" + WEB.format(web=2) + "\n"
 
 
 def test_the_apps_page(pool, browser, tmp_path) -> None:  # type: ignore[no-untyped-def]
