@@ -24,6 +24,7 @@ COMMANDS = {
     "console": ("dao.console.cli", "console_app", "group"),
     "agent": ("dao.agent.cli", "agent_app", "group"),
     "app": ("dao.console.app_cli", "app_app", "group"),
+    "capsule": ("dao.agent.capsule_cli", "capsule_app", "group"),
 }
 
 app = typer.Typer(

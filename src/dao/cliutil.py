@@ -6,6 +6,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import json
+import os
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, get_origin, get_type_hints
@@ -22,6 +26,10 @@ DatabaseOpt = Annotated[
     str | None, typer.Option("--database", help="SQLAlchemy URL. [default: sqlite:///DATA_DIR/dao.db]")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+ConsoleOpt = Annotated[
+    str | None, typer.Option("--console", metavar="URL", help="The console. [default: $DAO_CONSOLE]")
+]
+TokenOpt = Annotated[str | None, typer.Option("--token", help="An API token. [default: $DAO_TOKEN]")]
 
 
 def fail(message: str, hint: str | None = None, code: int = USAGE) -> DaoError:
@@ -79,3 +87,32 @@ def with_settings(cls: type, *, before: tuple[str, ...] = ()) -> Callable[[F], F
         return command  # type: ignore[return-value]
 
     return decorate
+
+
+def console_call(console: str | None, token: str | None, method: str, path: str, body: Any = None) -> Any:
+    """One call of the console's JSON API with an API token (``dao app``, ``dao capsule create``); the
+    console's refusal, or the reason it cannot be reached, as a DaoError (exit 1)."""
+    console = (console or os.environ.get("DAO_CONSOLE") or "").rstrip("/")
+    token = token or os.environ.get("DAO_TOKEN")
+    if not console:
+        raise fail("which console? give --console URL (or set DAO_CONSOLE)")
+    if not token:
+        raise fail("give an API token: --token (or DAO_TOKEN)", "make one with 'dao console api-token NAME'")
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        console + path,
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=300) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            why = json.loads(exc.read()).get("error")
+        except (ValueError, AttributeError):
+            why = None
+        raise fail(f"the console says: {why or exc.reason} ({exc.code})", code=1) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise fail(f"cannot reach the console at {console}: {getattr(exc, 'reason', exc)}", code=1) from None

@@ -16,7 +16,7 @@ from tests.console.conftest import shots, sign_in
 from tests.services import images
 from tests.services.console import Client, Console, agent, dao
 from tests.services.dockerd import Dockerd
-from tests.services.procs import wait_until
+from tests.services.procs import until, wait_until
 
 WEB = """
   web:
@@ -53,14 +53,6 @@ def running(engine: Dockerd, app_id: str) -> dict[str, str]:
         "ps", "--filter", f"label=dao.app={app_id}", "--format", '{{.Names}} {{.Label "dao.service"}}'
     ).stdout.split("\n")
     return dict(line.split(" ", 1) for line in out if line.strip())
-
-
-async def until(check, seconds: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-        await asyncio.sleep(0.2)
 
 
 GRACE = 3.0  # --host-grace in these tests: a host away longer loses its replicas

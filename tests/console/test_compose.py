@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from dao.console.apps.compose import ComposeError, Constraint, Healthcheck, Mount, Port, duration, parse
@@ -110,3 +112,12 @@ def test_durations() -> None:
     assert [duration(v, "d") for v in ("30s", "1m30s", "1h", "500ms", 2, "1m")] == [30, 90, 3600, 0.5, 2, 60]
     with pytest.raises(ComposeError):
         duration("soon", "d")
+
+
+def test_dollar_dollar_is_a_literal_dollar_and_a_variable_is_refused() -> None:
+    app = parse("services: {a: {image: x, command: 'echo $$n $$((1+1))', environment: {P: 'a$$b'}}}")
+    assert app.services["a"].command == "echo $n $((1+1))"
+    assert dict(app.services["a"].environment) == {"P": "a$b"}
+    for text, where in (("command: 'echo $HOME'", "services.a.command"), ("image: 'x:${TAG}'", "services.a.image")):
+        with pytest.raises(ComposeError, match=f"{re.escape(where)}: variable interpolation"):
+            parse("services: {a: {image: x, " + text + "}}" if "command" in text else "services: {a: {" + text + "}}")

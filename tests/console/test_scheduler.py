@@ -1,5 +1,5 @@
 """The scheduler's decisions on hand-made pools: placement, spreading, constraints, capacity, expiring and
-lost hosts, hosts that come back, scaling down, apps that are gone."""
+lost hosts, hosts that come back, scaling down, apps that are gone, replicas moving off a capsule."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_a_host_away_past_the_grace_loses_its_replicas_and_gets_them_removed_whe
     # placed again as c2 on b; then a comes back with its old c0: the old copy goes, the new one stays
     back = [*running, Replica("c2", "b", "shop", "web", 0, "v1", created=2)]
     decision = decide([web(2)], back, [host("a"), host("b")], NOW)
-    assert decision.start == [] and decision.remove == [Remove("c0", "a", "a second copy of one replica")]
+    assert decision.start == [] and decision.remove == [Remove("c0", "a", "a second copy of one replica", drain=True)]
 
 
 def test_scaled_down_and_deleted_apps_are_removed() -> None:
@@ -116,8 +116,49 @@ def test_a_new_spec_rolls_out_one_replica_at_a_time_make_before_break() -> None:
     assert waiting.start == [] and waiting.remove == []  # not ready: the old one keeps serving, the next waits
     ready = [*old, Replica("n0", first.start[0].host, "shop", "web", 0, "v2", created=2)]
     next_step = decide([v2], ready, hosts, NOW)
-    assert next_step.remove == [Remove("o0", "a", "replaced by its new spec, now ready")]
+    assert next_step.remove == [Remove("o0", "a", "replaced by its new spec, now ready", drain=True)]
     assert [(s.index, s.spec) for s in next_step.start] == [(1, "v2")]
     failing = [*old, Replica("n0", "a", "shop", "web", 0, "v2", created=2, running=False, ready=False)]
     held = decide([v2], failing, hosts, NOW)
     assert held.remove == [] and held.start == []  # a failed update stops there and keeps the old replicas
+
+
+def test_replicas_move_off_a_host_about_to_expire_make_before_break() -> None:
+    hosts = [host("capsule", expires_at=NOW + 300), host("b")]
+    on_capsule = [Replica("c0", "capsule", "shop", "web", 0, "v1", created=1)]
+    first = decide([web(1)], on_capsule, hosts, NOW, expiry_lead=600)
+    assert first.start == [Start("shop", "web", 0, "b", "v1")] and first.remove == []  # the old one serves on
+    starting = [*on_capsule, Replica("n0", "b", "shop", "web", 0, "v1", created=2, ready=False)]
+    waiting = decide([web(1)], starting, hosts, NOW, expiry_lead=600)
+    assert waiting.start == [] and waiting.remove == []
+    ready = [*on_capsule, Replica("n0", "b", "shop", "web", 0, "v1", created=2)]
+    done = decide([web(1)], ready, hosts, NOW, expiry_lead=600)
+    assert done.start == [] and done.remove == [Remove("c0", "capsule", "moved off a host about to expire", True)]
+    # the copy on the lasting host is the one kept even when the capsule's is newer
+    newer = [Replica("c0", "capsule", "shop", "web", 0, "v1", created=3), Replica("n0", "b", "shop", "web", 0, "v1")]
+    assert [r.container for r in decide([web(1)], newer, hosts, NOW, expiry_lead=600).remove] == ["c0"]
+    # before the lead mark nothing moves
+    assert decide([web(1)], on_capsule, hosts, NOW, expiry_lead=60) == decide(
+        [web(1)], on_capsule, hosts, NOW, expiry_lead=60
+    )
+    assert decide([web(1)], on_capsule, hosts, NOW, expiry_lead=60).start == []
+
+
+def test_a_stateful_replica_moves_with_its_volumes_and_nowhere_to_go_is_pending() -> None:
+    hosts = [host("capsule", expires_at=NOW + 300), host("b")]
+    db = Want("shop", "db", 1, "v1", stateful=True)
+    old = Replica("d0", "capsule", "shop", "db", 0, "v1", created=1)
+    [start] = decide([db], [old], hosts, NOW, expiry_lead=600).start
+    assert start == Start("shop", "db", 0, "b", "v1", move_from=old)
+    # under way: the old one stopped, the new one made and not yet started: no second move, nothing removed
+    moving = [Replica("d0", "capsule", "shop", "db", 0, "v1", running=False, ready=False),
+              Replica("n0", "b", "shop", "db", 0, "v1", created=2, running=False, ready=False)]  # fmt: skip
+    assert decide([db], moving, hosts, NOW, expiry_lead=600).start == []
+    moved = [moving[0], Replica("n0", "b", "shop", "db", 0, "v1", created=2)]
+    assert decide([db], moved, hosts, NOW, expiry_lead=600).remove == [
+        Remove("d0", "capsule", "moved off a host about to expire", False)
+    ]
+    alone = decide([db], [old], hosts[:1], NOW, expiry_lead=600)
+    assert alone.start == [] and alone.pending == [
+        Pending("shop", "db", 0, "no host of the app's owner is online (and not about to expire)", moving=True)
+    ]

@@ -14,7 +14,8 @@ def _ip(*args: str) -> None:
 
 
 class NetHost:
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, open_ports: tuple[int, ...] = ()) -> None:
+        """``open_ports``: TCP ports that do take new connections in (an app's published port)."""
         assert 0 < index < 250
         self.name = f"dao-h{index}-{os.getpid()}"
         self.outside_if, self.inside_if = f"dvc{index}", f"dvh{index}"
@@ -30,9 +31,10 @@ class NetHost:
                 ("link", "set", self.inside_if, "up"),
             ):
                 _ip("netns", "exec", self.name, "ip", *args)
+            opened = "".join(f'  iifname "{self.inside_if}" tcp dport {p} accept\n' for p in open_ports)
             rules = (
                 "table inet dao {\n chain inbound {\n  type filter hook input priority 0; policy accept;\n"
-                f'  iifname "{self.inside_if}" ct state new drop\n }}\n}}\n'
+                f'{opened}  iifname "{self.inside_if}" ct state new drop\n }}\n}}\n'
             )
             subprocess.run(["ip", "netns", "exec", self.name, "nft", "-f", "-"], input=rules, text=True, check=True)
         except BaseException:

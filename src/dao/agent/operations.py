@@ -263,7 +263,8 @@ async def container_run(args: dict[str, Any], emit: Emit) -> Any:
         elif not present:
             raise OperationError(f"{image} is not on this host and pull_policy is never")
         container = await engine.create_container(name, config)
-        await engine.start_container(container)
+        if args.get("start", True) is not False:  # (not yet: a moved replica gets its volumes' copy first)
+            await engine.start_container(container)
         return {"id": container, "name": name}
 
     return await _on_engine(call)

@@ -19,6 +19,7 @@ import os
 import time
 import tomllib
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -26,9 +27,11 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from dao import __version__
+from dao.agent import volumes
 from dao.agent.engine_state import follow, snapshot
 from dao.agent.host import Sampler, facts
-from dao.agent.operations import OPERATIONS
+from dao.agent.operations import OPERATIONS, Operation
+from dao.agent.volumes import VOLUME_OPERATIONS
 from dao.aio import full_jitter
 from dao.channel.frames import (
     MAX_FRAME,
@@ -136,8 +139,23 @@ def channel_proxy(url: str) -> str | None:
 
 
 class Agent:
-    def __init__(self, identity: Identity, state_dir: Path, interval: float = 10.0) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        state_dir: Path,
+        interval: float = 10.0,
+        operations: dict[str, Operation] | None = None,
+        extra_facts: Callable[[], dict[str, object]] | None = None,
+        report_engine: bool = True,
+    ) -> None:
+        """``operations``: what this agent runs for the console (a capsule provider's are its own);
+        ``extra_facts``: more to say in each hello; ``report_engine``: follow the local engine (a provider
+        has none to report)."""
+        self.report_engine = report_engine
         self.identity = identity
+        self.operations = {**OPERATIONS, **VOLUME_OPERATIONS} if operations is None else operations
+        self.extra_facts = extra_facts
+        volumes.TRANSFERS = state_dir / "transfers"
         self.interval = interval
         self.outbox = Outbox()
         self.ledger = Ledger(state_dir / "commands.json")
@@ -199,10 +217,11 @@ class Agent:
             log.warning("channel to %s: %s: %s", self.identity.console, exc.__class__.__name__, exc)
         return False
 
-    @staticmethod
-    async def _facts() -> dict[str, object]:
+    async def _facts(self) -> dict[str, object]:
         """The host's facts, with its engine's version when the engine answers."""
         found: dict[str, object] = dict(facts())
+        if self.extra_facts is not None:
+            found.update(self.extra_facts())
         with contextlib.suppress(EngineError, TimeoutError):
             async with asyncio.timeout(5), Engine() as engine:
                 found["docker"] = (await engine.negotiate()).server_version
@@ -278,7 +297,8 @@ class Agent:
                     await ws.close()
                     return
 
-        tasks = [asyncio.ensure_future(t()) for t in (follow_engine, send_state, send_metrics, watchdog)]
+        jobs = (follow_engine, send_state, send_metrics, watchdog) if self.report_engine else (send_metrics, watchdog)
+        tasks = [asyncio.ensure_future(t()) for t in jobs]
         try:
             async for msg in ws:
                 if msg.type != aiohttp.WSMsgType.TEXT:
@@ -312,7 +332,7 @@ class Agent:
             known = self.ledger.result(command.id) or {"ok": False, "data": "unknown"}
             await self._send(Result(command.id, bool(known["ok"]), known["data"]))
             return
-        operation = OPERATIONS.get(command.op)
+        operation = self.operations.get(command.op)
         if operation is None or len(self._running) >= MAX_RUNNING:
             why = f"unknown operation {command.op[:60]!r}" if operation is None else "too many commands running"
             self.ledger.end(command.id, False, why)

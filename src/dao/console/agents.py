@@ -85,6 +85,7 @@ async def channel(request: web.Request) -> web.StreamResponse:
     old = hub.channels.get(host.id)
     hub.channels[host.id] = ws
     hub.owners[host.id] = host.user_id
+    hub.addresses[host.id] = request.remote or ""
     if old is not None:
         await old.close(code=WSCloseCode.POLICY_VIOLATION, message=b"replaced by a new connection")
     try:

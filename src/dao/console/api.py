@@ -33,6 +33,7 @@ RANGES = {"1h": 3600, "1d": 86400}
 CHART_POINTS = 720
 PLAN_TTL = 3600.0  # seconds a clean plan shown in a page may be applied
 KEEPALIVE = 15.0  # seconds between comments on an idle event stream (a proxy closes a silent one)
+CAPSULE_ENDS_KEY = web.AppKey("capsule_ends", dict)  # host ID -> when the capsule ends (Capsules.ends)
 PUBLIC_URL_KEY = web.AppKey("public_url", str)  # the console's URL as hosts reach it; "" = as the page came
 
 
@@ -79,6 +80,7 @@ def with_live(request: web.Request, host: dict[str, Any]) -> dict[str, Any]:
         "disk_use": state.disk if state else {},
         "events": list(live.events) if live else [],
         "counts": {"running": sum(1 for c in containers if c.get("state") == "running"), "total": len(containers)},
+        "expires_at": request.app[CAPSULE_ENDS_KEY].get(host["id"]),  # a capsule's end, else None
     }
 
 

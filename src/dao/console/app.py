@@ -9,7 +9,7 @@ import secrets
 
 from aiohttp import WSCloseCode, web
 
-from dao.console import accelerator_web, agents, api, auth, install, pages
+from dao.console import accelerator_web, agents, api, auth, capsules_web, install, pages
 from dao.console.accelerator import Accelerator, Settings
 from dao.console.agents import HUB_KEY, STORE_KEY
 from dao.console.apps import web as apps_web
@@ -34,6 +34,8 @@ def make_app(
     accelerator: Settings | None = None,
     host_grace: float = 60.0,
     min_ready: float = 5.0,
+    migrate_lead: float = 600.0,
+    capsules_per_user: int = 2,
 ) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[auth.sessions])
     app[STORE_KEY] = store
@@ -46,7 +48,16 @@ def make_app(
     api.add_routes(app)
     pages.setup(app)
     install.setup(app)
-    apps_web.setup(app, host_grace=host_grace, min_ready=min_ready)
+    capsules = capsules_web.setup(app, per_user=capsules_per_user)
+    app[api.CAPSULE_ENDS_KEY] = capsules.ends
+    apps_web.setup(
+        app,
+        host_grace=host_grace,
+        min_ready=min_ready,
+        migrate_lead=migrate_lead,
+        capsules=capsules,
+        console_url=public_url.rstrip("/"),
+    )
     accelerator_web.setup(app, Accelerator(users, secret or secrets.token_bytes(32), accelerator or Settings("", 0)))
 
     async def close_channels(app: web.Application) -> None:

@@ -4,51 +4,16 @@
 from __future__ import annotations
 
 import json
-import os
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from dao.cliutil import JsonOpt, fail
+from dao.cliutil import ConsoleOpt, JsonOpt, TokenOpt, console_call, fail
 
 app_app = typer.Typer(
     help="Apps (compose files) on the dao console's pool of hosts.", no_args_is_help=True, rich_markup_mode=None
 )
-
-ConsoleOpt = Annotated[
-    str | None, typer.Option("--console", metavar="URL", help="The console. [default: $DAO_CONSOLE]")
-]
-TokenOpt = Annotated[str | None, typer.Option("--token", help="An API token. [default: $DAO_TOKEN]")]
-
-
-def _call(console: str | None, token: str | None, method: str, path: str, body: Any = None) -> Any:
-    console = (console or os.environ.get("DAO_CONSOLE") or "").rstrip("/")
-    token = token or os.environ.get("DAO_TOKEN")
-    if not console:
-        raise fail("which console? give --console URL (or set DAO_CONSOLE)")
-    if not token:
-        raise fail("give an API token: --token (or DAO_TOKEN)", "make one with 'dao console api-token NAME'")
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(
-        console + path,
-        data=data,
-        method=method,
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as resp:
-            return json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        try:
-            why = json.loads(exc.read()).get("error")
-        except (ValueError, AttributeError):
-            why = None
-        raise fail(f"the console says: {why or exc.reason} ({exc.code})", code=1) from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise fail(f"cannot reach the console at {console}: {getattr(exc, 'reason', exc)}", code=1) from None
 
 
 @app_app.command("deploy")
@@ -64,7 +29,7 @@ def app_deploy(
         compose = file.read_text()
     except OSError as exc:
         raise fail(f"cannot read {file}: {exc.strerror or exc}") from None
-    done = _call(console, token, "PUT", f"/api/apps/{name}", {"compose": compose})
+    done = console_call(console, token, "PUT", f"/api/apps/{name}", {"compose": compose})
     if as_json:
         typer.echo(json.dumps(done))
         return
@@ -76,7 +41,7 @@ def app_deploy(
 @app_app.command("ls")
 def app_ls(console: ConsoleOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """Your apps, and where each replica runs (or why it is pending)."""
-    apps = _call(console, token, "GET", "/api/apps")
+    apps = console_call(console, token, "GET", "/api/apps")
     if as_json:
         typer.echo(json.dumps(apps))
         return
@@ -92,5 +57,5 @@ def app_rm(
     name: Annotated[str, typer.Argument(help="The app.")], console: ConsoleOpt = None, token: TokenOpt = None
 ) -> None:
     """Delete the app: its replicas are removed from your hosts (its named volumes stay)."""
-    _call(console, token, "DELETE", f"/api/apps/{name}")
+    console_call(console, token, "DELETE", f"/api/apps/{name}")
     typer.echo(f"deleted {name}")

@@ -70,6 +70,11 @@ def console_serve(
         float,
         typer.Option(min=0, help="Seconds a new replica without a healthcheck must run before an old one goes."),
     ] = 5.0,
+    migrate_lead: Annotated[
+        float,
+        typer.Option(min=0, help="Seconds before a capsule host expires that its app replicas start moving off it."),
+    ] = 600.0,
+    capsules_per_user: Annotated[int, typer.Option(min=0, help="Capsule hosts one user may have at once.")] = 2,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate (chain): serve HTTPS.")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
     config_file: ConfigOpt = None,
@@ -112,6 +117,8 @@ def console_serve(
         accelerator=_accelerator(accelerator_url, config),
         host_grace=host_grace,
         min_ready=min_ready,
+        migrate_lead=migrate_lead,
+        capsules_per_user=capsules_per_user,
     )
     try:
         web.run_app(

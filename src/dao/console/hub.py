@@ -56,6 +56,7 @@ class Hub:
         self.ping_interval = ping_interval
         self.channels: dict[str, web.WebSocketResponse] = {}
         self.owners: dict[str, str] = {}  # host ID -> user ID, for the hosts that have been connected
+        self.addresses: dict[str, str] = {}  # host ID -> the address its channel came from (its apps' endpoints)
         self.live: dict[str, Live] = {}
         self.pending: dict[str, Pending] = {}
         self.heard: dict[str, float] = {}  # host ID -> when its last pong came, not yet written

@@ -162,6 +162,12 @@ class Users:
             )
             return {r.user_id: r.login for r in rows}
 
+    def admins(self, user_ids: set[str]) -> set[str]:
+        """Which of these users are admins."""
+        a = accounts_table.c
+        with self.engine.connect() as conn:
+            return set(conn.execute(select(a.user_id).where(a.user_id.in_(user_ids), a.admin.is_(True))).scalars())
+
     # -- sessions ------------------------------------------------------------------------------------------
 
     def open_session(self, user_id: str) -> str:

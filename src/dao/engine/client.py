@@ -305,6 +305,30 @@ class Engine:
             messages.append(msg)
         return messages
 
+    async def get_archive(self, container: str, path: str) -> AsyncIterator[bytes]:
+        """A tar stream of ``path`` in the container (``docker cp`` out; the container may be stopped)."""
+        url = f"{self._base}/{self.version}/containers/{quote(container, safe='')}/archive"
+        try:
+            async with self.session.get(url, params={"path": path}) as resp:
+                if resp.status >= 400:
+                    raise EngineError(f"GET archive: {resp.status} {_message(await resp.text())}", resp.status)
+                async for chunk in resp.content.iter_chunked(256 * 1024):
+                    yield chunk
+        except aiohttp.ClientError as exc:
+            raise self._unreachable(exc) from exc
+
+    async def put_archive(self, container: str, path: str, body: AsyncIterator[bytes]) -> None:
+        """Unpack a tar stream into the directory ``path`` of a (created, not necessarily started) container."""
+        url = f"{self._base}/{self.version}/containers/{quote(container, safe='')}/archive"
+        try:
+            async with self.session.put(
+                url, params={"path": path}, data=body, headers={"Content-Type": "application/x-tar"}
+            ) as resp:
+                if resp.status >= 400:
+                    raise EngineError(f"PUT archive: {resp.status} {_message(await resp.text())}", resp.status)
+        except aiohttp.ClientError as exc:
+            raise self._unreachable(exc) from exc
+
     # -- transport -----------------------------------------------------------------------------------------
 
     async def _json(

@@ -116,6 +116,7 @@ def parse(text: str | bytes) -> App:
         raise ComposeError(f"not valid YAML: {exc}") from None
     if not isinstance(doc, dict):
         raise ComposeError("a compose file is a mapping with 'services'")
+    doc = _literal(doc, "")
     _only(doc, TOP_KEYS, "")
     services = doc.get("services")
     if not isinstance(services, dict) or not services:
@@ -129,6 +130,27 @@ def parse(text: str | bytes) -> App:
             raise ComposeError(f"volumes.{name}: options are not supported (dao makes plain local volumes)")
     parsed = {str(name): _service(str(name), spec, set(map(str, declared))) for name, spec in services.items()}
     return App(parsed, tuple(sorted(map(str, declared))))
+
+
+_VARIABLE = re.compile(r"\$(\{[^}]*\}?|[A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _literal(value: Any, where: str) -> Any:
+    """Compose's interpolation, as far as dao goes: ``$$`` is a literal ``$`` (so a shell command reads as
+    it does under docker compose); a variable (``$NAME``, ``${NAME}``) is refused, never left as text."""
+    if isinstance(value, str):
+        found = _VARIABLE.search(value.replace("$$", ""))
+        if found:
+            raise ComposeError(
+                f"{where.lstrip('.')}: variable interpolation ({found.group(0)}) is not supported; "
+                "write the value itself, or $$ for a literal $"
+            )
+        return value.replace("$$", "$")
+    if isinstance(value, dict):
+        return {k: _literal(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_literal(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
 
 
 def _budget(node: yaml.Node | None) -> None:

@@ -15,6 +15,7 @@ from dao.console.api import json_error, read_body
 from dao.console.apps.compose import ComposeError
 from dao.console.apps.store import Apps
 from dao.console.auth import login_required, session_of
+from dao.console.capsules import Capsules
 from dao.console.scheduler.loop import Reconciler
 
 APPS_KEY = web.AppKey("apps", Apps)
@@ -26,21 +27,35 @@ def _view(request: web.Request, row: dict[str, Any]) -> dict[str, Any]:
     apps, hub, loop = request.app[APPS_KEY], request.app[HUB_KEY], request.app[RECONCILER_KEY]
     app = apps.parsed(row["compose"])
     placed: dict[str, list[dict[str, Any]]] = {name: [] for name in app.services}
+    ready = {(r.host, r.container): r.ready for r in loop.replicas_of(set(hub.live))}
     for host_id, live in hub.live.items():
         if hub.owners.get(host_id) != row["user_id"] or live.state is None:
             continue
         for c in live.state.containers:
             labels = c.get("labels") or {}
-            if labels.get("dao.app") == row["id"] and labels.get("dao.service") in placed:
-                placed[labels["dao.service"]].append(
-                    {
-                        "replica": int(labels.get("dao.replica", -1)),
-                        "host": host_id,
-                        "container": c.get("name"),
-                        "state": c.get("state"),
-                        "status": c.get("status"),
-                    }
-                )
+            service = app.services.get(labels.get("dao.service", ""))
+            if labels.get("dao.app") != row["id"] or service is None:
+                continue
+            name = str(c.get("name"))
+            draining = loop.is_draining(host_id, name)
+            serving = ready.get((host_id, name), False) and not draining
+            address = hub.addresses.get(host_id, "")
+            placed[service.name].append(
+                {
+                    "replica": int(labels.get("dao.replica", -1)),
+                    "host": host_id,
+                    "container": name,
+                    "state": c.get("state"),
+                    "status": c.get("status"),
+                    "ready": ready.get((host_id, name), False),
+                    "draining": draining,
+                    # where a client reaches it: the host's address as the console saw it dial, and each
+                    # published TCP port (with the host network, the container's own)
+                    "endpoints": [f"{address}:{p.host or p.container}" for p in service.ports if p.protocol == "tcp"]
+                    if serving and address
+                    else [],
+                }
+            )
     pending = loop.pending.get(row["id"], [])
     return {
         "name": row["name"],
@@ -100,11 +115,28 @@ async def delete_app(request: web.Request) -> web.Response:
     return web.json_response({"deleted": request.match_info["name"]})
 
 
-def setup(app: web.Application, *, host_grace: float = 60.0, min_ready: float = 5.0, interval: float = 2.0) -> None:
+def setup(
+    app: web.Application,
+    *,
+    host_grace: float = 60.0,
+    min_ready: float = 5.0,
+    interval: float = 2.0,
+    migrate_lead: float = 600.0,
+    capsules: Capsules | None = None,
+    console_url: str = "",
+) -> None:
     apps = Apps(app[STORE_KEY].engine)
     app[APPS_KEY] = apps
     app[RECONCILER_KEY] = Reconciler(
-        app[STORE_KEY], apps, app[HUB_KEY], interval=interval, host_grace=host_grace, min_ready=min_ready
+        app[STORE_KEY],
+        apps,
+        app[HUB_KEY],
+        interval=interval,
+        host_grace=host_grace,
+        min_ready=min_ready,
+        expiry_lead=migrate_lead,
+        capsules=capsules,
+        console_url=console_url,
     )
 
     async def reconciling(app: web.Application) -> AsyncIterator[None]:

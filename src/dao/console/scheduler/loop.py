@@ -3,6 +3,14 @@ builds each app owner's desired state (their apps), actual state (the ``dao.*``-
 agents report) and hosts (the store's, with the agents' live reports), asks for a decision, and carries it
 out through the agents: ``container.run`` for a start, ``container.remove`` (forced) for a removal.
 
+A ready replica that another one replaces (a rolling update, a move off a capsule) *drains* first: for
+``DRAIN`` seconds it is out of the app's endpoints while it still serves, so a client that follows the
+endpoints never meets a replica that has just gone. A stateful replica's move is its own sequence
+(:meth:`Reconciler._move`): the new replica made (its image pulled) but not started, the old one stopped,
+its named volumes copied through the console, the new one started. The downtime is the stop, the copy and
+the start; the old replica's containers are left alone while the move is under way, and a move that fails
+starts the old one again.
+
 A start in flight, or just done and not yet in the host's reported state, is not started again; one that
 failed waits before it is tried again (doubling, to a minute), and its error is what the app's page shows.
 """
@@ -20,6 +28,7 @@ from typing import Any
 
 from dao.console.apps.compose import App, Service
 from dao.console.apps.store import Apps
+from dao.console.capsules import Capsules
 from dao.console.hub import Hub
 from dao.console.scheduler.place import Host, Pending, Replica, Start, Want, decide
 from dao.console.store import Store
@@ -29,6 +38,9 @@ log = logging.getLogger("dao.console.scheduler")
 
 SETTLE = 5.0  # seconds a finished start is still counted as in flight (its state may lag)
 RETRY_MAX = 60.0
+DRAIN = 3.0  # seconds a replaced replica is out of the endpoints before it is removed
+STOP_GRACE = 10  # seconds a moving stateful replica has to stop before it is killed
+AUTO_CAPSULE_EVERY = 300.0  # seconds between capsules made for one user whose replicas have nowhere to go
 
 
 def spec_hash(service: Service) -> str:
@@ -92,8 +104,16 @@ class Reconciler:
         host_grace: float = 60.0,
         expiry_lead: float = 600.0,
         min_ready: float = 5.0,
+        capsules: Capsules | None = None,
+        console_url: str = "",
     ) -> None:
+        """``capsules``: where expiry times come from, and where a user whose replicas must leave an
+        expiring host with nowhere to go gets a new capsule (whose agents dial ``console_url``)."""
         self.store, self.apps, self.hub = store, apps, hub
+        self.capsules, self.console_url = capsules, console_url
+        self.draining: dict[tuple[str, str], float] = {}  # (host, container) -> since when
+        self.busy: set[str] = set()  # containers a move is working on: no removal touches them
+        self.auto_capsule: dict[str, float] = {}  # user -> when a capsule was last made for their replicas
         self.min_ready = min_ready
         self.interval, self.host_grace, self.expiry_lead = interval, host_grace, expiry_lead
         self.tried: dict[tuple[str, str, int], Tried] = {}  # (app, service, index) -> last try
@@ -114,6 +134,7 @@ class Reconciler:
     async def once(self, user_id: str) -> None:
         rows = await asyncio.to_thread(self.apps.list, user_id)
         stored = await asyncio.to_thread(self.store.hosts, user_id)
+        stored = [h for h in stored if "provider" not in h["facts"]]  # a capsule provider runs no apps itself
         now = time.time()
         wants: list[Want] = []
         parsed: dict[str, tuple[dict[str, Any], App]] = {}
@@ -130,10 +151,12 @@ class Reconciler:
                         service.constraints,
                         service.cpus,
                         service.memory,
+                        stateful=bool(service.mounts),
                     )
                 )
-        hosts = [self._host(h, now) for h in stored]
-        replicas = self._replicas({h.id for h in hosts})
+        ends = await asyncio.to_thread(self.capsules.expiries, user_id) if self.capsules else {}
+        hosts = [self._host(h, now, ends.get(h["id"])) for h in stored]
+        replicas = self.replicas_of({h.id for h in hosts})
         decision = decide(wants, replicas, hosts, now, host_grace=self.host_grace, expiry_lead=self.expiry_lead)
         self.pending = {k: v for k, v in self.pending.items() if k not in parsed}
         for app_id in parsed:
@@ -146,8 +169,37 @@ class Reconciler:
             row, app = parsed[start.app]
             args = run_args(start.app, row["name"], app, app.services[start.service], start.index, start.spec)
             self._spawn(self._start(key, start, args, tried))
+        draining = {}
         for remove in decision.remove:
+            if remove.container in self.busy:
+                continue
+            spot = (remove.host, remove.container)
+            if remove.drain:
+                since = draining[spot] = self.draining.get(spot, now)
+                if now - since < DRAIN:
+                    continue
             self._spawn(self._remove(remove.host, remove.container, remove.why))
+        self.draining = {k: v for k, v in self.draining.items() if k[0] not in {h.id for h in hosts}} | draining
+        if any(p.moving for p in decision.pending):
+            await self._new_capsule(user_id, now)
+
+    async def _new_capsule(self, user_id: str, now: float) -> None:
+        """Replicas must leave an expiring host and no host of the user can take them: a capsule can."""
+        if self.capsules is None or now - self.auto_capsule.get(user_id, 0.0) < AUTO_CAPSULE_EVERY:
+            return
+        self.auto_capsule[user_id] = now
+
+        async def make() -> None:
+            try:
+                made = await self.capsules.create(user_id, self.console_url)  # type: ignore[union-attr]
+                log.info("capsule %s made for %s: replicas had nowhere to go", made["id"], user_id)
+            except DaoError as exc:
+                log.warning("no capsule for %s's moving replicas: %s", user_id, exc.message)
+
+        self._spawn(make())
+
+    def is_draining(self, host_id: str, container: str) -> bool:
+        return (host_id, container) in self.draining
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -159,9 +211,12 @@ class Reconciler:
         self.tried[key] = Tried(float("inf"), wait)  # in flight
         error = None
         try:
-            result = await self.hub.call(start.host, "container.run", args, within=600)
-            if not result.ok:
-                error = str(result.data)
+            if start.move_from is not None:
+                await self._move(start.move_from, start.host, args)
+            else:
+                result = await self.hub.call(start.host, "container.run", args, within=600)
+                if not result.ok:
+                    error = str(result.data)
         except DaoError as exc:
             error = exc.message
         if error is None:
@@ -171,12 +226,75 @@ class Reconciler:
             self.tried[key] = Tried(time.time() + wait, wait, error)
             log.warning("cannot start %s on %s: %s", args["name"], start.host, error)
 
+    async def _call(self, host: str, op: str, args: dict[str, Any], within: float = 120) -> Any:
+        result = await self.hub.call(host, op, args, within=within)
+        if not result.ok:
+            raise DaoError(f"{op} on {host}: {result.data}")
+        return result.data
+
+    async def _move(self, old: Replica, host: str, args: dict[str, Any]) -> None:
+        """A stateful replica to ``host``: made there (its image pulled) while the old one still runs, then
+        the old one stopped, each named volume copied (a final copy: nothing is written after it), and the
+        new one started. On failure the new one goes and the old one starts again."""
+        name = args["name"]
+        self.busy |= {old.container, name}
+        began = time.monotonic()
+        stopped = None
+        try:
+            await self._call(host, "container.run", {**args, "start": False}, within=600)
+            stopped = time.monotonic()
+            await self._call(old.host, "container.stop", {"id": old.container, "grace": STOP_GRACE})
+            copied = 0
+            for mount in args["mounts"]:
+                copied += await self._copy_volume(old, host, name, mount["target"])
+            await self._call(host, "container.start", {"id": name})
+            down = time.monotonic() - stopped
+            log.info(
+                "moved %s from %s to %s in %.1f s: down %.1f s, %d bytes of volumes copied",
+                name, old.host, host, time.monotonic() - began, down, copied,
+            )  # fmt: skip
+        except BaseException:
+            with contextlib.suppress(DaoError):
+                await self._call(host, "container.remove", {"id": name, "force": True})
+            if stopped is not None:
+                with contextlib.suppress(DaoError):
+                    await self._call(old.host, "container.start", {"id": old.container})
+            raise
+        finally:
+            self.busy -= {old.container, name}
+
+    async def _copy_volume(self, old: Replica, host: str, container: str, path: str) -> int:
+        """One volume's tar stream from the old replica to the new one, a piece at a time (``dao.agent.volumes``)."""
+        saved = await self._call(old.host, "volume.save", {"id": old.container, "path": path}, within=600)
+        transfer, offset = saved["transfer"], 0
+        try:
+            while True:
+                piece = await self._call(old.host, "volume.read", {"transfer": transfer, "offset": offset})
+                data = piece["data"]
+                if data or offset == 0:
+                    wrote = await self._call(
+                        host, "volume.write", {"transfer": transfer, "offset": offset, "data": data}
+                    )
+                    offset = wrote["size"]
+                if piece["end"]:
+                    break
+            await self._call(
+                host,
+                "volume.restore",
+                {"transfer": transfer, "id": container, "path": path, "size": saved["size"], "sha256": saved["sha256"]},
+                within=600,
+            )
+        finally:
+            with contextlib.suppress(DaoError):
+                await self._call(old.host, "volume.drop", {"transfer": transfer})
+        return int(saved["size"])
+
     async def _remove(self, host: str, container: str, why: str) -> None:
         with contextlib.suppress(DaoError):
             result = await self.hub.call(host, "container.remove", {"id": container, "force": True}, within=120)
             log.info("removed %s on %s (%s): %s", container, host, why, "ok" if result.ok else result.data)
 
-    def _host(self, h: dict[str, Any], now: float) -> Host:
+    def _host(self, h: dict[str, Any], now: float, expires_at: float | None = None) -> Host:
         metrics = h.get("metrics") or {}
         cpus = float(h["facts"].get("cpus") or 1)
         online = bool(h["online"]) and h["id"] in self.hub.channels
@@ -186,13 +304,14 @@ class Reconciler:
             labels=h.get("labels") or {},
             online=online,
             offline_since=None if online else (h.get("last_seen") or 0.0),
+            expires_at=expires_at,
             cpus=cpus,
             cpu_used=cpus * float(metrics.get("cpu") or 0) / 100,
             mem_total=int(metrics.get("mem_total") or h["facts"].get("mem_total") or 0),
             mem_used=int(metrics.get("mem_used") or 0),
         )
 
-    def _replicas(self, host_ids: set[str]) -> list[Replica]:
+    def replicas_of(self, host_ids: set[str]) -> list[Replica]:
         out = []
         for host_id in host_ids:
             live = self.hub.live.get(host_id)

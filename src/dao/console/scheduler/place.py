@@ -12,6 +12,11 @@ The rules:
   host comes back, its copy is extra and removed (the replacement stays);
 - a replica index beyond ``replicas``, a replica of an app that is gone, a second copy of one index: removed;
 - a replica that cannot be placed is *pending*, with the reason, and placed nowhere;
+- a replica on a host that expires within ``expiry_lead`` (a capsule) moves, make-before-break: a copy starts
+  on another host and the old one goes once the copy is ready. A stateful one (named volumes) cannot run
+  twice: its start carries ``move_from``, and the loop stops the old one, copies its volumes, then starts it;
+- when one replica has two copies, the one to keep is on a host that is not expiring, then the newest running
+  one; the other goes once the kept one is ready (a ready one that is replaced drains first);
 - a new spec rolls out one replica at a time per service, make-before-break: a replica of the new spec
   starts beside the old one, and the old one is removed only once the new one is ready (healthy, or running
   for ``--min-ready``). One that never gets ready holds the update there, and the old replicas keep serving.
@@ -52,6 +57,7 @@ class Want:
     constraints: tuple[Constraint, ...] = ()
     cpus: float = 0.0
     memory: int = 0
+    stateful: bool = False  # it has named volumes: moved by stop, copy, start (not two at once)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +82,7 @@ class Start:
     index: int
     host: str
     spec: str
+    move_from: Replica | None = None  # a stateful replica leaving an expiring host: its volumes come along
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +90,7 @@ class Remove:
     container: str
     host: str
     why: str
+    drain: bool = False  # a ready replica another one replaces: out of the endpoints a while before it goes
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +99,7 @@ class Pending:
     service: str
     index: int
     why: str
+    moving: bool = False  # it runs on a host about to expire and has nowhere to go
 
 
 @dataclass
@@ -112,6 +121,10 @@ def decide(
     hosts_by_id = {h.id: h for h in hosts}
     decision = Decision()
     wanted = {(w.app, w.service): w for w in wants}
+
+    def expiring(host_id: str) -> bool:
+        host = hosts_by_id.get(host_id)
+        return host is not None and host.expires_at is not None and host.expires_at - now <= expiry_lead
 
     def gone(host_id: str) -> bool:
         host = hosts_by_id.get(host_id)
@@ -137,7 +150,7 @@ def decide(
         free_cpu[h.id] = max(h.cpus - h.cpu_used, 0.0)
     count: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))  # service -> host -> n
 
-    missing: list[tuple[Want, int]] = []
+    missing: list[tuple[Want, int, Replica | None]] = []  # (service, index, the copy that must move)
     stale: list[tuple[Want, int]] = []  # replicas of an older spec with no new one beside them yet
     updating: set[tuple[str, str]] = set()  # services with a new-spec replica not yet ready
     for want in wanted.values():
@@ -146,17 +159,24 @@ def decide(
             copies = held.get((want.app, want.service, index), [])
             alive = [c for c in copies if not gone(c.host)]
             if not alive:
-                missing.append((want, index))
+                missing.append((want, index, None))
                 continue
             current = [c for c in alive if c.spec == want.spec]
             older = [c for c in alive if c.spec != want.spec]
             # Two copies of one spec for one index: a host that was away came back after its replica was placed
-            # again. The newest running one stays.
-            keep = min(current or older, key=lambda c: (not c.running, -c.created, c.host))
+            # again, or a replica moving off an expiring host. The one on a lasting host stays, the newest first.
+            keep = min(current or older, key=lambda c: (expiring(c.host), not c.running, -c.created, c.host))
             count[key][keep.host] += 1
             for extra in current or older:
-                if extra is not keep and _online(hosts_by_id, extra.host):
-                    decision.remove.append(Remove(extra.container, extra.host, "a second copy of one replica"))
+                if extra is keep or not _online(hosts_by_id, extra.host):
+                    continue
+                if keep.ready or not (extra.running and extra.ready):
+                    why = "moved off a host about to expire" if expiring(extra.host) else "a second copy of one replica"
+                    decision.remove.append(Remove(extra.container, extra.host, why, drain=extra.ready))
+            if expiring(keep.host):
+                if not (want.stateful and not keep.running):  # (a stopped stateful one: its move is under way)
+                    missing.append((want, index, keep))
+                continue
             if not older or not current:
                 if older:
                     stale.append((want, index))
@@ -165,20 +185,21 @@ def decide(
             if keep.ready:
                 for c in older:
                     if _online(hosts_by_id, c.host):
-                        decision.remove.append(Remove(c.container, c.host, "replaced by its new spec, now ready"))
+                        why = "replaced by its new spec, now ready"
+                        decision.remove.append(Remove(c.container, c.host, why, drain=c.ready))
             else:
                 updating.add(key)
     for want, index in stale:  # one new replica at a time per service; a failing one holds the rest back
         key = (want.app, want.service)
         if key not in updating:
             updating.add(key)
-            missing.append((want, index))
+            missing.append((want, index, None))
 
     # Place the missing ones, service by service, each from a heap of its eligible hosts.
-    by_service: dict[tuple[str, str], list[int]] = defaultdict(list)
+    by_service: dict[tuple[str, str], list[tuple[int, Replica | None]]] = defaultdict(list)
     wants_of: dict[tuple[str, str], Want] = {}
-    for want, index in missing:
-        by_service[(want.app, want.service)].append(index)
+    for want, index, leaving in missing:
+        by_service[(want.app, want.service)].append((index, leaving))
         wants_of[(want.app, want.service)] = want
     targets = [
         h for h in hosts_by_id.values() if h.online and (h.expires_at is None or h.expires_at - now > expiry_lead)
@@ -188,13 +209,13 @@ def decide(
         eligible = [h for h in targets if all(c.holds(h.labels, h.name, h.id) for c in want.constraints)]
         if not eligible:
             why = _no_host_why(want, targets)
-            decision.pending += [Pending(want.app, want.service, i, why) for i in indexes]
+            decision.pending += [Pending(want.app, want.service, i, why, r is not None) for i, r in indexes]
             continue
         counts = count[key]
         heap = [(counts[h.id], -free_mem[h.id], h.id) for h in eligible]
         heapq.heapify(heap)
         skipped: list[tuple[int, int, str]] = []
-        for index in indexes:
+        for index, leaving in indexes:
             placed = None
             while heap:
                 n, _, host_id = heapq.heappop(heap)
@@ -203,9 +224,11 @@ def decide(
                     break
                 skipped.append((n, -free_mem[host_id], host_id))  # full for this service, not for others
             if placed is None:
-                decision.pending.append(Pending(want.app, want.service, index, f"no host has {_fmt(want)} free"))
+                why = f"no host has {_fmt(want)} free"
+                decision.pending.append(Pending(want.app, want.service, index, why, leaving is not None))
                 continue
-            decision.start.append(Start(want.app, want.service, index, placed, want.spec))
+            moving = leaving if want.stateful else None
+            decision.start.append(Start(want.app, want.service, index, placed, want.spec, moving))
             free_mem[placed] -= want.memory
             free_cpu[placed] -= want.cpus
             counts[placed] += 1

@@ -52,6 +52,22 @@ function ago(t) {
   return s < 90 ? Math.round(s) + " s ago" : s < 5400 ? Math.round(s / 60) + " min ago" : Math.round(s / 3600) + " h ago";
 }
 
+// "12:34" left until a capsule's end (or "ended"), in a span that tick() keeps counting down.
+function countdown(endsAt) {
+  const span = el("span", { class: "countdown", "data-ends": String(endsAt) });
+  tickOne(span);
+  return span;
+}
+
+function tickOne(span) {
+  const s = Math.round(Number(span.dataset.ends) - Date.now() / 1000);
+  if (s <= 0) { span.textContent = "ended"; return; }
+  const m = Math.floor(s / 60);
+  span.textContent = (m >= 60 ? Math.floor(m / 60) + " h " + String(m % 60).padStart(2, "0") : m) + ":" + String(s % 60).padStart(2, "0") + " left";
+}
+
+setInterval(() => document.querySelectorAll(".countdown").forEach(tickOne), 1000);
+
 function live(onMessage) {
   const source = new EventSource("/api/live");
   source.onmessage = (e) => onMessage(JSON.parse(e.data));
@@ -79,7 +95,8 @@ function hostsPage() {
       const state = statusOf(h);
       body.append(el("tr", { "data-host": h.id },
         el("td", {}, el("a", { href: "/hosts/" + h.id }, h.name)),
-        el("td", { class: "status " + state }, state === "online" ? "online" : state + " (seen " + ago(h.last_seen) + ")"),
+        el("td", { class: "status " + state }, state === "online" ? "online" : state + " (seen " + ago(h.last_seen) + ")",
+          ...(h.expires_at ? [el("br"), "capsule, ", countdown(h.expires_at)] : [])),
         el("td", {}, (h.facts.os || "") + " " + (h.facts.kernel || "")),
         el("td", {}, (h.facts.cpus || "?") + " / " + size(h.facts.mem_total)),
         el("td", {}, (h.facts.docker || "-") + " / " + h.version),
@@ -115,6 +132,30 @@ function addHostPage() {
       button.disabled = false;
     }
   });
+  const capsuleButton = document.getElementById("new-capsule");
+  const list = document.getElementById("capsules");
+  async function capsules() {
+    const found = await api("GET", "/api/capsules");
+    list.replaceChildren(...found.map((c) => el("li", { "data-capsule": c.id, "data-host": c.host || "" },
+      el("a", { href: "/hosts/" + c.host }, "capsule " + c.id), " ", c.ended ? "ended" : countdown(c.expires_at))));
+  }
+  capsuleButton.addEventListener("click", async () => {
+    const said = document.getElementById("capsule-said");
+    capsuleButton.disabled = true;
+    said.textContent = "making your capsule host…";
+    said.className = "hint";
+    try {
+      const made = await api("POST", "/api/capsules", {});
+      said.textContent = `capsule ${made.id} is up: it is one of your hosts now`;
+      await capsules();
+    } catch (err) {
+      said.textContent = err.message;
+      said.className = "error";
+    } finally {
+      capsuleButton.disabled = false;
+    }
+  });
+  capsules();
 }
 
 // -- Host detail ----------------------------------------------------------------------------------------------
@@ -452,9 +493,11 @@ function acceleratorPage() {
 function appsPage() {
   const box = document.getElementById("apps");
   let names = {};
+  let ends = {};
   async function refresh() {
     const [apps, hosts] = await Promise.all([api("GET", "/api/apps"), api("GET", "/api/hosts")]);
     names = Object.fromEntries(hosts.map((h) => [h.id, h.name]));
+    ends = Object.fromEntries(hosts.filter((h) => h.expires_at).map((h) => [h.id, h.expires_at]));
     box.replaceChildren();
     if (!apps.length) box.append(el("p", { class: "hint" }, "No apps yet."));
     for (const a of apps) {
@@ -464,7 +507,11 @@ function appsPage() {
       for (const [name, s] of Object.entries(a.services)) {
         const running = s.placed.filter((p) => p.state === "running").length;
         const where = el("td", {});
-        for (const p of s.placed) where.append(el("div", {}, `#${p.replica} on ${names[p.host] || p.host}: ${p.state}`));
+        for (const p of s.placed) {
+          const how = p.draining ? "draining" : p.state === "running" && !p.ready ? "starting" : p.state;
+          where.append(el("div", { class: "replica", "data-host": p.host, "data-replica": String(p.replica) },
+            `#${p.replica} on ${names[p.host] || p.host}: ${how}`, ...(ends[p.host] ? [" (capsule, ", countdown(ends[p.host]), ")"] : [])));
+        }
         for (const p of s.pending) where.append(el("div", { class: "pending" }, `#${p.replica} pending: ${p.why}`));
         body.append(el("tr", { "data-service": name }, el("td", {}, name), el("td", {}, s.image),
           el("td", { class: "running" }, `${running}/${s.replicas}`), where));

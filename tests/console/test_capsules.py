@@ -1,0 +1,341 @@
+"""Capsule hosts with the real parts: a provider (``dao capsule serve``) that makes each capsule a network
+namespace with its own dockerd and agent, two ordinary hosts in namespaces of their own, and an app whose
+replicas must leave the capsule before it ends: two replicas of an HTTP service, polled every 100 ms all
+through the move, and one stateful replica whose file in a named volume must keep every line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.console.conftest import shots, sign_in
+from tests.services import images
+from tests.services.console import Client, Console
+from tests.services.dockerd import DOCKER_CLI, Dockerd
+from tests.services.mirror import DAO
+from tests.services.netns import NetHost
+from tests.services.procs import Process, until, wait_until
+
+TTL, LEAD, GRACE = 150, 60, 3  # the capsule's life, --migrate-lead, --host-grace (seconds)
+PORT = 8080
+SUBNET = "10.216"
+
+APP = f"""
+services:
+  web:
+    image: base:1
+    command: ["sh", "-c", "busybox mkdir -p /www && echo hello > /www/index.html &&
+                           exec busybox httpd -f -p {PORT} -h /www"]
+    pull_policy: never
+    restart: always
+    ports: ["{PORT}:{PORT}"]
+    healthcheck:
+      test: ["CMD", "busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1:{PORT}/"]
+      interval: 1s
+      timeout: 1s
+      retries: 2
+    deploy:
+      replicas: 2
+  counter:
+    image: base:1
+    command: sh -c 'trap "exit 0" TERM; n=$$(busybox wc -l < /data/log 2>/dev/null || echo 0);
+                    while true; do n=$$((n+1)); echo $$n >> /data/log; busybox sleep 0.2; done'
+    pull_policy: never
+    restart: always
+    volumes: ["data:/data"]
+    deploy:
+      placement:
+        constraints: ["node.labels.state == yes"]
+volumes:
+  data:
+"""
+
+
+def engine_cli(sock: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([DOCKER_CLI, "-H", sock, *args], capture_output=True, text=True, timeout=120, check=check)
+
+
+def replicas(sock: str, app: str) -> dict[str, str]:
+    """The app's running containers on an engine: name -> service."""
+    out = engine_cli(sock, "ps", "--filter", f"label=dao.app={app}", "--format", '{{.Names}} {{.Label "dao.service"}}')
+    return dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.strip())
+
+
+class World:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.layer = images.busybox_layer(tmp)
+        self.console = Console(
+            tmp, users=("alice",), listen="0.0.0.0",
+            args=("--host-grace", str(GRACE), "--min-ready", "1", "--migrate-lead", str(LEAD)),
+        )  # fmt: skip
+        self.hosts: list[NetHost] = []
+        self.engines: list[Dockerd] = []
+        self.agents: list[Process] = []
+        self.provider: Process | None = None
+
+    def add_host(self, index: int, name: str) -> Dockerd:
+        host = NetHost(index, open_ports=(PORT,))
+        self.hosts.append(host)
+        (self.tmp / name).mkdir()
+        engine = Dockerd(self.tmp / name, [], prefix=host.run())
+        self.engines.append(engine)
+        engine.docker("import", "--change", 'CMD ["/bin/sh"]', str(self.layer.path), "base:1")
+        config = self.tmp / name / "agent.toml"
+        url = f"http://{host.outside}:{self.console.port}"
+        enrolled = subprocess.run(
+            host.run(DAO, "agent", "enroll", "--console", url, "--token", self.console.token("alice"),
+                     "--config", str(config), "--name", name),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert enrolled.returncode == 0, enrolled.stderr
+        argv = [DAO, "agent", "run", "--config", str(config), "--interval", "0.5", "--app-network", "host"]
+        self.agents.append(Process(host.run(*argv), self.tmp / f"{name}.log", {"DOCKER_HOST": f"unix://{engine.sock}"}))
+        return engine
+
+    def start_provider(self, ttl: float = TTL) -> None:
+        self.provider = Process(
+            [DAO, "capsule", "serve", "--console", self.console.url, "--token", self.console.token("alice"),
+             "--ttl", str(ttl), "--max", "2", "--state-dir", str(self.tmp / "provider"), "--subnet", SUBNET,
+             "--no-nat", "--capsule-console", f"http://{{gateway}}:{self.console.port}",
+             "--dockerd-arg=--bridge=none", "--dockerd-arg=--iptables=false",
+             "--agent-arg=--app-network=host", "--agent-arg=--interval=0.5"],
+            self.tmp / "provider.log",
+        )  # fmt: skip
+
+    def capsule_state(self) -> list[dict]:
+        try:
+            return json.loads((self.tmp / "provider" / "capsules.json").read_text())
+        except (OSError, ValueError):
+            return []
+
+    def close(self) -> None:
+        for a in self.agents:
+            a.stop()
+        if self.provider is not None:
+            self.provider.stop(90)  # it destroys its capsules on the way out
+        for engine in self.engines:
+            for name in engine.docker("ps", "-aq").stdout.split():
+                engine.docker("rm", "-f", name, check=False)
+            engine.stop()
+        for host in self.hosts:
+            host.close()
+        self.console.stop()
+
+
+@pytest.fixture
+def world(tmp_path: Path, isolated: None) -> Iterator[World]:
+    w = World(tmp_path)
+    try:
+        yield w
+    finally:
+        w.close()
+    for a in w.agents:
+        assert "Traceback" not in a.output()
+    assert "Traceback" not in w.console.log.read_text()
+    assert "Traceback" not in (tmp_path / "provider.log").read_text()
+
+
+class Poller:
+    """A client of the web service as a load balancer would be: it follows the app's endpoints (the console's
+    JSON API) and sends one request every 100 ms to the next one, round robin."""
+
+    def __init__(self, alice: Client) -> None:
+        self.alice = alice
+        self.ok = 0
+        self.failed: list[str] = []
+        self.served_by: set[str] = set()
+        self.stop = asyncio.Event()
+
+    async def run(self) -> None:
+        turn = 0
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+            while not self.stop.is_set():
+                began = time.monotonic()
+                view = await self.alice.json("GET", "/api/apps/shop")
+                endpoints = [e for p in view["services"]["web"]["placed"] for e in p["endpoints"]]
+                if endpoints:
+                    target = endpoints[turn % len(endpoints)]
+                    turn += 1
+                    try:
+                        async with http.get(f"http://{target}/") as resp:
+                            body = await resp.text()
+                            if resp.status == 200 and body == "hello\n":
+                                self.ok += 1
+                                self.served_by.add(target)
+                            else:
+                                self.failed.append(f"{target}: {resp.status}")
+                    except (aiohttp.ClientError, TimeoutError) as exc:
+                        self.failed.append(f"{target}: {exc.__class__.__name__} {exc}")
+                await asyncio.sleep(max(0.1 - (time.monotonic() - began), 0))
+
+
+def netns_exists(name: str) -> bool:
+    return name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout.split()
+
+
+def exists(path: str) -> bool:
+    return Path(path).exists()
+
+
+def counted(sock: str, container: str) -> list[int]:
+    out = engine_cli(sock, "exec", container, "cat", "/data/log").stdout
+    return [int(line) for line in out.split()]
+
+
+async def test_a_capsule_s_apps_move_before_it_ends_with_their_data_and_no_failed_request(world: World) -> None:
+    w = world
+    a = w.add_host(41, "edge-a")
+    w.start_provider()
+    wait_until(lambda: len(w.console.hosts()) == 2 and all(h["online"] for h in w.console.hosts()), 60, "online")
+    async with Client(w.console.url) as alice:
+        await alice.login("alice")
+        asked = time.monotonic()
+        capsule = await alice.json("POST", "/api/capsules", {})
+        assert capsule["expires_at"] - time.time() == pytest.approx(TTL, abs=15)
+        await until(lambda: any(h["id"] == capsule["host"] and h["online"] for h in w.console.hosts()), 30, "capsule")
+        print(f"capsule online {time.monotonic() - asked:.1f} s after it was asked for")
+        [state] = w.capsule_state()
+        sock = f"unix://{state['exec_root']}/docker.sock"
+        netns = state["netns"]
+        assert netns_exists(netns)
+        engine_cli(sock, "import", "--change", 'CMD ["/bin/sh"]', str(w.layer.path), "base:1")  # (seeded offline)
+        hosts = await alice.json("GET", "/api/hosts")
+        assert [h["expires_at"] for h in hosts if h["id"] == capsule["host"]] == [capsule["expires_at"]]
+        await alice.json("PUT", f"/api/hosts/{capsule['host']}/labels", {"labels": {"state": "yes"}})
+
+        app = (await alice.json("POST", "/api/apps", {"name": "shop", "compose": APP}))["id"]
+        a_sock = f"unix://{a.sock}"
+
+        def placed() -> bool:
+            on_a, on_capsule = replicas(a_sock, app), replicas(sock, app)
+            return sorted(on_capsule.values()) == ["counter", "web"] and list(on_a.values()) == ["web"]
+
+        await until(placed, 90, "web on edge-a and the capsule, the counter on the capsule")
+
+        b = w.add_host(42, "edge-b")  # the host the stateful replica can move to
+        wait_until(lambda: sum(h["online"] for h in w.console.hosts()) == 4, 60, "edge-b online")
+        b_id = next(h["id"] for h in w.console.hosts() if h["name"] == "edge-b")
+        await alice.json("PUT", f"/api/hosts/{b_id}/labels", {"labels": {"state": "yes"}})
+        b_sock = f"unix://{b.sock}"
+
+        poller = Poller(alice)
+        polling = asyncio.ensure_future(poller.run())
+        try:
+            await until(lambda: poller.ok >= 10, 30, "the web service answering")
+            assert poller.failed == []
+            lead_mark = capsule["expires_at"] - LEAD
+            await asyncio.sleep(max(lead_mark - time.time() - 3, 0))
+            [counter] = [n for n, s in replicas(sock, app).items() if s == "counter"]
+            before = counted(sock, counter)
+            assert before == list(range(1, len(before) + 1)) and len(before) > 20
+
+            def moved() -> bool:
+                return (
+                    not replicas(sock, app)
+                    and sorted(replicas(b_sock, app).values()) == ["counter", "web"]
+                    and list(replicas(a_sock, app).values()) == ["web"]
+                )
+
+            await until(moved, capsule["expires_at"] - time.time() - 1, "every replica off the capsule before it ends")
+            took = time.time() - lead_mark
+            left = capsule["expires_at"] - time.time()
+            print(f"every replica moved {took:.1f} s after the lead mark, {left:.0f} s before the end")
+            [counter_b] = [n for n, s in replicas(b_sock, app).items() if s == "counter"]
+            await asyncio.sleep(1)
+            after = counted(b_sock, counter_b)
+            assert after == list(range(1, len(after) + 1)), "a line lost or doubled in the move"
+            assert len(after) > len(before) + 3  # everything from before, and it went on counting
+            await asyncio.sleep(3)
+        finally:
+            poller.stop.set()
+            await polling
+        assert poller.failed == [], poller.failed
+        assert len(poller.served_by) >= 3, poller.served_by  # the capsule's replica, then the new one
+        print(f"{poller.ok} requests, none failed")
+        down = re.findall(r"moved \S+ from \S+ to \S+ in ([\d.]+) s: down ([\d.]+) s", w.console.log.read_text())
+        print(f"stateful move (total s, down s): {down}")
+        assert down, "the console logs the stateful move"
+
+        # the end: the capsule's host is revoked, and nothing of the capsule is left on the machine
+        await asyncio.sleep(max(capsule["expires_at"] - time.time(), 0))
+
+        def gone() -> bool:
+            return not netns_exists(netns) and not w.capsule_state() and not exists(state["dir"])
+
+        await until(gone, 60, "the capsule destroyed")
+        assert not exists(state["exec_root"])
+        assert engine_cli(sock, "version", check=False).returncode != 0  # its dockerd is gone
+        assert not [pid for pid in state["pids"] if exists(f"/proc/{pid}")]
+        [ended] = [h for h in w.console.hosts() if h["id"] == capsule["host"]]
+        assert ended["revoked"] and not ended["online"]
+        listed = await alice.json("GET", "/api/capsules")
+        assert [c["ended"] for c in listed] == [True]
+        view = await alice.json("GET", "/api/apps/shop")
+        assert {p["host"] for s in view["services"].values() for p in s["placed"]} <= {
+            b_id,
+            *(h["id"] for h in w.console.hosts() if h["name"] == "edge-a"),
+        }
+
+
+IDLE = """
+services:
+  idle:
+    image: base:1
+    command: ["sh", "-c", "trap 'exit 0' TERM; while true; do busybox sleep 1; done"]
+    pull_policy: never
+    deploy:
+      replicas: 2
+"""
+
+
+def test_the_capsule_pages(world: World, browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """In the browser: a free capsule host from the Add host page, its countdown, an app placed on it and on
+    another host, and the capsule's replica on the other host once the lead mark has passed."""
+    w = world
+    w.add_host(43, "edge-c")
+    ttl = LEAD + 40
+    w.start_provider(ttl)
+    wait_until(lambda: sum(h["online"] for h in w.console.hosts()) == 2, 60, "edge-c and the provider online")
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        sign_in(page, w.console.url, "alice")
+        page.goto(f"{w.console.url}/hosts/add")
+        page.click("#new-capsule")
+        page.locator("#capsule-said", has_text="is up").wait_for(timeout=60_000)
+        made = page.locator("#capsules li").first
+        made.locator(".countdown", has_text=re.compile(r"^1:[0-4]\d left$")).wait_for()
+        [state] = w.capsule_state()
+        engine_cli(f"unix://{state['exec_root']}/docker.sock", "import", "--change", 'CMD ["/bin/sh"]',
+                   str(w.layer.path), "base:1")  # fmt: skip
+        page.screenshot(path=shots(tmp_path) / "console-capsule.png", full_page=True)
+        capsule_host = made.get_attribute("data-host")
+
+        page.goto(f"{w.console.url}/apps")
+        page.fill("#app-name", "idle")
+        page.fill("#app-compose", IDLE)
+        page.click("#deploy-form button[type=submit]")
+        on_capsule = page.locator(f".replica[data-host='{capsule_host}']", has_text="running")
+        on_capsule.locator(".countdown").wait_for(timeout=60_000)  # the replica on the capsule shows its end
+        page.locator(".app[data-app=idle] td.running", has_text="2/2").wait_for(timeout=30_000)
+        page.screenshot(path=shots(tmp_path) / "console-apps-capsule.png", full_page=True)
+        page.goto(f"{w.console.url}/")
+        page.locator(f"tr[data-host='{capsule_host}'] .countdown").wait_for()
+        page.screenshot(path=shots(tmp_path) / "console-hosts-capsule.png", full_page=True)
+
+        page.goto(f"{w.console.url}/apps")  # after the lead mark both replicas run on edge-c
+        page.locator(f".replica[data-host='{capsule_host}']").first.wait_for(state="detached", timeout=(ttl - 5) * 1000)
+        replicas_now = page.locator(".app[data-app=idle] .replica")
+        page.locator(".app[data-app=idle] td.running", has_text="2/2").wait_for(timeout=30_000)
+        assert replicas_now.count() == 2 and all("edge-c" in t for t in replicas_now.all_inner_texts())
+        page.screenshot(path=shots(tmp_path) / "console-apps-moved.png", full_page=True)
+    finally:
+        page.close()
