@@ -16,12 +16,13 @@ from tests.console.conftest import shots, sign_in
 from tests.services import images
 from tests.services.console import Client, Console, agent, dao
 from tests.services.dockerd import Dockerd
+from tests.services.mirror import Mirror
 from tests.services.procs import until, wait_until
 
 WEB = """
   web:
     image: base:1
-    command: ["sh", "-c", "while true; do busybox sleep 1; done"]
+    command: ["sh", "-c", "while true; do echo tick; busybox sleep 1; done"]
     pull_policy: never
     restart: always
     deploy:
@@ -59,9 +60,11 @@ GRACE = 3.0  # --host-grace in these tests: a host away longer loses its replica
 
 
 @pytest.fixture
-def pool(tmp_path: Path, dockerd: Dockerd) -> Iterator[tuple[Console, list[Dockerd], list[str], list]]:
+def pool(
+    tmp_path: Path, dockerd: Dockerd, docker_mirror_port: int
+) -> Iterator[tuple[Console, list[Dockerd], list[str], list]]:
     (tmp_path / "second").mkdir()
-    second = Dockerd(tmp_path / "second", [])
+    second = Dockerd(tmp_path / "second", [f"http://127.0.0.1:{docker_mirror_port}"])  # the same mirror as the first
     layer = images.busybox_layer(tmp_path)
     console = Console(tmp_path, users=("alice",), args=("--host-grace", str(GRACE), "--min-ready", "1"))
     agents = []
@@ -179,6 +182,18 @@ def test_the_apps_page(pool, browser, tmp_path) -> None:  # type: ignore[no-unty
         app.locator("tr[data-service=web] td.running", has_text="2/2").wait_for(timeout=60_000)
         app.locator(".pending", has_text="no online host satisfies node.labels.gpu == yes").wait_for()
         page.screenshot(path=shots(tmp_path) / "console-apps.png", full_page=True)
+        page.click(".app[data-app=shop] h3 a")  # the app's own page: each replica, its logs, events, history
+        page.wait_for_url(f"{console.url}/apps/shop")
+        replica = page.locator("#replicas tr[data-service=web][data-replica='0']")
+        replica.locator("td.health", has_text="ready").wait_for(timeout=30_000)
+        replica.locator("button.logs").click()
+        page.locator("#logs", has_text="tick").wait_for(timeout=30_000)
+        page.locator("#app-events li", has_text="web #0 started on edge-").first.wait_for()
+        page.locator("#app-pending .pending", has_text="gpu #0 pending").wait_for()
+        assert page.locator("#app-versions li").count() == 1
+        page.screenshot(path=shots(tmp_path) / "console-app.png", full_page=True)
+        page.goto(f"{console.url}/apps")
+        page.fill("#app-name", "shop")
         placed = [*running(e1, "x"), *running(e2, "x")]  # nothing of another app
         assert placed == []
         page.fill("#app-compose", "services: {web: {image: base:1, build: .}}")
@@ -219,3 +234,30 @@ async def test_a_new_spec_rolls_out_without_a_moment_below_the_replica_count(poo
         assert fewest >= 2, f"{fewest} replica(s) running at one point of the update"
         [new] = set(specs(engines, app))
         assert new != old
+
+
+async def test_a_deploy_to_many_hosts_fetches_each_layer_from_upstream_once(  # type: ignore[no-untyped-def]
+    pool, world, tmp_path: Path, docker_mirror_port: int
+) -> None:
+    """The replicas' image comes through the hosts' mirror (dao pull on each agent, at once): one upstream
+    fetch per layer however many hosts pull it."""
+    console, engines, _, _ = pool
+    image = world.image("dao-test/schema2:v1")
+    layers = [(layer["digest"], layer["size"]) for layer in json.loads(image.manifest)["layers"]]
+    since = world.upstream.log_offset()
+    mirror = Mirror(tmp_path / "mirror", world.upstream.url, port=docker_mirror_port)
+    try:
+        compose = SPREAD.replace("image: base:1", "image: dao-test/schema2:v1").replace("pull_policy: never", "")
+        async with Client(console.url) as alice:
+            await alice.login("alice")
+            app = (await alice.json("POST", "/api/apps", {"name": "pulled", "compose": compose}))["id"]
+            await until(lambda: all(len(running(e, app)) == 1 for e in engines), 120, "a replica on each host")
+    finally:
+        mirror.stop()
+    for engine in engines:  # each host has the image, by its config digest
+        got = engine.docker("image", "inspect", "--format", "{{.Id}}", "dao-test/schema2:v1").stdout.strip()
+        assert got == json.loads(image.manifest)["config"]["digest"]
+    # Each layer's bytes once (a big one in parallel ranges); the first is busybox's, which the hosts have
+    # already (base:1), and dao pull fetches only what is missing.
+    fetched = [sum(r.size for r in world.upstream.blob_gets(since, digest)) for digest, _ in layers]
+    assert fetched == [0] + [size for _, size in layers[1:]], f"bytes from upstream per layer: {fetched}"

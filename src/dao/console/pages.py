@@ -14,6 +14,7 @@ from aiohttp import web
 from dao import __version__
 from dao.console import api
 from dao.console.agents import STORE_KEY
+from dao.console.apps.web import app_detail
 from dao.console.auth import CSRF_KEY, login_required, redirect, session_of, signed_in
 from dao.units import format_size
 
@@ -60,6 +61,14 @@ async def apps_page(request: web.Request) -> web.Response:
     return render(request, "apps.html", {})
 
 
+@login_required
+async def app_page(request: web.Request) -> web.Response:
+    found = await app_detail(request)
+    if found is None:
+        return render(request, "missing.html", {}, status=404)
+    return render(request, "app.html", {"app": found})
+
+
 def setup(app: web.Application) -> None:
     env = aiohttp_jinja2.setup(
         app, loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=jinja2.select_autoescape(["html"])
@@ -72,3 +81,4 @@ def setup(app: web.Application) -> None:
     app.router.add_get("/hosts/add", add_host_page)
     app.router.add_get("/hosts/{host}", host_page)
     app.router.add_get("/apps", apps_page)
+    app.router.add_get("/apps/{name}", app_page)

@@ -7,7 +7,7 @@ import secrets
 import time
 from typing import Any
 
-from sqlalchemy import Column, Float, MetaData, String, Table, Text, UniqueConstraint, delete, select, update
+from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, UniqueConstraint, delete, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -26,6 +26,26 @@ apps_table = Table(
     Column("updated_at", Float, nullable=False),
     UniqueConstraint("user_id", "name"),
 )
+
+# What happened to each app, for its page: each compose file it had (its history) and the scheduler's doings.
+versions_table = Table(
+    "console_app_versions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("app_id", String(16), nullable=False, index=True),
+    Column("at", Float, nullable=False),
+    Column("compose", Text, nullable=False),
+)
+
+events_table = Table(
+    "console_app_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("app_id", String(16), nullable=False, index=True),
+    Column("at", Float, nullable=False),
+    Column("text", Text, nullable=False),
+)
+EVENTS_KEPT = 500  # per app; older ones go as new ones come
 
 
 class Apps:
@@ -65,9 +85,42 @@ class Apps:
                     )
                 except IntegrityError:
                     raise ComposeError(f"an app named {name!r} was made at the same moment") from None
+            app_id = conn.execute(select(t.c.id).where(t.c.user_id == user_id, t.c.name == name)).scalar_one()
+            last = conn.execute(
+                select(versions_table.c.compose)
+                .where(versions_table.c.app_id == app_id)
+                .order_by(versions_table.c.id.desc())
+                .limit(1)
+            ).scalar()
+            if last != compose:
+                conn.execute(versions_table.insert().values(app_id=app_id, at=now, compose=compose))
         found = self.get(user_id, name)
         assert found is not None
         return found
+
+    def versions(self, app_id: str) -> list[dict[str, Any]]:
+        """Every compose file the app had, newest first."""
+        v = versions_table.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(v.at, v.compose).where(v.app_id == app_id).order_by(v.id.desc()))
+            return [dict(r._mapping) for r in rows]
+
+    def add_event(self, app_id: str, text: str) -> None:
+        e = events_table.c
+        with self.engine.begin() as conn:
+            conn.execute(events_table.insert().values(app_id=app_id, at=time.time(), text=text[:1000]))
+            cut = conn.execute(
+                select(e.id).where(e.app_id == app_id).order_by(e.id.desc()).offset(EVENTS_KEPT).limit(1)
+            ).scalar()
+            if cut is not None:
+                conn.execute(delete(events_table).where(e.app_id == app_id, e.id <= cut))
+
+    def events(self, app_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The latest first."""
+        e = events_table.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(e.at, e.text).where(e.app_id == app_id).order_by(e.id.desc()).limit(limit))
+            return [dict(r._mapping) for r in rows]
 
     def get(self, user_id: str, name: str) -> dict[str, Any] | None:
         t = apps_table
@@ -86,7 +139,13 @@ class Apps:
     def delete(self, user_id: str, name: str) -> bool:
         t = apps_table
         with self.engine.begin() as conn:
-            return conn.execute(delete(t).where(t.c.user_id == user_id, t.c.name == name)).rowcount == 1
+            app_id = conn.execute(select(t.c.id).where(t.c.user_id == user_id, t.c.name == name)).scalar()
+            if app_id is None:
+                return False
+            conn.execute(delete(t).where(t.c.id == app_id))
+            conn.execute(delete(versions_table).where(versions_table.c.app_id == app_id))
+            conn.execute(delete(events_table).where(events_table.c.app_id == app_id))
+            return True
 
     def owners(self) -> set[str]:
         with self.engine.connect() as conn:

@@ -97,12 +97,26 @@ async def put_app(request: web.Request) -> web.Response:
     return web.json_response(_view(request, row), status=201 if request.method == "POST" else 200)
 
 
+async def app_detail(request: web.Request) -> dict[str, Any] | None:
+    """The caller's app named in the path with its history (every compose file it had) and its latest
+    events; None for no such app of theirs."""
+    apps = request.app[APPS_KEY]
+    row = await asyncio.to_thread(apps.get, session_of(request).user_id, request.match_info["name"])
+    if row is None:
+        return None
+    return {
+        **_view(request, row),
+        "versions": await asyncio.to_thread(apps.versions, row["id"]),
+        "events": await asyncio.to_thread(apps.events, row["id"]),
+    }
+
+
 @login_required
 async def get_app(request: web.Request) -> web.Response:
-    row = await asyncio.to_thread(request.app[APPS_KEY].get, session_of(request).user_id, request.match_info["name"])
-    if row is None:
+    found = await app_detail(request)
+    if found is None:
         raise json_error(404, "no such app")
-    return web.json_response(_view(request, row))
+    return web.json_response(found)
 
 
 @login_required

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -41,6 +42,9 @@ RETRY_MAX = 60.0
 DRAIN = 3.0  # seconds a replaced replica is out of the endpoints before it is removed
 STOP_GRACE = 10  # seconds a moving stateful replica has to stop before it is killed
 AUTO_CAPSULE_EVERY = 300.0  # seconds between capsules made for one user whose replicas have nowhere to go
+
+
+_APP_OF = re.compile(r"dao-([0-9a-f]{12})-")  # the app ID in a replica's container name
 
 
 def spec_hash(service: Service) -> str:
@@ -114,6 +118,7 @@ class Reconciler:
         self.draining: dict[tuple[str, str], float] = {}  # (host, container) -> since when
         self.busy: set[str] = set()  # containers a move is working on: no removal touches them
         self.auto_capsule: dict[str, float] = {}  # user -> when a capsule was last made for their replicas
+        self.names: dict[str, str] = {}  # host ID -> name, for the apps' events
         self.min_ready = min_ready
         self.interval, self.host_grace, self.expiry_lead = interval, host_grace, expiry_lead
         self.tried: dict[tuple[str, str, int], Tried] = {}  # (app, service, index) -> last try
@@ -135,6 +140,7 @@ class Reconciler:
         rows = await asyncio.to_thread(self.apps.list, user_id)
         stored = await asyncio.to_thread(self.store.hosts, user_id)
         stored = [h for h in stored if "provider" not in h["facts"]]  # a capsule provider runs no apps itself
+        self.names.update({h["id"]: h["name"] for h in stored})
         now = time.time()
         wants: list[Want] = []
         parsed: dict[str, tuple[dict[str, Any], App]] = {}
@@ -219,12 +225,21 @@ class Reconciler:
                     error = str(result.data)
         except DaoError as exc:
             error = exc.message
+        where = self.names.get(start.host, start.host)
         if error is None:
             self.tried[key] = Tried(time.time() + SETTLE, 2.0)
             log.info("started %s on %s", args["name"], start.host)
+            if start.move_from is None:
+                await self._event(start.app, f"{start.service} #{start.index} started on {where}")
         else:
             self.tried[key] = Tried(time.time() + wait, wait, error)
             log.warning("cannot start %s on %s: %s", args["name"], start.host, error)
+            if before is None or before.error != error:  # (a retry failing the same way is no news)
+                await self._event(start.app, f"{start.service} #{start.index} cannot start on {where}: {error}")
+
+    async def _event(self, app_id: str, text: str) -> None:
+        with contextlib.suppress(Exception):  # the app may be gone; an event is never worth a failed round
+            await asyncio.to_thread(self.apps.add_event, app_id, text)
 
     async def _call(self, host: str, op: str, args: dict[str, Any], within: float = 120) -> Any:
         result = await self.hub.call(host, op, args, within=within)
@@ -253,6 +268,11 @@ class Reconciler:
                 "moved %s from %s to %s in %.1f s: down %.1f s, %d bytes of volumes copied",
                 name, old.host, host, time.monotonic() - began, down, copied,
             )  # fmt: skip
+            await self._event(
+                old.app,
+                f"{old.service} #{old.index} moved from {self.names.get(old.host, old.host)} to "
+                f"{self.names.get(host, host)} with its volumes ({copied} bytes): down {down:.1f} s",
+            )
         except BaseException:
             with contextlib.suppress(DaoError):
                 await self._call(host, "container.remove", {"id": name, "force": True})
@@ -293,6 +313,9 @@ class Reconciler:
         with contextlib.suppress(DaoError):
             result = await self.hub.call(host, "container.remove", {"id": container, "force": True}, within=120)
             log.info("removed %s on %s (%s): %s", container, host, why, "ok" if result.ok else result.data)
+            app = _APP_OF.match(container)
+            if result.ok and app:
+                await self._event(app.group(1), f"{container} removed from {self.names.get(host, host)}: {why}")
 
     def _host(self, h: dict[str, Any], now: float, expires_at: float | None = None) -> Host:
         metrics = h.get("metrics") or {}

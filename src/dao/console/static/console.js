@@ -529,7 +529,7 @@ function appsPage() {
         document.getElementById("app-compose").value = a.compose;
       });
       const errors = Object.entries(a.errors || {}).map(([k, v]) => el("p", { class: "error" }, `${k}: ${v}`));
-      box.append(el("div", { class: "app", "data-app": a.name }, el("h3", {}, a.name, " ", edit, " ", remove), table, ...errors));
+      box.append(el("div", { class: "app", "data-app": a.name }, el("h3", {}, el("a", { href: "/apps/" + encodeURIComponent(a.name) }, a.name), " ", edit, " ", remove), table, ...errors));
     }
   }
   document.getElementById("app-file").addEventListener("change", async (e) => {
@@ -555,6 +555,72 @@ function appsPage() {
   setInterval(refresh, 5000);
 }
 
-const PAGES = { apps: appsPage, hosts: hostsPage, "add-host": addHostPage, host: hostPage, accelerator: acceleratorPage };
+// -- One app --------------------------------------------------------------------------------------------------
+
+function appPage() {
+  const first = JSON.parse(document.getElementById("app-data").textContent);
+  const path = "/api/apps/" + encodeURIComponent(first.name);
+  let names = {};
+  let ends = {};
+  let logSource = null;
+
+  function closeLogs() {
+    if (logSource) logSource.close();
+    logSource = null;
+    document.getElementById("logs-panel").hidden = true;
+  }
+
+  function openLogs(p) {
+    closeLogs();
+    document.getElementById("logs-name").textContent = `${p.container} on ${names[p.host] || p.host}`;
+    const pre = document.getElementById("logs");
+    pre.textContent = "";
+    document.getElementById("logs-panel").hidden = false;
+    logSource = new EventSource(`/api/hosts/${p.host}/containers/${encodeURIComponent(p.container)}/logs`);
+    logSource.onmessage = (e) => { pre.textContent += JSON.parse(e.data); pre.scrollTop = pre.scrollHeight; };
+    logSource.addEventListener("end", () => { pre.textContent += "\n[the replica's output ended]\n"; logSource.close(); });
+    logSource.addEventListener("failed", (e) => { pre.textContent += "\n[" + JSON.parse(e.data) + "]\n"; logSource.close(); });
+  }
+
+  function draw(a) {
+    const body = document.querySelector("#replicas tbody");
+    body.replaceChildren();
+    for (const [service, s] of Object.entries(a.services)) {
+      for (const p of s.placed) {
+        const logs = el("button", { type: "button", class: "logs" }, "Logs");
+        logs.addEventListener("click", () => openLogs(p));
+        const health = p.draining ? "draining" : p.ready ? "ready" : p.state === "running" ? "starting" : "-";
+        body.append(el("tr", { "data-service": service, "data-replica": String(p.replica), "data-host": p.host },
+          el("td", {}, service), el("td", {}, "#" + p.replica),
+          el("td", {}, el("a", { href: "/hosts/" + p.host }, names[p.host] || p.host), ...(ends[p.host] ? [" (capsule, ", countdown(ends[p.host]), ")"] : [])),
+          el("td", { class: "state" }, p.state + (p.status ? " · " + p.status : "")), el("td", { class: "health" }, health),
+          el("td", {}, p.endpoints.join(", ") || "-"), el("td", {}, logs)));
+      }
+    }
+    const pending = document.getElementById("app-pending");
+    pending.replaceChildren(
+      ...Object.entries(a.services).flatMap(([service, s]) => s.pending.map((p) => el("p", { class: "pending" }, `${service} #${p.replica} pending: ${p.why}`))),
+      ...Object.entries(a.errors || {}).map(([k, v]) => el("p", { class: "error" }, `${k}: ${v}`)));
+    document.getElementById("app-events").replaceChildren(...a.events.map((e) =>
+      el("li", {}, el("span", { class: "when" }, new Date(e.at * 1000).toLocaleString()), " ", e.text)));
+    document.getElementById("app-versions").replaceChildren(...a.versions.map((v, i) =>
+      el("li", {}, el("details", {}, el("summary", {}, `version ${a.versions.length - i}, ${new Date(v.at * 1000).toLocaleString()}`),
+        el("pre", { class: "command" }, v.compose)))));
+  }
+
+  async function refresh() {
+    const [a, hosts] = await Promise.all([api("GET", path), api("GET", "/api/hosts")]);
+    names = Object.fromEntries(hosts.map((h) => [h.id, h.name]));
+    ends = Object.fromEntries(hosts.filter((h) => h.expires_at).map((h) => [h.id, h.expires_at]));
+    draw(a);
+  }
+  document.getElementById("logs-close").addEventListener("click", closeLogs);
+  draw(first);
+  refresh();
+  live(debounce(refresh, 300));
+  setInterval(refresh, 5000);
+}
+
+const PAGES = { app: appPage, apps: appsPage, hosts: hostsPage, "add-host": addHostPage, host: hostPage, accelerator: acceleratorPage };
 const page = PAGES[document.body.dataset.page];
 if (page) page();
