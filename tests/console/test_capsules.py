@@ -171,13 +171,13 @@ services:
 
 
 def test_the_capsule_pages(world: World, browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """In the browser: a free capsule host from the Add host page, its countdown, an app placed on it and on
-    another host, and the capsule's replica on the other host once the lead mark has passed."""
+    """In the browser: a free capsule host from the Add host page, its countdown, an app placed on it, and,
+    the user having no other host, the replicas on a new capsule the console made for them once the lead mark
+    has passed."""
     w = world
-    w.add_host(43, "edge-c")
     ttl = LEAD + 40
     w.start_provider(ttl)
-    wait_until(lambda: sum(h["online"] for h in w.console.hosts()) == 2, 60, "edge-c and the provider online")
+    wait_until(lambda: sum(h["online"] for h in w.console.hosts()) == 1, 60, "the provider online")
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     try:
         sign_in(page, w.console.url, "alice")
@@ -186,9 +186,8 @@ def test_the_capsule_pages(world: World, browser, tmp_path: Path) -> None:  # ty
         page.locator("#capsule-said", has_text="is up").wait_for(timeout=60_000)
         made = page.locator("#capsules li").first
         made.locator(".countdown", has_text=re.compile(r"^1:[0-4]\d left$")).wait_for()
-        [state] = w.capsule_state()
-        engine_cli(f"unix://{state['exec_root']}/docker.sock", "import", "--change", 'CMD ["/bin/sh"]',
-                   str(w.layer.path), "base:1")  # fmt: skip
+        [first] = w.capsule_state()
+        seed(w, first)
         page.screenshot(path=shots(tmp_path) / "console-capsule.png", full_page=True)
         capsule_host = made.get_attribute("data-host")
 
@@ -197,18 +196,29 @@ def test_the_capsule_pages(world: World, browser, tmp_path: Path) -> None:  # ty
         page.fill("#app-compose", IDLE)
         page.click("#deploy-form button[type=submit]")
         on_capsule = page.locator(f".replica[data-host='{capsule_host}']", has_text="running")
-        on_capsule.locator(".countdown").wait_for(timeout=60_000)  # the replica on the capsule shows its end
+        on_capsule.first.locator(".countdown").wait_for(timeout=60_000)  # a replica on a capsule shows its end
         page.locator(".app[data-app=idle] td.running", has_text="2/2").wait_for(timeout=30_000)
         page.screenshot(path=shots(tmp_path) / "console-apps-capsule.png", full_page=True)
         page.goto(f"{w.console.url}/")
         page.locator(f"tr[data-host='{capsule_host}'] .countdown").wait_for()
         page.screenshot(path=shots(tmp_path) / "console-hosts-capsule.png", full_page=True)
 
-        page.goto(f"{w.console.url}/apps")  # after the lead mark both replicas run on edge-c
-        page.locator(f".replica[data-host='{capsule_host}']").first.wait_for(state="detached", timeout=(ttl - 5) * 1000)
-        replicas_now = page.locator(".app[data-app=idle] .replica")
+        # at the lead mark the replicas have nowhere to go: the console makes the user a new capsule
+        wait_until(lambda: len(w.capsule_state()) == 2, ttl - 10, "a second capsule, made by the console")
+        [second] = [c for c in w.capsule_state() if c["id"] != first["id"]]
+        seed(w, second)
+        page.goto(f"{w.console.url}/apps")
+        page.locator(f".replica[data-host='{capsule_host}']").first.wait_for(state="detached", timeout=60_000)
         page.locator(".app[data-app=idle] td.running", has_text="2/2").wait_for(timeout=30_000)
-        assert replicas_now.count() == 2 and all("edge-c" in t for t in replicas_now.all_inner_texts())
+        texts = page.locator(".app[data-app=idle] .replica").all_inner_texts()
+        assert len(texts) == 2 and all(f"capsule-{second['id']}" in t for t in texts), texts
         page.screenshot(path=shots(tmp_path) / "console-apps-moved.png", full_page=True)
     finally:
         page.close()
+
+
+def seed(w: World, capsule: dict) -> None:
+    """The test image, into a capsule's engine (offline: nothing can be pulled here)."""
+    sock = f"unix://{capsule['exec_root']}/docker.sock"
+    wait_until(lambda: engine_cli(sock, "version", check=False).returncode == 0, 60, "the capsule's engine")
+    engine_cli(sock, "import", "--change", 'CMD ["/bin/sh"]', str(w.layer.path), "base:1")
