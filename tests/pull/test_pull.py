@@ -559,3 +559,39 @@ def test_a_plain_http_registry_docker_pulls_from(world: World, dockerd: Dockerd,
     )
     assert out.returncode == 0, out.stderr
     assert archive.stat().st_size > sum(p.stat().st_size for p in world.image("dao-test/schema2:v1").blobs.values())
+
+
+def test_a_blob_in_the_cache_is_unlocked_while_the_pull_waits_for_another(
+    world: World, tmp_path: Path, started: list[Stoppable]
+) -> None:
+    """Two dao pulls sharing a cache each hold one blob and wait for the other's: each releases a blob as soon
+    as it is in the cache, not when its whole pull ends (else both wait for ever)."""
+    import fcntl
+    import os
+
+    mirror = Mirror(tmp_path / "mirror", world.upstream.url)
+    started += [mirror]
+    cache = tmp_path / "cache"
+    layers = [x["digest"].split(":")[1] for x in json.loads(world.image("dao-test/schema2:v1").manifest)["layers"]]
+    first, held = layers[1], layers[2]
+    (cache / "partial").mkdir(parents=True)
+    other = os.open(cache / "partial" / f"{held}.lock", os.O_RDWR | os.O_CREAT, 0o644)  # "another pull" has it
+    fcntl.flock(other, fcntl.LOCK_EX)
+    env = {"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock", "PATH": "/usr/bin:/bin"}
+    argv = [DAO, "pull", "--cache-dir", str(cache), "--mirror", mirror.url, "--output", f"oci:{tmp_path / 'out'}"]
+    pull = subprocess.Popen([*argv, "dao-test/schema2:v1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (cache / "blobs" / "sha256" / first).exists():
+            assert pull.poll() is None and time.monotonic() < deadline, "the free blob never reached the cache"
+            time.sleep(0.05)
+        mine = os.open(cache / "partial" / f"{first}.lock", os.O_RDWR)
+        try:
+            fcntl.flock(mine, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free already: the pull is still waiting
+        finally:
+            os.close(mine)
+        assert pull.poll() is None
+    finally:
+        os.close(other)  # the "other pull" is done with it (without finishing it): this one fetches it
+    _, err = pull.communicate(timeout=120)
+    assert pull.returncode == 0, err

@@ -92,6 +92,9 @@ class Fetcher:
                         mine.append(blob)
                         self.transfer.add(blob)
                         await blob.done
+                        # In the cache now: its lock goes at once, not when the whole pull ends. Another dao
+                        # pull may wait on it while holding the lock of a blob this one waits on.
+                        blob.close()
                         out[desc.digest] = blob.final
                         complete(desc, blob.final)
                         return

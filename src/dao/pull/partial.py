@@ -62,7 +62,10 @@ class PartialBlob(Job):
         self.runs_file.unlink(missing_ok=True)
 
     def close(self) -> None:
+        """Once only: the lock's descriptor number may belong to another file after it is closed."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        os.close(self.lock)
+        if self.lock >= 0:
+            os.close(self.lock)
+            self.lock = -1
