@@ -73,7 +73,9 @@ def pool(
             engine.docker("import", "--change", 'CMD ["/bin/sh"]', str(layer.path), "base:1")
             config = tmp_path / f"agent{i}" / "agent.toml"  # each its own state directory
             assert console.enroll("alice", config, name=f"edge-{i + 1}").returncode == 0
-            agents.append(agent(config, tmp_path / f"agent{i}.log", f"unix://{engine.sock}"))
+            agents.append(
+                agent(config, tmp_path / f"agent{i}.log", f"unix://{engine.sock}", cache=tmp_path / f"cache{i}")
+            )
         wait_until(lambda: len(console.hosts()) == 2 and all(h["online"] for h in console.hosts()), 30, "online")
         ids = [h["id"] for h in console.hosts()]
         yield console, [dockerd, second], ids, agents
@@ -141,6 +143,23 @@ async def test_an_app_is_placed_scaled_and_removed(pool) -> None:  # type: ignor
     assert "cli-shop/gpu  0/1 running, 1 pending: no online host satisfies node.labels.gpu == yes" in listing()
     wrong = dao("app", "ls", data=console.data, env={**env, "DAO_TOKEN": "daoapi_guessed"})
     assert wrong.returncode == 1 and "unknown API token" in wrong.stderr and "Traceback" not in wrong.stderr
+
+    def total() -> int:
+        return len(running(e1, cli_app)) + len(running(e2, cli_app))
+
+    scaled = dao("app", "scale", "cli-shop", "web=1", data=console.data, env=env)
+    assert scaled.returncode == 0 and "cli-shop/web: 1 replica(s)" in scaled.stdout, scaled.stderr
+    await until(lambda: total() == 2, 60, "web scaled to 1 (and batch)")
+    wrong = dao("app", "scale", "cli-shop", "db=1", data=console.data, env=env)
+    assert wrong.returncode == 1 and "has no service 'db'" in wrong.stderr
+    assert dao("app", "stop", "cli-shop", data=console.data, env=env).returncode == 0
+    await until(lambda: total() == 0, 60, "every replica of the stopped app removed")
+    assert "(stopped)" in listing()
+    assert dao("app", "start", "cli-shop", data=console.data, env=env).returncode == 0
+    await until(lambda: total() == 2, 60, "the app running again, at its scale")
+    deployed = dao("app", "deploy", "-f", str(compose), "--name", "cli-shop", data=console.data, env=env)
+    assert deployed.returncode == 0
+    await until(lambda: total() == 3, 60, "a new file: its own replica counts again")
     assert dao("app", "rm", "cli-shop", data=console.data, env=env).returncode == 0
     await until(lambda: not running(e1, cli_app) and not running(e2, cli_app), 60, "the script's app removed")
 

@@ -18,7 +18,7 @@ from tests.services.console import Client
 from tests.services.pool import PORT, Poller, World, counted, engine_cli, exists, netns_exists, replicas
 from tests.services.procs import until, wait_until
 
-TTL, LEAD, GRACE = 150, 60, 3  # the capsule's life, --migrate-lead, --host-grace (seconds)
+TTL, LEAD, GRACE = 120, 50, 3  # the capsule's life, --migrate-lead, --host-grace (seconds)
 
 APP = f"""
 services:
@@ -58,6 +58,8 @@ def world(tmp_path: Path, isolated: None) -> Iterator[World]:
         yield w
     finally:
         w.close()
+    assert w.capsule_state() == [], "the provider, stopped, destroys its capsules"
+    assert not [n for n in w.made_netns() if n.startswith("dao-cap-")]
     for a in w.agents:
         assert "Traceback" not in a.output()
     assert "Traceback" not in w.console.log.read_text()

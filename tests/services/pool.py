@@ -43,6 +43,7 @@ class World:
         self.engines: list[Dockerd] = []
         self.agents: list[Process] = []
         self.provider: Process | None = None
+        self.capsules_seen: set[str] = set()
 
     def add_host(self, index: int, name: str) -> Dockerd:
         host = NetHost(index, open_ports=(PORT,))
@@ -73,13 +74,22 @@ class World:
             self.tmp / "provider.log",
         )  # fmt: skip
 
+    def made_netns(self) -> list[str]:
+        """The network namespaces of this pool's capsules that still exist."""
+        names = {f"dao-cap-{c}" for c in self.capsules_seen}
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout.split()
+        return [n for n in listed if n in names]
+
     def capsule_state(self) -> list[dict]:
         try:
-            return json.loads((self.tmp / "provider" / "capsules.json").read_text())
+            found = json.loads((self.tmp / "provider" / "capsules.json").read_text())
         except (OSError, ValueError):
             return []
+        self.capsules_seen |= {c["id"] for c in found}
+        return found
 
     def close(self) -> None:
+        self.capsule_state()  # (what made_netns checks afterwards)
         for a in self.agents:
             a.stop()
         if self.provider is not None:

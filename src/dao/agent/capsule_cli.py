@@ -4,9 +4,9 @@ one (``create``, ``ls``)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Annotated
@@ -86,13 +86,20 @@ def capsule_serve(
             await provider.start()
         except OperationError as exc:
             raise fail(exc.message, code=1) from None
+        # SIGTERM (systemd, a test) and Ctrl-C end the provider the same way: its capsules go with it, never
+        # left running with no clock watching them.
+        main_task = asyncio.current_task()
+        assert main_task is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, main_task.cancel)
         try:
             await agent.run()
+        except asyncio.CancelledError:
+            pass
         finally:
             await provider.stop()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+    asyncio.run(main())
 
 
 @capsule_app.command("create")

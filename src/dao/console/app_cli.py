@@ -49,7 +49,44 @@ def app_ls(console: ConsoleOpt = None, token: TokenOpt = None, as_json: JsonOpt 
         for service, s in a["services"].items():
             running = sum(1 for p in s["placed"] if p["state"] == "running")
             pending = f", {len(s['pending'])} pending: {s['pending'][0]['why']}" if s["pending"] else ""
-            typer.echo(f"{a['name']}/{service}  {running}/{s['replicas']} running{pending}")
+            stopped = " (stopped)" if a.get("stopped") else ""
+            typer.echo(f"{a['name']}/{service}  {running}/{s['replicas']} running{pending}{stopped}")
+
+
+@app_app.command("scale")
+def app_scale(
+    name: Annotated[str, typer.Argument(help="The app.")],
+    counts: Annotated[list[str], typer.Argument(metavar="SERVICE=N...", help="Replicas per service.")],
+    console: ConsoleOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Run N replicas of a service (over the file's deploy.replicas, until the next deploy)."""
+    scale = {}
+    for item in counts:
+        service, _, n = item.partition("=")
+        if not service or not n.isdigit():
+            raise fail(f"{item!r}: give SERVICE=N, e.g. web=3")
+        scale[service] = int(n)
+    done = console_call(console, token, "POST", f"/api/apps/{name}/scale", {"replicas": scale})
+    typer.echo(", ".join(f"{name}/{k}: {s['replicas']} replica(s)" for k, s in done["services"].items()))
+
+
+@app_app.command("stop")
+def app_stop(
+    name: Annotated[str, typer.Argument(help="The app.")], console: ConsoleOpt = None, token: TokenOpt = None
+) -> None:
+    """Remove every replica and keep the app (its file, scale and volumes): 'dao app start' runs it again."""
+    console_call(console, token, "POST", f"/api/apps/{name}/stop", {})
+    typer.echo(f"stopped {name}")
+
+
+@app_app.command("start")
+def app_start(
+    name: Annotated[str, typer.Argument(help="The app.")], console: ConsoleOpt = None, token: TokenOpt = None
+) -> None:
+    """Run a stopped app again."""
+    console_call(console, token, "POST", f"/api/apps/{name}/start", {})
+    typer.echo(f"started {name}")
 
 
 @app_app.command("rm")

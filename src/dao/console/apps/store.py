@@ -3,11 +3,27 @@ name, labels its containers (``dao.app``), so two users' apps of one name never 
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from typing import Any
 
-from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, UniqueConstraint, delete, select, update
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    delete,
+    inspect,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -24,6 +40,8 @@ apps_table = Table(
     Column("compose", Text, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    Column("scale", Text, nullable=False, default="{}"),  # service -> replicas, over the file's (dao app scale)
+    Column("stopped", Boolean, nullable=False, default=False),  # every service at 0, the spec kept (dao app stop)
     UniqueConstraint("user_id", "name"),
 )
 
@@ -52,6 +70,12 @@ class Apps:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         metadata.create_all(engine)
+        columns = {c["name"] for c in inspect(engine).get_columns(apps_table.name)}
+        with engine.begin() as conn:  # a database from before scale and stop
+            if "scale" not in columns:
+                conn.execute(text(f"ALTER TABLE {apps_table.name} ADD COLUMN scale TEXT NOT NULL DEFAULT '{{}}'"))
+            if "stopped" not in columns:
+                conn.execute(text(f"ALTER TABLE {apps_table.name} ADD COLUMN stopped BOOLEAN NOT NULL DEFAULT FALSE"))
         self._parsed: dict[str, App] = {}  # by compose text: parsing is not free, and the loop asks often
 
     def parsed(self, compose: str) -> App:
@@ -68,8 +92,11 @@ class Apps:
         now = time.time()
         t = apps_table
         with self.engine.begin() as conn:
+            # A new file is the whole truth again: what scale and stop had set over the old one goes.
             done = conn.execute(
-                update(t).where(t.c.user_id == user_id, t.c.name == name).values(compose=compose, updated_at=now)
+                update(t)
+                .where(t.c.user_id == user_id, t.c.name == name)
+                .values(compose=compose, updated_at=now, scale="{}", stopped=False)
             )
             if done.rowcount == 0:
                 try:
@@ -97,6 +124,24 @@ class Apps:
         found = self.get(user_id, name)
         assert found is not None
         return found
+
+    def set_scale(self, app_id: str, scale: dict[str, int]) -> None:
+        """Replicas per service over the file's (merged with what was set before)."""
+        t = apps_table
+        with self.engine.begin() as conn:
+            before = json.loads(conn.execute(select(t.c.scale).where(t.c.id == app_id)).scalar() or "{}")
+            conn.execute(update(t).where(t.c.id == app_id).values(scale=json.dumps({**before, **scale})))
+
+    def set_stopped(self, app_id: str, stopped: bool) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(apps_table).where(apps_table.c.id == app_id).values(stopped=stopped))
+
+    def wanted(self, row: dict[str, Any]) -> dict[str, int]:
+        """How many replicas of each service should run: none when the app is stopped, else the scale set
+        over the file, else the file's ``deploy.replicas``."""
+        app = self.parsed(row["compose"])
+        scale = json.loads(row.get("scale") or "{}")
+        return {n: 0 if row.get("stopped") else int(scale.get(n, s.replicas)) for n, s in app.services.items()}
 
     def versions(self, app_id: str) -> list[dict[str, Any]]:
         """Every compose file the app had, newest first."""

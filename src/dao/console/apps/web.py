@@ -12,7 +12,7 @@ from aiohttp import web
 
 from dao.console.agents import HUB_KEY, STORE_KEY
 from dao.console.api import json_error, read_body
-from dao.console.apps.compose import ComposeError
+from dao.console.apps.compose import MAX_REPLICAS, ComposeError
 from dao.console.apps.store import Apps
 from dao.console.auth import login_required, session_of
 from dao.console.capsules import Capsules
@@ -57,15 +57,18 @@ def _view(request: web.Request, row: dict[str, Any]) -> dict[str, Any]:
                 }
             )
     pending = loop.pending.get(row["id"], [])
+    count = apps.wanted(row)
     return {
         "name": row["name"],
         "id": row["id"],
         "compose": row["compose"],
         "updated_at": row["updated_at"],
+        "stopped": bool(row.get("stopped")),
         "services": {
             name: {
                 "image": s.image,
-                "replicas": s.replicas,
+                "replicas": count[name],
+                "file_replicas": s.replicas,
                 "placed": sorted(placed[name], key=lambda p: p["replica"]),
                 "pending": [{"replica": p.index, "why": p.why} for p in pending if p.service == name],
             }
@@ -119,6 +122,45 @@ async def get_app(request: web.Request) -> web.Response:
     return web.json_response(found)
 
 
+async def _own(request: web.Request) -> dict[str, Any]:
+    row = await asyncio.to_thread(request.app[APPS_KEY].get, session_of(request).user_id, request.match_info["name"])
+    if row is None:
+        raise json_error(404, "no such app")
+    return row
+
+
+@login_required
+async def scale_app(request: web.Request) -> web.Response:
+    """``{"replicas": {"web": 3}}``: replicas per service over the file's, until the next file."""
+    row = await _own(request)
+    body = await read_body(request)
+    apps = request.app[APPS_KEY]
+    services = apps.parsed(row["compose"]).services
+    scale = body.get("replicas")
+    if not isinstance(scale, dict) or not scale:
+        raise json_error(400, 'give the replicas per service: {"replicas": {"web": 3}}')
+    for name, n in scale.items():
+        if name not in services:
+            raise json_error(400, f"{row['name']} has no service {name!r} (it has {', '.join(services)})")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_REPLICAS:
+            raise json_error(400, f"replicas of {name}: a whole number from 0 to {MAX_REPLICAS}")
+    await asyncio.to_thread(apps.set_scale, row["id"], scale)
+    await asyncio.to_thread(apps.add_event, row["id"], "scaled: " + ", ".join(f"{k}={v}" for k, v in scale.items()))
+    return web.json_response(_view(request, await _own(request)))
+
+
+def _stopping(stopped: bool) -> Any:
+    @login_required
+    async def handler(request: web.Request) -> web.Response:
+        row = await _own(request)
+        apps = request.app[APPS_KEY]
+        await asyncio.to_thread(apps.set_stopped, row["id"], stopped)
+        await asyncio.to_thread(apps.add_event, row["id"], "stopped: every replica removed" if stopped else "started")
+        return web.json_response(_view(request, await _own(request)))
+
+    return handler
+
+
 @login_required
 async def delete_app(request: web.Request) -> web.Response:
     done = await asyncio.to_thread(
@@ -165,3 +207,6 @@ def setup(
     r.add_get("/api/apps/{name}", get_app)
     r.add_put("/api/apps/{name}", put_app)
     r.add_delete("/api/apps/{name}", delete_app)
+    r.add_post("/api/apps/{name}/scale", scale_app)
+    r.add_post("/api/apps/{name}/stop", _stopping(True))
+    r.add_post("/api/apps/{name}/start", _stopping(False))

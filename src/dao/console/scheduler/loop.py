@@ -147,12 +147,13 @@ class Reconciler:
         for row in rows:
             app = self.apps.parsed(row["compose"])
             parsed[row["id"]] = (row, app)
+            count = self.apps.wanted(row)
             for service in app.services.values():
                 wants.append(
                     Want(
                         row["id"],
                         service.name,
-                        service.replicas,
+                        count[service.name],
                         spec_hash(service),
                         service.constraints,
                         service.cpus,

@@ -103,7 +103,9 @@ function hostsPage() {
         el("td", { class: "cpu" }, m ? m.cpu.toFixed(0) + " %" : "-"),
         el("td", { class: "mem" }, m ? pct(m.mem_used, m.mem_total).toFixed(0) + " %" : "-"),
         el("td", { class: "disk" }, m ? fullestDisk(m).toFixed(0) + " %" : "-"),
-        el("td", { class: "containers" }, h.counts.running + " running / " + h.counts.total),
+        el("td", { class: "containers" }, h.facts.provider
+          ? `lends capsules (${h.facts.provider.running} of ${h.facts.provider.max} at the last hello)`
+          : h.counts.running + " running / " + h.counts.total),
         el("td", {}, Object.entries(h.labels || {}).map(([k, v]) => k + "=" + v).join(", ")),
       ));
     }
@@ -513,8 +515,13 @@ function appsPage() {
             `#${p.replica} on ${names[p.host] || p.host}: ${how}`, ...(ends[p.host] ? [" (capsule, ", countdown(ends[p.host]), ")"] : [])));
         }
         for (const p of s.pending) where.append(el("div", { class: "pending" }, `#${p.replica} pending: ${p.why}`));
+        const scale = el("input", { type: "number", min: 0, max: 100, value: s.replicas, class: "scale", title: "replicas" });
+        scale.addEventListener("change", async () => {
+          await api("POST", `/api/apps/${encodeURIComponent(a.name)}/scale`, { replicas: { [name]: Number(scale.value) } });
+          refresh();
+        });
         body.append(el("tr", { "data-service": name }, el("td", {}, name), el("td", {}, s.image),
-          el("td", { class: "running" }, `${running}/${s.replicas}`), where));
+          el("td", { class: "running" }, `${running}/${s.replicas} `, scale), where));
       }
       table.append(body);
       const remove = el("button", { class: "danger", type: "button" }, "Delete");
@@ -528,8 +535,14 @@ function appsPage() {
         document.getElementById("app-name").value = a.name;
         document.getElementById("app-compose").value = a.compose;
       });
+      const toggle = el("button", { type: "button", class: "toggle" }, a.stopped ? "Start" : "Stop");
+      toggle.addEventListener("click", async () => {
+        await api("POST", `/api/apps/${encodeURIComponent(a.name)}/${a.stopped ? "start" : "stop"}`, {});
+        refresh();
+      });
       const errors = Object.entries(a.errors || {}).map(([k, v]) => el("p", { class: "error" }, `${k}: ${v}`));
-      box.append(el("div", { class: "app", "data-app": a.name }, el("h3", {}, el("a", { href: "/apps/" + encodeURIComponent(a.name) }, a.name), " ", edit, " ", remove), table, ...errors));
+      const title = el("h3", {}, el("a", { href: "/apps/" + encodeURIComponent(a.name) }, a.name), a.stopped ? " (stopped) " : " ", edit, " ", toggle, " ", remove);
+      box.append(el("div", { class: "app", "data-app": a.name }, title, table, ...errors));
     }
   }
   document.getElementById("app-file").addEventListener("change", async (e) => {
