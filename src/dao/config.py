@@ -140,6 +140,12 @@ class MirrorConfig:
     default_quota: str = setting("0", help="Bytes a user may pull a month, e.g. 50GiB; 0 = no limit.")
     usage_flush: float = setting(5.0, help="Seconds between usage writes and re-reads of users and quotas.")
     cache_max: str = setting("0", help="Size limit of the cache, e.g. 200GiB; 0 = none.")
+    storage: str = setting(
+        "",
+        help="s3://BUCKET[/PREFIX]: blobs, manifests and tags in S3-compatible object storage that every node "
+        "shares (endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY); the data "
+        "directory is then this node's cache in front of it. Empty: the data directory alone.",
+    )
     cache_min_free: str = setting("0", help="Free space to keep on the cache's disk, e.g. 10GiB; 0 = none.")
     gc_interval: float = setting(60.0, help="Seconds between checks of the cache limits.")
     upstream_username: str = setting("", help="Upstream account (raises Docker Hub's rate limit).")

@@ -4,6 +4,7 @@ collector, built from one :class:`~dao.config.MirrorConfig`, served until SIGTER
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import signal
@@ -38,12 +39,38 @@ access_log = logging.getLogger("dao.mirror.access")
 
 async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> None:
     """Run the mirror until SIGTERM/SIGINT; a clean stop cancels fetches (their spool files are removed)."""
-    blobs = FilesystemBlobStore(config.data_dir)
+    async with contextlib.AsyncExitStack() as stack:
+        await _serve(config, stack, ready)
+
+
+async def _stores(
+    config: MirrorConfig, stack: contextlib.AsyncExitStack
+) -> tuple[FilesystemBlobStore, FilesystemManifestStore, FilesystemOrigins]:
+    """The data directory alone, or (``storage = s3://...``) the bucket under it."""
+    if not config.storage:
+        root = config.data_dir
+        return FilesystemBlobStore(root), FilesystemManifestStore(root), FilesystemOrigins(root)
+    try:
+        from dao.mirror.storage import s3
+    except ImportError:
+        raise ConfigError("storage = s3://... needs the S3 client: pip install 'dao[s3]'") from None
+    try:
+        bucket = await stack.enter_async_context(s3.Bucket(s3.Location.parse(config.storage)))
+        await bucket.check()
+    except s3.BucketError as exc:
+        raise ConfigError(exc.message) from None
+    log.info(
+        "storage: bucket %s (prefix %r) at %s", bucket.location.bucket, bucket.location.prefix, bucket.endpoint_url
+    )
+    root = config.data_dir
+    return s3.TieredBlobStore(root, bucket), s3.TieredManifestStore(root, bucket), s3.TieredOrigins(root, bucket)
+
+
+async def _serve(config: MirrorConfig, stack: contextlib.AsyncExitStack, ready: asyncio.Event | None) -> None:
+    blobs, manifests, origins = await _stores(config, stack)
     leftovers = blobs.clean_spool()
     if leftovers:
         log.info("removed %d partial downloads left by an earlier run", leftovers)
-    manifests = FilesystemManifestStore(config.data_dir)
-    origins = FilesystemOrigins(config.data_dir)
     try:
         router = Router(
             docker_hub=config.upstream,

@@ -1,0 +1,337 @@
+"""S3-compatible object storage under the filesystem stores: the bucket is what every mirror node shares,
+and each node's data directory becomes a cache in front of it (``docs/mirror.md``, "Scale-out").
+
+Layout in the bucket, under ``PREFIX/``:
+
+    blobs/sha256/<hex>                    verified blobs (uploaded after the digest checked, never before)
+    manifests/sha256/<hex>                manifest bodies, their media type as the object's Content-Type
+    tags/<upstream>/<repo>/<tag>/<accept-key>.json
+    origins/sha256/<hex>/<registry>/<repository>/<0|1>   empty objects: where a digest was seen
+
+The client is aiobotocore: it runs on the aiohttp the mirror already uses, signs with botocore's SigV4, and
+reads the usual variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_DEFAULT_REGION``).
+
+A node reads its local copy first and the bucket on a local miss, keeping what it fetched (verified
+against its digest on the way in: a damaged object is refused, never served). Eviction (``--max-size``)
+bounds the local copy only; the bucket keeps everything. A bucket that cannot be written leaves a blob on
+the node's own disk, served from there, and the failure is logged: the node degrades to what a single node
+is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+from aiobotocore.session import get_session
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from dao.errors import DaoError
+from dao.mirror.storage.base import LocalBlob, ManifestRecord, Origin, Stored
+from dao.mirror.storage.filesystem import FilesystemBlobStore, FilesystemManifestStore, FilesystemOrigins
+from dao.oci.digest import Digest, DigestError
+
+log = logging.getLogger("dao.mirror.s3")
+
+PART = 64 * 1024 * 1024  # blobs bigger than this go up in parts of this size (S3 allows at most 5 GiB in one PUT)
+READ = 1024 * 1024
+
+
+class BucketError(DaoError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, url: str) -> Location:
+        split = urlsplit(url)
+        if split.scheme != "s3" or not split.netloc:
+            raise BucketError(f"{url!r}: give the storage as s3://BUCKET[/PREFIX]")
+        prefix = split.path.strip("/")
+        return cls(split.netloc, f"{prefix}/" if prefix else "")
+
+
+class Bucket:
+    """One long-lived S3 client on one bucket and prefix."""
+
+    def __init__(self, location: Location, endpoint_url: str | None = None) -> None:
+        self.location = location
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        self._stack = contextlib.AsyncExitStack()
+        self.client: Any = None
+
+    async def __aenter__(self) -> Bucket:
+        session = get_session()
+        config = Config(retries={"max_attempts": 3, "mode": "standard"}, s3={"addressing_style": "path"})
+        self.client = await self._stack.enter_async_context(
+            session.create_client(
+                "s3",
+                endpoint_url=self.endpoint_url,
+                region_name=os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                config=config,
+            )
+        )
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._stack.aclose()
+
+    def key(self, *parts: str) -> str:
+        return self.location.prefix + "/".join(parts)
+
+    async def check(self) -> None:
+        """The bucket answers, with these credentials: said at start-up, not at the first miss."""
+        try:
+            await self.client.head_bucket(Bucket=self.location.bucket)
+        except (ClientError, BotoCoreError, OSError) as exc:
+            raise BucketError(f"cannot use bucket {self.location.bucket!r} at {self.endpoint_url}: {exc}") from None
+
+    async def head(self, key: str) -> dict[str, Any] | None:
+        try:
+            return dict(await self.client.head_object(Bucket=self.location.bucket, Key=key))
+        except ClientError as exc:
+            if _status(exc) == 404:
+                return None
+            raise
+
+    async def get_bytes(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            got = await self.client.get_object(Bucket=self.location.bucket, Key=key)
+        except ClientError as exc:
+            if _status(exc) == 404:
+                return None
+            raise
+        async with got["Body"] as body:
+            return await body.read(), str(got.get("ContentType") or "")
+
+    async def get_file(self, key: str, out: Any, digest: Digest) -> int | None:
+        """The object into the open file ``out``, checked against ``digest``; its size, or None if absent."""
+        try:
+            got = await self.client.get_object(Bucket=self.location.bucket, Key=key)
+        except ClientError as exc:
+            if _status(exc) == 404:
+                return None
+            raise
+        hashed, size = hashlib.new(digest.algorithm), 0
+        async with got["Body"] as body:
+            while chunk := await body.read(READ):
+                out.write(chunk)
+                hashed.update(chunk)
+                size += len(chunk)
+        if hashed.hexdigest() != digest.encoded:
+            raise BucketError(f"the bucket's copy of {digest} does not match its digest: not served")
+        return size
+
+    async def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        await self.client.put_object(Bucket=self.location.bucket, Key=key, Body=data, ContentType=content_type)
+
+    async def put_file(self, key: str, path: Path) -> None:
+        bucket = self.location.bucket
+        with path.open("rb") as f:  # (opening is not I/O worth a thread; each read is)
+            size = os.fstat(f.fileno()).st_size
+            if size <= PART:
+                await self.client.put_object(Bucket=bucket, Key=key, Body=await asyncio.to_thread(f.read))
+                return
+            upload = await self.client.create_multipart_upload(Bucket=bucket, Key=key)
+            parts = []
+            try:
+                number = 1
+                while piece := await asyncio.to_thread(f.read, PART):
+                    done = await self.client.upload_part(
+                        Bucket=bucket, Key=key, PartNumber=number, UploadId=upload["UploadId"], Body=piece
+                    )
+                    parts.append({"ETag": done["ETag"], "PartNumber": number})
+                    number += 1
+                await self.client.complete_multipart_upload(
+                    Bucket=bucket, Key=key, UploadId=upload["UploadId"], MultipartUpload={"Parts": parts}
+                )
+            except BaseException:
+                with contextlib.suppress(ClientError, BotoCoreError, OSError):
+                    await self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+                raise
+
+    async def keys(self, prefix: str) -> list[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        out = []
+        async for page in paginator.paginate(Bucket=self.location.bucket, Prefix=prefix):
+            out += [item["Key"] for item in page.get("Contents") or []]
+        return out
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
+_FAILURES = (ClientError, BotoCoreError, OSError, BucketError)
+
+
+class TieredBlobStore(FilesystemBlobStore):
+    """The node's filesystem store, with the bucket under it."""
+
+    def __init__(self, root: Path, bucket: Bucket) -> None:
+        super().__init__(root)
+        self.bucket = bucket
+
+    def _key(self, digest: Digest) -> str:
+        return self.bucket.key("blobs", digest.algorithm, digest.encoded)
+
+    async def stat(self, digest: Digest) -> int | None:
+        local = await super().stat(digest)
+        if local is not None:
+            return local
+        try:
+            found = await self.bucket.head(self._key(digest))
+        except _FAILURES as exc:
+            log.warning("bucket: cannot look up %s: %s", digest, exc)
+            return None
+        return None if found is None else int(found["ContentLength"])
+
+    async def open(self, digest: Digest) -> LocalBlob | None:
+        blob = await super().open(digest)
+        if blob is not None:
+            return blob
+        fd, tmp = tempfile.mkstemp(dir=self.spool_dir(), prefix="b-")
+        path = Path(tmp)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                size = await self.bucket.get_file(self._key(digest), out, digest)
+                out.flush()
+                os.fsync(out.fileno())
+            if size is None:
+                return None
+            await super().commit(digest, path)  # the node keeps it: the next hit is a local one
+        except _FAILURES as exc:
+            log.warning("bucket: cannot read %s: %s", digest, exc)
+            return None
+        finally:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+        return await super().open(digest)
+
+    async def commit(self, digest: Digest, spool_path: Path) -> None:
+        """Verified (the caller checked the digest): up to the bucket, then into the node's store."""
+        try:
+            await self.bucket.put_file(self._key(digest), spool_path)
+        except _FAILURES as exc:
+            log.warning("bucket: %s kept on this node only: %s", digest, exc)
+        await super().commit(digest, spool_path)
+
+    # delete, listing and the rest stay the node's: eviction bounds its disk, the bucket keeps every blob.
+
+
+class TieredManifestStore(FilesystemManifestStore):
+    """Manifests and tag records in the bucket, so any node answers for any tag; a local copy of each body."""
+
+    def __init__(self, root: Path, bucket: Bucket) -> None:
+        super().__init__(root)
+        self.bucket = bucket
+
+    def _key(self, digest: Digest) -> str:
+        return self.bucket.key("manifests", digest.algorithm, digest.encoded)
+
+    def _tag_key(self, upstream: str, repo: str, tag: str, accept_key: str) -> str:
+        return self.bucket.key("tags", quote(upstream, safe=""), repo, tag, f"{accept_key}.json")
+
+    async def get(self, digest: Digest) -> tuple[bytes, str] | None:
+        local = await super().get(digest)
+        if local is not None:
+            return local
+        try:
+            found = await self.bucket.get_bytes(self._key(digest))
+        except _FAILURES as exc:
+            log.warning("bucket: cannot read manifest %s: %s", digest, exc)
+            return None
+        if found is None or Digest.of(found[0], digest.algorithm) != digest:
+            return None
+        await super().put(digest, *found)
+        return found
+
+    async def put(self, digest: Digest, body: bytes, media_type: str) -> None:
+        try:
+            await self.bucket.put_bytes(self._key(digest), body, media_type)
+        except _FAILURES as exc:
+            log.warning("bucket: manifest %s kept on this node only: %s", digest, exc)
+        await super().put(digest, body, media_type)
+
+    async def get_tag(self, upstream: str, repo: str, tag: str, accept_key: str) -> ManifestRecord | None:
+        """The bucket's record (another node may have checked the tag since); this node's when it is down."""
+        try:
+            found = await self.bucket.get_bytes(self._tag_key(upstream, repo, tag, accept_key))
+        except _FAILURES as exc:
+            log.warning("bucket: cannot read a tag record: %s", exc)
+            return await super().get_tag(upstream, repo, tag, accept_key)
+        if found is None:
+            return await super().get_tag(upstream, repo, tag, accept_key)
+        try:
+            doc = json.loads(found[0])
+            return ManifestRecord(Digest.parse(doc["digest"]), str(doc["media_type"]), float(doc["checked_at"]))
+        except (ValueError, KeyError, TypeError, DigestError):
+            return None
+
+    async def put_tag(self, upstream: str, repo: str, tag: str, accept_key: str, record: ManifestRecord) -> None:
+        doc = {"digest": str(record.digest), "media_type": record.media_type, "checked_at": record.checked_at}
+        try:
+            await self.bucket.put_bytes(
+                self._tag_key(upstream, repo, tag, accept_key), json.dumps(doc).encode(), "application/json"
+            )
+        except _FAILURES as exc:
+            log.warning("bucket: a tag record kept on this node only: %s", exc)
+        await super().put_tag(upstream, repo, tag, accept_key, record)
+
+    async def listing(self) -> list[Stored]:
+        return await super().listing()
+
+
+class TieredOrigins(FilesystemOrigins):
+    """Where each digest was seen, in the bucket as empty objects (S3 has no append), and on the node."""
+
+    def __init__(self, root: Path, bucket: Bucket) -> None:
+        super().__init__(root)
+        self.bucket = bucket
+
+    def _prefix(self, digest: Digest) -> str:
+        return self.bucket.key("origins", digest.algorithm, digest.encoded) + "/"
+
+    async def origins(self, digest: Digest) -> set[Origin]:
+        known = await super().origins(digest)
+        if known:
+            return known
+        try:
+            keys = await self.bucket.keys(self._prefix(digest))
+        except _FAILURES as exc:
+            log.warning("bucket: cannot read the origins of %s: %s", digest, exc)
+            return known
+        for key in keys:
+            rest = key[len(self._prefix(digest)) :]
+            registry, _, tail = rest.partition("/")
+            repository, _, flag = tail.rpartition("/")
+            if registry and repository:
+                known.add(Origin(unquote(registry), repository, flag == "1"))
+        return known
+
+    async def add_origin(self, digest: Digest, origin: Origin) -> None:
+        if origin in await self.origins(digest):
+            return
+        key = self._prefix(digest) + f"{quote(origin.registry, safe='')}/{origin.repository}/{int(origin.credentialed)}"
+        try:
+            await self.bucket.put_bytes(key, b"")
+        except _FAILURES as exc:
+            log.warning("bucket: an origin of %s kept on this node only: %s", digest, exc)
+        await super().add_origin(digest, origin)

@@ -1,0 +1,74 @@
+"""The mirror on shared object storage: nodes with ``--storage s3://`` on a real SeaweedFS. What one node
+fetched (verified) is in the bucket; another node with an empty disk and no upstream at all serves it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+from tests.conftest import World
+from tests.services.mirror import FaultProxy, Mirror, skopeo_copy
+from tests.services.seaweed import Seaweed
+
+REF = "dao-test/schema2:v1"
+
+
+def bucket_keys(weed: Seaweed, prefix: str) -> list[str]:
+    from dao.mirror.storage.s3 import Bucket, Location
+
+    async def listing() -> list[str]:
+        async with Bucket(Location.parse(f"s3://{weed.bucket}")) as bucket:
+            return await bucket.keys(prefix)
+
+    saved = dict(os.environ)
+    os.environ.update(weed.env)
+    try:
+        return asyncio.run(listing())
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_a_second_node_with_an_empty_disk_and_no_upstream_serves_from_the_bucket(
+    world: World, tmp_path: Path, isolated: None
+) -> None:
+    weed = Seaweed(tmp_path / "weed")
+    env = {**os.environ, **weed.env}
+    storage = ("--storage", f"s3://{weed.bucket}/mirror")
+    try:
+        since = world.upstream.log_offset()
+        # The nodes' upstream (a relay to the registry, so that it can be taken away: the nodes name their
+        # tag records by their upstream, which is one for all the nodes of a cluster).
+        (tmp_path / "relay").mkdir()
+        relay = FaultProxy(tmp_path / "relay", world.upstream.url)
+        first = Mirror(tmp_path / "first", relay.url, args=storage, env=env)
+        try:
+            done = skopeo_copy(f"127.0.0.1:{first.port}", REF, tmp_path / "via-first")
+            assert done.returncode == 0, done.stderr
+        finally:
+            first.stop()
+            relay.stop()
+        image = world.image(REF)
+        manifest = json.loads(image.manifest)
+        digests = [manifest["config"]["digest"], *(x["digest"] for x in manifest["layers"])]
+        stored = bucket_keys(weed, "mirror/blobs/")
+        assert sorted(stored) == sorted(f"mirror/blobs/sha256/{d.split(':')[1]}" for d in digests)
+        assert any(k.startswith("mirror/tags/") for k in bucket_keys(weed, "mirror/tags/"))
+
+        # a new node: nothing on its disk, and its upstream gone
+        second = Mirror(tmp_path / "second", relay.url, args=storage, env=env)
+        try:
+            out = tmp_path / "via-second"
+            done = skopeo_copy(f"127.0.0.1:{second.port}", REF, out)
+            assert done.returncode == 0, done.stderr
+        finally:
+            second.stop()
+        for digest in digests:  # the right bytes, every one
+            assert (out / digest.split(":")[1]).read_bytes() == image.blobs[digest].read_bytes()
+        fetched = [r.path.rsplit("/", 1)[1] for r in world.upstream.blob_gets(since)]
+        assert sorted(set(fetched)) == sorted(digests)  # the upstream served the first node only
+        assert "Traceback" not in (tmp_path / "second" / "mirror.log").read_text()
+    finally:
+        weed.stop()
