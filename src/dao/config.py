@@ -146,6 +146,14 @@ class MirrorConfig:
         "shares (endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY); the data "
         "directory is then this node's cache in front of it. Empty: the data directory alone.",
     )
+    redirect: bool = setting(
+        False,
+        help="With storage: answer a blob that is in the bucket but not on this node's disk with a 307 to a "
+        "presigned URL, so its bytes never pass through the node.",
+    )
+    redirect_base: str = setting(
+        "", help="With redirect: the URL of a CDN in front of the bucket, in place of the bucket's own."
+    )
     cache_min_free: str = setting("0", help="Free space to keep on the cache's disk, e.g. 10GiB; 0 = none.")
     gc_interval: float = setting(60.0, help="Seconds between checks of the cache limits.")
     upstream_username: str = setting("", help="Upstream account (raises Docker Hub's rate limit).")

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 from pathlib import Path
 
 from tests.conftest import World
+from tests.services.dockerd import Dockerd
 from tests.services.mirror import FaultProxy, Mirror, skopeo_copy
 from tests.services.seaweed import Seaweed
 
@@ -70,5 +72,58 @@ def test_a_second_node_with_an_empty_disk_and_no_upstream_serves_from_the_bucket
         fetched = [r.path.rsplit("/", 1)[1] for r in world.upstream.blob_gets(since)]
         assert sorted(set(fetched)) == sorted(digests)  # the upstream served the first node only
         assert "Traceback" not in (tmp_path / "second" / "mirror.log").read_text()
+    finally:
+        weed.stop()
+
+
+def test_docker_containerd_and_skopeo_follow_a_redirect_into_the_bucket(
+    world: World, dockerd: Dockerd, tmp_path: Path, docker_mirror_port: int
+) -> None:
+    """With ``--redirect`` a node answers for a blob only the bucket has with a 307 to a presigned URL: the
+    three clients fetch the bytes from the bucket, and none of them pass through the node."""
+    weed = Seaweed(tmp_path / "weed")
+    env = {**os.environ, **weed.env}
+    storage = ("--storage", f"s3://{weed.bucket}/mirror")
+    image = world.image(REF)
+    try:
+        filler = Mirror(tmp_path / "filler", world.upstream.url, args=storage, env=env)
+        try:
+            assert skopeo_copy(f"127.0.0.1:{filler.port}", REF, tmp_path / "fill").returncode == 0
+        finally:
+            filler.stop()
+        node = Mirror(
+            tmp_path / "node", world.upstream.url, port=docker_mirror_port, args=(*storage, "--redirect"), env=env
+        )
+        try:
+            dockerd.docker("pull", REF)  # the engine's registry-mirrors is this node
+            got = dockerd.docker("image", "inspect", "--format", "{{.Id}}", REF).stdout.strip()
+            assert got == json.loads(image.manifest)["config"]["digest"]
+            out = tmp_path / "skopeo"
+            done = skopeo_copy(f"127.0.0.1:{node.port}", REF, out)
+            assert done.returncode == 0, done.stderr
+            for digest, path in image.blobs.items():
+                assert (out / digest.split(":")[1]).read_bytes() == path.read_bytes()
+            hosts = tmp_path / "certs.d" / "docker.io"
+            hosts.mkdir(parents=True)
+            (hosts / "hosts.toml").write_text(
+                'server = "https://registry-1.docker.io"\n'
+                f'[host."http://127.0.0.1:{node.port}"]\n  capabilities = ["pull", "resolve"]\n'
+            )
+            ctr = ["ctr", "--address", dockerd.containerd_address, "--namespace", "dao-redirect"]
+            try:
+                subprocess.run(
+                    [*ctr, "images", "pull", "--hosts-dir", str(tmp_path / "certs.d"), f"docker.io/{REF}"],
+                    check=True, capture_output=True, text=True, timeout=300,
+                )  # fmt: skip
+                listed = subprocess.run([*ctr, "images", "ls"], check=True, capture_output=True, text=True).stdout
+                assert image.digest in listed
+            finally:
+                subprocess.run([*ctr, "images", "rm", f"docker.io/{REF}"], capture_output=True, timeout=60)
+            gets = [a for a in node.accesses() if a.method == "GET" and "/blobs/" in a.path]
+            assert gets and {(a.status, a.cache) for a in gets} == {(307, "redirect")}  # no byte from the node
+            redirected = {a.path.split("?")[0].rsplit("/", 1)[1] for a in gets}
+            assert set(image.layer_digests()) <= redirected
+        finally:
+            node.stop()
     finally:
         weed.stop()

@@ -48,6 +48,8 @@ async def _stores(
 ) -> tuple[FilesystemBlobStore, FilesystemManifestStore, FilesystemOrigins]:
     """The data directory alone, or (``storage = s3://...``) the bucket under it."""
     if not config.storage:
+        if config.redirect:
+            raise ConfigError("redirect needs storage = s3://...: a redirect points into the bucket")
         root = config.data_dir
         return FilesystemBlobStore(root), FilesystemManifestStore(root), FilesystemOrigins(root)
     try:
@@ -63,7 +65,8 @@ async def _stores(
         "storage: bucket %s (prefix %r) at %s", bucket.location.bucket, bucket.location.prefix, bucket.endpoint_url
     )
     root = config.data_dir
-    return s3.TieredBlobStore(root, bucket), s3.TieredManifestStore(root, bucket), s3.TieredOrigins(root, bucket)
+    blobs = s3.TieredBlobStore(root, bucket, redirect=config.redirect, redirect_base=config.redirect_base)
+    return blobs, s3.TieredManifestStore(root, bucket), s3.TieredOrigins(root, bucket)
 
 
 async def _serve(config: MirrorConfig, stack: contextlib.AsyncExitStack, ready: asyncio.Event | None) -> None:

@@ -94,6 +94,7 @@ class BlobAnswer:
     local: LocalBlob | None = None
     fetch: Fetch | None = None
     cache: str = "hit"
+    redirect: str | None = None  # a URL the client fetches the bytes from (the bucket's, presigned)
 
 
 class Proxy:
@@ -174,6 +175,11 @@ class Proxy:
                 local.close()
                 raise
             return BlobAnswer(local.size, local=local)
+        redirector = getattr(self.blobs, "redirect_url", None)  # object storage with --redirect
+        found = await redirector(digest) if redirector is not None else None
+        if found is not None:
+            await self._check_shared(repo, digest, "blob")
+            return BlobAnswer(found[1], cache="redirect", redirect=found[0])
         key = ("blob", repo, str(digest))
         running = self.inflight.get(digest)
         if running is not None and running.origin != self.sharing.origin(repo):

@@ -47,6 +47,7 @@ log = logging.getLogger("dao.mirror.s3")
 
 PART = 64 * 1024 * 1024  # blobs bigger than this go up in parts of this size (S3 allows at most 5 GiB in one PUT)
 READ = 1024 * 1024
+REDIRECT_TTL = 600  # seconds a presigned URL works: enough for a slow client to start, short enough to expire
 
 
 class BucketError(DaoError):
@@ -168,6 +169,12 @@ class Bucket:
                     await self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
                 raise
 
+    async def presign(self, key: str, ttl: int) -> str:
+        url = await self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.location.bucket, "Key": key}, ExpiresIn=ttl
+        )
+        return str(url)
+
     async def keys(self, prefix: str) -> list[str]:
         paginator = self.client.get_paginator("list_objects_v2")
         out = []
@@ -184,11 +191,31 @@ _FAILURES = (ClientError, BotoCoreError, OSError, BucketError)
 
 
 class TieredBlobStore(FilesystemBlobStore):
-    """The node's filesystem store, with the bucket under it."""
+    """The node's filesystem store, with the bucket under it. With ``redirect``, a blob only the bucket has is
+    not fetched to the node: :meth:`redirect_url` answers for it instead."""
 
-    def __init__(self, root: Path, bucket: Bucket) -> None:
+    def __init__(self, root: Path, bucket: Bucket, *, redirect: bool = False, redirect_base: str = "") -> None:
         super().__init__(root)
         self.bucket = bucket
+        self.redirect, self.redirect_base = redirect, redirect_base.rstrip("/")
+
+    async def redirect_url(self, digest: Digest) -> tuple[str, int] | None:
+        """A presigned URL of the bucket's copy (on the CDN, with ``redirect_base``) and its size; None when
+        redirects are off or the bucket has no such blob."""
+        if not self.redirect:
+            return None
+        try:
+            found = await self.bucket.head(self._key(digest))
+            if found is None:
+                return None
+            url = await self.bucket.presign(self._key(digest), REDIRECT_TTL)
+        except _FAILURES as exc:
+            log.warning("bucket: cannot redirect to %s: %s", digest, exc)
+            return None
+        if self.redirect_base:
+            split = urlsplit(url)
+            url = f"{self.redirect_base}{split.path}" + (f"?{split.query}" if split.query else "")
+        return url, int(found["ContentLength"])
 
     def _key(self, digest: Digest) -> str:
         return self.bucket.key("blobs", digest.algorithm, digest.encoded)
@@ -206,7 +233,7 @@ class TieredBlobStore(FilesystemBlobStore):
 
     async def open(self, digest: Digest) -> LocalBlob | None:
         blob = await super().open(digest)
-        if blob is not None:
+        if blob is not None or self.redirect:  # (redirected, the bucket's copy is the client's to fetch)
             return blob
         fd, tmp = tempfile.mkstemp(dir=self.spool_dir(), prefix="b-")
         path = Path(tmp)
