@@ -18,7 +18,7 @@ run: install
 	$(VENV)/bin/dao mirror serve --listen $(LISTEN) --data-dir $(DATA_DIR)
 
 test: install-dev apt-test lint
-	tests/services/isolated.sh $(VENV)/bin/pytest -q -p no:cacheprovider
+	tests/services/isolated.sh $(VENV)/bin/pytest -q -p no:cacheprovider --durations=15  # (the slowest, to keep it fast)
 
 # The accelerator's benchmark against the CNCF registry's proxy mode (several minutes; see docs/benchmarks.md).
 bench: install-dev apt-bench
