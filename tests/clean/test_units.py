@@ -227,3 +227,28 @@ def test_the_data_root_is_used_only_when_it_is_the_engines(tmp_path: Path) -> No
     assert DataRoot.open(root, "overlay2", {"sha256:" + "2" * 64}, set(), local=True) is None  # another engine
     assert DataRoot.open(root, "overlay2", image, {"c2"}, local=True) is None
     assert DataRoot.open(str(tmp_path / "nowhere"), "overlay2", set(), set(), local=True) is None
+
+
+class _BuildKit:
+    """An engine whose build-cache prune answers as BuildKit does when it pruned nothing: null."""
+
+    def __init__(self, left: list[str]) -> None:
+        self.left, self.prunes = left, 0
+
+    async def prune_build_cache(self, ids: list[str]) -> dict:
+        self.prunes += 1
+        return {"CachesDeleted": None, "SpaceReclaimed": 0}
+
+    async def system_df(self) -> dict:
+        return {"BuildCache": [{"ID": i} for i in self.left]}
+
+
+async def test_a_build_cache_prune_answered_with_null_is_looked_into_not_a_traceback() -> None:
+    from dao.clean.plan import Item
+    from dao.clean.remove import _build_cache
+
+    item = Item("build-cache", "abc123", "abc123", "unused build cache")
+    gone = _BuildKit(left=[])
+    assert await _build_cache(gone, item) == "" and gone.prunes == 2  # pruned beside another: gone all the same
+    kept = _BuildKit(left=["abc123"])
+    assert await _build_cache(kept, item) == "in use by a build"

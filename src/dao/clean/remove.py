@@ -14,6 +14,7 @@ unless something else (a running pull, the build cache) still holds them, which 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import secrets
@@ -232,10 +233,19 @@ async def _network(engine: Engine, item: Item) -> str:
 
 
 async def _build_cache(engine: Engine, item: Item) -> str:
-    answer = await engine.prune_build_cache([item.id])
-    if item.id not in (answer or {}).get("CachesDeleted") or []:
-        return "in use by a build, or gone already"
-    return ""
+    """BuildKit prunes one record at a time and says null, not [], when it pruned nothing. A prune running
+    beside another (a wave removes several records at once) may skip a record the other holds, or see it
+    go with its parent: so a record not in the answer is tried once more, and then looked for."""
+    for attempt in range(2):
+        answer = await engine.prune_build_cache([item.id])
+        if item.id in ((answer or {}).get("CachesDeleted") or []):
+            return ""
+        if attempt == 0:
+            await asyncio.sleep(0.2)
+    df = await engine.system_df()
+    if not any(b.get("ID") == item.id for b in df.get("BuildCache") or []):
+        return ""  # gone: its space is free, whoever pruned it
+    return "in use by a build"
 
 
 async def _layer(engine: Engine, item: Item) -> str:
