@@ -83,12 +83,10 @@ class Capsules:
             "error": row["error"],
         }
 
-    def expiries(self, user_id: str | None = None) -> dict[str, float]:
-        """host ID -> when it ends, for the capsules not yet ended (a user's, or everyone's)."""
+    def expiries(self) -> dict[str, float]:
+        """host ID -> when it ends, for the capsules not yet ended."""
         t = capsules_table.c
         query = select(t.host_id, t.expires_at).where(t.ended_at.is_(None), t.host_id.is_not(None))
-        if user_id is not None:
-            query = query.where(t.user_id == user_id)
         with self.engine.connect() as conn:
             return {r.host_id: r.expires_at for r in conn.execute(query)}
 

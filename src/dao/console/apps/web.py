@@ -27,9 +27,11 @@ def _view(request: web.Request, row: dict[str, Any]) -> dict[str, Any]:
     apps, hub, loop = request.app[APPS_KEY], request.app[HUB_KEY], request.app[RECONCILER_KEY]
     app = apps.parsed(row["compose"])
     placed: dict[str, list[dict[str, Any]]] = {name: [] for name in app.services}
-    ready = {(r.host, r.container): r.ready for r in loop.replicas_of(set(hub.live))}
-    for host_id, live in hub.live.items():
-        if hub.owners.get(host_id) != row["user_id"] or live.state is None:
+    owned = {h for h, owner in hub.owners.items() if owner == row["user_id"]}  # the owner's hosts, not all
+    ready = {(r.host, r.container): r.ready for r in loop.replicas_of(owned)}
+    for host_id in owned:
+        live = hub.live.get(host_id)
+        if live is None or live.state is None:
             continue
         for c in live.state.containers:
             labels = c.get("labels") or {}

@@ -161,7 +161,7 @@ class Reconciler:
                         stateful=bool(service.mounts),
                     )
                 )
-        ends = await asyncio.to_thread(self.capsules.expiries, user_id) if self.capsules else {}
+        ends = self.capsules.ends if self.capsules else {}  # (kept in memory by Capsules, as the pages read it)
         hosts = [self._host(h, now, ends.get(h["id"])) for h in stored]
         replicas = self.replicas_of({h.id for h in hosts})
         decision = decide(wants, replicas, hosts, now, host_grace=self.host_grace, expiry_lead=self.expiry_lead)

@@ -9,13 +9,14 @@ Contract shared by every backend:
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from dao.oci.digest import Digest
+from dao.oci.digest import Digest, DigestError
 
 
 @dataclass(slots=True)
@@ -96,6 +97,21 @@ class ManifestRecord:
     digest: Digest
     media_type: str
     checked_at: float  # wall-clock seconds
+
+    def to_json(self) -> bytes:
+        """The record as every store keeps it (a file, an object in a bucket)."""
+        return json.dumps(
+            {"digest": str(self.digest), "media_type": self.media_type, "checked_at": self.checked_at}
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ManifestRecord | None:
+        """None for a record that is not one (damaged, or from something else)."""
+        try:
+            doc = json.loads(data)
+            return cls(Digest.parse(doc["digest"]), str(doc["media_type"]), float(doc["checked_at"]))
+        except (ValueError, KeyError, TypeError, DigestError):
+            return None
 
 
 class ManifestStore(Protocol):

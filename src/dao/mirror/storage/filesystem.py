@@ -213,15 +213,13 @@ class FilesystemManifestStore:
     async def get_tag(self, upstream: str, repo: str, tag: str, accept_key: str) -> ManifestRecord | None:
         path = self._tag_path(upstream, repo, tag, accept_key)
         try:
-            doc = json.loads(await asyncio.to_thread(path.read_bytes))
-            return ManifestRecord(Digest.parse(doc["digest"]), str(doc["media_type"]), float(doc["checked_at"]))
-        except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError, DigestError):
+            return ManifestRecord.from_json(await asyncio.to_thread(path.read_bytes))
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
     async def put_tag(self, upstream: str, repo: str, tag: str, accept_key: str, record: ManifestRecord) -> None:
-        doc = {"digest": str(record.digest), "media_type": record.media_type, "checked_at": record.checked_at}
         path = self._tag_path(upstream, repo, tag, accept_key)
-        await asyncio.to_thread(atomic_write, path, json.dumps(doc).encode(), self.tmp)
+        await asyncio.to_thread(atomic_write, path, record.to_json(), self.tmp)
 
     # -- what eviction needs -------------------------------------------------------------------------------
 

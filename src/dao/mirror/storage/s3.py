@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -41,7 +40,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from dao.errors import DaoError
 from dao.mirror.storage.base import LocalBlob, ManifestRecord, Origin, Stored
 from dao.mirror.storage.filesystem import FilesystemBlobStore, FilesystemManifestStore, FilesystemOrigins
-from dao.oci.digest import Digest, DigestError
+from dao.oci.digest import Digest
 
 log = logging.getLogger("dao.mirror.s3")
 
@@ -306,17 +305,12 @@ class TieredManifestStore(FilesystemManifestStore):
             return await super().get_tag(upstream, repo, tag, accept_key)
         if found is None:
             return await super().get_tag(upstream, repo, tag, accept_key)
-        try:
-            doc = json.loads(found[0])
-            return ManifestRecord(Digest.parse(doc["digest"]), str(doc["media_type"]), float(doc["checked_at"]))
-        except (ValueError, KeyError, TypeError, DigestError):
-            return None
+        return ManifestRecord.from_json(found[0])
 
     async def put_tag(self, upstream: str, repo: str, tag: str, accept_key: str, record: ManifestRecord) -> None:
-        doc = {"digest": str(record.digest), "media_type": record.media_type, "checked_at": record.checked_at}
         try:
             await self.bucket.put_bytes(
-                self._tag_key(upstream, repo, tag, accept_key), json.dumps(doc).encode(), "application/json"
+                self._tag_key(upstream, repo, tag, accept_key), record.to_json(), "application/json"
             )
         except _FAILURES as exc:
             log.warning("bucket: a tag record kept on this node only: %s", exc)
