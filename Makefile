@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_RUN := python3 python3-venv python3-pip
 APT_TEST := $(APT_RUN) docker.io containerd docker-registry skopeo busybox-static iproute2 util-linux ca-certificates \
-	postgresql chromium curl
+	postgresql redis-server chromium curl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 LISTEN ?= 127.0.0.1:5000
 DATA_DIR ?= $(CURDIR)/.dao-data

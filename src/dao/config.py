@@ -154,6 +154,28 @@ class MirrorConfig:
     redirect_base: str = setting(
         "", help="With redirect: the URL of a CDN in front of the bucket, in place of the bucket's own."
     )
+    redis: str = setting(
+        "",
+        metavar="URL",
+        help="redis://HOST:PORT/DB: the nodes of a cluster agree there on who fetches each blob (one upstream "
+        "transfer across them all), on users' usage and on the upstream's 404s. Needs --node-url and a "
+        "cluster secret. Empty: this node alone.",
+    )
+    node_url: str = setting(
+        "",
+        metavar="URL",
+        help="With redis: the URL the other nodes reach this node at, e.g. http://10.0.0.5:5000 (its "
+        "/_dao/blobs/ serves them what it fetches).",
+    )
+    cluster_secret: str = setting(
+        "",
+        cli=False,
+        help="With redis: the secret the nodes sign their requests to each other with (the file or "
+        "DAO_MIRROR_CLUSTER_SECRET only).",
+    )
+    lease_ttl: float = setting(
+        10.0, help="With redis: seconds a dead node's claim on a blob outlives it (then another node goes on)."
+    )
     cache_min_free: str = setting("0", help="Free space to keep on the cache's disk, e.g. 10GiB; 0 = none.")
     gc_interval: float = setting(60.0, help="Seconds between checks of the cache limits.")
     upstream_username: str = setting("", help="Upstream account (raises Docker Hub's rate limit).")
@@ -175,6 +197,17 @@ class MirrorConfig:
             raise ConfigError("manifest_ttl and manifest_swr must be >= 0, manifest_timeout > 0")
         if self.negative_ttl < 0 or self.breaker_cooldown < 0 or self.breaker_failures < 1:
             raise ConfigError("negative_ttl and breaker_cooldown must be >= 0, breaker_failures >= 1")
+        if self.redis:
+            if not self.redis.startswith(("redis://", "rediss://", "unix://")):
+                raise ConfigError(f"redis must be a redis://, rediss:// or unix:// URL, got {self.redis!r}")
+            if not self.node_url or not self.cluster_secret:
+                raise ConfigError(
+                    "redis needs node_url (--node-url: how the other nodes reach this one) and cluster_secret "
+                    "(DAO_MIRROR_CLUSTER_SECRET or the file: the same on every node)"
+                )
+            check_url("node_url", self.node_url)
+        if self.lease_ttl <= 0:
+            raise ConfigError("lease_ttl must be > 0")
         if self.usage_flush <= 0 or self.gc_interval <= 0:
             raise ConfigError("usage_flush and gc_interval must be > 0")
         if not 1 <= self.fetch_connections <= 64 or self.fetch_split_mib <= 0:

@@ -94,6 +94,70 @@ async def test_meter_counts_by_month_and_enforces_quota(database: str) -> None:
     meter.check("alice")
 
 
+class SharedCounters:
+    """What Redis keeps for a cluster's meters (:meth:`dao.mirror.cluster.Cluster.add_usage`), in memory;
+    ``up = False`` is Redis down."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, dict[str, int]] = {}
+        self.up = True
+
+    async def add_usage(self, month: str, deltas: dict[str, int]) -> dict[str, int] | None:
+        if not self.up:
+            return None
+        row = self.counts.setdefault(month, {})
+        for user, n in deltas.items():
+            row[user] = row.get(user, 0) + n
+        return dict(row)
+
+
+async def test_meters_of_a_cluster_see_each_others_bytes_at_each_sync_and_never_count_them_twice(
+    tmp_path: Path,
+) -> None:
+    accounts = Accounts(f"sqlite:///{tmp_path}/dao.db")
+    accounts.add_user("Erin", user_id="erin", quota_bytes=250)
+    shared = SharedCounters()
+    a, b = Meter(accounts, live=shared), Meter(accounts, live=shared)
+    month = time.strftime("%Y-%m", time.gmtime())
+    await a.refresh()
+    await b.refresh()
+    a.record("erin", sent=100, blob=True)
+    assert b.used("erin", month) == 0  # not synced yet
+    await a.sync()
+    await b.sync()
+    assert a.used("erin", month) == b.used("erin", month) == 100
+    b.record("erin", sent=100)
+    await b.sync()
+    await a.sync()
+    assert a.used("erin", month) == b.used("erin", month) == 200
+    a.record("erin", sent=60)
+    await a.flush()  # A's 160 in SQL now; B has not read SQL since, and sees them all the same
+    await a.sync()
+    await b.sync()
+    assert b.used("erin", month) == 260
+    with pytest.raises(MirrorError):
+        b.check("erin")  # 260 >= 250, whichever node is asked
+    await b.refresh()  # B's 100 written; SQL and the shared totals agree
+    await a.refresh()
+    assert a.used("erin", month) == b.used("erin", month) == 260 == shared.counts[month]["erin"]
+    shared.up = False  # Redis down: each node counts alone, nothing lost
+    a.record("erin", sent=5)
+    await a.sync()
+    assert a.used("erin", month) == 265 and b.used("erin", month) == 260
+    await a.flush()
+    shared.up = True
+    await a.sync()
+    await b.sync()
+    assert shared.counts[month]["erin"] == 265  # added once it answered again
+    assert b.used("erin", month) == 265
+    shared.counts.clear()  # Redis lost its data: SQL's totals still hold
+    await b.refresh()
+    await b.sync()
+    assert b.used("erin", month) == 265
+    rows = {(u, m): x.bytes_served for u, m, x in accounts.usage()}
+    assert rows == {("erin", month): 265}
+
+
 def test_sizes() -> None:
     assert parse_size("50GiB") == 50 * 1024**3
     assert parse_size("500MB") == 500 * 10**6

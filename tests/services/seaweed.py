@@ -10,6 +10,9 @@ import socket
 import sys
 from pathlib import Path
 
+import botocore.exceptions
+import botocore.session
+
 from tests.services.procs import Process, free_port, wait_until
 
 ACCESS_KEY, SECRET_KEY = "daotestkey", "daotestsecret"
@@ -43,11 +46,23 @@ class Seaweed:
             workdir / "weed.log",
         )  # fmt: skip
         self.url = f"http://127.0.0.1:{self.port}"
-        wait_until(self._answers, 60, "weed mini's S3", self.proc.proc)
+        wait_until(self._answers, 60, "weed mini's S3 and its bucket", self.proc.proc)
 
     def _answers(self) -> bool:
+        """Its bucket is there (weed mini makes it a moment after its S3 port opens)."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-            return True
+            pass
+        client = botocore.session.get_session().create_client(
+            "s3", endpoint_url=self.url, region_name="us-east-1", aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+        )  # fmt: skip
+        try:
+            client.head_bucket(Bucket=self.bucket)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError):
+            return False
+        finally:
+            client.close()
+        return True
 
     @property
     def env(self) -> dict[str, str]:
@@ -56,4 +71,4 @@ class Seaweed:
                 "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
 
     def stop(self) -> None:
-        self.proc.stop()
+        self.proc.kill()  # (weed mini takes ~10 s to stop on SIGTERM; a test's store keeps nothing)

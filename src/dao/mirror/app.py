@@ -13,7 +13,8 @@ import asyncio
 import logging
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -35,8 +36,10 @@ from dao.mirror.errors import (
 )
 from dao.mirror.guard import GUARD_KEY, ConnectionGuard
 from dao.mirror.guard import middleware as guard_middleware
+from dao.mirror.inflight import FetchFailed
 from dao.mirror.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dao.mirror.metrics import Metrics
+from dao.mirror.nodes import NODE_HEADER
 from dao.mirror.proxies import Proxies
 from dao.mirror.proxy import STALE_WARNING, Proxy
 from dao.mirror.routing import Router
@@ -65,6 +68,9 @@ PROXIES_KEY = web.AppKey("proxies", Proxies)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 METER_KEY = web.AppKey("meter", Meter)
 ROUTER_KEY = web.AppKey("router", Router)
+CLUSTER_KEY = web.AppKey("cluster", Any)  # a dao.mirror.cluster.Cluster (``--redis``), absent otherwise
+Check = Callable[[], Awaitable[str | None]]  # None: fine; else what this node lacks (said by /readyz)
+CHECKS_KEY = web.AppKey("checks", list[Check])
 
 # Greedy name: the last /manifests/, /blobs/ or /tags/ splits it (tags and digests hold no '/').
 _ROUTE = re.compile(r"(?P<name>.+)/(?P<kind>manifests|blobs|tags)/(?P<rest>[^/]+)")
@@ -205,12 +211,52 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:
-    """Ready: the cache directory can take new blobs (exists, writable); otherwise 503 so a balancer skips us."""
+    """Ready: the cache directory can take new blobs (exists, writable); otherwise 503 so a balancer skips us.
+
+    A node whose Redis or bucket is down still serves (alone, or from its disk and the upstream): 200, and
+    the body says what it lacks."""
     state(request).route = "health"
     spool = request.app[PROXIES_KEY].inflight.store.spool_dir()
     if not os.access(spool, os.W_OK | os.X_OK):
         return web.Response(status=503, text=f"cache directory {spool} is not writable\n")
-    return web.Response(text="ok\n")
+    lacking = [why for check in request.app[CHECKS_KEY] if (why := await check()) is not None]
+    return web.Response(text="".join(f"degraded: {why}\n" for why in lacking) or "ok\n")
+
+
+async def node_blob(request: web.Request) -> web.StreamResponse:
+    """A blob this node fetches (or has), for another node of its cluster: from the spool file as it grows,
+    so the other node's clients get the bytes as soon as ours do. Only for requests signed with the cluster
+    secret; never counted as anyone's usage (the node the client reached counts it)."""
+    state(request).route = "node"
+    cluster = request.app.get(CLUSTER_KEY)
+    digest = _digest(request.match_info["digest"])
+    if cluster is None or not cluster.signed(digest, request.headers.get(NODE_HEADER)):
+        raise web.HTTPForbidden(text="not a node of this cluster\n")
+    inflight = request.app[PROXIES_KEY].inflight
+    fetch = inflight.get(digest)
+    if fetch is not None:
+        try:
+            fetch.acquire()
+        except FetchFailed:
+            fetch = None
+    if fetch is not None:
+        try:
+            await asyncio.shield(fetch.headers_ready)
+            wanted = parse_range(request.headers.get("Range"), fetch.size)
+        except BaseException:
+            fetch.release()
+            raise web.HTTPNotFound(text="the fetch failed\n") from None
+        state(request).cache = "join"
+        return await send_fetch(request, digest, fetch, wanted)
+    local = await inflight.store.open(digest)
+    if local is None:
+        raise web.HTTPNotFound(text="not here\n")
+    try:
+        wanted = parse_range(request.headers.get("Range"), local.size)
+    except RegistryError:
+        local.close()
+        raise
+    return await send_local(request, digest, local, wanted)
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
@@ -319,7 +365,12 @@ def make_app(
     meter: Meter,
     guard: ConnectionGuard | None = None,
     send: SendPolicy | None = None,
+    *,
+    cluster: Any = None,
+    checks: list[Check] | None = None,
 ) -> web.Application:
+    """``cluster``: the node's :class:`~dao.mirror.cluster.Cluster` (serves ``/_dao/blobs/``); ``checks``:
+    what ``/readyz`` asks (Redis, the bucket)."""
     app = web.Application(
         middlewares=[guard_middleware, measure, errors, account],
         handler_args={"max_field_size": 8190, "max_line_size": 8190},
@@ -331,6 +382,9 @@ def make_app(
     app[ROUTER_KEY] = router
     app[PROXIES_KEY] = proxies
     app[METRICS_KEY] = metrics
+    app[CHECKS_KEY] = checks or []
+    if cluster is not None:
+        app[CLUSTER_KEY] = cluster
     metrics.watch(lambda: len(proxies.inflight), proxies.states)
     app.router.add_route("GET", "/v2", base)
     app.router.add_route("GET", "/v2/", base)
@@ -338,6 +392,7 @@ def make_app(
     app.router.add_route("GET", "/metrics", metrics_endpoint)
     app.router.add_route("GET", "/healthz", healthz)
     app.router.add_route("GET", "/readyz", readyz)
+    app.router.add_route("GET", "/_dao/blobs/{digest}", node_blob)
     app.on_response_prepare.append(_api_version)
 
     async def close_proxy(app: web.Application) -> None:

@@ -8,13 +8,14 @@ import contextlib
 import functools
 import logging
 import signal
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 
 from dao.config import ConfigError, MirrorConfig
 from dao.mirror.accounts import Accounts
-from dao.mirror.app import make_app
+from dao.mirror.app import Check, make_app
 from dao.mirror.availability import CircuitBreaker
 from dao.mirror.eviction import Collector, collecting
 from dao.mirror.guard import ConnectionGuard, GuardedRunner
@@ -33,6 +34,9 @@ from dao.registry.client import RegistryClient
 from dao.transfer.download import upstream_policy
 from dao.units import parse_size
 
+if TYPE_CHECKING:
+    from dao.mirror.cluster import Cluster
+
 log = logging.getLogger("dao.mirror")
 access_log = logging.getLogger("dao.mirror.access")
 
@@ -43,15 +47,16 @@ async def serve(config: MirrorConfig, *, ready: asyncio.Event | None = None) -> 
         await _serve(config, stack, ready)
 
 
-async def _stores(
-    config: MirrorConfig, stack: contextlib.AsyncExitStack
-) -> tuple[FilesystemBlobStore, FilesystemManifestStore, FilesystemOrigins]:
-    """The data directory alone, or (``storage = s3://...``) the bucket under it."""
+Stores = tuple[FilesystemBlobStore, FilesystemManifestStore, FilesystemOrigins, list[Check]]
+
+
+async def _stores(config: MirrorConfig, stack: contextlib.AsyncExitStack) -> Stores:
+    """The data directory alone, or (``storage = s3://...``) the bucket under it; and what ``/readyz`` asks."""
     if not config.storage:
         if config.redirect:
             raise ConfigError("redirect needs storage = s3://...: a redirect points into the bucket")
         root = config.data_dir
-        return FilesystemBlobStore(root), FilesystemManifestStore(root), FilesystemOrigins(root)
+        return FilesystemBlobStore(root), FilesystemManifestStore(root), FilesystemOrigins(root), []
     try:
         from dao.mirror.storage import s3
     except ImportError:
@@ -66,11 +71,31 @@ async def _stores(
     )
     root = config.data_dir
     blobs = s3.TieredBlobStore(root, bucket, redirect=config.redirect, redirect_base=config.redirect_base)
-    return blobs, s3.TieredManifestStore(root, bucket), s3.TieredOrigins(root, bucket)
+    return blobs, s3.TieredManifestStore(root, bucket), s3.TieredOrigins(root, bucket), [bucket.status]
+
+
+async def _cluster(config: MirrorConfig, stack: contextlib.AsyncExitStack) -> Cluster | None:
+    if not config.redis:
+        return None
+    try:
+        from dao.mirror.cluster import Cluster, ClusterError
+    except ImportError:
+        raise ConfigError("redis = ... needs the Redis client: pip install 'dao[cluster]'") from None
+    try:
+        cluster = Cluster(config.redis, config.node_url, config.cluster_secret, lease_ttl=config.lease_ttl)
+    except (ClusterError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    stack.push_async_callback(cluster.aclose)
+    why = await cluster.check()
+    log.info("cluster: redis %s, this node at %s%s", config.redis, config.node_url, f" ({why})" if why else "")
+    return cluster
 
 
 async def _serve(config: MirrorConfig, stack: contextlib.AsyncExitStack, ready: asyncio.Event | None) -> None:
-    blobs, manifests, origins = await _stores(config, stack)
+    blobs, manifests, origins, checks = await _stores(config, stack)
+    cluster = await _cluster(config, stack)
+    if cluster is not None:
+        checks.append(cluster.check)
     leftovers = blobs.clean_spool()
     if leftovers:
         log.info("removed %d partial downloads left by an earlier run", leftovers)
@@ -108,6 +133,7 @@ async def _serve(config: MirrorConfig, stack: contextlib.AsyncExitStack, ready: 
         blobs,
         upstream_policy(config.fetch_connections, int(config.fetch_split_mib * 1024 * 1024)),
         FetchGate(config.max_fetches, config.max_fetches_per_client),
+        on_end=cluster.release if cluster is not None else None,
     )
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=64, ttl_dns_cache=300)
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
@@ -133,6 +159,7 @@ async def _serve(config: MirrorConfig, stack: contextlib.AsyncExitStack, ready: 
                 registry=registry,
                 origins=origins,
                 allowed=router.allows,
+                cluster=cluster,
             )
 
         meter = Meter(
@@ -141,10 +168,13 @@ async def _serve(config: MirrorConfig, stack: contextlib.AsyncExitStack, ready: 
             anonymous=config.anonymous,
             default_quota=default_quota,
             flush_interval=config.usage_flush,
+            live=cluster,
         )
         guard = ConnectionGuard(config.max_connections_per_client, config.header_timeout)
         send = SendPolicy(config.send_timeout, float(min_send_rate))
-        app = make_app(router, Proxies(make_proxy, inflight), metrics, meter, guard, send)
+        app = make_app(
+            router, Proxies(make_proxy, inflight), metrics, meter, guard, send, cluster=cluster, checks=checks
+        )
         app.cleanup_ctx.append(functools.partial(collecting, collector, metrics.evictions.inc, config.gc_interval))
         runner = GuardedRunner(
             guard,

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from dao.config import MirrorConfig
@@ -101,8 +101,14 @@ class Fetch:
         store: BlobIngester,
         policy: Policy,
         on_bytes: Callable[[int], None] | None = None,
+        commit: Callable[[Digest, Path], Awaitable[None]] | None = None,
+        kind: str = "upstream",
     ) -> None:
+        """``commit``: where the verified file goes (the store's ``commit`` by default); ``kind``: where the
+        bytes come from ("upstream", "bucket", "node")."""
         self.digest = digest
+        self.kind = kind
+        self.commit = commit or store.commit
         self.on_bytes = on_bytes
         self.store = store
         self.policy = policy
@@ -135,7 +141,7 @@ class Fetch:
             if not self._verifier.verified:
                 raise UpstreamUnavailable(f"digest mismatch for {self.digest}: upstream sent {self._verifier.actual()}")
             await asyncio.to_thread(os.fsync, self.fd)
-            await self.store.commit(self.digest, self.path)
+            await self.commit(self.digest, self.path)
             self.done = True
         except BaseException as exc:
             self.error = exc
@@ -257,22 +263,38 @@ class Fetch:
 class Inflight:
     """The digest -> running fetch map, one per store; every reader follows the one fetch."""
 
-    def __init__(self, store: BlobIngester, policy: Policy | None = None, gate: FetchGate | None = None) -> None:
+    def __init__(
+        self,
+        store: BlobIngester,
+        policy: Policy | None = None,
+        gate: FetchGate | None = None,
+        on_end: Callable[[Digest], Awaitable[None]] | None = None,
+    ) -> None:
+        """``on_end``: told when a fetch has left the map (the cluster drops its lease)."""
         self.store = store
         self.policy = policy or upstream_policy()
         self.gate = gate or FetchGate()
+        self.on_end = on_end
         self._fetches: dict[Digest, Fetch] = {}
 
     def get(self, digest: Digest) -> Fetch | None:
         return self._fetches.get(digest)
 
     async def join_or_start(
-        self, digest: Digest, source: BlobSource, on_bytes: Callable[[int], None] | None = None, client: str = ""
+        self,
+        digest: Digest,
+        source: BlobSource,
+        on_bytes: Callable[[int], None] | None = None,
+        client: str = "",
+        *,
+        commit: Callable[[Digest, Path], Awaitable[None]] | None = None,
+        kind: str = "upstream",
+        policy: Policy | None = None,
     ) -> tuple[Fetch, bool]:
         """The fetch for ``digest``, already acquired for the caller, and whether this call started it.
 
         Joining never waits; starting waits for a slot of the gate (raises :class:`FetchQueueFull`). The
-        caller must :meth:`~Fetch.release` the fetch.
+        caller must :meth:`~Fetch.release` the fetch. ``commit``, ``kind``, ``policy``: see :class:`Fetch`.
         """
         fetch = self._fetches.get(digest)
         if fetch is not None:
@@ -285,7 +307,7 @@ class Inflight:
             fetch.acquire()
             return fetch, False
         try:
-            fetch = Fetch(digest, self.store, self.policy, on_bytes)
+            fetch = Fetch(digest, self.store, policy or self.policy, on_bytes, commit, kind)
         except BaseException:
             self.gate.release(client)
             raise
@@ -298,6 +320,8 @@ class Inflight:
             finally:
                 self._fetches.pop(digest, None)
                 self.gate.release(client)
+                if self.on_end is not None:
+                    await self.on_end(digest)
 
         # The task belongs to the map, not to the request that started it: the cache fills even if that
         # client goes away (for a while: see Fetch.release).

@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from dao.aio import gather_bounded
 from dao.config import MirrorConfig
@@ -40,6 +41,7 @@ from dao.mirror.errors import (
 )
 from dao.mirror.inflight import Fetch, FetchQueueFull, Inflight
 from dao.mirror.metrics import Metrics
+from dao.mirror.nodes import NodeSource
 from dao.mirror.sharing import Sharing
 from dao.mirror.storage.base import BlobStore, LocalBlob, ManifestRecord, ManifestStore, Origin, OriginStore
 from dao.oci.digest import Digest, DigestError
@@ -53,6 +55,13 @@ from dao.oci.manifest import (
     descriptors,
 )
 from dao.registry.client import RegistryClient
+from dao.transfer.download import upstream_policy
+from dao.transfer.schedule import Policy
+from dao.transfer.sources import BlobSource
+
+if TYPE_CHECKING:
+    from dao.mirror.cluster import Cluster
+
 from dao.registry.errors import (
     RegistryClientError,
     UpstreamNotFound,
@@ -66,6 +75,7 @@ log = logging.getLogger(__name__)
 STALE_WARNING = '110 dao "Response is Stale"'
 
 CHILD_FETCHES = 4
+CHECK_POLL = 0.2  # seconds between looks at a tag record another node is re-validating
 MAX_CHILDREN = 64  # child manifests fetched behind a client's back for one index (real ones list up to ~40)
 
 # Upstream failures after which a cached tag is still a good answer.
@@ -84,6 +94,17 @@ class ManifestAnswer:
     @property
     def stale(self) -> bool:
         return self.cache == "stale"
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """Where a new fetch reads (see :meth:`Proxy._plan`) and what becomes of its bytes."""
+
+    source: BlobSource
+    on_bytes: Callable[[int], None] | None = None  # counts upstream bytes (the upstream's fetches only)
+    commit: Callable[[Digest, Path], Awaitable[None]] | None = None  # None: the store's (up to the bucket too)
+    kind: str = "upstream"
+    policy: Policy | None = None
 
 
 @dataclass(slots=True)
@@ -115,6 +136,7 @@ class Proxy:
         registry: str = "",
         origins: OriginStore | None = None,
         allowed: Callable[[str, str], bool] | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         """``inflight`` is shared by every registry's proxy over one store: a layer two registries both
         serve is fetched once and stored once."""
@@ -132,6 +154,7 @@ class Proxy:
             client.host, threshold=MirrorConfig.breaker_failures, cooldown=MirrorConfig.breaker_cooldown
         )
         self.prefetch_children = prefetch_children
+        self.cluster = cluster
         self.upstream_key = client.host
         self.sharing = Sharing(origins, allowed, self.registry, credentialed=client.auth.credentials is not None)
         self._background: dict[tuple[str, ...], asyncio.Task[None]] = {}
@@ -184,36 +207,77 @@ class Proxy:
         running = self.inflight.get(digest)
         if running is not None and running.origin != self.sharing.origin(repo):
             await self._check_shared(repo, digest, "blob", also=running.origin)
+        plan = _Plan(self.client.blob_source(repo, digest), self._count_upstream_bytes)
         if running is None:
-            self._check_negative(key, "blob")
-            try:
-                self.breaker.check()
-            except CircuitOpen as exc:
-                raise upstream_error(exc, "blob") from exc
+            plan = await self._plan(repo, digest, key, plan)
         try:
             fetch, started = await self.inflight.join_or_start(
-                digest, self.client.blob_source(repo, digest), self._count_upstream_bytes, client
+                digest, plan.source, plan.on_bytes, client, commit=plan.commit, kind=plan.kind, policy=plan.policy
             )
         except FetchQueueFull as exc:  # our own queue: says nothing about the upstream, never trips the breaker
+            if self.cluster is not None and self.inflight.get(digest) is None:
+                await self.cluster.release(digest)
             raise Busy(str(exc), retry_after=5) from exc
+        upstream = started and plan.kind == "upstream"
         began = time.monotonic()
         try:
             await asyncio.shield(fetch.headers_ready)
         except RegistryClientError as exc:
             fetch.release()
-            if started:
+            if upstream:
                 self._count(exc)
-                self._remember_missing(key, exc)
+                await self._remember_missing(key, exc)
             raise upstream_error(exc, "blob") from exc
         except BaseException:
             fetch.release()
             raise
         if started:
+            fetch.origin = self.sharing.origin(repo)
+        if upstream:
             self._observe("blob", began)
             self.breaker.success()
-            fetch.origin = self.sharing.origin(repo)
             await self.sharing.record(digest, repo)  # the upstream answered for this repository: it is there
-        return BlobAnswer(fetch.size, fetch=fetch, cache="miss" if started else "join")
+        cache = ("miss" if plan.kind == "upstream" else plan.kind) if started else "join"
+        return BlobAnswer(fetch.size, fetch=fetch, cache=cache)
+
+    async def _plan(self, repo: str, digest: Digest, key: tuple[str, ...], upstream: _Plan) -> _Plan:
+        """Where a blob nobody fetches on this node comes from: the bucket when it has it, another node when
+        one fetches it (``--redis``), else the upstream (this node then holds the blob's lease)."""
+        stored = await self._stored(repo, digest)
+        if stored is not None:
+            return stored
+        await self._check_negative(key, "blob")
+        try:
+            self.breaker.check()
+        except CircuitOpen as exc:
+            raise upstream_error(exc, "blob") from exc
+        if self.cluster is None:
+            return upstream
+        claim = await self.cluster.claim(digest)
+        if not claim.mine:
+            await self._check_shared(repo, digest, "blob")
+
+            async def from_bucket() -> BlobSource | None:
+                source = getattr(self.blobs, "source", None)
+                return await source(digest) if source is not None else None
+
+            node = NodeSource(self.cluster, self.client.session, digest, claim, upstream.source, from_bucket)
+            commit = getattr(self.blobs, "commit_local", None)  # the node that fetches puts it in the bucket
+            return _Plan(node, None, commit, "node", upstream_policy(1))
+        stored = await self._stored(repo, digest)  # committed by another node between the look and the lease
+        if stored is not None:
+            await self.cluster.release(digest)
+            return stored
+        return upstream
+
+    async def _stored(self, repo: str, digest: Digest) -> _Plan | None:
+        """The bucket's copy as the source of this node's fetch, or None."""
+        source = getattr(self.blobs, "source", None)
+        found = await source(digest) if source is not None else None
+        if found is None:
+            return None
+        await self._check_shared(repo, digest, "blob")
+        return _Plan(found, None, getattr(self.blobs, "commit_local", None), "bucket")
 
     async def stat_blob(self, repo: str, digest: Digest) -> tuple[int | None, str]:
         size = await self.blobs.stat(digest)
@@ -224,12 +288,12 @@ class Proxy:
         if fetch is not None and fetch.headers_ready.done() and fetch.error is None:
             return fetch.size, "join"
         key = ("blob", repo, str(digest))
-        self._check_negative(key, "blob")
+        await self._check_negative(key, "blob")
         try:
             async with self._upstream("blob_head"):
                 return await self.client.head_blob(repo, digest), "miss"
         except (RegistryClientError, CircuitOpen) as exc:
-            self._remember_missing(key, exc)
+            await self._remember_missing(key, exc)
             raise upstream_error(exc, "blob") from exc
 
     # -- manifests -----------------------------------------------------------------------------------------
@@ -272,6 +336,10 @@ class Proxy:
             refresh = self._refresh_tag(repo, tag, accept, key, record.digest, media_type)
             self._in_background(("tag", repo, tag, key), refresh)
             return ManifestAnswer(body, media_type, record.digest, "swr")
+        if not await self._first_to_check(repo, tag, key):
+            checked = await self._checked_elsewhere(repo, tag, key, record.checked_at)
+            if checked is not None:
+                return checked
         try:
             moved = await self._revalidate(repo, tag, accept, key, record.digest, media_type)
         except _STALE_OK as exc:
@@ -303,21 +371,41 @@ class Proxy:
         self, repo: str, tag: str, accept: tuple[str, ...], key: str, known: Digest, media_type: str
     ) -> None:
         """Background revalidation: its failures only leave the cached copy in place."""
+        if not await self._first_to_check(repo, tag, key):
+            return  # another node checks it right now, and writes the record every node reads
         try:
             await self._revalidate(repo, tag, accept, key, known, media_type)
         except (RegistryClientError, MirrorError, CircuitOpen, TimeoutError) as exc:
             log.warning("background refresh of %s:%s failed, cached copy kept: %s", repo, tag, exc)
 
+    async def _first_to_check(self, repo: str, tag: str, key: str) -> bool:
+        """Of the nodes that find a tag due at once, one asks the upstream (always this one, alone)."""
+        if self.cluster is None:
+            return True
+        return await self.cluster.first(("tag", self.upstream_key, repo, tag, key), self.manifest_timeout + 1)
+
+    async def _checked_elsewhere(self, repo: str, tag: str, key: str, since: float) -> ManifestAnswer | None:
+        """The answer another node's re-validation recorded, once it has (None: not within the timeout)."""
+        deadline = time.monotonic() + self.manifest_timeout
+        while time.monotonic() < deadline:
+            await asyncio.sleep(CHECK_POLL)
+            record = await self.manifests.get_tag(self.upstream_key, repo, tag, key)
+            if record is not None and record.checked_at > since:
+                cached = await self.manifests.get(record.digest)
+                if cached is not None:
+                    return ManifestAnswer(cached[0], cached[1], record.digest, "revalidated")
+        return None
+
     async def _fetch_manifest(self, repo: str, reference: str, accept: tuple[str, ...]) -> ManifestAnswer:
         key = ("manifest", repo, reference)
-        self._check_negative(key, "manifest")
+        await self._check_negative(key, "manifest")
         try:
             async with self._upstream("manifest"), asyncio.timeout(self.manifest_timeout):
                 m = await self.client.get_manifest(repo, reference, accept)
         except TimeoutError as exc:
             raise UpstreamDown("upstream registry timed out") from exc
         except (RegistryClientError, CircuitOpen) as exc:
-            self._remember_missing(key, exc)
+            await self._remember_missing(key, exc)
             raise upstream_error(exc, "manifest") from exc
         await self.manifests.put(m.digest, m.body, m.media_type)
         await self.sharing.record(m.digest, repo)
@@ -374,13 +462,18 @@ class Proxy:
 
     # -- negative cache and background work ----------------------------------------------------------------
 
-    def _check_negative(self, key: tuple[str, ...], subject: Subject) -> None:
-        if key in self.negative:
+    async def _check_negative(self, key: tuple[str, ...], subject: Subject) -> None:
+        """Raises :class:`Remembered` for a 404 this node (or, with ``--redis``, any node) got lately."""
+        if key in self.negative or (
+            self.cluster is not None and await self.cluster.remembered((self.upstream_key, *key))
+        ):
             raise Remembered(subject, f"upstream said {key[-1]} does not exist in {key[1]} (remembered)")
 
-    def _remember_missing(self, key: tuple[str, ...], exc: BaseException) -> None:
+    async def _remember_missing(self, key: tuple[str, ...], exc: BaseException) -> None:
         if isinstance(exc, UpstreamNotFound):
             self.negative.add(key)
+            if self.cluster is not None:
+                await self.cluster.remember((self.upstream_key, *key), self.negative.ttl)
 
     def _count(self, exc: BaseException) -> None:
         if isinstance(exc, _BREAKER_FAILURES):

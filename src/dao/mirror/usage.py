@@ -22,7 +22,8 @@ import base64
 import binascii
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -34,6 +35,17 @@ from dao.units import format_size
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (user ID, YYYY-MM)
+
+SYNC_INTERVAL = 1.0  # seconds between a cluster node's additions to (and reads of) the shared counters
+
+
+class LiveUsage(Protocol):
+    """A cluster's running totals per user per month, every node's bytes added as they are counted (Redis:
+    :meth:`dao.mirror.cluster.Cluster.add_usage`)."""
+
+    def add_usage(self, month: str, deltas: dict[str, int]) -> Awaitable[dict[str, int] | None]:
+        """Add ``deltas``; every user's total after that, or None when the counters do not answer."""
+        ...
 
 
 def month_of(t: float) -> str:
@@ -56,8 +68,18 @@ class Meter:
         default_quota: int = 0,
         flush_interval: float = MirrorConfig.usage_flush,
         clock: Callable[[], float] = time.time,
+        live: LiveUsage | None = None,
+        sync_interval: float = SYNC_INTERVAL,
     ) -> None:
+        """``live``: a cluster's shared running totals. Each node adds its bytes there every ``sync_interval``
+        and reads back everyone's, so a quota holds for the sum over the nodes within about a second, not
+        only after every node's next SQL write and read."""
         self.accounts = accounts
+        self.live = live
+        self.sync_interval = sync_interval
+        self._live_ok = False  # the shared totals answered at the last sync
+        self._unsynced: dict[Key, int] = {}  # bytes counted here, not yet added to the shared totals
+        self._shared: dict[Key, int] = {}  # the shared totals of this month, as the last sync read them
         self.domain = domain.lower().strip(".")
         self.anonymous = anonymous
         self.default_quota = default_quota  # bytes a month; 0 = no limit
@@ -119,8 +141,13 @@ class Meter:
         return user.quota_bytes if user is not None and user.quota_bytes is not None else self.default_quota
 
     def used(self, user_id: str, month: str) -> int:
+        """The month's bytes: SQL's totals and what this node has not written yet; in a cluster, the shared
+        running total (every node's bytes) when that is more (it is, unless Redis lost its data)."""
         key = (user_id, month)
-        return sum(table[key].bytes_served for table in (self._totals, self._flushing, self._pending) if key in table)
+        known = sum(table[key].bytes_served for table in (self._totals, self._flushing, self._pending) if key in table)
+        if self.live is None or not self._live_ok:
+            return known
+        return max(known, self._shared.get(key, 0) + self._unsynced.get(key, 0))
 
     def check(self, user_id: str) -> None:
         """Raises TOOMANYREQUESTS once the user's bytes this month, with those of their responses being sent
@@ -155,6 +182,8 @@ class Meter:
         if usage is None:
             usage = self._pending[key] = Usage()
         usage.bytes_served += sent
+        if self.live is not None and sent:
+            self._unsynced[key] = self._unsynced.get(key, 0) + sent
         usage.blobs_served += int(blob)
         usage.pulls += int(pull)
         if hit:
@@ -163,14 +192,46 @@ class Meter:
     # -- background ----------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Flush and reload every interval until cancelled; then flush once more (a clean stop loses nothing)."""
+        """Flush and reload every interval until cancelled; then flush once more (a clean stop loses nothing).
+        In a cluster, sync with the shared totals every ``sync_interval`` too."""
         await self.refresh()
         try:
+            next_flush = time.monotonic() + self.flush_interval
             while True:
-                await asyncio.sleep(self.flush_interval)
-                await self.refresh()
+                wait = next_flush - time.monotonic()
+                if self.live is not None:
+                    wait = min(wait, self.sync_interval)
+                await asyncio.sleep(max(0.0, wait))
+                if time.monotonic() >= next_flush:
+                    await self.refresh()
+                    next_flush = time.monotonic() + self.flush_interval
+                await self.sync()
         finally:
             await asyncio.shield(self.flush())
+            await asyncio.shield(self.sync())
+
+    async def sync(self) -> None:
+        """Add this node's new bytes to the shared totals and read everyone's back. Bytes counted while they
+        do not answer are added when they do again (SQL has them meanwhile, through the flush)."""
+        if self.live is None:
+            return
+        month = month_of(self.clock())
+        by_month: dict[str, dict[str, int]] = {month: {}}
+        for (user, m), n in self._unsynced.items():
+            by_month.setdefault(m, {})[user] = n
+        ok = True
+        for m, deltas in by_month.items():
+            seen = await self.live.add_usage(m, deltas)
+            if seen is None:
+                ok = False
+                break
+            for user, n in deltas.items():  # (what was counted meanwhile stays for the next sync)
+                left = self._unsynced.pop((user, m), 0) - n
+                if left:
+                    self._unsynced[(user, m)] = left
+            if m == month:
+                self._shared = {(user, m): n for user, n in seen.items()}
+        self._live_ok = ok
 
     async def refresh(self) -> None:
         await self.flush()

@@ -12,8 +12,10 @@ The client is aiobotocore: it runs on the aiohttp the mirror already uses, signs
 reads the usual variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_DEFAULT_REGION``).
 
-A node reads its local copy first and the bucket on a local miss, keeping what it fetched (verified
-against its digest on the way in: a damaged object is refused, never served). Eviction (``--max-size``)
+A node reads its local copy first and the bucket on a local miss: the bucket's copy is then a source of the
+node's one fetch of that blob (:class:`BucketSource`), streamed to every client that asks while it fills the
+node's disk, and checked against its digest like any fetch (a damaged object is never committed, and its
+readers' connections are cut before the last byte). Eviction (``--max-size``)
 bounds the local copy only; the bucket keeps everything. A bucket that cannot be written leaves a blob on
 the node's own disk, served from there, and the failure is logged: the node degrades to what a single node
 is.
@@ -23,29 +25,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
-import tempfile
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+import aiohttp
 from aiobotocore.session import get_session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from dao.errors import DaoError
-from dao.mirror.storage.base import LocalBlob, ManifestRecord, Origin, Stored
+from dao.mirror.storage.base import ManifestRecord, Origin, Stored
 from dao.mirror.storage.filesystem import FilesystemBlobStore, FilesystemManifestStore, FilesystemOrigins
 from dao.oci.digest import Digest
+from dao.registry.blobs import parse_content_range
+from dao.registry.errors import UpstreamNotFound, UpstreamUnavailable
 
 log = logging.getLogger("dao.mirror.s3")
 
 PART = 64 * 1024 * 1024  # blobs bigger than this go up in parts of this size (S3 allows at most 5 GiB in one PUT)
 READ = 1024 * 1024
+CONNECT_TIMEOUT = 3.0  # seconds: a bucket that does not answer must not hold a client's request for a minute
+READ_TIMEOUT = 30.0
+STATUS_EVERY = 5.0  # seconds between the bucket checks /readyz makes
+STATUS_TIMEOUT = 2.0
+REST = 5.0  # seconds the bucket is not asked after it failed a request
 REDIRECT_TTL = 600  # seconds a presigned URL works: enough for a slow client to start, short enough to expire
 
 
@@ -75,10 +85,18 @@ class Bucket:
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
         self._stack = contextlib.AsyncExitStack()
         self.client: Any = None
+        self._checked = -STATUS_EVERY
+        self._failed_at = -REST
+        self._status: str | None = None
 
     async def __aenter__(self) -> Bucket:
         session = get_session()
-        config = Config(retries={"max_attempts": 3, "mode": "standard"}, s3={"addressing_style": "path"})
+        config = Config(
+            retries={"max_attempts": 3, "mode": "standard"},
+            s3={"addressing_style": "path"},
+            connect_timeout=CONNECT_TIMEOUT,
+            read_timeout=READ_TIMEOUT,
+        )
         self.client = await self._stack.enter_async_context(
             session.create_client(
                 "s3",
@@ -104,9 +122,45 @@ class Bucket:
         except (ClientError, BotoCoreError, OSError) as exc:
             raise BucketError(f"cannot use bucket {self.location.bucket!r} at {self.endpoint_url}: {exc}") from None
 
+    async def status(self) -> str | None:
+        """None while the bucket answers (asked at most every few seconds), else what the node does without
+        it: for ``/readyz``."""
+        now = time.monotonic()
+        if now - self._checked >= STATUS_EVERY:
+            self._checked = now
+            try:
+                async with asyncio.timeout(STATUS_TIMEOUT):
+                    await self.client.head_bucket(Bucket=self.location.bucket)
+                self._status = None
+                self._failed_at = -REST
+            except (ClientError, BotoCoreError, OSError, TimeoutError) as exc:
+                self._failed_at = time.monotonic()
+                self._status = (
+                    f"bucket {self.location.bucket} does not answer ({exc.__class__.__name__}): blobs on this "
+                    "node's disk are served, others come from the upstream and stay on this node"
+                )
+        return self._status
+
+    @contextlib.asynccontextmanager
+    async def _asking(self) -> AsyncIterator[None]:
+        """Every request: refused at once for ``REST`` seconds after the bucket failed one (so a bucket that
+        is down costs each client request nothing, not a connect timeout per object), failures noted."""
+        if time.monotonic() - self._failed_at < REST:
+            raise BucketError(f"bucket {self.location.bucket} failed a moment ago; not asked for {REST:.0f}s")
+        try:
+            yield
+        except ClientError as exc:
+            if _status(exc) >= 500 or _status(exc) == 0:
+                self._failed_at = time.monotonic()
+            raise
+        except (BotoCoreError, OSError, TimeoutError):
+            self._failed_at = time.monotonic()
+            raise
+
     async def head(self, key: str) -> dict[str, Any] | None:
         try:
-            return dict(await self.client.head_object(Bucket=self.location.bucket, Key=key))
+            async with self._asking():
+                return dict(await self.client.head_object(Bucket=self.location.bucket, Key=key))
         except ClientError as exc:
             if _status(exc) == 404:
                 return None
@@ -114,36 +168,30 @@ class Bucket:
 
     async def get_bytes(self, key: str) -> tuple[bytes, str] | None:
         try:
-            got = await self.client.get_object(Bucket=self.location.bucket, Key=key)
+            async with self._asking():
+                got = await self.client.get_object(Bucket=self.location.bucket, Key=key)
+                async with got["Body"] as body:
+                    return await body.read(), str(got.get("ContentType") or "")
         except ClientError as exc:
             if _status(exc) == 404:
                 return None
             raise
-        async with got["Body"] as body:
-            return await body.read(), str(got.get("ContentType") or "")
 
-    async def get_file(self, key: str, out: Any, digest: Digest) -> int | None:
-        """The object into the open file ``out``, checked against ``digest``; its size, or None if absent."""
-        try:
-            got = await self.client.get_object(Bucket=self.location.bucket, Key=key)
-        except ClientError as exc:
-            if _status(exc) == 404:
-                return None
-            raise
-        hashed, size = hashlib.new(digest.algorithm), 0
-        async with got["Body"] as body:
-            while chunk := await body.read(READ):
-                out.write(chunk)
-                hashed.update(chunk)
-                size += len(chunk)
-        if hashed.hexdigest() != digest.encoded:
-            raise BucketError(f"the bucket's copy of {digest} does not match its digest: not served")
-        return size
+    async def get_range(self, key: str, start: int, end: int | None) -> dict[str, Any]:
+        """``get_object`` of bytes ``start``..``end`` (inclusive; None: to the end), its body still to read."""
+        extra = {"Range": f"bytes={start}-{'' if end is None else end}"} if start or end is not None else {}
+        async with self._asking():
+            return dict(await self.client.get_object(Bucket=self.location.bucket, Key=key, **extra))
 
     async def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        await self.client.put_object(Bucket=self.location.bucket, Key=key, Body=data, ContentType=content_type)
+        async with self._asking():
+            await self.client.put_object(Bucket=self.location.bucket, Key=key, Body=data, ContentType=content_type)
 
     async def put_file(self, key: str, path: Path) -> None:
+        async with self._asking():
+            await self._put_file(key, path)
+
+    async def _put_file(self, key: str, path: Path) -> None:
         bucket = self.location.bucket
         with path.open("rb") as f:  # (opening is not I/O worth a thread; each read is)
             size = os.fstat(f.fileno()).st_size
@@ -177,9 +225,49 @@ class Bucket:
     async def keys(self, prefix: str) -> list[str]:
         paginator = self.client.get_paginator("list_objects_v2")
         out = []
-        async for page in paginator.paginate(Bucket=self.location.bucket, Prefix=prefix):
-            out += [item["Key"] for item in page.get("Contents") or []]
+        async with self._asking():
+            async for page in paginator.paginate(Bucket=self.location.bucket, Prefix=prefix):
+                out += [item["Key"] for item in page.get("Contents") or []]
         return out
+
+
+class BucketBody:
+    """An object's bytes as a transfer's :class:`~dao.transfer.sources.Body`."""
+
+    def __init__(self, got: dict[str, Any]) -> None:
+        self.got = got
+        length = int(got.get("ContentLength") or 0)
+        self.offset, self.end, self.size = 0, length, length
+        if got.get("ContentRange"):
+            first, last, self.size = parse_content_range(str(got["ContentRange"]))
+            self.offset, self.end = first, last + 1
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            while chunk := await self.got["Body"].read(READ):
+                yield chunk
+        except (ClientError, BotoCoreError, OSError, aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamUnavailable(f"bucket: the body broke: {exc}") from exc
+
+
+class BucketSource:
+    """One object as a source of a node's fetch: a miss of the node's disk that the bucket has."""
+
+    def __init__(self, bucket: Bucket, key: str) -> None:
+        self.bucket, self.key = bucket, key
+
+    @contextlib.asynccontextmanager
+    async def open(self, start: int = 0, end: int | None = None) -> AsyncIterator[BucketBody]:
+        try:
+            got = await self.bucket.get_range(self.key, start, end)
+        except ClientError as exc:
+            if _status(exc) == 404:
+                raise UpstreamNotFound(f"bucket: {self.key} is gone") from exc
+            raise UpstreamUnavailable(f"bucket: {exc}") from exc
+        except (BotoCoreError, OSError, BucketError) as exc:
+            raise UpstreamUnavailable(f"bucket: {exc}") from exc
+        async with got["Body"]:
+            yield BucketBody(got)
 
 
 def _status(exc: ClientError) -> int:
@@ -230,26 +318,19 @@ class TieredBlobStore(FilesystemBlobStore):
             return None
         return None if found is None else int(found["ContentLength"])
 
-    async def open(self, digest: Digest) -> LocalBlob | None:
-        blob = await super().open(digest)
-        if blob is not None or self.redirect:  # (redirected, the bucket's copy is the client's to fetch)
-            return blob
-        fd, tmp = tempfile.mkstemp(dir=self.spool_dir(), prefix="b-")
-        path = Path(tmp)
+    async def source(self, digest: Digest) -> BucketSource | None:
+        """The bucket's copy as a source for the node's fetch (streamed to clients while it fills the node's
+        disk, checked against its digest like any fetch); None when the bucket lacks it or cannot say."""
         try:
-            with os.fdopen(fd, "wb") as out:
-                size = await self.bucket.get_file(self._key(digest), out, digest)
-                out.flush()
-                os.fsync(out.fileno())
-            if size is None:
-                return None
-            await super().commit(digest, path)  # the node keeps it: the next hit is a local one
+            found = await self.bucket.head(self._key(digest))
         except _FAILURES as exc:
-            log.warning("bucket: cannot read %s: %s", digest, exc)
+            log.warning("bucket: cannot look up %s: %s", digest, exc)
             return None
-        finally:
-            await asyncio.to_thread(path.unlink, missing_ok=True)
-        return await super().open(digest)
+        return None if found is None else BucketSource(self.bucket, self._key(digest))
+
+    async def commit_local(self, digest: Digest, spool_path: Path) -> None:
+        """A blob read from the bucket (or from another node, which puts it there): onto this node's disk only."""
+        await super().commit(digest, spool_path)
 
     async def commit(self, digest: Digest, spool_path: Path) -> None:
         """Verified (the caller checked the digest): up to the bucket, then into the node's store."""
