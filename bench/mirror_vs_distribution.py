@@ -93,8 +93,10 @@ def peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
-def skopeo_pulls(port: int, out: Path, count: int, timeout: float) -> tuple[float, int]:
-    """``count`` concurrent ``skopeo copy`` of the image; wall time and how many succeeded."""
+def skopeo_pulls(port: int | list[int], out: Path, count: int, timeout: float) -> tuple[float, int]:
+    """``count`` concurrent ``skopeo copy`` of the image (spread over the ports, round-robin, when given
+    several); wall time and how many succeeded."""
+    ports = [port] if isinstance(port, int) else port
     procs = []
     started = time.monotonic()
     for i in range(count):
@@ -108,7 +110,7 @@ def skopeo_pulls(port: int, out: Path, count: int, timeout: float) -> tuple[floa
                     "--retry-times",
                     "0",
                     "--src-tls-verify=false",
-                    f"docker://127.0.0.1:{port}/{REPO}:v1",
+                    f"docker://127.0.0.1:{ports[i % len(ports)]}/{REPO}:v1",
                     f"dir:{dest}",
                 ],
                 stdout=subprocess.DEVNULL,
@@ -134,11 +136,11 @@ def skopeo_pulls(port: int, out: Path, count: int, timeout: float) -> tuple[floa
     return elapsed, ok
 
 
-def curl_throughput(url: str, clients: int, size: int, rounds: int, repeat: int) -> float:
+def curl_throughput(url: str, clients: int, size: int, rounds: int, repeat: int, follow: bool = False) -> float:
     """MB/s (10^6) for ``clients`` concurrent ``curl``s, each fetching ``url`` ``repeat`` times on one kept-alive
-    connection (so a round lasts long enough to measure); the median of ``rounds``."""
+    connection (so a round lasts long enough to measure); the median of ``rounds``. ``follow``: redirects."""
     speeds = []
-    argv = ["curl", "-sf", "-w", "%{size_download}\n"]
+    argv = ["curl", "-sf", *(["-L"] if follow else []), "-w", "%{size_download}\n"]
     for _ in range(repeat):
         argv += ["-o", "/dev/null", url]
     for _ in range(rounds):
@@ -188,9 +190,12 @@ def run(args: argparse.Namespace, work: Path) -> None:
         measure(args, work, image, layer, blob_size, started)
 
 
-def measure(
-    args: argparse.Namespace, work: Path, image: images.Image, layer: str, blob_size: int, started: list[Stoppable]
-) -> None:
+def far_upstream(
+    args: argparse.Namespace, work: Path, image: images.Image, started: list[Stoppable]
+) -> tuple[LinkThread, Link, Link, str]:
+    """The upstream (registry + token server, with ``image`` as ``REPO:v1``) behind the emulated link of
+    ``args`` (``rtt_ms``, ``link_mbit``, ``conn_mbit``): the link's thread, the registry's and the token
+    server's links, and the URL the mirrors use."""
     links = LinkThread()
     link_port, token_port = free_port(), free_port()
     upstream = Upstream(work / "upstream", realm=f"http://127.0.0.1:{token_port}/token")
@@ -201,7 +206,13 @@ def measure(
     token_link = Link(("127.0.0.1", upstream.token_port), delay=delay, link_bps=0, conn_bps=0)
     links.start(link, link_port)
     links.start(token_link, token_port)
-    remote = f"http://127.0.0.1:{link_port}"
+    return links, link, token_link, f"http://127.0.0.1:{link_port}"
+
+
+def measure(
+    args: argparse.Namespace, work: Path, image: images.Image, layer: str, blob_size: int, started: list[Stoppable]
+) -> None:
+    links, link, token_link, remote = far_upstream(args, work, image, started)
 
     def start_dao(d: Path) -> tuple[Stoppable, int, int]:
         m = Mirror(d, remote, args=tuple(args.dao_args.split()))

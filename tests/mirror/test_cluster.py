@@ -326,3 +326,42 @@ async def test_a_404_and_a_due_tag_cost_the_upstream_one_request_for_all_the_nod
             assert [q.method for q in checks] == ["HEAD"]  # one re-validation for the three nodes
     finally:
         cluster.stop()
+
+
+def test_gc_over_the_bucket_takes_the_least_recently_used_with_the_manifests_that_name_it(
+    world: World, parts: Parts, tmp_path: Path
+) -> None:
+    """Two images through a node: the older one's blob goes, and its manifest and tag record with it; the
+    newer one (its shared base layer included, used again since) stays whole in the bucket. The last uses
+    come from the object the node wrote at its stop, not from a write per hit."""
+    cluster = Cluster(parts, tmp_path, world.upstream.url, "gc")
+    old, new = world.image("dao-test/oci:v1"), world.image(SMALL)
+    try:
+        node = cluster.node("a")
+        assert skopeo_copy(f"127.0.0.1:{node.port}", "dao-test/oci:v1", tmp_path / "old").returncode == 0
+        time.sleep(1.5)
+        assert skopeo_copy(f"127.0.0.1:{node.port}", SMALL, tmp_path / "new").returncode == 0
+    finally:
+        cluster.stop()  # (a clean stop records the node's uses in the bucket)
+    assert parts.weed.objects("gc/uses/")
+    blobs = parts.weed.objects("gc/blobs/")
+    manifests = parts.weed.objects("gc/manifests/")
+    total = sum(blobs.values()) + sum(manifests.values())
+    env = {**os.environ, **parts.weed.env}
+    gc = [DAO, "mirror", "gc", "--storage", f"s3://{parts.weed.bucket}/gc", "--max-size", str(total - 1), "--json"]
+    dry = json.loads(subprocess.run([*gc, "-d"], env=env, check=True, capture_output=True, text=True).stdout)
+    assert parts.weed.objects("gc/blobs/") == blobs  # a dry run removes nothing
+    done = json.loads(subprocess.run(gc, env=env, check=True, capture_output=True, text=True).stdout)
+    assert [i["digest"] for i in done["items"]] == [i["digest"] for i in dry["items"]]  # it said what would go
+    gone_blobs = {i["digest"] for i in done["items"] if i["kind"] == "blob"}
+    gone_manifests = {i["digest"] for i in done["items"] if i["kind"] == "manifest"}
+    only_old = set(old.blobs) - set(new.blobs)
+    assert len(gone_blobs) == 1 and gone_blobs <= only_old  # the least recently used: the old image's
+    assert gone_manifests == {old.digest}  # the manifest that named it went with it
+    left = {"sha256:" + k.rsplit("/", 1)[1] for k in parts.weed.objects("gc/blobs/")}
+    assert set(new.blobs) <= left and not gone_blobs & left
+    assert f"gc/manifests/sha256/{old.digest.split(':')[1]}" not in parts.weed.objects("gc/manifests/")
+    tags = parts.weed.objects("gc/tags/")
+    assert tags and not any("/dao-test/oci/" in k for k in tags)  # its tag record too
+    assert any("/dao-test/schema2/" in k for k in tags)
+    assert len(parts.weed.objects("gc/uses/")) == 1  # the nodes' records folded into one

@@ -4,7 +4,9 @@ reports to an outside address."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
 import socket
 import sys
@@ -69,6 +71,22 @@ class Seaweed:
         """What a client of it needs, as the usual AWS variables."""
         return {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
                 "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+
+    def objects(self, prefix: str) -> dict[str, int]:
+        """Key -> size of every object under ``prefix`` in its bucket, read with dao's own bucket client."""
+        from dao.mirror.storage.s3 import Bucket, Location
+
+        async def listing() -> dict[str, int]:
+            async with Bucket(Location.parse(f"s3://{self.bucket}"), endpoint_url=self.url) as bucket:
+                return {key: size for key, size, _ in await bucket.objects(prefix)}
+
+        saved = dict(os.environ)
+        os.environ.update(self.env)
+        try:
+            return asyncio.run(listing())
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
 
     def stop(self) -> None:
         self.proc.kill()  # (weed mini takes ~10 s to stop on SIGTERM; a test's store keeps nothing)

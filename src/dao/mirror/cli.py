@@ -8,8 +8,9 @@ import json
 import os
 import re
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -19,6 +20,9 @@ from dao.cliutil import ConfigOpt, DatabaseOpt, DataDirOpt, JsonOpt, fail, size_
 from dao.config import ConfigError, MirrorConfig, load
 from dao.mirror.users_cli import _accounts, _print_usage, users_app
 from dao.units import format_size
+
+if TYPE_CHECKING:
+    from dao.mirror.eviction import Collector, Plan
 
 mirror_app = typer.Typer(
     help="The accelerator: a Docker Hub pull-through registry mirror.",
@@ -94,38 +98,53 @@ def mirror_gc(
         str | None, typer.Option("--min-free", help="Free space to keep, e.g. 10GiB. [default: cache_min_free]")
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "-d", help="List what would go; remove nothing.")] = False,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage",
+            metavar="s3://BUCKET[/PREFIX]",
+            help="Collect the cluster's bucket, not a node's disk (--max-size bounds the bucket). [default: storage]",
+        ),
+    ] = None,
     config_file: ConfigOpt = None,
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Bring the cache within its limits now: least recently used blobs first, with the manifests that use them.
 
-    A running mirror does the same every --gc-interval seconds; running this beside it is safe.
+    A running mirror does the same every --gc-interval seconds for its own disk; running this beside it is
+    safe. With --storage it works on the bucket every node shares instead, by the last uses the nodes record
+    there (one object per node per --gc-interval); the nodes' disks keep their own limits.
     """
-    from dao.mirror.eviction import Collector, Plan
-    from dao.mirror.storage import FilesystemBlobStore, FilesystemManifestStore, FilesystemOrigins
+    from dao.mirror.eviction import Collector
 
-    config = load(MirrorConfig, "mirror", file=config_file, env=os.environ, flags={"data_dir": data_dir})
+    flags: dict[str, object] = {"data_dir": data_dir}
+    if storage is not None:
+        flags["storage"] = storage
+    config = load(MirrorConfig, "mirror", file=config_file, env=os.environ, flags=flags)
     max_bytes = size_arg(max_size if max_size is not None else config.cache_max)
     min_free_bytes = size_arg(min_free if min_free is not None else config.cache_min_free)
-    if not (max_bytes > 0 or min_free_bytes > 0):
+    if config.storage and storage is None:
+        storage = config.storage
+    if not (max_bytes > 0 or (min_free_bytes > 0 and not storage)):
         raise fail("no limit to enforce", "give --max-size or --min-free, or set cache_max / cache_min_free")
-    if not (config.data_dir / "blobs").is_dir():
-        raise fail(f"{config.data_dir} holds no mirror cache", code=1)
-    root = config.data_dir
-    collector = Collector(
-        FilesystemBlobStore(root),
-        FilesystemManifestStore(root),
-        FilesystemOrigins(root),
-        max_bytes=max_bytes,
-        min_free=min_free_bytes,
-    )
 
-    async def collect() -> tuple[Plan, int]:
+    async def collect(collector: Collector) -> tuple[Plan, int]:
         plan = await collector.plan()
         return plan, 0 if dry_run else await collector.apply(plan)
 
-    plan, removed = asyncio.run(collect())
+    if storage:
+        plan, removed = asyncio.run(_collect_bucket(storage, max_bytes, collect))
+    else:
+        from dao.mirror.storage import FilesystemBlobStore, FilesystemManifestStore, FilesystemOrigins
+
+        if not (config.data_dir / "blobs").is_dir():
+            raise fail(f"{config.data_dir} holds no mirror cache", code=1)
+        root = config.data_dir
+        blobs, manifests, origins = FilesystemBlobStore(root), FilesystemManifestStore(root), FilesystemOrigins(root)
+        plan, removed = asyncio.run(
+            collect(Collector(blobs, manifests, origins, max_bytes=max_bytes, min_free=min_free_bytes))
+        )
     if as_json:
         items = [{"kind": i.kind, "digest": i.digest, "size": i.size, "reason": i.reason} for i in plan.items]
         doc = {"cache_bytes": plan.cache_bytes, "target_bytes": plan.target_bytes, "freed_bytes": plan.freed}
@@ -142,6 +161,28 @@ def mirror_gc(
         f"cache {format_size(plan.cache_bytes)}, limit {format_size(plan.target_bytes)}: "
         f"{verb} {format_size(plan.freed)} in {len(plan.items)} items"
     )
+
+
+async def _collect_bucket(
+    storage: str, max_bytes: int, collect: Callable[[Collector], Awaitable[tuple[Plan, int]]]
+) -> tuple[Plan, int]:
+    from dao.mirror.eviction import Collector
+
+    try:
+        from dao.mirror.storage import s3
+    except ImportError:
+        raise fail("--storage s3://... needs the S3 client", "pip install 'dao[s3]'") from None
+    try:
+        async with s3.Bucket(s3.Location.parse(storage)) as bucket:
+            await bucket.check()
+            collector = Collector(
+                s3.BucketBlobs(bucket), s3.BucketManifests(bucket), s3.BucketOrigins(bucket), max_bytes=max_bytes
+            )
+            return await collect(collector)
+    except s3.BucketError as exc:
+        raise fail(exc.message, code=1) from None
+    except s3.FAILURES as exc:
+        raise fail(f"the bucket failed a request: {exc}", "nothing more was removed; run it again", code=1) from None
 
 
 ENGINES = ("docker", "containerd", "podman")

@@ -101,6 +101,7 @@ class Cluster:
         self.last_error = ""
         self._last_ok = 0.0
         self._last_try = 0.0
+        self.on_call: Callable[[str], None] | None = None  # counts each call by purpose (the metrics)
 
     # -- calling Redis -------------------------------------------------------------------------------------
 
@@ -109,6 +110,8 @@ class Cluster:
         now = time.monotonic()
         if self.down_since is not None and now - self._last_try < DOWN_RETRY:
             return None
+        if self.on_call is not None:
+            self.on_call(what)
         self._last_try = now
         try:
             async with asyncio.timeout(REDIS_TIMEOUT * 2):

@@ -71,7 +71,8 @@ async def _stores(config: MirrorConfig, stack: contextlib.AsyncExitStack) -> Sto
     )
     root = config.data_dir
     blobs = s3.TieredBlobStore(root, bucket, redirect=config.redirect, redirect_base=config.redirect_base)
-    return blobs, s3.TieredManifestStore(root, bucket), s3.TieredOrigins(root, bucket), [bucket.status]
+    manifests = s3.TieredManifestStore(root, bucket, config.manifest_ttl)
+    return blobs, manifests, s3.TieredOrigins(root, bucket), [bucket.status]
 
 
 async def _cluster(config: MirrorConfig, stack: contextlib.AsyncExitStack) -> Cluster | None:
@@ -129,6 +130,11 @@ async def _serve(config: MirrorConfig, stack: contextlib.AsyncExitStack, ready: 
             ", ".join(unaddressed[:10]),
         )
     metrics = Metrics()
+    bucket = getattr(blobs, "bucket", None)
+    if bucket is not None:
+        bucket.on_request = lambda op: metrics.bucket_requests.labels(op).inc()
+    if cluster is not None:
+        cluster.on_call = lambda what: metrics.redis_calls.labels(what).inc()
     inflight = Inflight(
         blobs,
         upstream_policy(config.fetch_connections, int(config.fetch_split_mib * 1024 * 1024)),

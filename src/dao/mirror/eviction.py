@@ -21,7 +21,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from dao.mirror.storage.base import BlobCollection, ManifestStore, OriginStore
+from dao.mirror.storage.base import BlobCollection, ManifestCollection, OriginForgetter
 from dao.oci.digest import Digest, DigestError
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,8 @@ class Collector:
     def __init__(
         self,
         blobs: BlobCollection,
-        manifests: ManifestStore,
-        origins: OriginStore,
+        manifests: ManifestCollection,
+        origins: OriginForgetter,
         *,
         max_bytes: int = 0,
         min_free: int = 0,

@@ -77,6 +77,10 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
+        self.bucket_requests = Counter(
+            "dao_mirror_bucket_requests", "Requests to the object storage, by operation.", ["op"], registry=r
+        )
+        self.redis_calls = Counter("dao_mirror_redis_calls", "Calls to Redis, by purpose.", ["what"], registry=r)
         self.evictions = Counter("dao_mirror_evictions", "Blobs removed to keep the cache in bounds.", registry=r)
         self._hit_bytes = 0.0
         self._all_bytes = 0.0

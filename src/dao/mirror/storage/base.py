@@ -114,7 +114,25 @@ class ManifestRecord:
             return None
 
 
-class ManifestStore(Protocol):
+class ManifestCollection(Protocol):
+    """What eviction needs of the manifests."""
+
+    async def listing(self) -> list[Stored]:
+        """Every stored manifest (last use: when it was stored)."""
+
+    async def references(self, digests: list[str]) -> dict[str, list[str]]:
+        """The digests each of these manifests names (its layers, config, or child manifests)."""
+
+    async def delete(self, digests: set[str]) -> int:
+        """Remove these manifests and the tag records that resolve to them; returns how many manifests went."""
+
+
+class OriginForgetter(Protocol):
+    async def forget(self, digest: str) -> None:
+        """The digest left the cache."""
+
+
+class ManifestStore(ManifestCollection, Protocol):
     async def get(self, digest: Digest) -> tuple[bytes, str] | None:
         """Body and media type of a manifest we verified, or None."""
 
@@ -125,15 +143,6 @@ class ManifestStore(Protocol):
 
     async def put_tag(self, upstream: str, repo: str, tag: str, accept_key: str, record: ManifestRecord) -> None:
         """Record (atomically) what ``tag`` resolved to for clients with this accept key."""
-
-    async def listing(self) -> list[Stored]:
-        """Every stored manifest (last use: when it was stored)."""
-
-    async def references(self, digests: list[str]) -> dict[str, list[str]]:
-        """The digests each of these manifests names (its layers, config, or child manifests)."""
-
-    async def delete(self, digests: set[str]) -> int:
-        """Remove these manifests and the tag records that resolve to them; returns how many manifests went."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,12 +155,9 @@ class Origin:
     credentialed: bool = False
 
 
-class OriginStore(Protocol):
+class OriginStore(OriginForgetter, Protocol):
     async def origins(self, digest: Digest) -> set[Origin]:
         """Where ``digest`` (a blob or a manifest) was seen; empty when nothing was recorded."""
 
     async def add_origin(self, digest: Digest, origin: Origin) -> None:
         """Record one more; idempotent."""
-
-    async def forget(self, digest: str) -> None:
-        """The digest left the cache."""

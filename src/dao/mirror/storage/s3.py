@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -41,9 +42,10 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from dao.errors import DaoError
-from dao.mirror.storage.base import ManifestRecord, Origin, Stored
+from dao.mirror.storage.base import LocalBlob, ManifestRecord, Origin, Stored
 from dao.mirror.storage.filesystem import FilesystemBlobStore, FilesystemManifestStore, FilesystemOrigins
-from dao.oci.digest import Digest
+from dao.oci.digest import Digest, DigestError
+from dao.oci.manifest import descriptors
 from dao.registry.blobs import parse_content_range
 from dao.registry.errors import UpstreamNotFound, UpstreamUnavailable
 
@@ -56,6 +58,7 @@ READ_TIMEOUT = 30.0
 STATUS_EVERY = 5.0  # seconds between the bucket checks /readyz makes
 STATUS_TIMEOUT = 2.0
 REST = 5.0  # seconds the bucket is not asked after it failed a request
+MAX_RECORDS = 100_000  # tag records a node keeps in memory
 REDIRECT_TTL = 600  # seconds a presigned URL works: enough for a slow client to start, short enough to expire
 
 
@@ -87,6 +90,7 @@ class Bucket:
         self.client: Any = None
         self._checked = -STATUS_EVERY
         self._failed_at = -REST
+        self.on_request: Callable[[str], None] | None = None
         self._status: str | None = None
 
     async def __aenter__(self) -> Bucket:
@@ -142,9 +146,12 @@ class Bucket:
         return self._status
 
     @contextlib.asynccontextmanager
-    async def _asking(self) -> AsyncIterator[None]:
+    async def _asking(self, op: str) -> AsyncIterator[None]:
         """Every request: refused at once for ``REST`` seconds after the bucket failed one (so a bucket that
-        is down costs each client request nothing, not a connect timeout per object), failures noted."""
+        is down costs each client request nothing, not a connect timeout per object), failures noted,
+        counted by ``op`` (``on_request``: the metrics)."""
+        if self.on_request is not None:
+            self.on_request(op)
         if time.monotonic() - self._failed_at < REST:
             raise BucketError(f"bucket {self.location.bucket} failed a moment ago; not asked for {REST:.0f}s")
         try:
@@ -159,7 +166,7 @@ class Bucket:
 
     async def head(self, key: str) -> dict[str, Any] | None:
         try:
-            async with self._asking():
+            async with self._asking("head"):
                 return dict(await self.client.head_object(Bucket=self.location.bucket, Key=key))
         except ClientError as exc:
             if _status(exc) == 404:
@@ -168,7 +175,7 @@ class Bucket:
 
     async def get_bytes(self, key: str) -> tuple[bytes, str] | None:
         try:
-            async with self._asking():
+            async with self._asking("get"):
                 got = await self.client.get_object(Bucket=self.location.bucket, Key=key)
                 async with got["Body"] as body:
                     return await body.read(), str(got.get("ContentType") or "")
@@ -180,15 +187,15 @@ class Bucket:
     async def get_range(self, key: str, start: int, end: int | None) -> dict[str, Any]:
         """``get_object`` of bytes ``start``..``end`` (inclusive; None: to the end), its body still to read."""
         extra = {"Range": f"bytes={start}-{'' if end is None else end}"} if start or end is not None else {}
-        async with self._asking():
+        async with self._asking("get"):
             return dict(await self.client.get_object(Bucket=self.location.bucket, Key=key, **extra))
 
     async def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        async with self._asking():
+        async with self._asking("put"):
             await self.client.put_object(Bucket=self.location.bucket, Key=key, Body=data, ContentType=content_type)
 
     async def put_file(self, key: str, path: Path) -> None:
-        async with self._asking():
+        async with self._asking("put"):
             await self._put_file(key, path)
 
     async def _put_file(self, key: str, path: Path) -> None:
@@ -222,10 +229,23 @@ class Bucket:
         )
         return str(url)
 
+    async def objects(self, prefix: str) -> list[tuple[str, int, float]]:
+        """Every object under ``prefix``: key, size, last modified (wall-clock seconds)."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        out = []
+        async with self._asking("list"):
+            async for page in paginator.paginate(Bucket=self.location.bucket, Prefix=prefix):
+                out += [(i["Key"], int(i["Size"]), i["LastModified"].timestamp()) for i in page.get("Contents") or []]
+        return out
+
+    async def delete(self, key: str) -> None:
+        async with self._asking("delete"):
+            await self.client.delete_object(Bucket=self.location.bucket, Key=key)
+
     async def keys(self, prefix: str) -> list[str]:
         paginator = self.client.get_paginator("list_objects_v2")
         out = []
-        async with self._asking():
+        async with self._asking("list"):
             async for page in paginator.paginate(Bucket=self.location.bucket, Prefix=prefix):
                 out += [item["Key"] for item in page.get("Contents") or []]
         return out
@@ -274,7 +294,7 @@ def _status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
 
 
-_FAILURES = (ClientError, BotoCoreError, OSError, BucketError)
+FAILURES = (ClientError, BotoCoreError, OSError, BucketError)
 
 
 class TieredBlobStore(FilesystemBlobStore):
@@ -285,6 +305,39 @@ class TieredBlobStore(FilesystemBlobStore):
         super().__init__(root)
         self.bucket = bucket
         self.redirect, self.redirect_base = redirect, redirect_base.rstrip("/")
+        self._uses: dict[str, float] = {}  # digest -> last use here, for the bucket's collector
+        self._node = os.urandom(6).hex()
+
+    def note_use(self, digest: Digest) -> None:
+        self._uses[str(digest)] = time.time()
+
+    async def open(self, digest: Digest) -> LocalBlob | None:
+        blob = await super().open(digest)
+        if blob is not None:
+            self.note_use(digest)
+        return blob
+
+    async def record_uses(self) -> None:
+        await super().record_uses()
+        await self._push_uses()
+
+    async def listing(self) -> list[Stored]:
+        await self._push_uses()  # (eviction lists instead of recording when it has limits to keep)
+        return await super().listing()
+
+    async def _push_uses(self) -> None:
+        """The blobs this node served since the last call, as one object under ``uses/`` (one PUT per node
+        per collector interval, never one per hit), for ``dao mirror gc --storage``."""
+        if not self._uses:
+            return
+        uses, self._uses = self._uses, {}
+        key = self.bucket.key("uses", f"{self._node}-{int(time.time() * 1000)}.json")
+        try:
+            await self.bucket.put_bytes(key, json.dumps(uses).encode(), "application/json")
+        except FAILURES as exc:
+            log.warning("bucket: the blobs' last uses kept for the next try: %s", exc)
+            for digest, at in uses.items():
+                self._uses[digest] = max(at, self._uses.get(digest, 0.0))
 
     async def redirect_url(self, digest: Digest) -> tuple[str, int] | None:
         """A presigned URL of the bucket's copy (on the CDN, with ``redirect_base``) and its size; None when
@@ -296,9 +349,10 @@ class TieredBlobStore(FilesystemBlobStore):
             if found is None:
                 return None
             url = await self.bucket.presign(self._key(digest), REDIRECT_TTL)
-        except _FAILURES as exc:
+        except FAILURES as exc:
             log.warning("bucket: cannot redirect to %s: %s", digest, exc)
             return None
+        self.note_use(digest)
         if self.redirect_base:
             split = urlsplit(url)
             url = f"{self.redirect_base}{split.path}" + (f"?{split.query}" if split.query else "")
@@ -313,7 +367,7 @@ class TieredBlobStore(FilesystemBlobStore):
             return local
         try:
             found = await self.bucket.head(self._key(digest))
-        except _FAILURES as exc:
+        except FAILURES as exc:
             log.warning("bucket: cannot look up %s: %s", digest, exc)
             return None
         return None if found is None else int(found["ContentLength"])
@@ -323,10 +377,13 @@ class TieredBlobStore(FilesystemBlobStore):
         disk, checked against its digest like any fetch); None when the bucket lacks it or cannot say."""
         try:
             found = await self.bucket.head(self._key(digest))
-        except _FAILURES as exc:
+        except FAILURES as exc:
             log.warning("bucket: cannot look up %s: %s", digest, exc)
             return None
-        return None if found is None else BucketSource(self.bucket, self._key(digest))
+        if found is None:
+            return None
+        self.note_use(digest)
+        return BucketSource(self.bucket, self._key(digest))
 
     async def commit_local(self, digest: Digest, spool_path: Path) -> None:
         """A blob read from the bucket (or from another node, which puts it there): onto this node's disk only."""
@@ -336,7 +393,7 @@ class TieredBlobStore(FilesystemBlobStore):
         """Verified (the caller checked the digest): up to the bucket, then into the node's store."""
         try:
             await self.bucket.put_file(self._key(digest), spool_path)
-        except _FAILURES as exc:
+        except FAILURES as exc:
             log.warning("bucket: %s kept on this node only: %s", digest, exc)
         await super().commit(digest, spool_path)
 
@@ -344,11 +401,17 @@ class TieredBlobStore(FilesystemBlobStore):
 
 
 class TieredManifestStore(FilesystemManifestStore):
-    """Manifests and tag records in the bucket, so any node answers for any tag; a local copy of each body."""
+    """Manifests and tag records in the bucket, so any node answers for any tag; a local copy of each body.
 
-    def __init__(self, root: Path, bucket: Bucket) -> None:
+    ``fresh_for`` (the mirror's tag TTL): a tag record read from the bucket is kept in memory until it is due
+    (``checked_at + fresh_for``). No node re-validates a tag before then, so nothing newer can be in the
+    bucket meanwhile, and a hot tag costs one bucket read per TTL, not one per request."""
+
+    def __init__(self, root: Path, bucket: Bucket, fresh_for: float = 0.0) -> None:
         super().__init__(root)
         self.bucket = bucket
+        self.fresh_for = fresh_for
+        self._records: dict[str, ManifestRecord] = {}
 
     def _key(self, digest: Digest) -> str:
         return self.bucket.key("manifests", digest.algorithm, digest.encoded)
@@ -362,7 +425,7 @@ class TieredManifestStore(FilesystemManifestStore):
             return local
         try:
             found = await self.bucket.get_bytes(self._key(digest))
-        except _FAILURES as exc:
+        except FAILURES as exc:
             log.warning("bucket: cannot read manifest %s: %s", digest, exc)
             return None
         if found is None or Digest.of(found[0], digest.algorithm) != digest:
@@ -373,27 +436,41 @@ class TieredManifestStore(FilesystemManifestStore):
     async def put(self, digest: Digest, body: bytes, media_type: str) -> None:
         try:
             await self.bucket.put_bytes(self._key(digest), body, media_type)
-        except _FAILURES as exc:
+        except FAILURES as exc:
             log.warning("bucket: manifest %s kept on this node only: %s", digest, exc)
         await super().put(digest, body, media_type)
 
     async def get_tag(self, upstream: str, repo: str, tag: str, accept_key: str) -> ManifestRecord | None:
         """The bucket's record (another node may have checked the tag since); this node's when it is down."""
+        key = self._tag_key(upstream, repo, tag, accept_key)
+        known = self._records.get(key)
+        if known is not None and time.time() < known.checked_at + self.fresh_for:
+            return known
         try:
-            found = await self.bucket.get_bytes(self._tag_key(upstream, repo, tag, accept_key))
-        except _FAILURES as exc:
+            found = await self.bucket.get_bytes(key)
+        except FAILURES as exc:
             log.warning("bucket: cannot read a tag record: %s", exc)
             return await super().get_tag(upstream, repo, tag, accept_key)
         if found is None:
             return await super().get_tag(upstream, repo, tag, accept_key)
-        return ManifestRecord.from_json(found[0])
+        record = ManifestRecord.from_json(found[0])
+        self._remember(key, record)
+        return record
+
+    def _remember(self, key: str, record: ManifestRecord | None) -> None:
+        if record is None or self.fresh_for <= 0:
+            return
+        if len(self._records) >= MAX_RECORDS:
+            self._records.clear()  # (a crude bound: they are all one bucket read away)
+        self._records[key] = record
 
     async def put_tag(self, upstream: str, repo: str, tag: str, accept_key: str, record: ManifestRecord) -> None:
+        self._remember(self._tag_key(upstream, repo, tag, accept_key), record)
         try:
             await self.bucket.put_bytes(
                 self._tag_key(upstream, repo, tag, accept_key), record.to_json(), "application/json"
             )
-        except _FAILURES as exc:
+        except FAILURES as exc:
             log.warning("bucket: a tag record kept on this node only: %s", exc)
         await super().put_tag(upstream, repo, tag, accept_key, record)
 
@@ -417,7 +494,7 @@ class TieredOrigins(FilesystemOrigins):
             return known
         try:
             keys = await self.bucket.keys(self._prefix(digest))
-        except _FAILURES as exc:
+        except FAILURES as exc:
             log.warning("bucket: cannot read the origins of %s: %s", digest, exc)
             return known
         for key in keys:
@@ -434,6 +511,123 @@ class TieredOrigins(FilesystemOrigins):
         key = self._prefix(digest) + f"{quote(origin.registry, safe='')}/{origin.repository}/{int(origin.credentialed)}"
         try:
             await self.bucket.put_bytes(key, b"")
-        except _FAILURES as exc:
+        except FAILURES as exc:
             log.warning("bucket: an origin of %s kept on this node only: %s", digest, exc)
         await super().add_origin(digest, origin)
+
+
+# -- the bucket's own collection (``dao mirror gc --storage``) ----------------------------------------------
+
+
+def _digest_of(bucket: Bucket, key: str, kind: str) -> str | None:
+    """``sha256:<hex>`` of a ``PREFIX/<kind>/sha256/<hex>`` key; None for anything else."""
+    rest = key[len(bucket.key(kind)) + 1 :]
+    algorithm, _, encoded = rest.partition("/")
+    try:
+        return str(Digest.parse(f"{algorithm}:{encoded}"))
+    except DigestError:
+        return None
+
+
+class BucketBlobs:
+    """The bucket's blobs as eviction sees them (:class:`~dao.mirror.storage.base.BlobCollection`): a blob's
+    last use is the newest of its upload and of the uses the nodes recorded under ``uses/``. Listing folds
+    those records into one and removes the ones it folded in."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        self.bucket = bucket
+
+    async def listing(self) -> list[Stored]:
+        uses = await self._uses()
+        out = []
+        for key, size, modified in await self.bucket.objects(self.bucket.key("blobs") + "/"):
+            digest = _digest_of(self.bucket, key, "blobs")
+            if digest is not None:
+                out.append(Stored(digest, size, max(modified, uses.get(digest, 0.0))))
+        return out
+
+    async def _uses(self) -> dict[str, float]:
+        records = await self.bucket.objects(self.bucket.key("uses") + "/")
+        merged: dict[str, float] = {}
+        for key, _, _ in records:
+            found = await self.bucket.get_bytes(key)
+            try:
+                doc = json.loads(found[0]) if found is not None else {}
+            except ValueError:
+                doc = {}
+            for digest, at in doc.items() if isinstance(doc, dict) else ():
+                if isinstance(at, (int, float)):
+                    merged[digest] = max(float(at), merged.get(digest, 0.0))
+        if len(records) > 1:  # one object for all of them from now on
+            await self.bucket.put_bytes(
+                self.bucket.key("uses", f"merged-{int(time.time() * 1000)}.json"), json.dumps(merged).encode()
+            )
+            for key, _, _ in records:
+                await self.bucket.delete(key)
+        return merged
+
+    def in_use(self) -> set[str]:
+        return set()  # (nodes read what they hold on their own disks; a blob still in use was used lately)
+
+    async def delete(self, digest: Digest) -> bool:
+        await self.bucket.delete(self.bucket.key("blobs", digest.algorithm, digest.encoded))
+        return True
+
+    async def record_uses(self) -> None:
+        return None
+
+    async def spool_bytes(self) -> int:
+        return 0
+
+    async def free_bytes(self) -> int | None:
+        return None
+
+
+class BucketManifests:
+    """The bucket's manifests and tag records, for eviction (only what it uses of a manifest store)."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        self.bucket = bucket
+
+    async def listing(self) -> list[Stored]:
+        out = []
+        for key, size, modified in await self.bucket.objects(self.bucket.key("manifests") + "/"):
+            digest = _digest_of(self.bucket, key, "manifests")
+            if digest is not None:
+                out.append(Stored(digest, size, modified))
+        return out
+
+    async def references(self, digests: list[str]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for digest in digests:
+            algorithm, _, encoded = digest.partition(":")
+            found = await self.bucket.get_bytes(self.bucket.key("manifests", algorithm, encoded))
+            try:
+                out[digest] = [str(d.digest) for d in descriptors(found[0])] if found is not None else []
+            except (ValueError, KeyError, TypeError):
+                out[digest] = []
+        return out
+
+    async def delete(self, digests: set[str]) -> int:
+        """These manifests and every tag record that resolves to one of them."""
+        for digest in digests:
+            algorithm, _, encoded = digest.partition(":")
+            await self.bucket.delete(self.bucket.key("manifests", algorithm, encoded))
+        for key in await self.bucket.keys(self.bucket.key("tags") + "/"):
+            found = await self.bucket.get_bytes(key)
+            record = ManifestRecord.from_json(found[0]) if found is not None else None
+            if record is not None and str(record.digest) in digests:
+                await self.bucket.delete(key)
+        return len(digests)
+
+
+class BucketOrigins:
+    """Only what eviction asks of the origins: forgetting a digest that left the bucket."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        self.bucket = bucket
+
+    async def forget(self, digest: str) -> None:
+        algorithm, _, encoded = digest.partition(":")
+        for key in await self.bucket.keys(self.bucket.key("origins", algorithm, encoded) + "/"):
+            await self.bucket.delete(key)
