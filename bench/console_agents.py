@@ -4,6 +4,7 @@ how fast a command goes console -> agent -> console under that load, and how the
 console is killed.
 
     .venv/bin/python bench/console_agents.py [--agents 1000] [--db sqlite|postgres|both] [--steady 60]
+    .venv/bin/python bench/console_agents.py --nodes 2 [--agents 1000]   # two console nodes (--redis)
 
 The agents are real protocol clients (dao's frames over the WebSocket the real agent dials), many per
 process in ``--workers`` processes: each enrols with its own one-time token, says hello, answers pings,
@@ -116,8 +117,8 @@ async def worker(url: str, credentials: Path, first: int, last: int, interval: f
 
 
 class Console:
-    def __init__(self, data: Path, port: int, database: str | None, log: Path) -> None:
-        self.argv = [str(DAO), "console", "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data)]
+    def __init__(self, data: Path, port: int, database: str | None, log: Path, extra: tuple[str, ...] = ()) -> None:
+        self.argv = [str(DAO), "console", "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data), *extra]
         if database:
             self.argv += ["--database", database]
         self.url = f"http://127.0.0.1:{port}"
@@ -235,6 +236,72 @@ async def round_trips(url: str, hosts: list[str], count: int, at_once: int) -> l
     return times
 
 
+def run_nodes(args: argparse.Namespace, work: Path) -> dict:
+    """Two console nodes (``--redis``) on one PostgreSQL: the agents' workers dial them in turn; commands are
+    asked of the first node, for hosts on it and for hosts on the other (routed through Redis)."""
+    from tests.services.postgres import Postgres
+    from tests.services.procs import free_port
+    from tests.services.redis import Redis
+
+    data = work / "nodes"
+    data.mkdir()
+    pg, redis = Postgres(), Redis(work / "redis")
+    database = pg.create_database("console")
+    flags = ["--data-dir", str(data), "--database", database]
+    dao("mirror", "users", "add", "bench", "--id", "bench", *flags)
+    dao("console", "users", "add", "bench", "--password-stdin", *flags, stdin=PASSWORD + "\n")
+    from dao.console.store import Store
+
+    store = Store(database)
+    tokens = [store.issue_token("bench") for _ in range(args.agents)]
+    store.close()
+    extra = ("--redis", redis.url, "--secret-file", str(work / "console.secret"))
+    nodes = [Console(data, free_port(), database, work / f"console-node{i}.log", extra) for i in range(2)]
+    procs: list[subprocess.Popen] = []
+    result: dict = {"backend": "2 nodes"}
+    try:
+        for node in nodes:
+            node.start()
+        enrolled = asyncio.run(enroll_all(nodes[0].url, tokens))
+        creds = work / "credentials-nodes.json"
+        creds.write_text(json.dumps(enrolled))
+        share = -(-args.agents // args.workers)
+        on: list[list[str]] = [[], []]
+        for w in range(args.workers):
+            first, last = w * share, min((w + 1) * share, args.agents)
+            channel = nodes[w % 2].url.replace("http", "ws") + "/api/agent/channel"
+            on[w % 2] += [h["host"] for h in enrolled[first:last]]
+            argv = [sys.executable, __file__, "--worker", channel, str(creds), str(first), str(last),
+                    str(args.interval)]  # fmt: skip
+            procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, text=True))
+        events = Events(procs)
+        took = wait_all(events, 1, args.agents, 300)
+        result["connect_s"] = took if took is not None else float("nan")
+        print(f"[2 nodes] {len(events.connected(1))} agents connected in {took} s", flush=True)
+        time.sleep(3)  # (each node's view of the other's channels is refreshed every 2 s)
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            watched = list(pool.map(lambda n: watch(n.proc.pid, args.steady), nodes))  # type: ignore[union-attr]
+        result["cpu_pct"] = max(w[0] for w in watched)
+        result["rss"] = max(w[1] for w in watched)
+        for label, hosts in (("local", on[0]), ("routed", on[1])):
+            times = asyncio.run(round_trips(nodes[0].url, hosts, args.commands // 2, 4))
+            result[f"{label}_n"] = len(times)
+            result[f"{label}_p50_ms"] = 1000 * statistics.median(times) if times else float("nan")
+            result[f"{label}_p99_ms"] = (
+                1000 * statistics.quantiles(times, n=100)[98] if len(times) >= 100 else float("nan")
+            )
+    finally:
+        for p in procs:
+            p.kill()
+        for node in nodes:
+            node.stop()
+        redis.stop()
+        pg.stop()
+    return result
+
+
 def run_one(args: argparse.Namespace, work: Path, backend: str) -> dict:
     from tests.services.procs import free_port
 
@@ -307,6 +374,20 @@ def histogram(values: list[float], width: float) -> list[tuple[str, int]]:
 
 def main_run(args: argparse.Namespace, work: Path) -> None:
     raise_fd_limit()
+    if args.nodes == 2:
+        r = run_nodes(args, work)
+        print()
+        print(f"{args.agents} agents over 2 console nodes (half on each), a sample every {args.interval:g} s each, "
+              f"{args.steady:g} s steady, commands asked of node 1")  # fmt: skip
+        print(f"{'time to connect all (s)':44}{r['connect_s']:>10.1f}")
+        print(f"{'busiest node CPU, % of one core':44}{r['cpu_pct']:>10.0f}")
+        print(f"{'largest node peak RSS (MiB)':44}{r['rss'] / (1 << 20):>10.0f}")
+        for label in ("local", "routed"):
+            where = "on node 1" if label == "local" else "on node 2, routed"
+            print(f"{f'command round trip p50, host {where} (ms)':44}{r[f'{label}_p50_ms']:>10.1f}")
+            print(f"{f'command round trip p99, host {where} (ms)':44}{r[f'{label}_p99_ms']:>10.1f}"
+                  f"   ({r[f'{label}_n']} commands)")  # fmt: skip
+        return
     backends = ["sqlite", "postgres"] if args.db == "both" else [args.db]
     results = [run_one(args, work, b) for b in backends]
     print()
@@ -344,6 +425,7 @@ def main() -> None:
     parser.add_argument("--steady", type=float, default=60.0, help="seconds of steady state measured")
     parser.add_argument("--commands", type=int, default=400)
     parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument("--nodes", type=int, choices=[1, 2], default=1, help="2: console nodes on PostgreSQL + Redis")
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
     run_isolated(args, main_run, "dao-bench-console-")

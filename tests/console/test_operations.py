@@ -19,6 +19,7 @@ from tests.services.console import Client, Console, agent
 from tests.services.dockerd import Dockerd
 from tests.services.mirror import Mirror
 from tests.services.procs import Process, wait_until
+from tests.services.procs import until_async as until
 
 TICKER = "i=0; while true; do echo tick $i; i=$((i+1)); busybox sleep 0.2; done"
 
@@ -63,14 +64,6 @@ async def alice(host: Host) -> AsyncIterator[Client]:
 async def container(client: Client, host: Host, name: str) -> dict | None:
     found = await client.json("GET", f"/api/hosts/{host.id}")
     return next((c for c in found["containers"] if c["name"] == name), None)
-
-
-async def until(predicate, seconds: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + seconds
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def engine_state(host: Host, name: str) -> str:

@@ -39,6 +39,7 @@ class Console:
         args: tuple[str, ...] = (),
         listen: str = "127.0.0.1",
         database: str | None = None,
+        port: int | None = None,
     ) -> None:
         """``listen``: the address it listens on (``0.0.0.0`` for hosts in namespaces of their own); the
         test itself always uses it at 127.0.0.1."""
@@ -54,7 +55,7 @@ class Console:
             assert added.returncode == 0, added.stderr
             account = self.dao("console", "users", "add", user, "--password-stdin", stdin=PASSWORD + "\n")
             assert account.returncode == 0, account.stderr
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.log = tmp_path / "console.log"
         self.proc: Process | None = None
@@ -86,14 +87,15 @@ class Console:
         return done.stdout.strip()
 
     def enroll(
-        self, user: str, config: Path, env: dict[str, str] | None = None, name: str | None = None
+        self, user: str, config: Path, env: dict[str, str] | None = None, name: str | None = None, via: str = ""
     ) -> subprocess.CompletedProcess[str]:
+        """``via``: the console's URL as the agent knows it (a balancer in front), if not its own."""
         named = ("--name", name) if name else ()
         return dao(
             "agent",
             "enroll",
             "--console",
-            self.url,
+            via or self.url,
             "--token",
             self.token(user),
             "--config",

@@ -88,11 +88,15 @@ async def channel(request: web.Request) -> web.StreamResponse:
     hub.addresses[host.id] = request.remote or ""
     if old is not None:
         await old.close(code=WSCloseCode.POLICY_VIOLATION, message=b"replaced by a new connection")
+    if hub.relay is not None:
+        await hub.relay.opened(host.id, host.user_id, request.remote or "")
     try:
         await _serve(ws, host, store, hub)
     finally:
         if hub.channels.get(host.id) is ws:
             del hub.channels[host.id]
+            if hub.relay is not None:
+                await hub.relay.closed(host.id)
             await asyncio.to_thread(store.disconnected, host.id)
             hub.publish(host.user_id, {"kind": "offline", "host": host.id})
     return ws

@@ -198,7 +198,7 @@ async def container_logs(request: web.Request) -> web.StreamResponse:
     container = request.match_info["container"]
     if not CONTAINER.fullmatch(container):
         raise json_error(404, "no such container")
-    if found["id"] not in request.app[HUB_KEY].channels:
+    if not request.app[HUB_KEY].is_open(found["id"]):
         raise json_error(409, "the host is offline")
     response = await _event_stream(request)
 
@@ -222,7 +222,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
     ref = (await read_body(request)).get("ref")
     if not isinstance(ref, str) or not REFERENCE.fullmatch(ref.strip()):
         raise json_error(400, "give an image reference, e.g. debian:12")
-    if found["id"] not in request.app[HUB_KEY].channels:
+    if not request.app[HUB_KEY].is_open(found["id"]):
         raise json_error(409, "the host is offline")
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"})
     await response.prepare(request)

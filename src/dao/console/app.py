@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
+from collections.abc import AsyncIterator
 
 from aiohttp import WSCloseCode, web
 
@@ -36,7 +38,9 @@ def make_app(
     min_ready: float = 5.0,
     migrate_lead: float = 600.0,
     capsules_per_user: int = 2,
+    redis: str = "",
 ) -> web.Application:
+    """``redis``: this process is one node of several (``dao.console.relay``)."""
     app = web.Application(client_max_size=MAX_BODY, middlewares=[auth.sessions])
     app[STORE_KEY] = store
     app[HUB_KEY] = Hub(ping_interval)
@@ -65,4 +69,18 @@ def make_app(
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"console stopping")
 
     app.on_shutdown.append(close_channels)
+    if redis:
+        app.cleanup_ctx.insert(0, functools.partial(_relaying, redis))  # (before the scheduler starts)
     return app
+
+
+async def _relaying(url: str, app: web.Application) -> AsyncIterator[None]:
+    from dao.console.relay import Relay
+
+    hub = app[HUB_KEY]
+    relay = Relay(url, hub)
+    await relay.start()
+    hub.relay = relay
+    yield
+    hub.relay = None
+    await relay.aclose()

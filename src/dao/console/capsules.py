@@ -99,7 +99,7 @@ class Capsules:
 
     def _provider_for(self, user_id: str) -> str | None:
         """The online provider with the most room that lends to this user."""
-        hosts = [h for h in self.store.hosts() if h["online"] and h["id"] in self.hub.channels]
+        hosts = [h for h in self.store.hosts() if h["online"] and self.hub.is_open(h["id"])]
         lenders = [h for h in hosts if isinstance(h["facts"].get("provider"), dict)]
         admins = self.users.admins({h["user"] for h in lenders})
         best, room = None, 0
@@ -174,6 +174,10 @@ class Capsules:
         while True:
             await asyncio.sleep(every)
             try:
+                if self.hub.relay is not None:  # other console nodes make capsules too: the table says which
+                    self.ends = await asyncio.to_thread(self.expiries)
+                    if not await self.hub.relay.leads():
+                        continue  # the node that schedules ends them
                 for capsule_id, host_id in await asyncio.to_thread(self._due):
                     self.ends.pop(host_id or "", None)
                     if host_id:

@@ -75,6 +75,14 @@ def console_serve(
         typer.Option(min=0, help="Seconds before a capsule host expires that its app replicas start moving off it."),
     ] = 600.0,
     capsules_per_user: Annotated[int, typer.Option(min=0, help="Capsule hosts one user may have at once.")] = 2,
+    redis: Annotated[
+        str,
+        typer.Option(
+            metavar="URL",
+            help="redis://HOST:PORT/DB: this console is one node of several behind a load balancer, on one "
+            "database (PostgreSQL) and this Redis; give them all the same --secret-file.",
+        ),
+    ] = "",
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate (chain): serve HTTPS.")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
     config_file: ConfigOpt = None,
@@ -105,6 +113,13 @@ def console_serve(
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # a socket per host: take all the system allows
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if redis:
+        if not redis.startswith(("redis://", "rediss://", "unix://")):
+            raise fail(f"--redis must be a redis://, rediss:// or unix:// URL, got {redis!r}")
+        try:
+            import redis as _redis_client  # noqa: F401 -- only whether it is installed
+        except ImportError:
+            raise fail("--redis needs the Redis client", "pip install 'dao[cluster]'") from None
     accounts, store, config = _open(config_file, data_dir, database)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = make_app(
@@ -119,6 +134,7 @@ def console_serve(
         min_ready=min_ready,
         migrate_lead=migrate_lead,
         capsules_per_user=capsules_per_user,
+        redis=redis,
     )
     try:
         web.run_app(

@@ -16,12 +16,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from dao.channel.frames import Command, FrameError, Result, State, Stream, encode
 from dao.errors import DaoError
+
+if TYPE_CHECKING:
+    from dao.console.relay import Relay
 
 EVENTS_KEPT = 100  # engine events kept per host for its page
 SUBSCRIBER_QUEUE = 256  # messages a slow page may fall behind before it is dropped (it reloads)
@@ -62,6 +65,7 @@ class Hub:
         self.heard: dict[str, float] = {}  # host ID -> when its last pong came, not yet written
         self.unwritten: list[tuple[str, int, list[dict[str, Any]], web.WebSocketResponse]] = []  # metrics frames
         self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
+        self.relay: Relay | None = None  # console nodes (--redis): the channels on the other nodes
 
     # -- commands ------------------------------------------------------------------------------------------
 
@@ -77,6 +81,11 @@ class Hub:
         """Run ``op`` on the host and wait for its result. Cancelled (the page went away) or timed out, a
         command still running is cancelled at the agent."""
         if host_id not in self.channels:
+            if self.relay is not None and self.relay.holds(host_id):
+                try:
+                    return await self.relay.call(host_id, op, args, within, on_stream)
+                except TimeoutError:
+                    raise CommandTimeout(f"{op} did not finish within {within:g} s") from None
             raise HostOffline("the host is offline: its channel to the console is not open")
         command = Command(secrets.token_hex(12), op, args)
         try:
@@ -96,6 +105,10 @@ class Hub:
             if not pending.result.done() or pending.result.cancelled():  # (the caller's cancel cancels it too)
                 cancel = Command(secrets.token_hex(12), "command.cancel", {"id": command.id})
                 await self._send(host_id, cancel)
+
+    def is_open(self, host_id: str) -> bool:
+        """The host's channel is open, on this node or (console nodes) another."""
+        return host_id in self.channels or (self.relay is not None and self.relay.holds(host_id))
 
     def resend(self, host_id: str) -> list[Command]:
         """The commands still waiting on this host, for a channel that has just opened."""
@@ -119,14 +132,17 @@ class Hub:
 
     # -- what the hosts report, for the pages ----------------------------------------------------------------
 
-    def reported(self, host_id: str, user_id: str, kind: str, data: Any) -> None:
+    def reported(self, host_id: str, user_id: str, kind: str, data: Any, *, relay: bool = True) -> None:
+        """``relay``: also to the other console nodes (False for what came from one)."""
+        if relay and self.relay is not None:
+            self.relay.report(host_id, user_id, kind, data)
         live = self.live.setdefault(host_id, Live())
         if kind == "state":
             live.state = data
         elif kind == "event":
             live.events.append(data)
         payload = data if kind != "state" else {"containers": data.containers, "images": data.images}
-        self.publish(user_id, {"kind": kind, "host": host_id, "at": time.time(), "data": payload})
+        self.publish(user_id, {"kind": kind, "host": host_id, "at": time.time(), "data": payload}, relay=False)
 
     def subscribe(self, user_id: str) -> asyncio.Queue[dict[str, Any]]:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(SUBSCRIBER_QUEUE)
@@ -139,9 +155,11 @@ class Hub:
         if not queues:
             self._subscribers.pop(user_id, None)
 
-    def publish(self, user_id: str, message: dict[str, Any]) -> None:
-        """To every page of this user (and no other's). A page that has fallen this far behind is sent a
-        ``reload`` in place of what it missed."""
+    def publish(self, user_id: str, message: dict[str, Any], *, relay: bool = True) -> None:
+        """To every page of this user (and no other's), on every console node unless ``relay`` is False. A
+        page that has fallen this far behind is sent a ``reload`` in place of what it missed."""
+        if relay and self.relay is not None:
+            self.relay.publish(user_id, message)
         for queue in list(self._subscribers.get(user_id, ())):
             if queue.full():
                 with contextlib.suppress(asyncio.QueueEmpty):

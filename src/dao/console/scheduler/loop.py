@@ -129,6 +129,8 @@ class Reconciler:
         while True:
             await asyncio.sleep(self.interval)
             try:
+                if self.hub.relay is not None and not await self.hub.relay.leads():
+                    continue  # another console node runs the scheduler (under the lease)
                 owners = await asyncio.to_thread(self.apps.owners)
                 owners |= self._running_for()  # a deleted app's replicas: their owner has no app left
                 for user in owners:
@@ -321,7 +323,7 @@ class Reconciler:
     def _host(self, h: dict[str, Any], now: float, expires_at: float | None = None) -> Host:
         metrics = h.get("metrics") or {}
         cpus = float(h["facts"].get("cpus") or 1)
-        online = bool(h["online"]) and h["id"] in self.hub.channels
+        online = bool(h["online"]) and self.hub.is_open(h["id"])
         return Host(
             h["id"],
             name=h["name"],
