@@ -227,9 +227,11 @@ async def round_trips(url: str, hosts: list[str], count: int, at_once: int) -> l
                 host = random.choice(hosts)
                 start = time.perf_counter()
                 async with s.post(f"{url}/api/hosts/{host}/containers/web/stop", headers={"X-CSRF-Token": csrf}) as r:
-                    await r.read()
+                    body = await r.read()
                     if r.status == 200:
                         times.append(time.perf_counter() - start)
+                    elif os.environ.get("DAO_BENCH_DEBUG"):
+                        print(r.status, body[:200], file=sys.stderr)
                 await asyncio.sleep(0.05)
 
         await asyncio.gather(*(one() for _ in range(count)))

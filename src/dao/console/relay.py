@@ -47,6 +47,9 @@ log = logging.getLogger("dao.console.relay")
 REFRESH = 2.0  # seconds between a node's renewals of its alive key and re-reads of where the channels are
 NODE_TTL = 6.0  # seconds a node's alive key outlives it
 LEADER_TTL = 10.0  # seconds the scheduler's lease outlives a node that stopped renewing it
+POOL = 32  # Redis connections of one node (the subscription has one more of its own)
+OUTBOX = 10_000  # reports waiting to be published; past that the newest are dropped (a page reloads on reconnect)
+BATCH = 200  # reports published in one round trip
 PREFIX = "dao:console:"
 OFFLINE = "the host is offline: its channel to the console is not open"
 
@@ -78,7 +81,11 @@ class Relay:
         self.url = url
         self.hub = hub
         self.node = node or f"{os.uname().nodename}-{os.getpid()}-{secrets.token_hex(3)}"
-        self.redis: Any = aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=None)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=POOL, timeout=None, socket_connect_timeout=2, socket_timeout=None
+        )  # (a busy node waits for a connection rather than failing its calls)
+        self.redis: Any = aioredis.Redis(connection_pool=pool)
+        self._outbox: asyncio.Queue[str] = asyncio.Queue(OUTBOX)
         self._take = self.redis.register_script(_TAKE)
         self.remote: dict[str, Remote] = {}  # host ID -> where its channel is, for hosts on other nodes
         self.token = 0  # the fencing token of the scheduler's lease while this node holds it
@@ -86,6 +93,7 @@ class Relay:
         self._serving: dict[str, asyncio.Task[None]] = {}  # requests from other nodes running here
         self._tasks: list[asyncio.Task[None]] = []
         self._pubsub: Any = None
+        self.dropped = 0
 
     def key(self, *parts: str) -> str:
         return PREFIX + ":".join(parts)
@@ -97,7 +105,11 @@ class Relay:
         await self._pubsub.subscribe(self.key("events"), self.key("node", self.node), self.key("reply", self.node))
         await self._beat()
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._listen(), name="relay listen"), loop.create_task(self._beating())]
+        self._tasks = [
+            loop.create_task(self._listen(), name="relay listen"),
+            loop.create_task(self._beating()),
+            loop.create_task(self._sending(), name="relay send"),
+        ]
         log.info("console node %s on redis %s", self.node, self.url)
 
     async def aclose(self) -> None:
@@ -144,13 +156,13 @@ class Relay:
         doc = {"node": self.node, "user": user, "address": address}
         self.remote.pop(host_id, None)
         await self._quiet(self.redis.hset(self.key("channels"), host_id, json.dumps(doc)))
-        await self._send_event({"type": "open", "host": host_id, **doc})
+        self._post({"type": "open", "host": host_id, **doc})
 
     async def closed(self, host_id: str) -> None:
         held = await self._quiet(self.redis.hget(self.key("channels"), host_id))
         if held is not None and json.loads(held)["node"] == self.node:
             await self._quiet(self.redis.hdel(self.key("channels"), host_id))
-        await self._send_event({"type": "close", "host": host_id, "node": self.node})
+        self._post({"type": "close", "host": host_id, "node": self.node})
 
     async def _quiet(self, work: Any) -> Any:
         try:
@@ -163,17 +175,29 @@ class Relay:
 
     def report(self, host_id: str, user: str, kind: str, data: Any) -> None:
         payload = encode(data) if isinstance(data, State) else data
-        self._soon(self._send_event({"type": "report", "host": host_id, "user": user, "kind": kind, "data": payload}))
+        self._post({"type": "report", "host": host_id, "user": user, "kind": kind, "data": payload})
 
     def publish(self, user: str, message: dict[str, Any]) -> None:
-        self._soon(self._send_event({"type": "publish", "user": user, "message": message}))
+        self._post({"type": "publish", "user": user, "message": message})
 
-    def _soon(self, work: Any) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    def _post(self, doc: dict[str, Any]) -> None:
+        """To the other nodes, in order, batched: the frames of a thousand agents cost a few round trips."""
+        try:
+            self._outbox.put_nowait(json.dumps({**doc, "from": self.node}))
+        except asyncio.QueueFull:
+            self.dropped += 1
+            if self.dropped % 1000 == 1:
+                log.warning("redis: %d reports not passed to the other nodes (it does not keep up)", self.dropped)
 
-    async def _send_event(self, doc: dict[str, Any]) -> None:
-        await self._quiet(self.redis.publish(self.key("events"), json.dumps({**doc, "from": self.node})))
+    async def _sending(self) -> None:
+        while True:
+            batch = [await self._outbox.get()]
+            while len(batch) < BATCH and not self._outbox.empty():
+                batch.append(self._outbox.get_nowait())
+            pipe = self.redis.pipeline(transaction=False)
+            for doc in batch:
+                pipe.publish(self.key("events"), doc)
+            await self._quiet(pipe.execute())
 
     # -- commands for hosts on other nodes -----------------------------------------------------------------
 
@@ -222,10 +246,19 @@ class Relay:
             self._replies.pop(request, None)
 
     async def _serve_call(self, doc: dict[str, Any]) -> None:
+        """A command from another node for a host here. Its streamed pieces go back in order, by one sender,
+        and the result after the last of them."""
         reply = self.key("reply", doc["reply"])
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+
+        async def send() -> None:
+            while (piece := await pieces.get()) is not None:
+                await self._quiet(self.redis.publish(reply, piece))
+
+        sender = asyncio.get_running_loop().create_task(send())
 
         def streamed(data: str) -> None:
-            self._soon(self._quiet(self.redis.publish(reply, json.dumps({"id": doc["id"], "stream": data}))))
+            pieces.put_nowait(json.dumps({"id": doc["id"], "stream": data}))
 
         try:
             result = await self.hub.call(
@@ -236,6 +269,8 @@ class Relay:
             answer = {"id": doc["id"], "error": str(exc) or exc.__class__.__name__}
         finally:
             self._serving.pop(doc["id"], None)
+            pieces.put_nowait(None)
+            await asyncio.shield(sender)
         await self._quiet(self.redis.publish(reply, json.dumps(answer)))
 
     # -- the listener --------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ log = logging.getLogger("dao.mirror.cluster")
 LEASE_TTL = 10.0  # seconds a dead node's lease outlives it: how long its readers wait before taking over
 REDIS_TIMEOUT = 1.0  # seconds for one Redis call; past it the node goes on alone for this request
 DOWN_RETRY = 3.0  # seconds a node that found Redis down goes on alone before it asks again
+POOL = 64  # Redis connections of one node
 USAGE_DAYS = 40  # a month's counters expire this long after their last change
 
 T = TypeVar("T")
@@ -90,9 +91,15 @@ class Cluster:
             raise ClusterError("a cluster needs a secret (cluster_secret, DAO_CLUSTER_SECRET) the nodes share")
         self.url, self.node_url, self.lease_ttl, self.prefix = url, node_url.rstrip("/"), lease_ttl, prefix
         self._secret = secret.encode()
-        self.redis: Any = aioredis.from_url(
-            url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT, retry_on_timeout=False
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=POOL,
+            timeout=REDIS_TIMEOUT,  # (a connection free within the timeout, else this call goes on alone)
+            socket_timeout=REDIS_TIMEOUT,
+            socket_connect_timeout=REDIS_TIMEOUT,
+            retry_on_timeout=False,
         )
+        self.redis: Any = aioredis.Redis(connection_pool=pool)
         self._claim = self.redis.register_script(_CLAIM)
         self._renew = self.redis.register_script(_RENEW)
         self._drop = self.redis.register_script(_DROP)
