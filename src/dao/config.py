@@ -146,6 +146,16 @@ class MirrorConfig:
         "shares (endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY); the data "
         "directory is then this node's cache in front of it. Empty: the data directory alone.",
     )
+    s3_endpoint: str = setting(
+        "", metavar="URL", help="With storage: the S3 endpoint, e.g. http://seaweed:8333. [default: AWS_ENDPOINT_URL]"
+    )
+    s3_region: str = setting("", help="With storage: the bucket's region. [default: AWS_DEFAULT_REGION, us-east-1]")
+    s3_access_key: str = setting(
+        "", cli=False, help="With storage: the access key ID (the file or DAO_MIRROR_S3_ACCESS_KEY; else AWS_*)."
+    )
+    s3_secret_key: str = setting(
+        "", cli=False, help="With storage: the secret access key (the file or DAO_MIRROR_S3_SECRET_KEY; else AWS_*)."
+    )
     redirect: bool = setting(
         False,
         help="With storage: answer a blob that is in the bucket but not on this node's disk with a 307 to a "

@@ -226,10 +226,10 @@ def test_with_the_bucket_down_hot_blobs_come_from_disk_and_misses_from_the_upstr
     bucket = Trickle(tmp_path, f"127.0.0.1:{parts.weed.port}", "--piece", "65536", "--pause", "0")
     cluster = Cluster(parts, tmp_path, relay.url, "nobucket")
     try:
-        env = {**os.environ, **parts.weed.env, "AWS_ENDPOINT_URL": bucket.url, "DAO_MIRROR_CLUSTER_SECRET": SECRET}
+        env = {**os.environ, **parts.weed.env, "DAO_MIRROR_CLUSTER_SECRET": SECRET}
         port = free_port()
-        argv = ("--storage", f"s3://{parts.weed.bucket}/nobucket", "--redis", parts.redis.url,
-                "--node-url", f"http://127.0.0.1:{port}")  # fmt: skip
+        argv = ("--storage", f"s3://{parts.weed.bucket}/nobucket", "--s3-endpoint", bucket.url,  # (the flag wins)
+                "--redis", parts.redis.url, "--node-url", f"http://127.0.0.1:{port}")  # fmt: skip
         node = Mirror(tmp_path / "node", relay.url, port=port, args=argv, env=env)
         cluster.nodes.append(node)
         assert skopeo_copy(f"127.0.0.1:{node.port}", SMALL, tmp_path / "fill").returncode == 0
@@ -347,7 +347,11 @@ def test_gc_over_the_bucket_takes_the_least_recently_used_with_the_manifests_tha
     blobs = parts.weed.objects("gc/blobs/")
     manifests = parts.weed.objects("gc/manifests/")
     total = sum(blobs.values()) + sum(manifests.values())
-    env = {**os.environ, **parts.weed.env}
+    from tests.services.seaweed import ACCESS_KEY, SECRET_KEY
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # the settings alone name the bucket
+    env |= {"DAO_MIRROR_S3_ENDPOINT": parts.weed.url, "DAO_MIRROR_S3_ACCESS_KEY": ACCESS_KEY,
+            "DAO_MIRROR_S3_SECRET_KEY": SECRET_KEY}  # fmt: skip
     gc = [DAO, "mirror", "gc", "--storage", f"s3://{parts.weed.bucket}/gc", "--max-size", str(total - 1), "--json"]
     dry = json.loads(subprocess.run([*gc, "-d"], env=env, check=True, capture_output=True, text=True).stdout)
     assert parts.weed.objects("gc/blobs/") == blobs  # a dry run removes nothing

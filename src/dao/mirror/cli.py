@@ -134,7 +134,7 @@ def mirror_gc(
         return plan, 0 if dry_run else await collector.apply(plan)
 
     if storage:
-        plan, removed = asyncio.run(_collect_bucket(storage, max_bytes, collect))
+        plan, removed = asyncio.run(_collect_bucket(dataclasses.replace(config, storage=storage), max_bytes, collect))
     else:
         from dao.mirror.storage import FilesystemBlobStore, FilesystemManifestStore, FilesystemOrigins
 
@@ -164,7 +164,7 @@ def mirror_gc(
 
 
 async def _collect_bucket(
-    storage: str, max_bytes: int, collect: Callable[[Collector], Awaitable[tuple[Plan, int]]]
+    config: MirrorConfig, max_bytes: int, collect: Callable[[Collector], Awaitable[tuple[Plan, int]]]
 ) -> tuple[Plan, int]:
     from dao.mirror.eviction import Collector
 
@@ -173,7 +173,7 @@ async def _collect_bucket(
     except ImportError:
         raise fail("--storage s3://... needs the S3 client", "pip install 'dao[s3]'") from None
     try:
-        async with s3.Bucket(s3.Location.parse(storage)) as bucket:
+        async with s3.bucket_of(config) as bucket:
             await bucket.check()
             collector = Collector(
                 s3.BucketBlobs(bucket), s3.BucketManifests(bucket), s3.BucketOrigins(bucket), max_bytes=max_bytes

@@ -62,7 +62,7 @@ async def _stores(config: MirrorConfig, stack: contextlib.AsyncExitStack) -> Sto
     except ImportError:
         raise ConfigError("storage = s3://... needs the S3 client: pip install 'dao[s3]'") from None
     try:
-        bucket = await stack.enter_async_context(s3.Bucket(s3.Location.parse(config.storage)))
+        bucket = await stack.enter_async_context(s3.bucket_of(config))
         await bucket.check()
     except s3.BucketError as exc:
         raise ConfigError(exc.message) from None

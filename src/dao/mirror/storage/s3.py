@@ -83,9 +83,22 @@ class Location:
 class Bucket:
     """One long-lived S3 client on one bucket and prefix."""
 
-    def __init__(self, location: Location, endpoint_url: str | None = None) -> None:
+    def __init__(
+        self,
+        location: Location,
+        endpoint_url: str | None = None,
+        *,
+        region: str = "",
+        access_key: str = "",
+        secret_key: str = "",
+    ) -> None:
+        """Each of ``endpoint_url``, ``region`` and the keys: given (the settings), else the usual variable
+        (``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``; the keys: botocore's own chain of variables and
+        files)."""
         self.location = location
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        self.region = region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        self._keys = {"aws_access_key_id": access_key, "aws_secret_access_key": secret_key} if access_key else {}
         self._stack = contextlib.AsyncExitStack()
         self.client: Any = None
         self._checked = -STATUS_EVERY
@@ -105,8 +118,9 @@ class Bucket:
             session.create_client(
                 "s3",
                 endpoint_url=self.endpoint_url,
-                region_name=os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                region_name=self.region,
                 config=config,
+                **self._keys,
             )
         )
         return self
@@ -288,6 +302,17 @@ class BucketSource:
             raise UpstreamUnavailable(f"bucket: {exc}") from exc
         async with got["Body"]:
             yield BucketBody(got)
+
+
+def bucket_of(config: Any) -> Bucket:
+    """The bucket a mirror's settings name (``storage``, ``s3_endpoint``, ``s3_region``, the keys)."""
+    return Bucket(
+        Location.parse(config.storage),
+        config.s3_endpoint or None,
+        region=config.s3_region,
+        access_key=config.s3_access_key,
+        secret_key=config.s3_secret_key,
+    )
 
 
 def _status(exc: ClientError) -> int:
