@@ -311,6 +311,12 @@ async def test_a_404_and_a_due_tag_cost_the_upstream_one_request_for_all_the_nod
             for node in nodes:
                 async with s.get(f"{node.url}/v2/dao-test/schema2/manifests/nope", headers=accept) as r:
                     assert r.status == 404
+            blob = next(iter(world.image(SMALL).blobs))
+            for headers in ({}, {"X-Dao-Node": "0" * 64}):  # the node-to-node endpoint wants the cluster's signature
+                async with s.get(f"{nodes[0].url}/_dao/blobs/{blob}", headers=headers) as r:
+                    assert r.status == 403
+            async with s.get(f"{nodes[0].url}/_dao/blobs/sha256:nothex", headers={"X-Dao-Node": "x"}) as r:
+                assert r.status == 400
             missing = [q for q in world.upstream.requests(since) if q.path.endswith("/manifests/nope")]
             assert len(missing) == 1  # the first node asked; the others remembered its answer
             await asyncio.sleep(2.2)  # the tag is due on every node
