@@ -214,6 +214,9 @@ def test_the_capsule_pages(world: World, browser, tmp_path: Path) -> None:  # ty
         [second] = [c for c in w.capsule_state() if c["id"] != first["id"]]
         seed(w, second)
         page.goto(f"{w.console.url}/apps")
+        # (the page fills its list after loading: "detached" alone would hold before anything is shown)
+        moved = page.locator(".app[data-app=idle] .replica", has_text=f"capsule-{second['id']}")
+        moved.nth(1).wait_for(timeout=60_000)
         page.locator(f".replica[data-host='{capsule_host}']").first.wait_for(state="detached", timeout=60_000)
         page.locator(".app[data-app=idle] td.running", has_text="2/2").wait_for(timeout=30_000)
         texts = page.locator(".app[data-app=idle] .replica").all_inner_texts()
