@@ -294,7 +294,7 @@ async def test_tag_past_ttl_is_answered_at_once_and_refreshed_behind(world: Worl
 async def test_an_index_with_too_many_children_costs_a_bounded_prefetch(world: World, tmp_path) -> None:
     """The children of an index are fetched behind the client's back, at most 64 of them: an index listing
     70 does not make the mirror fetch 70 manifests."""
-    from dao.mirror.proxy import MAX_CHILDREN
+    from dao.mirror.children import MAX_CHILDREN
 
     layer = images.data_layer(tmp_path, "many", 100)  # one shared layer: cheap to seed 70 images
     children = [(images.image(tmp_path, [layer], arch=f"arch{i}"), "linux", f"arch{i}") for i in range(70)]

@@ -74,7 +74,7 @@ class Seaweed:
 
     def objects(self, prefix: str) -> dict[str, int]:
         """Key -> size of every object under ``prefix`` in its bucket, read with dao's own bucket client."""
-        from dao.mirror.storage.s3 import Bucket, Location
+        from dao.mirror.storage.bucket import Bucket, Location
 
         async def listing() -> dict[str, int]:
             async with Bucket(Location.parse(f"s3://{self.bucket}"), endpoint_url=self.url) as bucket:

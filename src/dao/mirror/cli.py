@@ -169,19 +169,23 @@ async def _collect_bucket(
     from dao.mirror.eviction import Collector
 
     try:
-        from dao.mirror.storage import s3
+        from dao.mirror.storage import bucket as s3b
+        from dao.mirror.storage import bucket_gc
     except ImportError:
         raise fail("--storage s3://... needs the S3 client", "pip install 'dao[s3]'") from None
     try:
-        async with s3.bucket_of(config) as bucket:
+        async with s3b.bucket_of(config) as bucket:
             await bucket.check()
             collector = Collector(
-                s3.BucketBlobs(bucket), s3.BucketManifests(bucket), s3.BucketOrigins(bucket), max_bytes=max_bytes
+                bucket_gc.BucketBlobs(bucket),
+                bucket_gc.BucketManifests(bucket),
+                bucket_gc.BucketOrigins(bucket),
+                max_bytes=max_bytes,
             )
             return await collect(collector)
-    except s3.BucketError as exc:
+    except s3b.BucketError as exc:
         raise fail(exc.message, code=1) from None
-    except s3.FAILURES as exc:
+    except s3b.FAILURES as exc:
         raise fail(f"the bucket failed a request: {exc}", "nothing more was removed; run it again", code=1) from None
 
 

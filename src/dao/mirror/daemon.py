@@ -58,13 +58,14 @@ async def _stores(config: MirrorConfig, stack: contextlib.AsyncExitStack) -> Sto
         root = config.data_dir
         return FilesystemBlobStore(root), FilesystemManifestStore(root), FilesystemOrigins(root), []
     try:
+        from dao.mirror.storage import bucket as s3b
         from dao.mirror.storage import s3
     except ImportError:
         raise ConfigError("storage = s3://... needs the S3 client: pip install 'dao[s3]'") from None
     try:
-        bucket = await stack.enter_async_context(s3.bucket_of(config))
+        bucket = await stack.enter_async_context(s3b.bucket_of(config))
         await bucket.check()
-    except s3.BucketError as exc:
+    except s3b.BucketError as exc:
         raise ConfigError(exc.message) from None
     log.info(
         "storage: bucket %s (prefix %r) at %s", bucket.location.bucket, bucket.location.prefix, bucket.endpoint_url

@@ -8,8 +8,8 @@
   revalidate); after that the client waits for the HEAD. Served stale (with a ``Warning``) when the upstream
   is unreachable, times out, rate-limits or refuses us (stale if error). A HEAD is all a re-validation costs;
   the manifest is fetched again only when the tag moved.
-- indexes: every child manifest is fetched into the cache behind the client's back, so another platform (or
-  the same one, by digest) pulls when the upstream is gone.
+- indexes: every child manifest is fetched into the cache behind the client's back (:mod:`.children`), so
+  another platform (or the same one, by digest) pulls when the upstream is gone.
 - every upstream conversation goes through the circuit breaker and 404s through the negative cache (see
   :mod:`dao.mirror.availability`).
 - what is shared between users and repositories: see :mod:`dao.mirror.sharing`.
@@ -20,15 +20,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dao.aio import gather_bounded
 from dao.config import MirrorConfig
 from dao.mirror.availability import CircuitBreaker, CircuitOpen, NegativeCache
+from dao.mirror.children import Children
 from dao.mirror.errors import (
     BadDigest,
     Busy,
@@ -41,23 +40,16 @@ from dao.mirror.errors import (
 )
 from dao.mirror.inflight import Fetch, FetchQueueFull, Inflight
 from dao.mirror.metrics import Metrics
-from dao.mirror.nodes import NodeSource
+from dao.mirror.planning import FetchPlan, Planner
 from dao.mirror.sharing import Sharing
 from dao.mirror.storage.base import BlobStore, LocalBlob, ManifestRecord, ManifestStore, Origin, OriginStore
 from dao.oci.digest import Digest, DigestError
 from dao.oci.manifest import (
-    DEFAULT_ACCEPT,
     INDEX_TYPES,
-    MANIFEST_TYPES,
-    Descriptor,
     accept_key,
     acceptable,
-    descriptors,
 )
 from dao.registry.client import RegistryClient
-from dao.transfer.download import upstream_policy
-from dao.transfer.schedule import Policy
-from dao.transfer.sources import BlobSource
 
 if TYPE_CHECKING:
     from dao.mirror.cluster import Cluster
@@ -74,9 +66,7 @@ log = logging.getLogger(__name__)
 
 STALE_WARNING = '110 dao "Response is Stale"'
 
-CHILD_FETCHES = 4
 CHECK_POLL = 0.2  # seconds between looks at a tag record another node is re-validating
-MAX_CHILDREN = 64  # child manifests fetched behind a client's back for one index (real ones list up to ~40)
 
 # Upstream failures after which a cached tag is still a good answer.
 _STALE_OK = (UpstreamUnavailable, UpstreamRateLimited, UpstreamUnauthorized, TimeoutError, CircuitOpen)
@@ -94,17 +84,6 @@ class ManifestAnswer:
     @property
     def stale(self) -> bool:
         return self.cache == "stale"
-
-
-@dataclass(frozen=True, slots=True)
-class _Plan:
-    """Where a new fetch reads (see :meth:`Proxy._plan`) and what becomes of its bytes."""
-
-    source: BlobSource
-    on_bytes: Callable[[int], None] | None = None  # counts upstream bytes (the upstream's fetches only)
-    commit: Callable[[Digest, Path], Awaitable[None]] | None = None  # None: the store's (up to the bucket too)
-    kind: str = "upstream"
-    policy: Policy | None = None
 
 
 @dataclass(slots=True)
@@ -155,10 +134,11 @@ class Proxy:
         )
         self.prefetch_children = prefetch_children
         self.cluster = cluster
+        self.planner = Planner(blobs, cluster, client.session)
         self.upstream_key = client.host
         self.sharing = Sharing(origins, allowed, self.registry, credentialed=client.auth.credentials is not None)
         self._background: dict[tuple[str, ...], asyncio.Task[None]] = {}
-        self._complete_indexes: set[Digest] = set()  # indexes whose children are all cached
+        self.children = Children(manifests, self._fetch_manifest)
 
     @asynccontextmanager
     async def _upstream(self, kind: str) -> AsyncIterator[None]:
@@ -207,9 +187,11 @@ class Proxy:
         running = self.inflight.get(digest)
         if running is not None and running.origin != self.sharing.origin(repo):
             await self._check_shared(repo, digest, "blob", also=running.origin)
-        plan = _Plan(self.client.blob_source(repo, digest), self._count_upstream_bytes)
+        plan = FetchPlan(self.client.blob_source(repo, digest), self._count_upstream_bytes)
         if running is None:
-            plan = await self._plan(repo, digest, key, plan)
+            plan = await self.planner.plan(
+                digest, plan, lambda: self._check_shared(repo, digest, "blob"), lambda: self._may_fetch(key)
+            )
         try:
             fetch, started = await self.inflight.join_or_start(
                 digest, plan.source, plan.on_bytes, client, commit=plan.commit, kind=plan.kind, policy=plan.policy
@@ -240,44 +222,13 @@ class Proxy:
         cache = ("miss" if plan.kind == "upstream" else plan.kind) if started else "join"
         return BlobAnswer(fetch.size, fetch=fetch, cache=cache)
 
-    async def _plan(self, repo: str, digest: Digest, key: tuple[str, ...], upstream: _Plan) -> _Plan:
-        """Where a blob nobody fetches on this node comes from: the bucket when it has it, another node when
-        one fetches it (``--redis``), else the upstream (this node then holds the blob's lease)."""
-        stored = await self._stored(repo, digest)
-        if stored is not None:
-            return stored
+    async def _may_fetch(self, key: tuple[str, ...]) -> None:
+        """Raises unless the upstream may be asked for this blob: no remembered 404, the circuit closed."""
         await self._check_negative(key, "blob")
         try:
             self.breaker.check()
         except CircuitOpen as exc:
             raise upstream_error(exc, "blob") from exc
-        if self.cluster is None:
-            return upstream
-        claim = await self.cluster.claim(digest)
-        if not claim.mine:
-            await self._check_shared(repo, digest, "blob")
-
-            async def from_bucket() -> BlobSource | None:
-                source = getattr(self.blobs, "source", None)
-                return await source(digest) if source is not None else None
-
-            node = NodeSource(self.cluster, self.client.session, digest, claim, upstream.source, from_bucket)
-            commit = getattr(self.blobs, "commit_local", None)  # the node that fetches puts it in the bucket
-            return _Plan(node, None, commit, "node", upstream_policy(1))
-        stored = await self._stored(repo, digest)  # committed by another node between the look and the lease
-        if stored is not None:
-            await self.cluster.release(digest)
-            return stored
-        return upstream
-
-    async def _stored(self, repo: str, digest: Digest) -> _Plan | None:
-        """The bucket's copy as the source of this node's fetch, or None."""
-        source = getattr(self.blobs, "source", None)
-        found = await source(digest) if source is not None else None
-        if found is None:
-            return None
-        await self._check_shared(repo, digest, "blob")
-        return _Plan(found, None, getattr(self.blobs, "commit_local", None), "bucket")
 
     async def stat_blob(self, repo: str, digest: Digest) -> tuple[int | None, str]:
         size = await self.blobs.stat(digest)
@@ -307,8 +258,8 @@ class Proxy:
             answer = await self._manifest_by_digest(repo, digest, accept)
         else:
             answer = await self._manifest_by_tag(repo, reference, accept)
-        if self.prefetch_children and answer.media_type in INDEX_TYPES and answer.digest not in self._complete_indexes:
-            self._in_background(("children", str(answer.digest)), self._cache_children(repo, answer))
+        if self.prefetch_children and answer.media_type in INDEX_TYPES and answer.digest not in self.children.complete:
+            self._in_background(("children", str(answer.digest)), self.children.cache(repo, answer.digest, answer.body))
         return answer
 
     async def _manifest_by_digest(self, repo: str, digest: Digest, accept: tuple[str, ...]) -> ManifestAnswer:
@@ -414,30 +365,6 @@ class Proxy:
     async def _record_tag(self, repo: str, tag: str, key: str, digest: Digest, media_type: str) -> None:
         record = ManifestRecord(digest, media_type, time.time())
         await self.manifests.put_tag(self.upstream_key, repo, tag, key, record)
-
-    async def _cache_children(self, repo: str, index: ManifestAnswer) -> None:
-        """Fetch every child manifest of an index a client pulled, so other platforms pull offline later."""
-        try:
-            children = [d for d in descriptors(index.body) if d.media_type in MANIFEST_TYPES or not d.media_type]
-        except ValueError as exc:
-            log.warning("index %s is not readable, children not cached: %s", index.digest, exc)
-            return
-        if len(children) > MAX_CHILDREN:
-            log.warning("index %s lists %d manifests: caching the first %d", index.digest, len(children), MAX_CHILDREN)
-            children = children[:MAX_CHILDREN]
-        missing = [c for c in children if await self.manifests.get(c.digest) is None]
-
-        async def one(child: Descriptor) -> bool:
-            accept = (child.media_type,) if child.media_type else DEFAULT_ACCEPT
-            try:
-                await self._fetch_manifest(repo, str(child.digest), accept)
-            except MirrorError as exc:
-                log.warning("child manifest %s of %s not cached: %s", child.digest, index.digest, exc.message)
-                return False
-            return True
-
-        if all(await gather_bounded(missing, one, CHILD_FETCHES)):
-            self._complete_indexes.add(index.digest)
 
     # -- what is shared across repositories ----------------------------------------------------------------
 
