@@ -189,9 +189,6 @@ class Cluster:
         held.renewer.cancel()
         await self._call("release", self._drop, keys=[self.key("lease", str(digest))], args=[held.value])
 
-    def holds(self, digest: Digest) -> bool:
-        return digest in self._held
-
     # -- the internal endpoint's signature -----------------------------------------------------------------
 
     def sign(self, digest: Digest) -> str:

@@ -26,6 +26,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from dao.mirror.storage.base import LocalBlob, ManifestRecord, Origin, Stored
@@ -107,25 +108,25 @@ class TieredBlobStore(FilesystemBlobStore):
         local = await super().stat(digest)
         if local is not None:
             return local
-        try:
-            found = await self.bucket.head(self._key(digest))
-        except FAILURES as exc:
-            log.warning("bucket: cannot look up %s: %s", digest, exc)
-            return None
+        found = await self._head(digest)
         return None if found is None else int(found["ContentLength"])
 
     async def source(self, digest: Digest) -> BucketSource | None:
         """The bucket's copy as a source for the node's fetch (streamed to clients while it fills the node's
         disk, checked against its digest like any fetch); None when the bucket lacks it or cannot say."""
-        try:
-            found = await self.bucket.head(self._key(digest))
-        except FAILURES as exc:
-            log.warning("bucket: cannot look up %s: %s", digest, exc)
-            return None
+        found = await self._head(digest)
         if found is None:
             return None
         self.note_use(digest)
         return BucketSource(self.bucket, self._key(digest))
+
+    async def _head(self, digest: Digest) -> dict[str, Any] | None:
+        """The bucket's object of ``digest``; None when it has none or cannot say (logged)."""
+        try:
+            return await self.bucket.head(self._key(digest))
+        except FAILURES as exc:
+            log.warning("bucket: cannot look up %s: %s", digest, exc)
+            return None
 
     async def commit_local(self, digest: Digest, spool_path: Path) -> None:
         """A blob read from the bucket (or from another node, which puts it there): onto this node's disk only."""
