@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 
 from tests.conftest import World
 from tests.services.dockerd import Dockerd
-from tests.services.mirror import FaultProxy, Mirror, skopeo_copy
+from tests.services.mirror import FaultProxy, Mirror, ctr_pulled, skopeo_copy
 
 RUNNABLE = ["dao-test/schema2:v1", "dao-test/oci:v1", "dao-test/multi:v1", "dao-test/big:v1"]
 
@@ -107,28 +106,10 @@ def test_skopeo_copies_through_the_mirror(world: World, mirror: Mirror, tmp_path
 
 
 def test_containerd_pulls_through_hosts_toml(world: World, dockerd: Dockerd, mirror: Mirror, tmp_path: Path) -> None:
-    hosts = tmp_path / "certs.d" / "docker.io"
-    hosts.mkdir(parents=True)
-    (hosts / "hosts.toml").write_text(
-        'server = "https://registry-1.docker.io"\n'
-        f'[host."http://127.0.0.1:{mirror.port}"]\n  capabilities = ["pull", "resolve"]\n'
-    )
-    ctr = ["ctr", "--address", dockerd.containerd_address, "--namespace", "dao-test"]
-    ref = "docker.io/dao-test/multi:v1"
-    try:
-        subprocess.run(
-            [*ctr, "images", "pull", "--hosts-dir", str(tmp_path / "certs.d"), ref],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        listed = subprocess.run([*ctr, "images", "ls"], check=True, capture_output=True, text=True).stdout
+    with ctr_pulled(dockerd.containerd_address, mirror.port, "dao-test/multi:v1", tmp_path, "dao-test") as listed:
         assert world.image("dao-test/multi:v1").digest in listed
         amd64 = world.image("dao-test/multi:v1").children[0]
         assert set(amd64.layer_digests()) <= served_blobs(mirror)
-    finally:
-        subprocess.run([*ctr, "images", "rm", ref], capture_output=True, timeout=60)
 
 
 def test_cold_pulls_over_a_segmented_link(

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 from tests.conftest import World
 from tests.services.dockerd import Dockerd
-from tests.services.mirror import FaultProxy, Mirror, skopeo_copy
+from tests.services.mirror import FaultProxy, Mirror, ctr_pulled, skopeo_copy
 from tests.services.seaweed import Seaweed
 
 REF = "dao-test/schema2:v1"
@@ -86,22 +85,8 @@ def test_docker_containerd_and_skopeo_follow_a_redirect_into_the_bucket(
             assert done.returncode == 0, done.stderr
             for digest, path in image.blobs.items():
                 assert (out / digest.split(":")[1]).read_bytes() == path.read_bytes()
-            hosts = tmp_path / "certs.d" / "docker.io"
-            hosts.mkdir(parents=True)
-            (hosts / "hosts.toml").write_text(
-                'server = "https://registry-1.docker.io"\n'
-                f'[host."http://127.0.0.1:{node.port}"]\n  capabilities = ["pull", "resolve"]\n'
-            )
-            ctr = ["ctr", "--address", dockerd.containerd_address, "--namespace", "dao-redirect"]
-            try:
-                subprocess.run(
-                    [*ctr, "images", "pull", "--hosts-dir", str(tmp_path / "certs.d"), f"docker.io/{REF}"],
-                    check=True, capture_output=True, text=True, timeout=300,
-                )  # fmt: skip
-                listed = subprocess.run([*ctr, "images", "ls"], check=True, capture_output=True, text=True).stdout
+            with ctr_pulled(dockerd.containerd_address, node.port, REF, tmp_path, "dao-redirect") as listed:
                 assert image.digest in listed
-            finally:
-                subprocess.run([*ctr, "images", "rm", f"docker.io/{REF}"], capture_output=True, timeout=60)
             gets = [a for a in node.accesses() if a.method == "GET" and "/blobs/" in a.path]
             assert gets and {(a.status, a.cache) for a in gets} == {(307, "redirect")}  # no byte from the node
             redirected = {a.path.split("?")[0].rsplit("/", 1)[1] for a in gets}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +154,28 @@ class FaultProxy:
 
     def kill(self) -> None:
         self.proc.kill()
+
+
+@contextlib.contextmanager
+def ctr_pulled(containerd: str, mirror_port: int, ref: str, workdir: Path, namespace: str) -> Iterator[str]:
+    """containerd's ``ctr`` pulls Docker Hub's ``ref`` through the mirror at ``mirror_port``, its
+    ``hosts.toml`` mirror (in ``workdir/certs.d``); yields ``ctr images ls``, and removes the image after."""
+    hosts = workdir / "certs.d" / "docker.io"
+    hosts.mkdir(parents=True)
+    (hosts / "hosts.toml").write_text(
+        'server = "https://registry-1.docker.io"\n'
+        f'[host."http://127.0.0.1:{mirror_port}"]\n  capabilities = ["pull", "resolve"]\n'
+    )
+    ctr = ["ctr", "--address", containerd, "--namespace", namespace]
+    full = f"docker.io/{ref}"
+    try:
+        subprocess.run(
+            [*ctr, "images", "pull", "--hosts-dir", str(workdir / "certs.d"), full],
+            check=True, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        yield subprocess.run([*ctr, "images", "ls"], check=True, capture_output=True, text=True).stdout
+    finally:
+        subprocess.run([*ctr, "images", "rm", full], capture_output=True, timeout=60)
 
 
 def skopeo_copy(location: str, ref: str, out: Path) -> subprocess.CompletedProcess[str]:
