@@ -21,6 +21,8 @@ from dao.errors import USAGE, DaoError
 from dao.oci.reference import DOCKER_HUB_URL
 from dao.paths import data_dir
 
+LOCAL_CACHE_MAX = "20GiB"
+
 
 class ConfigError(DaoError, ValueError):
     exit_code = USAGE
@@ -186,6 +188,36 @@ class MirrorConfig:
     lease_ttl: float = setting(
         10.0, help="With redis: seconds a dead node's claim on a blob outlives it (then another node goes on)."
     )
+    local: bool = setting(
+        False,
+        help="Run as this host's local accelerator: on loopback only, the engine's first registry mirror "
+        "(dao mirror use --local); each blob from the --via accelerators, the --peer hosts and the registry "
+        "at once, chunks to the fastest, every byte checked; the cache bounded (20GiB unless --cache-max).",
+    )
+    via: tuple[str, ...] = setting(
+        factory=tuple,
+        metavar="URL",
+        help="With local: an accelerator to get Docker Hub images through (repeatable); manifests come from "
+        "the first, blobs from all of them, the peers and the registry.",
+    )
+    peer: tuple[str, ...] = setting(
+        factory=tuple,
+        metavar="URL",
+        help="With local: another host's local accelerator, at its --peer-listen address (repeatable); blobs "
+        "it has are fetched from it too. Needs the peer secret.",
+    )
+    peer_listen: str = setting(
+        "",
+        metavar="HOST:PORT",
+        help="With local: where this host serves its cached blobs, by digest, to peers (signed with the peer "
+        "secret); only that is served there. Empty: to nobody.",
+    )
+    peer_secret: str = setting(
+        "",
+        cli=False,
+        help="With peer or peer_listen: the secret the hosts of one user sign their requests to each other "
+        "with (the file or DAO_MIRROR_PEER_SECRET only).",
+    )
     cache_min_free: str = setting("0", help="Free space to keep on the cache's disk, e.g. 10GiB; 0 = none.")
     gc_interval: float = setting(60.0, help="Seconds between checks of the cache limits.")
     upstream_username: str = setting("", help="Upstream account (raises Docker Hub's rate limit).")
@@ -216,6 +248,21 @@ class MirrorConfig:
                     "(DAO_MIRROR_CLUSTER_SECRET or the file: the same on every node)"
                 )
             check_url("node_url", self.node_url)
+        if self.local:
+            host = self.listen_address[0]
+            if host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("127."):
+                raise ConfigError(f"local listens on loopback only (it has no accounts), got {self.listen!r}")
+            for url in (*self.via, *self.peer):
+                check_url("via and peer", url)
+            if (self.peer or self.peer_listen) and len(self.peer_secret) < 16:
+                raise ConfigError(
+                    "peer and peer_listen need peer_secret (DAO_MIRROR_PEER_SECRET or the file: the same on "
+                    "every host of the user, at least 16 characters)"
+                )
+            if self.peer_listen:
+                parse_listen(self.peer_listen)
+        elif self.via or self.peer or self.peer_listen:
+            raise ConfigError("via, peer and peer_listen are for the local accelerator (--local)")
         if self.lease_ttl <= 0:
             raise ConfigError("lease_ttl must be > 0")
         if self.usage_flush <= 0 or self.gc_interval <= 0:
@@ -234,6 +281,11 @@ class MirrorConfig:
     @property
     def database_url(self) -> str:
         return self.database or f"sqlite:///{self.data_dir}/dao.db"
+
+    @property
+    def cache_limit(self) -> str:
+        """The local accelerator's cache is bounded even when nobody said how far."""
+        return LOCAL_CACHE_MAX if self.local and self.cache_max in ("", "0") else self.cache_max
 
     @property
     def listen_address(self) -> tuple[str, int]:

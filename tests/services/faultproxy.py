@@ -26,6 +26,7 @@ HOP = {"connection", "keep-alive", "transfer-encoding", "host", "content-length"
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--rate", type=float, default=0)
     parser.add_argument("--flip-byte", action="store_true")
@@ -104,7 +105,7 @@ def main() -> None:
     app.on_startup.append(start)
     app.on_cleanup.append(stop)
     app.router.add_route("*", "/{tail:.*}", handle)
-    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
 
 
 if __name__ == "__main__":

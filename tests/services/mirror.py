@@ -114,7 +114,17 @@ _BLOB_GET = re.compile(r"^BLOB GET (?P<path>\S+) (?P<status>\d+) range=(?P<range
 
 
 class FaultProxy:
-    def __init__(self, workdir: Path, upstream: str, *args: str, port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        upstream: str,
+        *args: str,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        ready: tuple[int, ...] = (200, 401),
+    ) -> None:
+        """``host``: the address it listens on (all: ``0.0.0.0``); ``ready``: the statuses of the upstream's
+        ``/v2/`` that say it is up (a peer accelerator's port answers 404 there)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"faultproxy-{self.port}.log"  # shared by proxies that replace each other
@@ -126,11 +136,13 @@ class FaultProxy:
                 str(self.port),
                 "--upstream",
                 upstream,
+                "--host",
+                host,
                 *args,
             ],
             self.log,
         )
-        wait_until(lambda: http_status(self.url + "/v2/") in (200, 401), 15, "fault proxy", self.proc.proc)
+        wait_until(lambda: http_status(self.url + "/v2/") in ready, 15, "fault proxy", self.proc.proc)
 
     def blob_ranges(self, digest: str) -> list[str]:
         """The Range header ("-" for none) of every blob GET for ``digest`` the upstream answered with data."""
@@ -138,6 +150,11 @@ class FaultProxy:
         return [
             m["range"] for m in _BLOB_GET.finditer(text) if m["path"].endswith(digest) and m["status"] in ("200", "206")
         ]
+
+    def blob_bytes(self) -> int:
+        """Body bytes of every blob response it sent: what crossed its link."""
+        text = self.log.read_text(errors="replace")
+        return sum(int(m[1]) for m in re.finditer(r"^BLOB SENT \S+ (\d+)$", text, re.M))
 
     def blob_bytes_sent(self, digest: str) -> list[int]:
         """Body bytes of each blob response for ``digest`` (written to the socket, delivered or not), in order."""

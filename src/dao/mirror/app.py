@@ -51,6 +51,7 @@ from dao.mirror.serve import (
     parse_range,
     send_fetch,
     send_local,
+    send_stored,
 )
 from dao.mirror.state import state
 from dao.mirror.usage import Meter
@@ -248,15 +249,7 @@ async def node_blob(request: web.Request) -> web.StreamResponse:
             raise web.HTTPNotFound(text="the fetch failed\n") from None
         state(request).cache = "join"
         return await send_fetch(request, digest, fetch, wanted)
-    local = await inflight.store.open(digest)
-    if local is None:
-        raise web.HTTPNotFound(text="not here\n")
-    try:
-        wanted = parse_range(request.headers.get("Range"), local.size)
-    except RegistryError:
-        local.close()
-        raise
-    return await send_local(request, digest, local, wanted)
+    return await send_stored(request, digest, inflight.store)
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -34,6 +33,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from dao.errors import DaoError
+from dao.mirror.signing import Signer
 from dao.oci.digest import Digest
 
 log = logging.getLogger("dao.mirror.cluster")
@@ -90,7 +90,7 @@ class Cluster:
         if not secret:
             raise ClusterError("a cluster needs a secret (cluster_secret, DAO_CLUSTER_SECRET) the nodes share")
         self.url, self.node_url, self.lease_ttl, self.prefix = url, node_url.rstrip("/"), lease_ttl, prefix
-        self._secret = secret.encode()
+        self._signer = Signer(secret, "blob")
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=POOL,
@@ -192,10 +192,10 @@ class Cluster:
     # -- the internal endpoint's signature -----------------------------------------------------------------
 
     def sign(self, digest: Digest) -> str:
-        return hmac.new(self._secret, f"blob {digest}".encode(), hashlib.sha256).hexdigest()
+        return self._signer.sign(digest)
 
     def signed(self, digest: Digest, value: str | None) -> bool:
-        return value is not None and hmac.compare_digest(self.sign(digest), value)
+        return self._signer.signed(digest, value)
 
     # -- shared memory of the upstream's answers -----------------------------------------------------------
 

@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
-from dao.config import ConfigError, MirrorConfig
+from dao.config import ConfigError, MirrorConfig, parse_listen
 from dao.mirror.accounts import Accounts
 from dao.mirror.app import Check, make_app
 from dao.mirror.availability import CircuitBreaker
 from dao.mirror.eviction import Collector, collecting
 from dao.mirror.guard import ConnectionGuard, GuardedRunner
 from dao.mirror.inflight import FetchGate, Inflight
+from dao.mirror.local import LocalSources, add_info, peer_app, peer_signer
 from dao.mirror.logs import AccessLogger
 from dao.mirror.metrics import Metrics
 from dao.mirror.proxies import Proxies
@@ -103,7 +104,7 @@ async def _serve(config: MirrorConfig, stack: contextlib.AsyncExitStack, ready: 
         log.info("removed %d partial downloads left by an earlier run", leftovers)
     try:
         router = Router(
-            docker_hub=config.upstream,
+            docker_hub=config.via[0] if config.via else config.upstream,
             registries=config.registries,
             aliases=config.aliases,
             hosts=config.hosts,
@@ -116,7 +117,7 @@ async def _serve(config: MirrorConfig, stack: contextlib.AsyncExitStack, ready: 
             blobs,
             manifests,
             origins,
-            max_bytes=parse_size(config.cache_max),
+            max_bytes=parse_size(config.cache_limit),
             min_free=parse_size(config.cache_min_free),
         )
         accounts = Accounts(config.database_url)
@@ -144,13 +145,15 @@ async def _serve(config: MirrorConfig, stack: contextlib.AsyncExitStack, ready: 
     )
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=64, ttl_dns_cache=300)
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+        hub_credentials = None
+        if config.upstream_username:
+            hub_credentials = Credentials(config.upstream_username, config.upstream_password)
+        sources = local_sources(config, session, hub_credentials) if config.local else None
 
         def make_proxy(registry: str) -> Proxy:
-            credentials = None
-            if registry == DOCKER_HUB_DOMAIN and config.upstream_username:
-                credentials = Credentials(config.upstream_username, config.upstream_password)
             upstream = router.upstream(registry)
-            client = RegistryClient(upstream, session, credentials=credentials)
+            hub = registry == DOCKER_HUB_DOMAIN and not config.via
+            client = RegistryClient(upstream, session, credentials=hub_credentials if hub else None)
             return Proxy(
                 client,
                 blobs,
@@ -167,6 +170,7 @@ async def _serve(config: MirrorConfig, stack: contextlib.AsyncExitStack, ready: 
                 origins=origins,
                 allowed=router.allows,
                 cluster=cluster,
+                sources=sources,
             )
 
         meter = Meter(
@@ -182,6 +186,8 @@ async def _serve(config: MirrorConfig, stack: contextlib.AsyncExitStack, ready: 
         app = make_app(
             router, Proxies(make_proxy, inflight), metrics, meter, guard, send, cluster=cluster, checks=checks
         )
+        if sources is not None:
+            add_info(app, sources.vias, sources.peers)
         app.cleanup_ctx.append(functools.partial(collecting, collector, metrics.evictions.inc, config.gc_interval))
         runner = GuardedRunner(
             guard,
@@ -194,10 +200,13 @@ async def _serve(config: MirrorConfig, stack: contextlib.AsyncExitStack, ready: 
         host, port = config.listen_address
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
+        if sources is not None and config.peer_listen:
+            await _serve_peers(config, blobs, stack)
         log.info(
-            "dao mirror listening on %s, upstream %s, data in %s",
+            "dao mirror%s listening on %s, upstream %s, data in %s",
+            " (local accelerator)" if config.local else "",
             config.listen,
-            config.upstream,
+            ", ".join((*config.via, config.upstream)),
             config.data_dir,
         )
         stop = asyncio.Event()
@@ -211,3 +220,23 @@ async def _serve(config: MirrorConfig, stack: contextlib.AsyncExitStack, ready: 
         finally:
             log.info("dao mirror stopping")
             await runner.cleanup()
+
+
+def local_sources(
+    config: MirrorConfig, session: aiohttp.ClientSession, hub_credentials: Credentials | None
+) -> LocalSources:
+    """The local accelerator's sources: ``--via`` accelerators, ``--peer`` hosts, the registry itself."""
+    vias = [RegistryClient(url, session) for url in config.via]
+    hub = RegistryClient(config.upstream, session, credentials=hub_credentials) if vias else None
+    signer = peer_signer(config.peer_secret) if config.peer_secret else None
+    return LocalSources(session, vias, [u.rstrip("/") for u in config.peer], signer, hub)
+
+
+async def _serve_peers(config: MirrorConfig, blobs: FilesystemBlobStore, stack: contextlib.AsyncExitStack) -> None:
+    """The peer listener (see :mod:`dao.mirror.local`): only committed blobs, to signed requests."""
+    runner = web.AppRunner(peer_app(blobs, peer_signer(config.peer_secret)), access_log=None, handle_signals=False)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    host, port = parse_listen(config.peer_listen)
+    await web.TCPSite(runner, host, port, reuse_address=True).start()
+    log.info("serving cached blobs to peers on %s", config.peer_listen)

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 from dao.config import MirrorConfig
@@ -32,7 +32,7 @@ from dao.registry.errors import RegistryClientError, UpstreamUnavailable
 from dao.registry.runs import Runs
 from dao.transfer.download import Download, upstream_policy
 from dao.transfer.schedule import Policy
-from dao.transfer.sources import BlobSource
+from dao.transfer.sources import BlobSource, Peer
 
 log = logging.getLogger(__name__)
 
@@ -124,23 +124,28 @@ class Fetch:
         self._verifier = Verifier(digest)
         self._progress = asyncio.Event()
         self._readers = 0
+        self._generation = 0  # raised when bytes readers may have sent were replaced
         self._closed = False
         self.task: asyncio.Task[None] | None = None
         self.origin: Origin | None = None  # the (registry, repository) it is fetched for
 
     # -- writer side ---------------------------------------------------------------------------------------
 
-    async def run(self, source: BlobSource) -> None:
+    async def run(self, source: BlobSource | Sequence[Peer]) -> None:
+        """``source``: one upstream, or several sources (the local accelerator's) that the download itself
+        verifies and blames."""
         try:
             self.download = Download(source, self.fd, self, self.policy, digest=self.digest)
             size = await self.download.run()
             if self.size is not None and size != self.size:
                 raise UpstreamUnavailable(f"upstream sent {size} of {self.size} bytes for {self.digest}")
             self.size = size
-            await asyncio.to_thread(self._hash_rest)
-            if not self._verifier.verified:
-                raise UpstreamUnavailable(f"digest mismatch for {self.digest}: upstream sent {self._verifier.actual()}")
-            await asyncio.to_thread(os.fsync, self.fd)
+            if not self.download.verified:
+                await asyncio.to_thread(self._hash_rest)
+                if not self._verifier.verified:
+                    actual = self._verifier.actual()
+                    raise UpstreamUnavailable(f"digest mismatch for {self.digest}: upstream sent {actual}")
+                await asyncio.to_thread(os.fsync, self.fd)
             await self.commit(self.digest, self.path)
             self.done = True
         except BaseException as exc:
@@ -165,10 +170,18 @@ class Fetch:
             self.headers_ready.set_result(None)
 
     def on_lost(self, covered: int) -> None:
-        raise AssertionError("the mirror's fetches keep every byte they write")  # nothing verifies them there
+        """The download replaced or dropped bytes (a source was caught lying, or the blob starts again):
+        whatever a reader sent may be wrong, so every reader is cut (its client asks again, and reads the
+        repaired file); what is in hand is the download's account of it."""
+        assert self.download is not None
+        self._filled = Runs(list(self.download.job.have.runs))
+        self._verifier = Verifier(self.digest)
+        self._generation += 1
+        log.warning("fetch of %s: bytes were replaced; cutting its %d readers", self.digest, self._readers)
+        self._notify()
 
     def on_data(self, offset: int, data: memoryview, url: str = "") -> None:
-        if offset == self._verifier.size:
+        if offset == self._verifier.size and not (self.download is not None and self.download.verified):
             self._verifier.update(data)  # the bytes that extend the prefix hash as they come; the rest at the end
         self._filled.add(offset, offset + len(data))
         if self.on_bytes is not None:
@@ -229,7 +242,10 @@ class Fetch:
         :class:`FetchFailed` if the fetch fails before the range is delivered.
         """
         pos = start
+        generation = self._generation
         while True:
+            if self._generation != generation:
+                raise FetchFailed(f"bytes of {self.digest} were replaced after a bad source was found")
             stop = self._readable_until(pos, end)
             if pos < stop:
                 n = min(READ_CHUNK, stop - pos)
@@ -283,7 +299,7 @@ class Inflight:
     async def join_or_start(
         self,
         digest: Digest,
-        source: BlobSource,
+        source: BlobSource | Sequence[Peer],
         on_bytes: Callable[[int], None] | None = None,
         client: str = "",
         *,

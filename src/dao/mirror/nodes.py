@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -82,18 +82,26 @@ class NodeSource:
             await asyncio.sleep(PEER_WAIT)
             self.claim = await self.cluster.claim(self.digest)
 
-    @asynccontextmanager
-    async def _from_node(self, start: int, end: int | None) -> AsyncIterator[Body]:
-        headers = {NODE_HEADER: self.cluster.sign(self.digest)}
-        if start or end is not None:
-            headers["Range"] = f"bytes={start}-{'' if end is None else end}"
+    def _from_node(self, start: int, end: int | None) -> AbstractAsyncContextManager[Body]:
         url = f"{self.claim.owner}/_dao/blobs/{self.digest}"
-        try:
-            async with self.session.get(url, headers=headers, allow_redirects=False) as resp:
-                if resp.status == 404:
-                    raise UpstreamNotFound(f"node {self.claim.owner} has no fetch of {self.digest}")
-                if resp.status not in (200, 206):
-                    raise UpstreamUnavailable(f"node {self.claim.owner} answered {resp.status}")
-                yield BlobBody(resp)
-        except read_errors() as exc:
-            raise UpstreamUnavailable(f"node {self.claim.owner}: {exc.__class__.__name__}: {exc}") from exc
+        return signed_get(self.session, url, {NODE_HEADER: self.cluster.sign(self.digest)}, start, end, "node")
+
+
+@asynccontextmanager
+async def signed_get(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str], start: int, end: int | None, who: str
+) -> AsyncIterator[Body]:
+    """A blob from another dao (a node of the cluster, a peer host) that wants a signature in ``headers``;
+    its 404 (not there) as :class:`UpstreamNotFound`, any other failure as :class:`UpstreamUnavailable`."""
+    if start or end is not None:
+        headers = {**headers, "Range": f"bytes={start}-{'' if end is None else end}"}
+    where = f"{who} {url.split('/_dao/', 1)[0]}"
+    try:
+        async with session.get(url, headers=headers, allow_redirects=False) as resp:
+            if resp.status == 404:
+                raise UpstreamNotFound(f"{where} does not have it")
+            if resp.status not in (200, 206):
+                raise UpstreamUnavailable(f"{where} answered {resp.status}")
+            yield BlobBody(resp)
+    except read_errors() as exc:
+        raise UpstreamUnavailable(f"{where}: {exc.__class__.__name__}: {exc}") from exc

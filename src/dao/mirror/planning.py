@@ -17,7 +17,7 @@ from dao.mirror.nodes import NodeSource
 from dao.oci.digest import Digest
 from dao.transfer.download import upstream_policy
 from dao.transfer.schedule import Policy
-from dao.transfer.sources import BlobSource
+from dao.transfer.sources import BlobSource, Peer
 
 if TYPE_CHECKING:
     from dao.mirror.cluster import Cluster
@@ -34,6 +34,11 @@ class FetchPlan:
     commit: Callable[[Digest, Path], Awaitable[None]] | None = None  # None: the store's (up to the bucket too)
     kind: str = "upstream"
     policy: Policy | None = None
+    sources: list[Peer] | None = None  # the local accelerator's: read from all of them at once, in place of source
+
+    @property
+    def reads(self) -> BlobSource | list[Peer]:
+        return self.sources if self.sources is not None else self.source
 
 
 class Planner:

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -53,6 +54,7 @@ from dao.registry.client import RegistryClient
 
 if TYPE_CHECKING:
     from dao.mirror.cluster import Cluster
+    from dao.mirror.local import LocalSources
 
 from dao.registry.errors import (
     RegistryClientError,
@@ -116,9 +118,11 @@ class Proxy:
         origins: OriginStore | None = None,
         allowed: Callable[[str, str], bool] | None = None,
         cluster: Cluster | None = None,
+        sources: LocalSources | None = None,
     ) -> None:
         """``inflight`` is shared by every registry's proxy over one store: a layer two registries both
-        serve is fetched once and stored once."""
+        serve is fetched once and stored once. ``sources``: the local accelerator's, each blob read from all
+        of them at once."""
         self.client = client
         self.blobs = blobs
         self.manifests = manifests
@@ -134,6 +138,7 @@ class Proxy:
         )
         self.prefetch_children = prefetch_children
         self.cluster = cluster
+        self.sources = sources
         self.planner = Planner(blobs, cluster, client.session)
         self.upstream_key = client.host
         self.sharing = Sharing(origins, allowed, self.registry, credentialed=client.auth.credentials is not None)
@@ -188,13 +193,16 @@ class Proxy:
         if running is not None and running.origin != self.sharing.origin(repo):
             await self._check_shared(repo, digest, "blob", also=running.origin)
         plan = FetchPlan(self.client.blob_source(repo, digest), self._count_upstream_bytes)
+        if self.sources is not None:
+            views = self.sources(self.client, self.registry, repo, digest)
+            plan = dataclasses.replace(plan, sources=views)
         if running is None:
             plan = await self.planner.plan(
                 digest, plan, lambda: self._check_shared(repo, digest, "blob"), lambda: self._may_fetch(key)
             )
         try:
             fetch, started = await self.inflight.join_or_start(
-                digest, plan.source, plan.on_bytes, client, commit=plan.commit, kind=plan.kind, policy=plan.policy
+                digest, plan.reads, plan.on_bytes, client, commit=plan.commit, kind=plan.kind, policy=plan.policy
             )
         except FetchQueueFull as exc:  # our own queue: says nothing about the upstream, never trips the breaker
             if self.cluster is not None and self.inflight.get(digest) is None:

@@ -24,7 +24,7 @@ from aiohttp import web
 from dao.config import MirrorConfig
 from dao.mirror.inflight import Fetch, FetchFailed
 from dao.mirror.state import state
-from dao.mirror.storage.base import LocalBlob
+from dao.mirror.storage.base import BlobIngester, LocalBlob
 from dao.oci.digest import Digest
 from dao.oci.errors import ErrorCode, RegistryError
 from dao.units import parse_size
@@ -149,6 +149,20 @@ SEND_POLICY_KEY = web.AppKey("send_policy", SendPolicy)
 
 def _policy(request: web.Request) -> SendPolicy:
     return request.app.get(SEND_POLICY_KEY) or SendPolicy()
+
+
+async def send_stored(request: web.Request, digest: Digest, store: BlobIngester) -> web.StreamResponse:
+    """A committed blob of ``store`` as the request's ``Range`` wants it; a plain 404 when it is not there
+    (the internal endpoints: another node's, a peer's)."""
+    local = await store.open(digest)
+    if local is None:
+        raise web.HTTPNotFound(text="not here\n")
+    try:
+        wanted = parse_range(request.headers.get("Range"), local.size)
+    except RegistryError:
+        local.close()
+        raise
+    return await send_local(request, digest, local, wanted)
 
 
 async def send_local(request: web.Request, digest: Digest, blob: LocalBlob, wanted: Wanted) -> web.StreamResponse:

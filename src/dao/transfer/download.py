@@ -1,5 +1,7 @@
-"""One blob from one source into a file: the mirror's upstream fetch, a :class:`~.fetch.Transfer` with one
-job and one source, under the mirror's rules.
+"""One blob into a file: the mirror's upstream fetch, a :class:`~.fetch.Transfer` with one job, under the
+mirror's rules. Its source is one upstream, or (the local accelerator) several sources at once: then the
+transfer verifies the blob and blames a source that sent bad bytes, and no first answer is final (a 404
+from one source sends the request to the next).
 
 - **Every request asks for exactly the bytes it keeps**, so no byte crosses the uplink twice (a mirror's
   uplink is billed by the byte): the first request is ``Range: bytes=0-<first_chunk - 1>``: a blob smaller
@@ -14,11 +16,14 @@ job and one source, under the mirror's rules.
   mirror can pass it on; a transfer that breaks later is resumed from its first missing byte, with backoff,
   until ``resume_attempts`` requests in a row brought no new byte.
 
-Nothing here hashes or commits: the listener hears the size once and every write, and decides what the bytes
-are worth.
+With one source nothing here hashes or commits: the listener hears the size once and every write, and decides
+what the bytes are worth.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
 
 from dao.oci.digest import Digest
 from dao.registry.runs import Runs
@@ -59,7 +64,7 @@ class Download:
 
     def __init__(
         self,
-        source: BlobSource,
+        source: BlobSource | Sequence[Peer],
         fd: int,
         listener: Listener,
         policy: Policy | None = None,
@@ -70,9 +75,17 @@ class Download:
         url: str = "upstream",
     ) -> None:
         """``have``: byte runs the file already holds (a resumed download); only the rest is asked for.
-        ``size``: the blob's size when the caller knows it."""
-        self.transfer = Transfer([Peer(url, lambda _: source)], policy or upstream_policy())
-        self.job = Job(digest, size, fd, have=have, listener=listener)
+        ``size``: the blob's size when the caller knows it. ``source``: several sources are verified
+        (``self.verified``), so the caller need not hash the bytes again."""
+        policy = policy or upstream_policy()
+        self.verified = isinstance(source, Sequence)
+        if isinstance(source, Sequence):
+            peers = list(source)
+            policy = dataclasses.replace(policy, first_final=False)
+        else:
+            peers = [Peer(url, lambda _, s=source: s)]  # type: ignore[misc]
+        self.transfer = Transfer(peers, policy)
+        self.job = Job(digest, size, fd, have=have, listener=listener, verify=self.verified)
 
     @property
     def streams(self) -> int:

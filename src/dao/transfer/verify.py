@@ -145,6 +145,7 @@ class Verification:
                 for piece in ((a, min(b, start), p), (max(a, end), b, p))
                 if piece[0] < piece[1]
             ] + [(start, end, checker)]
+        blob.listener.on_lost(blob.have.covered())  # bytes it already passed on may be among those replaced
 
     def _checkers(self, blob: Job, writer: Peer | None) -> list[Peer]:
         """Who to compare ``writer``'s bytes with: other live sources, those whose bytes verified first, then

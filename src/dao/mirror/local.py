@@ -1,0 +1,142 @@
+"""The local accelerator (``dao mirror serve --local``): the mirror on a host's loopback, the engine's first
+registry mirror, whose fetches read each blob from every source at once.
+
+- **Sources** of a blob (:class:`LocalSources`): the user's accelerators (``--via``, Docker Hub images only:
+  a mirror serves Docker Hub), the peers (``--peer``: other hosts' local accelerators) and the registry
+  itself. Peers and accelerators are *mirrors* to the transfer (:func:`dao.transfer.sources.pick`): chunks go
+  to the fastest of them, and the registry is asked only for what none of them can serve, so the user's
+  hosts together fetch each blob from the upstream once.
+- **Checks**: the transfer hashes the whole blob (``Job(verify=True)``) and, when it does not match, finds
+  whose bytes were wrong by comparing them with another source's (:mod:`dao.transfer.verify`); a peer caught
+  lying is dropped, and left out of every later fetch. The engine reads the blob while it arrives, held one
+  byte short until the digest checks; when bytes were replaced, its connection is cut and it asks again.
+- **Serving peers** (``--peer-listen``): a listener of its own that serves only committed blobs, by digest,
+  to requests signed with the user's peer secret (:class:`~dao.mirror.signing.Signer`); never a blob being
+  fetched (two peers each waiting on the other's fetch would wait for ever), never a manifest, never a tag.
+"""
+
+from __future__ import annotations
+
+import collections
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from dao import __version__
+from dao.mirror.nodes import signed_get
+from dao.mirror.serve import send_stored
+from dao.mirror.signing import Signer
+from dao.mirror.storage.base import BlobIngester
+from dao.oci.digest import Digest, DigestError
+from dao.oci.errors import RegistryError
+from dao.oci.reference import DOCKER_HUB_DOMAIN
+from dao.registry.client import RegistryClient
+from dao.transfer.sources import Body, Peer
+
+PEER_HEADER = "X-Dao-Peer"
+PEER_PATH = "/_dao/peer/blobs/"
+INFO_PATH = "/_dao/local"  # what dao pull asks to learn that the engine's mirror is a local accelerator
+REMEMBERED = 64  # recent fetches whose sources are looked at for liars and speeds
+
+
+def peer_signer(secret: str) -> Signer:
+    return Signer(secret, "peer blob")
+
+
+class PeerSource:
+    """A blob at another host's local accelerator."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, signer: Signer, digest: Digest) -> None:
+        self.session, self.url, self.signer, self.digest = session, url, signer, digest
+
+    def open(self, start: int = 0, end: int | None = None) -> AbstractAsyncContextManager[Body]:
+        headers = {PEER_HEADER: self.signer.sign(self.digest)}
+        return signed_get(self.session, f"{self.url}{PEER_PATH}{self.digest}", headers, start, end, "peer")
+
+
+class LocalSources:
+    """Every source of a blob, as fresh :class:`Peer` views for one fetch. What the fetches learnt carries
+    over: a source caught sending bad bytes is left out from then on, and the speed each one measured ranks
+    it in the next fetch."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        vias: list[RegistryClient],
+        peers: list[str],
+        signer: Signer | None,
+        hub: RegistryClient | None = None,
+    ) -> None:
+        """``hub``: Docker Hub itself, when the proxy's client for it is the first accelerator (``vias``)."""
+        self.session, self.vias, self.peers, self.signer, self.hub = session, vias, peers, signer, hub
+        self.liars: dict[str, str] = {}  # url -> why
+        self.rates: dict[str, float] = {}
+        self._recent: collections.deque[list[Peer]] = collections.deque(maxlen=REMEMBERED)
+
+    def __call__(self, registry: RegistryClient, registry_name: str, repo: str, digest: Digest) -> list[Peer]:
+        """The sources of ``digest`` in ``repo``: accelerators (for Docker Hub), peers, then ``registry``."""
+        self._learn()
+        views: list[Peer] = []
+        if registry_name == DOCKER_HUB_DOMAIN:
+            registry = self.hub or registry
+            for via in self.vias:
+                views.append(Peer(via.base_url, lambda _, c=via: c.blob_source(repo, digest), mirror=True))
+        if self.signer is not None:
+            for url in self.peers:
+                source = PeerSource(self.session, url, self.signer, digest)
+                views.append(Peer(url, lambda _, s=source: s, mirror=True))
+        views.append(Peer(registry.base_url, lambda _: registry.blob_source(repo, digest)))
+        views = [v for v in views if v.url not in self.liars]
+        for rank, view in enumerate(views):
+            view.rank, view.rate = rank, self.rates.get(view.url)
+        self._recent.append(views)
+        return views
+
+    def _learn(self) -> None:
+        for views in self._recent:
+            for view in views:
+                if view.lied and view.out is not None:
+                    self.liars.setdefault(view.url, view.out)
+                elif view.rate is not None:
+                    self.rates[view.url] = view.rate
+
+
+def peer_app(store: BlobIngester, signer: Signer) -> web.Application:
+    """The peer listener: committed blobs by digest, to signed requests only."""
+
+    async def blob(request: web.Request) -> web.StreamResponse:
+        try:
+            digest = Digest.parse(request.match_info["digest"])
+        except DigestError:
+            raise web.HTTPBadRequest(text="not a digest\n") from None
+        if not signer.signed(digest, request.headers.get(PEER_HEADER)):
+            raise web.HTTPForbidden(text="not a peer of this host's user\n")
+        try:
+            return await send_stored(request, digest, store)
+        except RegistryError as exc:  # a Range it cannot serve
+            raise web.HTTPRequestRangeNotSatisfiable(text=f"{exc.message}\n") from None
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    app = web.Application()
+    app.router.add_route("GET", PEER_PATH + "{digest}", blob)
+    app.router.add_route("GET", "/healthz", healthz)
+    return app
+
+
+def add_info(app: web.Application, vias: list[RegistryClient], peers: list[str]) -> None:
+    """``GET /_dao/local``: this is a local accelerator (``dao pull`` then lets the engine pull through it)."""
+
+    async def info(request: web.Request) -> web.Response:
+        body: dict[str, Any] = {
+            "local": True,
+            "version": __version__,
+            "via": [v.base_url for v in vias],
+            "peers": len(peers),
+        }
+        return web.json_response(body)
+
+    app.router.add_route("GET", INFO_PATH, info)
