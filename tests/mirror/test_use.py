@@ -121,3 +121,58 @@ def test_docker_pulls_through_the_mirror_after_use(world: World, plain_dockerd: 
     finally:
         plain_dockerd.reset()
         mirror.stop()
+
+
+def test_use_local_puts_the_local_accelerator_first_for_docker_and_every_registry_for_containerd(
+    tmp_path: Path,
+) -> None:
+    daemon = tmp_path / "daemon.json"
+    daemon.write_text(json.dumps({"registry-mirrors": ["http://127.0.0.1:1"], "debug": True}))
+    certs = tmp_path / "certs.d"
+    certs.mkdir()
+    port = "5999"
+    done = subprocess.run(
+        [DAO, "mirror", "use", "--local", "--only", "docker", "--only", "containerd", "--docker-config", str(daemon),
+         "--docker-pidfile", str(tmp_path / "none.pid"), "--containerd-certs", str(certs)],
+        capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "DAO_MIRROR_LISTEN": f"127.0.0.1:{port}"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "no local accelerator answers at http://127.0.0.1:5999" in done.stderr  # configured, not running yet
+    written = json.loads(daemon.read_text())
+    assert written["registry-mirrors"] == [f"http://127.0.0.1:{port}", "http://127.0.0.1:1"]
+    assert written["debug"] is True
+    for registry in ("docker.io", "ghcr.io", "quay.io"):
+        assert f'[host."http://127.0.0.1:{port}"]' in (certs / registry / "hosts.toml").read_text()
+
+
+def test_docker_pulls_through_the_local_accelerator_after_use_local(
+    world: World, plain_dockerd: Dockerd, tmp_path: Path
+) -> None:
+    local = Mirror(tmp_path / "local", world.upstream.url, args=("--local",))
+    paths = ["--only", "docker", "--docker-config", str(plain_dockerd.config)]
+    paths += ["--docker-pidfile", str(plain_dockerd.pidfile)]
+    env = {"PATH": "/usr/bin:/bin", "DAO_MIRROR_LISTEN": f"127.0.0.1:{local.port}", "HOME": str(tmp_path)}
+    try:
+        done = subprocess.run(
+            [DAO, "mirror", "use", "--local", *paths], capture_output=True, text=True, timeout=60, env=env
+        )
+        assert done.returncode == 0, done.stderr
+        assert "no local accelerator" not in done.stderr
+        deadline = time.monotonic() + 15
+        while mirrors_of(plain_dockerd) != [local.url] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert mirrors_of(plain_dockerd) == [local.url]
+        ref = "dao-test/oci:v1"
+        plain_dockerd.docker("pull", ref)
+        image = world.image(ref)
+        served = {a.path.rsplit("/", 1)[1] for a in local.accesses() if "/blobs/" in a.path and a.status == 200}
+        assert set(image.layer_digests()) <= served
+        digests = json.loads(plain_dockerd.docker("image", "inspect", "-f", "{{json .RepoDigests}}", ref).stdout)
+        assert digests == [f"dao-test/oci@{image.digest}"]
+        undone = subprocess.run([DAO, "mirror", "use", "--off", "--local", *paths], capture_output=True, text=True,
+                                timeout=60, env=env)  # fmt: skip
+        assert undone.returncode == 0, undone.stderr
+    finally:
+        plain_dockerd.reset()
+        local.stop()

@@ -195,6 +195,14 @@ ENGINES = ("docker", "containerd", "podman")
 @mirror_app.command("use")
 def mirror_use(
     url: Annotated[str | None, typer.Argument(help="The mirror, http(s)://host[:port].")] = None,
+    local: Annotated[
+        bool,
+        typer.Option(
+            "--local",
+            help="This host's local accelerator (dao mirror serve --local, at its listen address): the engine's "
+            "first mirror, and containerd's for every registry it serves.",
+        ),
+    ] = False,
     off: Annotated[bool, typer.Option("--off", help="Undo: take the mirror out again.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", "-d", help="Show the changes as diffs; write nothing.")] = False,
     only: Annotated[
@@ -226,6 +234,14 @@ def mirror_use(
     from dao.mirror import use
 
     state = _state_dir() / "mirror-use.json"
+    if local:
+        if url is not None:
+            raise fail("give a URL or --local, not both")
+        url = _local_url()
+        if registry is None:
+            from dao.mirror.routing import PUBLIC_REGISTRIES
+
+            registry = ["docker.io", *PUBLIC_REGISTRIES]
     if url is None and off:
         try:
             url = json.loads(state.read_text())["url"]
@@ -270,6 +286,28 @@ def mirror_use(
                 state.write_text(json.dumps({"url": url}))
         except OSError:
             pass  # only a convenience for a later --off without a URL
+
+
+def _local_url() -> str:
+    """Where ``dao mirror serve --local`` listens (its settings from the file and environment); says so when
+    nothing answers there yet (the engine falls back to the registry until it does)."""
+    try:
+        config = load(MirrorConfig, "mirror", file=None, env=os.environ, flags={})
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    host, port = config.listen_address
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/_dao/local", timeout=2) as resp:
+            resp.read()
+    except (OSError, urllib.error.URLError):
+        typer.echo(
+            f"warning: no local accelerator answers at {url} yet: start it with dao mirror serve --local", err=True
+        )
+    return url
 
 
 def _state_dir() -> Path:
