@@ -595,3 +595,40 @@ def test_a_blob_in_the_cache_is_unlocked_while_the_pull_waits_for_another(
         os.close(other)  # the "other pull" is done with it (without finishing it): this one fetches it
     _, err = pull.communicate(timeout=120)
     assert pull.returncode == 0, err
+
+
+def test_through_a_local_accelerator_the_engine_pulls_and_records_repo_digests(
+    world: World, dockerd: Dockerd, tmp_path: Path, docker_mirror_port: int
+) -> None:
+    local = Mirror(tmp_path / "local", world.upstream.url, port=docker_mirror_port, args=("--local",))
+    try:
+        ref = "dao-test/schema2:v1"
+        image = world.image(ref)
+        done = dao_pull(dockerd, tmp_path / "cache", ref)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert lines[0] == "v1: Pulling from dao-test/schema2"
+        assert f"Digest: {image.digest}" in lines
+        assert "Status: Downloaded newer image for dao-test/schema2:v1" in lines
+        assert sum(line.endswith(": Pull complete") for line in lines) == len(image.layer_digests())
+        assert "loaded by dao" not in done.stderr
+        assert not (tmp_path / "cache" / "blobs").exists()  # dao fetched nothing itself: the engine did
+        assert set(image.layer_digests()) <= set(blob_gets(local))
+        digests = json.loads(dockerd.docker("image", "inspect", "-f", "{{json .RepoDigests}}", ref).stdout)
+        assert digests == [f"dao-test/schema2@{image.digest}"]
+        again = dao_pull(dockerd, tmp_path / "cache", ref)
+        assert "Status: Image is up to date for dao-test/schema2:v1" in again.stdout.splitlines()
+        loaded = dao_pull(dockerd, tmp_path / "cache", "--load", "dao-test/oci:v1")
+        assert loaded.returncode == 0, loaded.stderr
+        assert "; fetched and loaded by dao, so no RepoDigests (--load)" in loaded.stderr
+    finally:
+        local.stop()
+
+
+def test_without_a_local_accelerator_it_says_it_loads(
+    world: World, dockerd: Dockerd, engine_mirror: Mirror, tmp_path: Path
+) -> None:
+    done = dao_pull(dockerd, tmp_path / "cache", "dao-test/oci:v1")
+    assert done.returncode == 0, done.stderr
+    assert "the engine's first registry mirror is not a local accelerator" in done.stderr
+    assert "Status: Downloaded newer image for dao-test/oci:v1" in done.stdout

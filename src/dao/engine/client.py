@@ -269,12 +269,33 @@ class Engine:
             params["until"] = f"{until:.9f}"
         if filters:
             params["filters"] = json.dumps(filters)
-        url = f"{self._base}/{self.version}/events"
+        async for doc in self._stream("GET", "/events", params):
+            yield doc
+
+    async def pull(
+        self, image: str, tag: str, *, platform: str | None = None, auth: str | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The engine's own pull (``POST /images/create``): its progress messages as they come (``status``,
+        ``id``, ``progressDetail``); the error it ends with raised. ``auth``: the X-Registry-Auth value."""
+        params = {"fromImage": image, "tag": tag}
+        if platform:
+            params["platform"] = platform
+        async for doc in self._stream("POST", "/images/create", params, {"X-Registry-Auth": auth} if auth else None):
+            if doc.get("error") or doc.get("errorDetail"):
+                detail = doc.get("errorDetail") or {}
+                raise EngineError(f"the engine's pull failed: {doc.get('error') or detail.get('message')}")
+            yield doc
+
+    async def _stream(
+        self, method: str, path: str, params: dict[str, str], headers: dict[str, str] | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """A newline-delimited JSON answer, one document a line, as the lines come."""
+        url = f"{self._base}/{self.version}{path}"
         try:
-            async with self.session.get(url, params=params or None) as resp:
+            async with self.session.request(method, url, params=params or None, headers=headers) as resp:
                 if resp.status >= 400:
-                    raise EngineError(f"GET /events: {resp.status} {_message(await resp.text())}", resp.status)
-                while line := await resp.content.readline():  # newline-delimited JSON, one event a line
+                    raise EngineError(f"{method} {path}: {resp.status} {_message(await resp.text())}", resp.status)
+                while line := await resp.content.readline():
                     try:
                         doc = json.loads(line)
                     except ValueError:

@@ -65,6 +65,14 @@ def pull_command(
     stall_timeout: Annotated[
         float, typer.Option(help="Seconds without a byte before a source's stream counts as broken.")
     ] = 15.0,
+    load: Annotated[
+        bool,
+        typer.Option(
+            "--load",
+            help="Fetch the image with dao and load it into the engine, even where the engine could pull it "
+            "itself through the local accelerator (dao mirror use --local); the image then has no RepoDigests.",
+        ),
+    ] = False,
     cache_prune: Annotated[
         bool, typer.Option("--cache-prune", help="Empty the content cache (partial downloads in use stay); no IMAGE.")
     ] = False,
@@ -78,7 +86,12 @@ def pull_command(
         ),
     ] = None,
 ) -> None:
-    """Pull an image into the local Docker engine, like docker pull, through mirrors and many connections."""
+    """Pull an image into the local Docker engine, like docker pull, through mirrors and many connections.
+
+    When the engine's first registry mirror is this host's local accelerator (dao mirror use --local), a
+    Docker Hub image is pulled by the engine itself through it (layers unpacked as they stream, RepoDigests
+    recorded); otherwise dao fetches the image and loads it, and says so.
+    """
     from dao.pull.cache import BlobCache, default_cache_dir
     from dao.pull.run import PullOptions, pull
 
@@ -109,6 +122,7 @@ def pull_command(
         cache_max=size_arg(cache_max),
         stall_timeout=stall_timeout,
         insecure_registries=tuple(insecure_registry or ()),
+        load=load,
     )
     try:
         code = asyncio.run(pull(options, out=lambda line: typer.echo(line)))

@@ -28,6 +28,8 @@ from dao.paths import config_file
 from dao.pull.cache import BlobCache, default_cache_dir
 from dao.pull.fetch import Fetcher
 from dao.pull.load import parse_output, write_oci_layout, write_stream
+from dao.pull.native import engine_pull, local_accelerator, why_not
+from dao.pull.output import finish, progress_bars
 from dao.pull.plan import PullError, Source, resolve
 from dao.pull.route import peers, rank
 from dao.registry.client import RegistryClient, RetryPolicy, registry_timeout
@@ -37,7 +39,7 @@ from dao.registry.insecure import InsecureRegistries
 from dao.transfer.schedule import Stats
 
 if TYPE_CHECKING:
-    from rich.progress import Progress, TaskID
+    from rich.progress import TaskID
 
 INSECURE_PROBE_TIMEOUT = 5.0  # seconds for an insecure registry to answer over HTTPS before HTTP is tried
 T = TypeVar("T")
@@ -59,6 +61,7 @@ class PullOptions:
     cache_max: int = 20 * 1024**3  # the content cache is pruned to this after each pull
     stall_timeout: float = 15.0  # seconds without a byte before a stream counts as broken
     insecure_registries: tuple[str, ...] = ()  # host[:port] or CIDR, beside the engine's insecure-registries
+    load: bool = False  # fetch and load even when the engine could pull through a local accelerator
 
 
 def _platform(text: str | None, engine_os: str, engine_arch: str) -> Platform:
@@ -77,12 +80,30 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
         session = await stack.enter_async_context(aiohttp.ClientSession(auto_decompress=False))
         engine: Engine | None = None
         registry_config = None
+        loaded_because = ""  # why the engine did not pull it itself (the summary says it)
         if output is None:  # into the engine: its platform, its mirrors, its layers, its insecure registries
             engine = await stack.enter_async_context(Engine())
             info = await engine.negotiate()
             platform = _platform(options.platform, info.os, info.arch)
             engine_mirrors = info.mirrors if options.engine_mirrors else ()
             registry_config = info.registry_config
+            accelerator = None
+            if ref.domain == DOCKER_HUB_DOMAIN and not options.load:
+                accelerator = await local_accelerator(session, engine_mirrors)
+            why = why_not(
+                ref,
+                accelerator,
+                mirrors=bool(options.mirrors),
+                verify_upstream=options.verify_upstream,
+                load=options.load,
+            )
+            if not why:
+                assert accelerator is not None
+                return await engine_pull(
+                    engine, ref, options.platform, quiet=options.quiet, bars=options.progress, out=out, warn=warn,
+                    accelerator=accelerator,
+                )  # fmt: skip
+            loaded_because = why
         else:
             platform = _platform(options.platform, "linux", go_arch(py_platform.machine()))
             engine_mirrors = ()
@@ -132,7 +153,7 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
             image_id = str(plan.config.digest)
             present = await engine.inspect_image(tag) if tag else await engine.inspect_image(image_id)
             if present is not None and present.get("Id") == image_id:
-                _finish(out, options, plan.digest, f"Image is up to date for {ref.familiar()}", ref)
+                finish(out, options.quiet, plan.digest, f"Image is up to date for {ref.familiar()}", ref)
                 return 0
             if not info.containerd_store:
                 have = await engine_chain_ids(engine)
@@ -146,7 +167,7 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
             config_ready.set_result((await fetcher.fetch(ref.path, [plan.config]))[plan.config.digest])
             diff_ids = await _diff_ids(config_ready.result(), ref, len(plan.layers))
             skip = {i for i, chain in enumerate(chain_ids(diff_ids)) if chain in have}
-        bars = _progress_bars() if options.progress and not options.quiet else None
+        bars = progress_bars() if options.progress and not options.quiet else None
         wanted = [layer for i, layer in enumerate(plan.layers) if i not in skip]
         for i in sorted(skip):
             if not options.quiet:
@@ -212,8 +233,8 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
             }
             await asyncio.to_thread(write_oci_layout, output[1], plan.manifest, blobs, ref.tag)
             status = f"Saved {ref.familiar()} to {output[1]} (OCI layout)"
-        _finish(out, options, plan.digest, status, ref)
-        _summary(stats, skipped=len(skip))
+        finish(out, options.quiet, plan.digest, status, ref)
+        _summary(stats, skipped=len(skip), loaded_because=loaded_because)
         keep = frozenset({plan.config.digest, *(layer.digest for layer in plan.layers)})
         await asyncio.to_thread(cache.prune, options.cache_max, keep)
         return 0
@@ -264,24 +285,6 @@ def _background(work: Coroutine[Any, Any, T]) -> Iterator[asyncio.Task[T]]:
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
-def _progress_bars() -> Progress:
-    """One bar per layer: bytes, speed, time left, source; on stderr, so stdout stays docker's lines. (rich is
-    imported here: a pull without bars, or one that fails early, does not pay for it.)"""
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[source]}"),  # where the latest bytes came from
-        console=Console(stderr=True),
-        transient=True,
-    )
-
-
 def _timeout(options: PullOptions) -> aiohttp.ClientTimeout:
     """No bytes for ``stall_timeout`` seconds is a broken stream: resumed, then the source dropped."""
     return registry_timeout(10, options.stall_timeout)
@@ -314,16 +317,7 @@ async def registry_endpoint(
     return f"https://{host}", False
 
 
-def _finish(out: Callable[[str], None], options: PullOptions, digest: object, status: str, ref: Reference) -> None:
-    if options.quiet:
-        out(str(ref))
-        return
-    out(f"Digest: {digest}")
-    out(f"Status: {status}")
-    out(str(ref))
-
-
-def _summary(stats: Stats, *, skipped: int) -> None:
+def _summary(stats: Stats, *, skipped: int, loaded_because: str = "") -> None:
     elapsed = max(time.monotonic() - stats.started, 1e-6)
     total = sum(stats.bytes_by_source.values())
     raced = f"; {stats.reissued} slow chunks raced by a faster source" if stats.reissued else ""
@@ -331,6 +325,7 @@ def _summary(stats: Stats, *, skipped: int) -> None:
     per_source = ", ".join(f"{n / 1e6:.1f} MB from {url}" for url, n in stats.bytes_by_source.items()) or "nothing"
     print(
         f"dao: {per_source}; {stats.cached_bytes / 1e6:.1f} MB from the local cache; {skipped} layers already "
-        f"in the engine{raced}; {elapsed:.1f} s, {total / elapsed / 1e6:.1f} MB/s",
+        f"in the engine{raced}; {elapsed:.1f} s, {total / elapsed / 1e6:.1f} MB/s"
+        + (f"; fetched and loaded by dao, so no RepoDigests ({loaded_because})" if loaded_because else ""),
         file=sys.stderr,
     )
