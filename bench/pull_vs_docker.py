@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""``dao pull`` next to ``docker pull`` and ``skopeo copy ... docker-daemon:``, in the same run.
+"""``dao pull`` and the local accelerator next to ``docker pull`` and ``skopeo copy ... docker-daemon:``, in
+the same run.
 
     .venv/bin/python bench/pull_vs_docker.py [--size-mib 400] [--layers 25] [--layer-mib 4] [--rtt-ms 160] ...
 
@@ -11,6 +12,12 @@ fast link (a mirror in the same region: short RTT, wide, but still a per-connect
 warm mirrors on loopback (no link at all: what is left is each tool's own overhead and the engine's unpacking),
 (c) from the warm mirrors (fast link) with the first one killed a moment into the pull. The engine and
 dao's content cache are emptied before every measured pull.
+
+The tools: ``docker`` (plain docker pull, the engine's mirrors the two mirrors), ``skopeo``, ``dao`` (dao pull's
+load path, ``--load``), ``local`` (plain docker pull, the engine's only mirror a local accelerator whose
+``--via`` are the two mirrors; in (a) it has none and reads the upstream over the lossy link) and
+``dao-local`` (dao pull through that local accelerator: the engine's own pull). The local accelerator starts
+empty for every measured pull. After the run, the ``RepoDigests`` each path left are compared.
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ from bench.common import LinkThread, run_isolated  # noqa: E402
 from bench.link import Link  # noqa: E402
 
 MiB = 1024 * 1024
-TOOLS = ("docker", "skopeo", "dao")
+TOOLS = ("docker", "skopeo", "dao", "local", "dao-local")
+LOCAL_TOOLS = ("local", "dao-local")
 
 
 @dataclass
@@ -65,7 +73,7 @@ def main() -> None:
     parser.add_argument("--fast-conn-mbit", type=float, default=100)
     parser.add_argument("--kill-after", type=float, default=1.0, help="seconds into a pull to kill mirror 1 in (c)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed for one pull")
-    parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of docker,skopeo,dao")
+    parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of " + ",".join(TOOLS))
     parser.add_argument("--images", default="big,many", help="comma-separated subset of big,many")
     parser.add_argument("--scenarios", default="a,b,l,c", help="comma-separated subset of a,b,l,c")
     parser.add_argument("--repeat", type=int, default=3, help="(b) pulls per tool; the median is reported")
@@ -112,11 +120,19 @@ def measure(args: argparse.Namespace, work: Path, built: dict, started: list[Sto
     engine = Dockerd(work / "dockerd", [f"http://127.0.0.1:{p}" for p in fast_ports])
     started.append(engine)
     mirror_ports = fast_ports
+    local = Mirror(work / "local", remote, args=("--local",))  # this host's local accelerator
+    started.append(local)
+    vias: list[int] = []  # the local accelerator's --via in this scenario
+    engine_ports: list[int] = fast_ports
 
-    def use_mirrors(ports: list[int]) -> None:
+    def use_mirrors(ports: list[int], *, engine_only: bool = False) -> None:
         """The engine's registry-mirrors (reloaded with SIGHUP) and skopeo's, for the next pulls."""
-        nonlocal mirror_ports
-        mirror_ports = ports
+        nonlocal mirror_ports, engine_ports
+        if not engine_only:
+            mirror_ports = ports
+        if ports == engine_ports:
+            return
+        engine_ports = ports
         engine.config.write_text(json.dumps({"registry-mirrors": [f"http://127.0.0.1:{p}" for p in ports]}))
         os.kill(int(engine.pidfile.read_text()), signal.SIGHUP)
         deadline = time.monotonic() + 10
@@ -132,14 +148,29 @@ def measure(args: argparse.Namespace, work: Path, built: dict, started: list[Sto
         engine.reset()
         shutil.rmtree(cache, ignore_errors=True)
 
+    def fresh_local() -> None:
+        """The local accelerator empty, its --via the scenario's mirrors."""
+        local.stop()
+        shutil.rmtree(local.data_dir, ignore_errors=True)
+        local.args = ("--local", *[a for p in vias for a in ("--via", f"http://127.0.0.1:{p}")])
+        local.start()
+
+    repo_digests: dict[tuple[str, str], str] = {}
+
     def pull(tool: str, ref: str, label: str, *, kill_after: float | None = None) -> tuple[float, bool]:
+        if tool in LOCAL_TOOLS:
+            use_mirrors([local.port], engine_only=True)
+            fresh_local()
+            ref = ref.split("/", 1)[1] if ref.startswith("127.0.0.1") else ref  # a Docker Hub name, through it
+        else:
+            use_mirrors(mirror_ports, engine_only=True)
         reset()
         killer = threading.Timer(kill_after, mirrors[0].kill) if kill_after is not None else None
         env = {**os.environ, "DOCKER_HOST": f"unix://{engine.sock}"}
-        if tool == "docker":
+        if tool in ("docker", "local"):
             argv = ["/usr/bin/docker", "-H", f"unix://{engine.sock}", "pull", ref]
-        elif tool == "dao":
-            argv = [DAO, "pull", "--cache-dir", str(cache), ref]
+        elif tool in ("dao", "dao-local"):
+            argv = [DAO, "pull", "--cache-dir", str(cache), *(["--load"] if tool == "dao" else []), ref]
         else:
             conf = work / "registries.conf"
             conf.write_text(
@@ -162,14 +193,19 @@ def measure(args: argparse.Namespace, work: Path, built: dict, started: list[Sto
                 killer.cancel()  # a pull done before the kill leaves the mirror up
                 killer.join()
         ok = done.returncode == 0
+        seconds = time.monotonic() - begin
         (work / f"{label}-{tool}.log").write_text(done.stdout + done.stderr)
+        if ok and tool != "skopeo":
+            inspect = engine.docker("image", "inspect", "-f", "{{json .RepoDigests}}", ref, check=False)
+            repo_digests[(tool, label.split("-", 1)[1])] = inspect.stdout.strip()
         if not ok:
             print(f"    {tool} failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:200]}", file=sys.stderr)
-        return time.monotonic() - begin, ok
+        return seconds, ok
 
     scenarios = args.scenarios.split(",")
     for name in built:
         direct = f"127.0.0.1:{link_port}/library/pb-{name}:v1"
+        vias = []
         for tool in tools if "a" in scenarios else ():
             print(f"(a) {tool} {name} over the lossy link...", file=sys.stderr)
             seconds, ok = pull(tool, direct, f"a-{name}")
@@ -185,22 +221,26 @@ def measure(args: argparse.Namespace, work: Path, built: dict, started: list[Sto
             if key not in scenarios:
                 continue
             use_mirrors(ports)
+            vias = ports
             for round_ in range(max(1, args.repeat)):
                 for tool in tools:  # interleaved, so a slow moment of the machine hits every tool alike
                     print(f"({key}) {tool} {name} from warm mirrors ({round_ + 1})...", file=sys.stderr)
                     seconds, ok = pull(tool, warm, f"{key}{round_}-{name}")
                     results.append(Run(tool, name, key, seconds, ok))
         use_mirrors(fast_ports)
+        vias = fast_ports
         for tool in tools if "c" in scenarios else ():
             print(f"(c) {tool} {name}, mirror 1 killed mid-pull...", file=sys.stderr)
             seconds, ok = pull(tool, warm, f"c-{name}", kill_after=args.kill_after)
             results.append(Run(tool, name, "c", seconds, ok))
             if mirrors[0].proc is None or not mirrors[0].proc.alive():
                 mirrors[0].start()  # same port and data: warm again
-    report(args, results, tools)
+    report(args, results, tools, repo_digests)
 
 
-def report(args: argparse.Namespace, results: list[Run], tools: list[str]) -> None:
+def report(
+    args: argparse.Namespace, results: list[Run], tools: list[str], repo_digests: dict[tuple[str, str], str]
+) -> None:
     print()
     print(
         f"link: {args.rtt_ms:g} ms RTT, {args.link_mbit:g} mbit shared, {args.conn_mbit:g} mbit per connection; "
@@ -230,17 +270,34 @@ def report(args: argparse.Namespace, results: list[Run], tools: list[str]) -> No
                 r = by.get((tool, image, key))
                 cells.append("-" if r is None else f"{r.seconds:.1f} s" + ("" if r.ok else " FAIL"))
             print(f"{image:<6} {label:<24}" + "".join(f"{c:>16}" for c in cells))
-    if "docker" in tools and "dao" in tools:
+    print()
+    for image in ("big", "many"):
+        for tool, base, key, target in (
+            ("dao", "docker", "a", ">= 3.0x"),
+            ("dao", "docker", "b", ">= 1.3x"),
+            ("dao", "docker", "l", ">= 1.3x"),
+            ("local", "docker", "b", ">= 1.0x"),
+            ("local", "docker", "l", ">= 1.0x"),
+            ("dao-local", "docker", "b", ">= 1.0x"),
+            ("dao-local", "docker", "l", ">= 1.0x"),
+            ("local", "dao", "a", ">= 0.9x"),
+            ("local", "docker", "a", "faster"),
+        ):
+            d, k = by.get((base, image, key)), by.get((tool, image, key))
+            if d and k and d.ok and k.ok:
+                ratio = d.seconds / k.seconds
+                print(f"{image} {scenarios[key]}: {tool} {ratio:.2f}x {base}'s speed (target {target})")
+        for tool in tools:
+            c = by.get((tool, image, "c"))
+            if c and tool != "docker":
+                print(f"{image} (c): {tool} {'completed' if c.ok else 'FAILED'}")
+    if repo_digests:
         print()
+        print("RepoDigests after each path (the last pull of each image):")
         for image in ("big", "many"):
-            for key, target in (("a", 3.0), ("b", 1.3), ("l", 1.3)):
-                d, k = by.get(("docker", image, key)), by.get(("dao", image, key))
-                if d and k and d.ok and k.ok:
-                    ratio = d.seconds / k.seconds
-                    print(f"{image} {scenarios[key]}: dao {ratio:.1f}x faster than docker (target >= {target})")
-            c = by.get(("dao", image, "c"))
-            if c:
-                print(f"{image} (c): dao {'completed' if c.ok else 'FAILED'}")
+            for tool in tools:
+                if (tool, image) in repo_digests:
+                    print(f"  {image:<6} {tool:<10} {repo_digests[(tool, image)]}")
 
 
 if __name__ == "__main__":
