@@ -206,6 +206,12 @@ class MirrorConfig:
         help="With local: another host's local accelerator, at its --peer-listen address (repeatable); blobs "
         "it has are fetched from it too. Needs the peer secret.",
     )
+    peers_file: str = setting(
+        "",
+        metavar="FILE",
+        help="With local: more peers, a JSON list of URLs, read again whenever it changes (the agent writes "
+        "it from what the console says).",
+    )
     peer_listen: str = setting(
         "",
         metavar="HOST:PORT",
@@ -254,15 +260,15 @@ class MirrorConfig:
                 raise ConfigError(f"local listens on loopback only (it has no accounts), got {self.listen!r}")
             for url in (*self.via, *self.peer):
                 check_url("via and peer", url)
-            if (self.peer or self.peer_listen) and len(self.peer_secret) < 16:
+            if (self.peer or self.peer_listen or self.peers_file) and len(self.peer_secret) < 16:
                 raise ConfigError(
-                    "peer and peer_listen need peer_secret (DAO_MIRROR_PEER_SECRET or the file: the same on "
-                    "every host of the user, at least 16 characters)"
+                    "peer, peers_file and peer_listen need peer_secret (DAO_MIRROR_PEER_SECRET or the file: the "
+                    "same on every host of the user, at least 16 characters)"
                 )
             if self.peer_listen:
                 parse_listen(self.peer_listen)
-        elif self.via or self.peer or self.peer_listen:
-            raise ConfigError("via, peer and peer_listen are for the local accelerator (--local)")
+        elif self.via or self.peer or self.peer_listen or self.peers_file:
+            raise ConfigError("via, peer, peers_file and peer_listen are for the local accelerator (--local)")
         if self.lease_ttl <= 0:
             raise ConfigError("lease_ttl must be > 0")
         if self.usage_flush <= 0 or self.gc_interval <= 0:

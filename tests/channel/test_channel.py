@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dao.aio import full_jitter
-from dao.channel.frames import MAX_FRAME, Command, FrameError, Hello, Metrics, Ping, Result, decode, encode
+from dao.channel.frames import MAX_FRAME, Command, FrameError, Hello, Metrics, Peers, Ping, Result, decode, encode
 from dao.channel.ledger import Ledger
 from dao.channel.outbox import Outbox
 
@@ -24,6 +24,7 @@ def test_frames_round_trip() -> None:
         Command("c2", "container.stop", {"id": "abc"}),
         Result("c2", True, {"stopped": True}),
         Ping(123.5),
+        Peers("ab" * 32, ["http://10.0.0.6:5001"]),
     ]:
         assert decode(encode(frame)) == frame
 
@@ -36,6 +37,7 @@ def test_frames_round_trip() -> None:
         ('{"t": "shell", "cmd": "rm -rf /"}', "unknown frame type"),
         ('{"t": "command", "op": "container.stop"}', "without id"),
         ('{"t": "command", "id": 5, "op": "x"}', "wrong type"),
+        ('{"t": "peers", "secret": "s", "urls": [5]}', "a list of strings"),
         ('{"t": "command", "id": "", "op": "x"}', "1..64"),
         ('{"t": "command", "id": "' + "x" * 65 + '", "op": "x"}', "1..64"),
         ('{"t": "metrics", "seq": true, "samples": []}', "a number"),

@@ -19,7 +19,7 @@ from dao.oci.digest import Digest
 from tests.conftest import World
 from tests.services.dockerd import Dockerd
 from tests.services.mirror import DAO, FaultProxy, Mirror
-from tests.services.procs import free_port
+from tests.services.procs import free_port, wait_until
 
 SECRET = "alice's peers share this secret"
 PEER_ENV = {"DAO_MIRROR_PEER_SECRET": SECRET}
@@ -51,8 +51,10 @@ def peer(world: World, tmp_path: Path) -> Iterator[tuple[Mirror, str]]:
         args=("--local", "--peer-listen", f"127.0.0.1:{port}"),
         env=PEER_ENV,
     )
-    for digest in layers(world, "dao-test/schema2:v1"):
+    wanted = layers(world, "dao-test/schema2:v1")
+    for digest in wanted:
         get_blob(f"{m.url}/v2/dao-test/schema2/blobs/{digest}")
+    wait_until(lambda: set(wanted) <= m.committed_blobs(), 10, "the commits", m.proc.proc if m.proc else None)
     yield m, f"http://127.0.0.1:{port}"
     m.stop()
 
@@ -82,8 +84,7 @@ def test_docker_pull_through_the_local_accelerator_and_its_accelerator(
         for digest in wanted:  # each layer crossed the upstream's link once: the accelerator's fetch
             sent = sum(r.size for r in world.upstream.blob_gets(offset, digest))
             assert sent == Path(image.blobs[digest]).stat().st_size
-        for digest in wanted:
-            assert f"sha256:{Digest.parse(digest).encoded}" in local.committed_blobs()
+        wait_until(lambda: wanted <= local.committed_blobs(), 10, "the commits")
     finally:
         local.stop()
         hub.stop()
@@ -143,7 +144,7 @@ def test_a_peer_serves_only_cached_blobs_to_signed_requests(world: World, peer: 
     ("args", "env", "message"),
     [
         (("--listen", "0.0.0.0:5999"), {}, "local listens on loopback only"),
-        (("--peer", "http://10.0.0.9:5001"), {}, "peer and peer_listen need peer_secret"),
+        (("--peer", "http://10.0.0.9:5001"), {}, "peer, peers_file and peer_listen need peer_secret"),
         (("--peer", "ftp://x"), PEER_ENV, "via and peer must be http(s)://host[:port]"),
     ],
 )
@@ -168,4 +169,4 @@ def test_via_and_peer_need_local(tmp_path: Path) -> None:
         timeout=30,
     )
     assert done.returncode == 2
-    assert "for the local accelerator (--local)" in done.stderr
+    assert "are for the local accelerator (--local)" in done.stderr

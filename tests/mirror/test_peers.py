@@ -1,6 +1,7 @@
-"""Peers: four hosts (network namespaces, each with its own dockerd and local accelerator) of one user. The
-first pulls a big image from the upstream behind a slow link; the other three pull it next, at once, and get
-their bytes from the peers: the upstream serves the image once for the four pulls together."""
+"""Peers: four hosts (network namespaces, each with its own dockerd, and an agent that runs the host's local
+accelerator) of one user, enrolled with a console that tells them of each other and gives them the user's
+peer secret. The first pulls a big image from the upstream behind a slow link; the other three pull it next,
+at once, and get their bytes from the peers: the upstream serves the image once for the four pulls."""
 
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from tests.services import images
+from tests.services.console import Console
 from tests.services.dockerd import Dockerd
 from tests.services.mirror import DAO, FaultProxy
 from tests.services.netns import NetHost
 from tests.services.procs import Process, http_status, wait_until
 from tests.services.upstream import PrivateRegistry
 
-SECRET = "the peers of one user share this"
 LAYERS = 4
 LAYER_MIB = int(os.environ.get("DAO_TEST_PEER_MIB", "400")) // LAYERS
 RATE = 300_000  # bytes/s of each upstream connection through the slow link (at most 24 per blob)
@@ -35,7 +36,7 @@ FIRST_HOST = 41
 class Host:
     net: NetHost
     engine: Dockerd
-    accelerator: Process
+    accelerator: Process  # the agent that runs it
 
 
 @pytest.fixture
@@ -59,6 +60,7 @@ def test_four_hosts_pull_a_big_image_from_the_upstream_once(tmp_path: Path, forw
     link = FaultProxy(tmp_path, registry.url, "--rate", str(RATE), host="0.0.0.0")
     indices = range(FIRST_HOST, FIRST_HOST + 4)
     hosts: list[Host] = []
+    console = Console(tmp_path, users=("alice",), listen="0.0.0.0")
     try:
         for i in indices:
             net = NetHost(i, open_ports=(PEER_PORT,))
@@ -66,15 +68,28 @@ def test_four_hosts_pull_a_big_image_from_the_upstream_once(tmp_path: Path, forw
             work = tmp_path / f"host{i}"
             work.mkdir()
             engine = Dockerd(work, ["http://127.0.0.1:5000"], prefix=net.run())
-            peers = [a for j in indices if j != i for a in ("--peer", f"http://10.213.{j}.2:{PEER_PORT}")]
-            argv = [DAO, "mirror", "serve", "--local", "--listen", "127.0.0.1:5000", "--data-dir", str(work / "data"),
-                    "--upstream", f"http://{net.outside}:{link.port}", "--peer-listen", f"{net.inside}:{PEER_PORT}",
-                    "--upstream-username", "alice", *peers]  # fmt: skip
-            env = {"DAO_MIRROR_PEER_SECRET": SECRET, "DAO_MIRROR_UPSTREAM_PASSWORD": registry.password}
-            accelerator = Process(net.run(*argv), work / "local.log", env=env)
-            hosts.append(Host(net, engine, accelerator))
+            config = work / "agent.toml"
+            enrolled = subprocess.run(
+                net.run(DAO, "agent", "enroll", "--console", f"http://{net.outside}:{console.port}",
+                        "--token", console.token("alice"), "--config", str(config), "--name", f"host{i}"),
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert enrolled.returncode == 0, enrolled.stderr
+            argv = [DAO, "agent", "run", "--config", str(config), "--interval", "1", "--local-accelerator",
+                    "--peer-port", str(PEER_PORT), f"--accelerator-arg=--data-dir={work / 'data'}",
+                    f"--accelerator-arg=--upstream=http://{net.outside}:{link.port}",
+                    "--accelerator-arg=--upstream-username=alice"]  # fmt: skip
+            env = {"DAO_MIRROR_UPSTREAM_PASSWORD": registry.password}
+            agent = Process(net.run(*argv), work / "agent.log", env=env)
+            hosts.append(Host(net, engine, agent))
             url = f"http://{net.inside}:{PEER_PORT}/healthz"
-            wait_until(lambda url=url: http_status(url) == 200, 20, "local accelerator", accelerator.proc)
+            wait_until(lambda url=url: http_status(url) == 200, 30, "local accelerator", agent.proc)
+        wanted = {f"http://10.213.{j}.2:{PEER_PORT}" for j in indices}
+        for host, i in zip(hosts, indices, strict=True):  # the console told each of the other three
+            peers_file = tmp_path / f"host{i}" / "peers.json"
+            others = wanted - {f"http://10.213.{i}.2:{PEER_PORT}"}
+            wait_until(lambda f=peers_file, o=others: f.exists() and set(json.loads(f.read_text())) == o, 30,
+                       "the console's peers", host.accelerator.proc)  # fmt: skip
 
         def pull(host: Host, times: dict[int, float]) -> None:
             started = time.monotonic()
@@ -106,5 +121,6 @@ def test_four_hosts_pull_a_big_image_from_the_upstream_once(tmp_path: Path, forw
             host.accelerator.stop()
             host.engine.stop()
             host.net.close()
+        console.stop()
         link.stop()
         registry.stop()

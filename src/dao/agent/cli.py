@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -57,9 +58,32 @@ def agent_run(
     app_network: Annotated[
         str, typer.Option(help="The Docker network the console's app replicas run on (bridge, host, none, ...).")
     ] = "bridge",
+    local_accelerator: Annotated[
+        bool,
+        typer.Option(
+            "--local-accelerator",
+            help="Also run this host's local accelerator (dao mirror serve --local), its peers the user's other "
+            "hosts, as the console says (then: dao mirror use --local).",
+        ),
+    ] = False,
+    accelerator_listen: Annotated[
+        str, typer.Option(metavar="HOST:PORT", help="Where the local accelerator serves the engine.")
+    ] = "127.0.0.1:5000",
+    peer_port: Annotated[
+        int, typer.Option(min=1, max=65535, help="The port it serves the user's other hosts on (every address).")
+    ] = 5001,
+    accelerator_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--accelerator-arg",
+            metavar="ARG",
+            help="Passed to dao mirror serve (repeatable), e.g. --accelerator-arg=--via=http://mirror.lan:5000.",
+        ),
+    ] = None,
 ) -> None:
     """Keep this host's channel to the console open: it dials out only, and dials again when it breaks."""
     from dao.agent import operations
+    from dao.agent.accelerator import LocalAccelerator
     from dao.agent.run import Agent, Identity, default_config
 
     operations.NETWORK = app_network
@@ -70,6 +94,28 @@ def agent_run(
         level=getattr(logging, log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    agent = Agent(identity, path.parent, interval)
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a foreground agent stops
-        asyncio.run(agent.run())
+    accelerator = None
+    if local_accelerator:
+        accelerator = LocalAccelerator(path.parent, accelerator_listen, peer_port, list(accelerator_arg or ()))
+    agent = Agent(
+        identity,
+        path.parent,
+        interval,
+        extra_facts=accelerator.facts if accelerator is not None else None,
+        on_peers=accelerator.peers if accelerator is not None else None,
+    )
+
+    async def main() -> None:
+        if accelerator is not None:  # SIGTERM, too, ends the agent through its finally: the child goes with it
+            task = asyncio.current_task()
+            assert task is not None
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await agent.run()
+
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a foreground agent stops
+            asyncio.run(main())
+    finally:
+        if accelerator is not None:
+            accelerator.stop()

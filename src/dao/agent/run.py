@@ -41,6 +41,7 @@ from dao.channel.frames import (
     FrameError,
     Hello,
     Metrics,
+    Peers,
     Ping,
     Pong,
     Result,
@@ -147,11 +148,14 @@ class Agent:
         operations: dict[str, Operation] | None = None,
         extra_facts: Callable[[], dict[str, object]] | None = None,
         report_engine: bool = True,
+        on_peers: Callable[[Peers], None] | None = None,
     ) -> None:
         """``operations``: what this agent runs for the console (a capsule provider's are its own);
         ``extra_facts``: more to say in each hello; ``report_engine``: follow the local engine (a provider
-        has none to report)."""
+        has none to report); ``on_peers``: told what the console says of the user's peers (the local
+        accelerator's)."""
         self.report_engine = report_engine
+        self.on_peers = on_peers
         self.identity = identity
         self.operations = {**OPERATIONS, **VOLUME_OPERATIONS} if operations is None else operations
         self.extra_facts = extra_facts
@@ -311,6 +315,8 @@ class Agent:
                     self.outbox.ack(frame.seq)
                 elif isinstance(frame, Command):
                     await self._command(frame)
+                elif isinstance(frame, Peers) and self.on_peers is not None:
+                    self.on_peers(frame)
         finally:
             for task in tasks:
                 task.cancel()

@@ -116,8 +116,18 @@ class Pong(Frame):
     at: float
 
 
+@dataclass(frozen=True, slots=True)
+class Peers(Frame):
+    """Console -> agent: the user's other hosts whose local accelerators serve peers, and the secret they
+    sign their requests with; sent when the host connects and whenever that set changes."""
+
+    kind: ClassVar[str] = "peers"
+    secret: str
+    urls: list[str] = field(default_factory=list)
+
+
 TYPES: dict[str, type[Frame]] = {
-    cls.kind: cls for cls in (Hello, Welcome, Metrics, Ack, State, Event, Command, Result, Stream, Ping, Pong)
+    cls.kind: cls for cls in (Hello, Welcome, Metrics, Ack, State, Event, Command, Result, Stream, Ping, Pong, Peers)
 }
 _CHECKS: dict[Any, type | tuple[type, ...]] = {
     str: str,

@@ -36,6 +36,7 @@ from dao.channel.frames import (
     encode,
 )
 from dao.console.hub import Hub
+from dao.console.peers import PEERING_KEY, Peering
 from dao.console.store import EnrollError, Host, Store
 
 log = logging.getLogger("dao.console")
@@ -90,8 +91,9 @@ async def channel(request: web.Request) -> web.StreamResponse:
         await old.close(code=WSCloseCode.POLICY_VIOLATION, message=b"replaced by a new connection")
     if hub.relay is not None:
         await hub.relay.opened(host.id, host.user_id, request.remote or "")
+    peering = request.app.get(PEERING_KEY)
     try:
-        await _serve(ws, host, store, hub)
+        await _serve(ws, host, store, hub, peering)
     finally:
         if hub.channels.get(host.id) is ws:
             del hub.channels[host.id]
@@ -99,10 +101,12 @@ async def channel(request: web.Request) -> web.StreamResponse:
                 await hub.relay.closed(host.id)
             await asyncio.to_thread(store.disconnected, host.id)
             hub.publish(host.user_id, {"kind": "offline", "host": host.id})
+            if peering is not None:
+                await peering.left(host.id, host.user_id)
     return ws
 
 
-async def _serve(ws: web.WebSocketResponse, host: Host, store: Store, hub: Hub) -> None:
+async def _serve(ws: web.WebSocketResponse, host: Host, store: Store, hub: Hub, peering: Peering | None) -> None:
     host_id = host.id
     try:
         first = await ws.receive(timeout=HELLO_TIMEOUT)
@@ -117,6 +121,8 @@ async def _serve(ws: web.WebSocketResponse, host: Host, store: Store, hub: Hub) 
     hub.publish(host.user_id, {"kind": "online", "host": host_id})
     for command in hub.resend(host_id):  # sent before this channel opened and not answered: ask again
         await ws.send_str(encode(command))
+    if peering is not None:
+        await peering.joined(host_id, host.user_id, hello.facts)
     heard = time.monotonic()
 
     async def pinger() -> None:

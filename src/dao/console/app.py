@@ -16,6 +16,7 @@ from dao.console.accelerator import Accelerator, Settings
 from dao.console.agents import HUB_KEY, STORE_KEY
 from dao.console.apps import web as apps_web
 from dao.console.hub import Hub
+from dao.console.peers import PEERING_KEY, Peering
 from dao.console.store import Store
 from dao.console.users import Users
 from dao.mirror.accounts import Accounts
@@ -62,7 +63,9 @@ def make_app(
         capsules=capsules,
         console_url=public_url.rstrip("/"),
     )
-    accelerator_web.setup(app, Accelerator(users, secret or secrets.token_bytes(32), accelerator or Settings("", 0)))
+    secret = secret or secrets.token_bytes(32)
+    accelerator_web.setup(app, Accelerator(users, secret, accelerator or Settings("", 0)))
+    app[PEERING_KEY] = Peering(app[HUB_KEY], secret)
 
     async def close_channels(app: web.Application) -> None:
         for ws in list(app[HUB_KEY].channels.values()):

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import logging
 import signal
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -229,7 +230,8 @@ def local_sources(
     vias = [RegistryClient(url, session) for url in config.via]
     hub = RegistryClient(config.upstream, session, credentials=hub_credentials) if vias else None
     signer = peer_signer(config.peer_secret) if config.peer_secret else None
-    return LocalSources(session, vias, [u.rstrip("/") for u in config.peer], signer, hub)
+    peers_file = Path(config.peers_file) if config.peers_file else None
+    return LocalSources(session, vias, [u.rstrip("/") for u in config.peer], signer, hub, peers_file)
 
 
 async def _serve_peers(config: MirrorConfig, blobs: FilesystemBlobStore, stack: contextlib.AsyncExitStack) -> None:

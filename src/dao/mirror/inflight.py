@@ -135,17 +135,16 @@ class Fetch:
         """``source``: one upstream, or several sources (the local accelerator's) that the download itself
         verifies and blames."""
         try:
-            self.download = Download(source, self.fd, self, self.policy, digest=self.digest)
+            self.download = Download(source, self.fd, self, self.policy, digest=self.digest, hasher=self._hashed)
             size = await self.download.run()
             if self.size is not None and size != self.size:
                 raise UpstreamUnavailable(f"upstream sent {size} of {self.size} bytes for {self.digest}")
             self.size = size
             if not self.download.verified:
-                await asyncio.to_thread(self._hash_rest)
-                if not self._verifier.verified:
-                    actual = self._verifier.actual()
+                actual = await self._hashed()
+                if actual != self.digest:
                     raise UpstreamUnavailable(f"digest mismatch for {self.digest}: upstream sent {actual}")
-                await asyncio.to_thread(os.fsync, self.fd)
+            await asyncio.to_thread(os.fsync, self.fd)
             await self.commit(self.digest, self.path)
             self.done = True
         except BaseException as exc:
@@ -181,12 +180,17 @@ class Fetch:
         self._notify()
 
     def on_data(self, offset: int, data: memoryview, url: str = "") -> None:
-        if offset == self._verifier.size and not (self.download is not None and self.download.verified):
+        if offset == self._verifier.size:
             self._verifier.update(data)  # the bytes that extend the prefix hash as they come; the rest at the end
         self._filled.add(offset, offset + len(data))
         if self.on_bytes is not None:
             self.on_bytes(len(data))
         self._notify()
+
+    async def _hashed(self) -> Digest:
+        """The complete file's digest: what came in order was hashed as it came."""
+        await asyncio.to_thread(self._hash_rest)
+        return self._verifier.actual()
 
     def _hash_rest(self) -> None:
         """Hash what out-of-order segments wrote, from the spool file (runs in a thread, nothing else writes)."""

@@ -18,7 +18,10 @@ registry mirror, whose fetches read each blob from every source at once.
 from __future__ import annotations
 
 import collections
+import json
+import logging
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -34,6 +37,8 @@ from dao.oci.errors import RegistryError
 from dao.oci.reference import DOCKER_HUB_DOMAIN
 from dao.registry.client import RegistryClient
 from dao.transfer.sources import Body, Peer
+
+log = logging.getLogger("dao.mirror")
 
 PEER_HEADER = "X-Dao-Peer"
 PEER_PATH = "/_dao/peer/blobs/"
@@ -68,9 +73,14 @@ class LocalSources:
         peers: list[str],
         signer: Signer | None,
         hub: RegistryClient | None = None,
+        peers_file: Path | None = None,
     ) -> None:
-        """``hub``: Docker Hub itself, when the proxy's client for it is the first accelerator (``vias``)."""
-        self.session, self.vias, self.peers, self.signer, self.hub = session, vias, peers, signer, hub
+        """``hub``: Docker Hub itself, when the proxy's client for it is the first accelerator (``vias``);
+        ``peers_file``: more peers, a JSON list of URLs, read again when it changes."""
+        self.session, self.vias, self.signer, self.hub = session, vias, signer, hub
+        self.given, self.peers = peers, list(peers)
+        self.peers_file = peers_file
+        self._read: float | None = None  # the peers file's mtime when it was last read
         self.liars: dict[str, str] = {}  # url -> why
         self.rates: dict[str, float] = {}
         self._recent: collections.deque[list[Peer]] = collections.deque(maxlen=REMEMBERED)
@@ -78,6 +88,7 @@ class LocalSources:
     def __call__(self, registry: RegistryClient, registry_name: str, repo: str, digest: Digest) -> list[Peer]:
         """The sources of ``digest`` in ``repo``: accelerators (for Docker Hub), peers, then ``registry``."""
         self._learn()
+        self._reread()
         views: list[Peer] = []
         if registry_name == DOCKER_HUB_DOMAIN:
             registry = self.hub or registry
@@ -93,6 +104,25 @@ class LocalSources:
             view.rank, view.rate = rank, self.rates.get(view.url)
         self._recent.append(views)
         return views
+
+    def _reread(self) -> None:
+        if self.peers_file is None:
+            return
+        try:
+            mtime = self.peers_file.stat().st_mtime
+            if mtime == self._read:
+                return
+            found = json.loads(self.peers_file.read_text())
+        except FileNotFoundError:
+            found = []
+            mtime = None
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read the peers file %s (%s): keeping the peers it named", self.peers_file, exc)
+            return
+        urls = [u.rstrip("/") for u in found if isinstance(u, str) and u.startswith(("http://", "https://"))]
+        self.peers = list(dict.fromkeys([*self.given, *urls]))
+        self._read = mtime
+        log.info("peers: %s", ", ".join(self.peers) or "none")
 
     def _learn(self) -> None:
         for views in self._recent:

@@ -23,7 +23,7 @@ what the bytes are worth.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from dao.oci.digest import Digest
 from dao.registry.runs import Runs
@@ -73,10 +73,12 @@ class Download:
         size: int | None = None,
         digest: Digest = _NO_DIGEST,
         url: str = "upstream",
+        hasher: Callable[[], Awaitable[Digest]] | None = None,
     ) -> None:
         """``have``: byte runs the file already holds (a resumed download); only the rest is asked for.
         ``size``: the blob's size when the caller knows it. ``source``: several sources are verified
-        (``self.verified``), so the caller need not hash the bytes again."""
+        (``self.verified``), so the caller need not hash the bytes again; ``hasher``: how, when the caller
+        hashes them as they come anyway (see :class:`~.job.Job`)."""
         policy = policy or upstream_policy()
         self.verified = isinstance(source, Sequence)
         if isinstance(source, Sequence):
@@ -85,7 +87,7 @@ class Download:
         else:
             peers = [Peer(url, lambda _, s=source: s)]  # type: ignore[misc]
         self.transfer = Transfer(peers, policy)
-        self.job = Job(digest, size, fd, have=have, listener=listener, verify=self.verified)
+        self.job = Job(digest, size, fd, have=have, listener=listener, verify=self.verified, hasher=hasher)
 
     @property
     def streams(self) -> int:

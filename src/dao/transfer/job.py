@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -70,7 +71,8 @@ class Job:
 
     ``have``: byte runs the file already holds (a resumed download); only the rest is asked for.
     ``order``: its place among the transfer's jobs (earlier layers are fetched first).
-    ``verify``: hash it when complete, and find and drop a lying source's bytes (see :mod:`.verify`);
+    ``verify``: hash it when complete (with ``hasher`` when given: one that hashed the bytes as they came
+    saves reading the file again), and find and drop a lying source's bytes (see :mod:`.verify`);
     otherwise the caller checks the bytes itself. ``runs_file``: where the written runs are saved, so a killed
     process resumes."""
 
@@ -86,6 +88,7 @@ class Job:
         listener: Listener | None = None,
         verify: bool = False,
         runs_file: Path | None = None,
+        hasher: Callable[[], Awaitable[Digest]] | None = None,
     ) -> None:
         self.digest = digest
         self.repo = repo
@@ -96,6 +99,7 @@ class Job:
         self.listener: Listener = listener or Quiet()
         self.verify = verify
         self.runs_file = runs_file
+        self.hasher = hasher  # the digest of the complete file, from a hash kept as the bytes came (a mirror's)
         self.pieces: list[tuple[int, int, Peer | None]] = [(a, b, None) for a, b in self.have.runs]  # None: earlier
         self.claims: list[Claim] = []
         self.wanted: list[int] = []  # positions readers wait at, the longest wait first

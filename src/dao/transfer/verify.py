@@ -62,7 +62,10 @@ class Verification:
 
     async def _check(self, blob: Job) -> None:
         try:
-            actual = await asyncio.to_thread(sync_and_hash, blob.fd, blob.digest)
+            if blob.hasher is not None:
+                actual = await blob.hasher()
+            else:
+                actual = await asyncio.to_thread(sync_and_hash, blob.fd, blob.digest)
             if actual != blob.digest:
                 actual = await self._repair(blob, actual)
                 if not blob.complete():

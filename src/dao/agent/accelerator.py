@@ -1,0 +1,87 @@
+"""The host's local accelerator, run by its agent (``dao agent run --local-accelerator``).
+
+The agent starts ``dao mirror serve --local`` as a child when the console first says who the user's peers
+are and which secret they share (:class:`~dao.channel.frames.Peers`, sent right after the welcome), and
+keeps it running while the agent runs:
+
+- the peers go to a file the accelerator reads again whenever it changes (no restart when hosts come and
+  go); a new secret restarts it (the listener for peers must know it);
+- it serves the engine on ``--accelerator-listen`` (loopback) and peers on every address at ``--peer-port``,
+  which the hello names (``peer_port``) so the console can tell the other hosts;
+- everything else it is given (``--accelerator-arg``: ``--via``, ``--upstream``, ``--data-dir``, ...) is
+  passed on as it is.
+
+Pointing the engine at it stays the user's one command (``dao mirror use --local``), as for any mirror.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from dao.channel.frames import Peers
+from dao.paths import write_private
+
+log = logging.getLogger("dao.agent")
+
+STOP_GRACE = 10.0
+
+
+class LocalAccelerator:
+    def __init__(self, state_dir: Path, listen: str, peer_port: int, args: list[str]) -> None:
+        self.state_dir, self.listen, self.peer_port, self.args = state_dir, listen, peer_port, args
+        self.peers_file = state_dir / "peers.json"
+        self.log = state_dir / "accelerator.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._secret: str | None = None
+
+    def facts(self) -> dict[str, object]:
+        return {"peer_port": self.peer_port}
+
+    def peers(self, frame: Peers) -> None:
+        """What the console says: the peers file first (read by a running accelerator as it changes), then a
+        (re)start if the secret is new or the child is gone."""
+        tmp = self.peers_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(frame.urls))
+        os.replace(tmp, self.peers_file)
+        alive = self.proc is not None and self.proc.poll() is None
+        if alive and frame.secret == self._secret:
+            return
+        self.stop()
+        self._secret = frame.secret
+        self._start()
+
+    def _start(self) -> None:
+        assert self._secret is not None
+        secret = self.state_dir / "peer.secret"
+        write_private(secret, self._secret)  # (for a person looking into it; the child gets it in its env)
+        argv = [sys.executable, "-m", "dao", "mirror", "serve", "--local", "--listen", self.listen,
+                "--peer-listen", f"0.0.0.0:{self.peer_port}", "--peers-file", str(self.peers_file),
+                *self.args]  # fmt: skip
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "DAO_MIRROR_PEER_SECRET": self._secret},
+                start_new_session=True,
+            )
+        log.info(
+            "local accelerator started (pid %d) on %s, peers on port %d", self.proc.pid, self.listen, self.peer_port
+        )
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
