@@ -1,7 +1,8 @@
 """Single-flight upstream fetches that many clients read while they grow.
 
 The first request for a missing blob starts one :class:`Fetch`; every concurrent request for the same digest
-joins it. The fetch writes the upstream bytes into a spool file and hashes them as they pass; readers
+joins it. The fetch writes the upstream bytes into a spool file and hashes them as they pass (parallel
+ranges that land ahead are hashed from the file, in a thread, once the gap before them fills); readers
 ``pread`` the same file descriptor as far as it has been written. Only when the digest checks is the file
 committed to the store. On any failure the spool file is removed, every reader's stream raises
 :class:`FetchFailed` (so the handler can break the connection rather than end a short body cleanly), and
@@ -40,6 +41,16 @@ READ_CHUNK = 256 * 1024
 HASH_CHUNK = 4 * 1024 * 1024
 ORPHAN_GRACE = 10.0  # seconds a fetch with no reader runs on (a client retrying its pull joins it again)
 ORPHAN_KEEP = 0.5  # an orphan fetch that has this share of the blob is finished for the cache
+
+
+def _hash_into(verifier: Verifier, fd: int, start: int, end: int) -> None:
+    pos = start
+    while pos < end:
+        chunk = os.pread(fd, min(HASH_CHUNK, end - pos), pos)
+        if not chunk:
+            return
+        verifier.update(chunk)
+        pos += len(chunk)
 
 
 class FetchQueueFull(Exception):
@@ -125,6 +136,9 @@ class Fetch:
         self._progress = asyncio.Event()
         self._readers = 0
         self._generation = 0  # raised when bytes readers may have sent were replaced
+        self._follower: asyncio.Task[None] | None = None
+        self._hashing = False  # a thread hashes the prefix from the file
+        self._final = False  # the follower stops
         self._closed = False
         self.task: asyncio.Task[None] | None = None
         self.origin: Origin | None = None  # the (registry, repository) it is fetched for
@@ -134,6 +148,7 @@ class Fetch:
     async def run(self, source: BlobSource | Sequence[Peer]) -> None:
         """``source``: one upstream, or several sources (the local accelerator's) that the download itself
         verifies and blames."""
+        self._follower = asyncio.get_running_loop().create_task(self._follow(), name=f"hash {self.digest}")
         try:
             self.download = Download(source, self.fd, self, self.policy, digest=self.digest, hasher=self._hashed)
             size = await self.download.run()
@@ -160,6 +175,7 @@ class Fetch:
             if not isinstance(exc, Exception):
                 raise
         finally:
+            await self._stop_following()
             self._notify()
             self._maybe_close()
 
@@ -180,28 +196,50 @@ class Fetch:
         self._notify()
 
     def on_data(self, offset: int, data: memoryview, url: str = "") -> None:
-        if offset == self._verifier.size:
-            self._verifier.update(data)  # the bytes that extend the prefix hash as they come; the rest at the end
+        if offset == self._verifier.size and not self._hashing:
+            self._verifier.update(data)  # the bytes that extend the prefix hash as they come
         self._filled.add(offset, offset + len(data))
         if self.on_bytes is not None:
             self.on_bytes(len(data))
         self._notify()
 
+    async def _follow(self) -> None:
+        """Hash the prefix as it grows where parallel ranges fill a gap before it (from the page cache, in a
+        thread): at the end little is left to hash, and the last byte waits for that only. While a thread
+        hashes, :meth:`on_data` leaves the hash alone (one writer of it at a time)."""
+        while not self._final:
+            verifier = self._verifier
+            end = self._filled.end_of(verifier.size)
+            if end <= verifier.size:
+                await self._progress.wait()
+                continue
+            self._hashing = True
+            try:
+                await asyncio.to_thread(
+                    _hash_into, verifier, self.fd, verifier.size, min(end, verifier.size + HASH_CHUNK)
+                )
+            finally:
+                self._hashing = False
+
+    async def _stop_following(self) -> None:
+        """The follower's thread finishes what it hashes (a thread cannot be stopped halfway)."""
+        self._final = True
+        self._notify()
+        if self._follower is not None:
+            await asyncio.gather(self._follower, return_exceptions=True)
+
     async def _hashed(self) -> Digest:
-        """The complete file's digest: what came in order was hashed as it came."""
+        """The complete file's digest: what came in order (or followed a gap) was hashed as it came."""
+        await self._stop_following()
         await asyncio.to_thread(self._hash_rest)
         return self._verifier.actual()
 
     def _hash_rest(self) -> None:
-        """Hash what out-of-order segments wrote, from the spool file (runs in a thread, nothing else writes)."""
+        """Hash what is left, from the spool file (runs in a thread, nothing else writes)."""
         assert self.size is not None
-        pos = self._verifier.size
-        while pos < self.size:
-            chunk = os.pread(self.fd, min(HASH_CHUNK, self.size - pos), pos)
-            if not chunk:
-                raise UpstreamUnavailable(f"spool file of {self.digest} shorter than its {self.size} bytes")
-            self._verifier.update(chunk)
-            pos += len(chunk)
+        _hash_into(self._verifier, self.fd, self._verifier.size, self.size)
+        if self._verifier.size < self.size:
+            raise UpstreamUnavailable(f"spool file of {self.digest} shorter than its {self.size} bytes")
 
     def _notify(self) -> None:
         self._progress.set()
