@@ -170,3 +170,25 @@ def test_via_and_peer_need_local(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "are for the local accelerator (--local)" in done.stderr
+
+
+def test_an_image_manifest_starts_the_fetch_of_all_its_blobs(world: World, tmp_path: Path) -> None:
+    """The engine asks for three layers at a time; the accelerator fetches them all as soon as it has served
+    the manifest."""
+    local = Mirror(tmp_path / "local", world.upstream.url, args=("--local",))
+    try:
+        ref = "dao-test/schema2:v1"
+        image = world.image(ref)
+        request = urllib.request.Request(
+            f"{local.url}/v2/dao-test/schema2/manifests/v1", headers={"Accept": image.media_type}
+        )
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            assert resp.read() == image.manifest
+        config = json.loads(image.manifest)["config"]["digest"]
+        wanted = {*layers(world, ref), config}
+        wait_until(lambda: wanted <= local.committed_blobs(), 30, "the prefetched blobs")
+        assert not [a for a in local.accesses() if "/blobs/" in a.path]  # nobody asked for a blob
+        body = get_blob(f"{local.url}/v2/dao-test/schema2/blobs/{config}")
+        assert "sha256:" + hashlib.sha256(body).hexdigest() == config
+    finally:
+        local.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -37,6 +38,19 @@ class Host:
     net: NetHost
     engine: Dockerd
     accelerator: Process  # the agent that runs it
+
+
+def _accelerator_pid(data_dir: Path) -> int | None:
+    """The local accelerator the test's agent started for this host (found by its own data directory)."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"--local" in argv and f"--data-dir={data_dir}".encode() in argv:
+                return int(proc.name)
+    return None
 
 
 @pytest.fixture
@@ -116,6 +130,14 @@ def test_four_hosts_pull_a_big_image_from_the_upstream_once(tmp_path: Path, forw
         )
         assert first_bytes >= image_bytes  # the first pull had to cross the slow link
         assert upstream <= image_bytes * 1.02  # the other three came from the peers
+        # The agent starts its accelerator again when it dies.
+        last = hosts[-1]
+        child = _accelerator_pid(tmp_path / f"host{indices[-1]}" / "data")
+        os.kill(child, signal.SIGKILL)
+        url = f"http://{last.net.inside}:{PEER_PORT}/healthz"
+        wait_until(lambda: _accelerator_pid(tmp_path / f"host{indices[-1]}" / "data") not in (None, child), 20,
+                   "the accelerator started again", last.accelerator.proc)  # fmt: skip
+        wait_until(lambda: http_status(url) == 200, 20, "the accelerator answering again", last.accelerator.proc)
     finally:
         for host in hosts:
             host.accelerator.stop()

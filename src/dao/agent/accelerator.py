@@ -16,6 +16,7 @@ Pointing the engine at it stays the user's one command (``dao mirror use --local
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -55,6 +56,14 @@ class LocalAccelerator:
         self.stop()
         self._secret = frame.secret
         self._start()
+
+    async def watch(self, every: float = 5.0) -> None:
+        """Start it again when it died (a crash, the OOM killer): the engine's first mirror must answer."""
+        while True:
+            await asyncio.sleep(every)
+            if self._secret is not None and self.proc is not None and self.proc.poll() is not None:
+                log.warning("local accelerator exited with %s; starting it again", self.proc.returncode)
+                self._start()
 
     def _start(self) -> None:
         assert self._secret is not None

@@ -106,12 +106,18 @@ def agent_run(
     )
 
     async def main() -> None:
+        watching: asyncio.Task[None] | None = None
         if accelerator is not None:  # SIGTERM, too, ends the agent through its finally: the child goes with it
             task = asyncio.current_task()
             assert task is not None
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await agent.run()
+            watching = asyncio.get_running_loop().create_task(accelerator.watch())
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await agent.run()
+        finally:
+            if watching is not None:
+                watching.cancel()
 
     try:
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a foreground agent stops

@@ -136,6 +136,7 @@ class Fetch:
         self._progress = asyncio.Event()
         self._readers = 0
         self._generation = 0  # raised when bytes readers may have sent were replaced
+        self.keep = False  # finished even with nobody reading (a prefetch: its reader comes later)
         self._follower: asyncio.Task[None] | None = None
         self._hashing = False  # a thread hashes the prefix from the file
         self._final = False  # the follower stops
@@ -271,6 +272,8 @@ class Fetch:
     def _stop_if_orphaned(self) -> None:
         """Nobody reads this fetch any more: stop it, unless enough is in that the cache had better have it."""
         if self._readers or self.done or self.error is not None or self.task is None or self.task.done():
+            return
+        if self.keep:
             return
         if self.size and self._filled.covered() >= ORPHAN_KEEP * self.size:
             return

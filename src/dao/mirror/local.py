@@ -17,12 +17,13 @@ registry mirror, whose fetches read each blob from every source at once.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import logging
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -38,11 +39,15 @@ from dao.oci.reference import DOCKER_HUB_DOMAIN
 from dao.registry.client import RegistryClient
 from dao.transfer.sources import Body, Peer
 
+if TYPE_CHECKING:
+    from dao.mirror.proxy import Proxy
+
 log = logging.getLogger("dao.mirror")
 
 PEER_HEADER = "X-Dao-Peer"
 PEER_PATH = "/_dao/peer/blobs/"
 INFO_PATH = "/_dao/local"  # what dao pull asks to learn that the engine's mirror is a local accelerator
+PREFETCH_CLIENT = "prefetch"  # the fetch gate's name for the prefetches (their own per-client share)
 REMEMBERED = 64  # recent fetches whose sources are looked at for liars and speeds
 
 
@@ -131,6 +136,32 @@ class LocalSources:
                     self.liars.setdefault(view.url, view.out)
                 elif view.rate is not None:
                     self.rates[view.url] = view.rate
+
+
+async def prefetch_blobs(proxy: Proxy, repo: str, manifest: bytes) -> None:
+    """Every blob of an image manifest the engine was just given, fetched at once: the engine asks for three
+    layers at a time, and on a long link each first request is a round trip it would wait for. The fetches
+    run on with nobody reading (see ``Fetch.keep``); the engine's requests join them."""
+    try:
+        doc = json.loads(manifest)
+        named = [doc["config"], *doc.get("layers", [])]
+        digests = list(dict.fromkeys(Digest.parse(str(d["digest"])) for d in named))
+    except (ValueError, KeyError, TypeError, DigestError):
+        return
+
+    async def one(digest: Digest) -> None:
+        try:
+            answer = await proxy.open_blob(repo, digest, client=PREFETCH_CLIENT)
+        except Exception as exc:  # the engine's own request says what went wrong, if it still matters
+            log.debug("prefetch of %s: %s", digest, exc)
+            return
+        if answer.local is not None:
+            answer.local.close()
+        elif answer.fetch is not None:
+            answer.fetch.keep = True
+            answer.fetch.release()
+
+    await asyncio.gather(*(one(d) for d in digests))
 
 
 def peer_app(store: BlobIngester, signer: Signer) -> web.Application:

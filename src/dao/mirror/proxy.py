@@ -40,12 +40,14 @@ from dao.mirror.errors import (
     upstream_error,
 )
 from dao.mirror.inflight import Fetch, FetchQueueFull, Inflight
+from dao.mirror.local import LocalSources, prefetch_blobs
 from dao.mirror.metrics import Metrics
 from dao.mirror.planning import FetchPlan, Planner
 from dao.mirror.sharing import Sharing
 from dao.mirror.storage.base import BlobStore, LocalBlob, ManifestRecord, ManifestStore, Origin, OriginStore
 from dao.oci.digest import Digest, DigestError
 from dao.oci.manifest import (
+    IMAGE_MANIFEST_TYPES,
     INDEX_TYPES,
     accept_key,
     acceptable,
@@ -54,7 +56,6 @@ from dao.registry.client import RegistryClient
 
 if TYPE_CHECKING:
     from dao.mirror.cluster import Cluster
-    from dao.mirror.local import LocalSources
 
 from dao.registry.errors import (
     RegistryClientError,
@@ -268,6 +269,8 @@ class Proxy:
             answer = await self._manifest_by_tag(repo, reference, accept)
         if self.prefetch_children and answer.media_type in INDEX_TYPES and answer.digest not in self.children.complete:
             self._in_background(("children", str(answer.digest)), self.children.cache(repo, answer.digest, answer.body))
+        if self.sources is not None and answer.media_type in IMAGE_MANIFEST_TYPES:  # the local accelerator
+            self._in_background(("blobs", str(answer.digest)), prefetch_blobs(self, repo, answer.body))
         return answer
 
     async def _manifest_by_digest(self, repo: str, digest: Digest, accept: tuple[str, ...]) -> ManifestAnswer:
