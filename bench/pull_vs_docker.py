@@ -194,6 +194,8 @@ def measure(args: argparse.Namespace, work: Path, built: dict, started: list[Sto
                 killer.join()
         ok = done.returncode == 0
         seconds = time.monotonic() - begin
+        if tool in LOCAL_TOOLS:
+            local.stop()  # its idle connections to the mirrors would count against the next tool's (one address)
         (work / f"{label}-{tool}.log").write_text(done.stdout + done.stderr)
         if ok and tool != "skopeo":
             inspect = engine.docker("image", "inspect", "-f", "{{json .RepoDigests}}", ref, check=False)

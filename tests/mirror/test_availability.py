@@ -11,6 +11,7 @@ import aiohttp
 from tests.conftest import World
 from tests.mirror.test_faults import DOCKER_ACCEPT
 from tests.services.mirror import FaultProxy, Mirror
+from tests.services.procs import wait_until
 
 
 async def get(url: str, accept: str = DOCKER_ACCEPT) -> tuple[int, dict[str, str], bytes, float]:
@@ -82,7 +83,10 @@ async def test_index_children_are_cached_for_offline_pulls(world: World, proxied
         if all(proxy.requests(f"/manifests/{d}") for d in children):
             break
         await asyncio.sleep(0.05)
-    await asyncio.sleep(0.3)  # the cache write follows the upstream answer
+    # The cache write follows the upstream answer: wait for each child's .type file (written last).
+    hexes = [d.split(":", 1)[1] for d in children]
+    stored = [mirror.data_dir / "manifests" / "sha256" / h[:2] / f"{h}.type" for h in hexes]
+    await asyncio.to_thread(wait_until, lambda: all(p.exists() for p in stored), 10, "the children in the cache")
     proxy.kill()
     for digest, child in children.items():  # any platform, by digest, with the upstream gone
         status, headers, body, _ = await get(f"{base}/{digest}", accept=child.media_type)

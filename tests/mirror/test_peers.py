@@ -27,7 +27,7 @@ from tests.services.upstream import PrivateRegistry
 
 LAYERS = 4
 LAYER_MIB = int(os.environ.get("DAO_TEST_PEER_MIB", "400")) // LAYERS
-RATE = 300_000  # bytes/s of each upstream connection through the slow link (at most 24 per blob)
+RATE = 600_000  # bytes/s of each upstream connection through the slow link (at most 24 per blob)
 PEER_PORT = 5001
 REF = "dao-test/peers:v1"
 FIRST_HOST = 41

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from dao.mirror.cluster import Cluster
 
 log = logging.getLogger("dao.mirror")
+LOCAL_CONNECTIONS_PER_HOST = 24
 access_log = logging.getLogger("dao.mirror.access")
 
 
@@ -144,7 +145,10 @@ async def _serve(config: MirrorConfig, stack: contextlib.AsyncExitStack, ready: 
         FetchGate(config.max_fetches, config.max_fetches_per_client),
         on_end=cluster.release if cluster is not None else None,
     )
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=64, ttl_dns_cache=300)
+    # The local accelerator shares its address with the host's other clients of the same accelerators (a
+    # mirror allows 64 connections per address): fewer of its own, even while it prefetches a whole image.
+    per_host = LOCAL_CONNECTIONS_PER_HOST if config.local else 64
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=per_host, ttl_dns_cache=300)
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
         hub_credentials = None
         if config.upstream_username:
