@@ -47,9 +47,7 @@ class LocalAccelerator:
     def peers(self, frame: Peers) -> None:
         """What the console says: the peers file first (read by a running accelerator as it changes), then a
         (re)start if the secret is new or the child is gone."""
-        tmp = self.peers_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(frame.urls))
-        os.replace(tmp, self.peers_file)
+        write_private(self.peers_file, json.dumps(frame.urls))  # whole or not at all: the accelerator reads it
         alive = self.proc is not None and self.proc.poll() is None
         if alive and frame.secret == self._secret:
             return
@@ -67,8 +65,6 @@ class LocalAccelerator:
 
     def _start(self) -> None:
         assert self._secret is not None
-        secret = self.state_dir / "peer.secret"
-        write_private(secret, self._secret)  # (for a person looking into it; the child gets it in its env)
         argv = [sys.executable, "-m", "dao", "mirror", "serve", "--local", "--listen", self.listen,
                 "--peer-listen", f"0.0.0.0:{self.peer_port}", "--peers-file", str(self.peers_file),
                 *self.args]  # fmt: skip

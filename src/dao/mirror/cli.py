@@ -300,8 +300,10 @@ def _local_url() -> str:
     import urllib.error
     import urllib.request
 
+    from dao.mirror.local import INFO_PATH
+
     try:
-        with urllib.request.urlopen(f"{url}/_dao/local", timeout=2) as resp:
+        with urllib.request.urlopen(url + INFO_PATH, timeout=2) as resp:
             resp.read()
     except (OSError, urllib.error.URLError):
         typer.echo(

@@ -192,7 +192,7 @@ async def _serve(config: MirrorConfig, stack: contextlib.AsyncExitStack, ready: 
             router, Proxies(make_proxy, inflight), metrics, meter, guard, send, cluster=cluster, checks=checks
         )
         if sources is not None:
-            add_info(app, sources.vias, sources.peers)
+            add_info(app, sources)
         app.cleanup_ctx.append(functools.partial(collecting, collector, metrics.evictions.inc, config.gc_interval))
         runner = GuardedRunner(
             guard,
@@ -205,8 +205,8 @@ async def _serve(config: MirrorConfig, stack: contextlib.AsyncExitStack, ready: 
         host, port = config.listen_address
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
-        if sources is not None and config.peer_listen:
-            await _serve_peers(config, blobs, stack)
+        if sources is not None and sources.signer is not None and config.peer_listen:
+            await _serve_peers(config.peer_listen, peer_app(blobs, sources.signer), stack)
         log.info(
             "dao mirror%s listening on %s, upstream %s, data in %s",
             " (local accelerator)" if config.local else "",
@@ -238,11 +238,11 @@ def local_sources(
     return LocalSources(session, vias, [u.rstrip("/") for u in config.peer], signer, hub, peers_file)
 
 
-async def _serve_peers(config: MirrorConfig, blobs: FilesystemBlobStore, stack: contextlib.AsyncExitStack) -> None:
+async def _serve_peers(listen: str, app: web.Application, stack: contextlib.AsyncExitStack) -> None:
     """The peer listener (see :mod:`dao.mirror.local`): only committed blobs, to signed requests."""
-    runner = web.AppRunner(peer_app(blobs, peer_signer(config.peer_secret)), access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
-    host, port = parse_listen(config.peer_listen)
+    host, port = parse_listen(listen)
     await web.TCPSite(runner, host, port, reuse_address=True).start()
-    log.info("serving cached blobs to peers on %s", config.peer_listen)
+    log.info("serving cached blobs to peers on %s", listen)

@@ -188,15 +188,15 @@ def peer_app(store: BlobIngester, signer: Signer) -> web.Application:
     return app
 
 
-def add_info(app: web.Application, vias: list[RegistryClient], peers: list[str]) -> None:
+def add_info(app: web.Application, sources: LocalSources) -> None:
     """``GET /_dao/local``: this is a local accelerator (``dao pull`` then lets the engine pull through it)."""
 
     async def info(request: web.Request) -> web.Response:
         body: dict[str, Any] = {
             "local": True,
             "version": __version__,
-            "via": [v.base_url for v in vias],
-            "peers": len(peers),
+            "via": [v.base_url for v in sources.vias],
+            "peers": len(sources.peers),  # as the peers file says now
         }
         return web.json_response(body)
 
