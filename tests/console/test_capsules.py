@@ -18,7 +18,7 @@ from tests.services.console import Client
 from tests.services.pool import PORT, Poller, World, counted, engine_cli, exists, netns_exists, replicas
 from tests.services.procs import until, wait_until
 
-TTL, LEAD, GRACE = 120, 50, 3  # the capsule's life, --migrate-lead, --host-grace (seconds)
+TTL, LEAD, GRACE = 80, 35, 3  # the capsule's life, --migrate-lead, --host-grace (seconds)
 
 APP = f"""
 services:
@@ -181,7 +181,7 @@ def test_the_capsule_pages(world: World, browser, tmp_path: Path) -> None:  # ty
     the user having no other host, the replicas on a new capsule the console made for them once the lead mark
     has passed."""
     w = world
-    ttl = LEAD + 40
+    ttl = LEAD + 40  # the countdown starts at 1:15
     w.start_provider(ttl)
     wait_until(lambda: sum(h["online"] for h in w.console.hosts()) == 1, 60, "the provider online")
     page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -191,7 +191,7 @@ def test_the_capsule_pages(world: World, browser, tmp_path: Path) -> None:  # ty
         page.click("#new-capsule")
         page.locator("#capsule-said", has_text="is up").wait_for(timeout=60_000)
         made = page.locator("#capsules li").first
-        made.locator(".countdown", has_text=re.compile(r"^1:[0-4]\d left$")).wait_for()
+        made.locator(".countdown", has_text=re.compile(r"^(1:[01]|0:[0-5])\d left$")).wait_for()
         [first] = w.capsule_state()
         seed(w, first)
         page.screenshot(path=shots(tmp_path) / "console-capsule.png", full_page=True)
