@@ -80,29 +80,6 @@ async def test_readers_wait_at_the_tail_until_verified_and_survive_commit(tmp_pa
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
-async def test_the_last_byte_waits_for_the_digest_not_for_the_commit(tmp_path: Path) -> None:
-    """A slow commit (fsync of a big file, an upload to object storage) holds the cache, not the client."""
-    store = FilesystemBlobStore(tmp_path)
-    inflight = Inflight(store, upstream_policy(resume_attempts=1))
-    digest, committing, release = Digest.of(DATA), asyncio.Event(), asyncio.Event()
-
-    async def slow_commit(d: Digest, path: Path) -> None:
-        committing.set()
-        await release.wait()
-        await store.commit(d, path)
-
-    gate = asyncio.Event()
-    gate.set()
-    fetch, _ = await inflight.join_or_start(digest, Source(Body(DATA, 1000, gate)), commit=slow_commit)
-    assert await asyncio.wait_for(collect(fetch), 10) == DATA  # all of it while the commit still waits
-    assert not fetch.done
-    await asyncio.wait_for(committing.wait(), 10)
-    assert not fetch.done  # the commit still waits: the client had all of it before
-    release.set()
-    await fetch.task
-    assert await store.stat(digest) == len(DATA)
-
-
 @pytest.mark.parametrize("corrupt", [False, True], ids=["broken", "corrupt"])
 async def test_failure_reaches_every_reader_and_commits_nothing(tmp_path: Path, corrupt: bool) -> None:
     store = FilesystemBlobStore(tmp_path)

@@ -9,8 +9,7 @@ committed to the store. On any failure the spool file is removed, every reader's
 the fetch leaves the map so the next request starts afresh.
 
 A reader whose range reaches the end of the blob is held one byte short until the digest is verified: no
-client ever receives a complete, well-terminated response carrying bytes we have not checked. It is not held
-for the commit that follows (an fsync, an upload to the bucket): that is the cache's wait, not the client's.
+client ever receives a complete, well-terminated response carrying bytes we have not checked.
 
 Work per client is bounded: a new fetch takes a slot of :class:`FetchGate` (``max_fetches`` at once, and
 ``per_client`` started by one client address), waiting up to ``queue_timeout`` for one (:class:`FetchQueueFull`
@@ -128,8 +127,7 @@ class Fetch:
         self.fd = fd
         self.path = Path(name)
         self.size: int | None = None
-        self.done = False  # verified and committed
-        self.checked = False  # the digest checked: readers may have the last byte (before the fsync, the commit)
+        self.done = False
         self.error: BaseException | None = None
         self.headers_ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.download: Download | None = None
@@ -162,8 +160,6 @@ class Fetch:
                 actual = await self._hashed()
                 if actual != self.digest:
                     raise UpstreamUnavailable(f"digest mismatch for {self.digest}: upstream sent {actual}")
-            self.checked = True  # the clients' last bytes go now; the cache's durability is the cache's wait
-            self._notify()
             await asyncio.to_thread(os.fsync, self.fd)
             await self.commit(self.digest, self.path)
             self.done = True
@@ -309,7 +305,7 @@ class Fetch:
             last = end if end is not None else (self.size - 1 if self.size is not None else None)
             if last is not None and pos > last:
                 return  # the whole range is out; its last byte was held back if it ended the blob
-            if self.checked:  # size is known once checked, so ``last`` is too: the range ran past the blob
+            if self.done:  # size is known once done, so ``last`` is too: the range ran past the blob
                 raise FetchFailed(f"range beyond the end of {self.digest}")
             if self.download is not None and pos > 0:
                 self.download.want(pos)  # nobody may be fetching this part yet
@@ -318,7 +314,7 @@ class Fetch:
     def _readable_until(self, pos: int, end: int | None) -> int:
         """Exclusive bound of what a reader at ``pos`` may send now."""
         limit = self._filled.end_of(pos)
-        if not self.checked and self.size is not None and (end is None or end >= self.size - 1):
+        if not self.done and self.size is not None and (end is None or end >= self.size - 1):
             limit = min(limit, self.size - 1)  # the blob's last byte waits for the digest
         if end is not None:
             limit = min(limit, end + 1)
