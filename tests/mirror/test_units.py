@@ -1,15 +1,23 @@
-"""Pure pieces of the mirror: Range parsing and configuration layering."""
+"""Pure pieces of the mirror: Range parsing, configuration layering, and the order of the local accelerator's
+prefetches."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from dao.config import ConfigError, MirrorConfig, load
+from dao.mirror.local import prefetch_blobs
+from dao.mirror.proxy import Proxy
 from dao.mirror.serve import parse_range
+from dao.oci.digest import Digest
 from dao.oci.errors import RegistryError
 
 
@@ -96,3 +104,52 @@ def test_every_mirror_error_has_its_oci_answer() -> None:
     assert wire(e.UpstreamDown("x", retry_after=14.6)).headers == {"Retry-After": "15"}
     assert wire(e.UpstreamDown("x")).headers in (None, {})
     assert e.Remembered("blob", "x").cache == "negative"
+
+
+class Upstream:
+    """What ``prefetch_blobs`` asks of the proxy, with fetches that end when the test says so: it records the
+    order the blobs were asked for and how many fetches ran at once."""
+
+    def __init__(self, failing: set[str]) -> None:
+        self.failing = failing
+        self.asked: list[str] = []
+        self.running = 0
+        self.most = 0
+        self.ends: dict[str, asyncio.Event] = {}
+
+    async def open_blob(self, repo: str, digest: Digest, client: str) -> Any:
+        self.asked.append(str(digest))
+        if str(digest) in self.failing:
+            raise ConnectionError("upstream down")
+        end = self.ends[str(digest)] = asyncio.Event()
+        self.running += 1
+        self.most = max(self.most, self.running)
+
+        async def run() -> None:
+            await end.wait()
+            self.running -= 1
+
+        fetch = SimpleNamespace(keep=False, task=asyncio.create_task(run()), released=False)
+        fetch.release = lambda: setattr(fetch, "released", True)
+        return SimpleNamespace(local=None, fetch=fetch)
+
+
+async def test_prefetches_go_in_the_manifests_order_a_window_at_a_time() -> None:
+    digests = [str(Digest.of(b"%d" % i)) for i in range(10)]
+    manifest = json.dumps(
+        {"config": {"digest": digests[0]}, "layers": [{"digest": d} for d in [*digests[1:], digests[3]]]}
+    ).encode()  # a layer twice: fetched once
+    upstream = Upstream(failing={digests[2]})
+    job = asyncio.create_task(prefetch_blobs(cast(Proxy, upstream), "library/x", manifest, window=3))
+    await asyncio.sleep(0.05)
+    assert upstream.asked == digests[:4]  # the window is full (the failed third gave its slot up): the rest wait
+    for _ in range(50):  # bounded: ten blobs end in ten turns
+        running = [d for d in upstream.asked if d in upstream.ends and not upstream.ends[d].is_set()]
+        if not running:
+            break
+        upstream.ends[running[0]].set()  # the oldest fetch ends: the next blob in line takes its slot
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(job, 5)
+    assert upstream.asked == digests  # in order, each once, and a failed one does not stop the rest
+    assert upstream.most == 3
+    assert upstream.running == 0

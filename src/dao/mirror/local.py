@@ -48,6 +48,7 @@ PEER_HEADER = "X-Dao-Peer"
 PEER_PATH = "/_dao/peer/blobs/"
 INFO_PATH = "/_dao/local"  # what dao pull asks to learn that the engine's mirror is a local accelerator
 PREFETCH_CLIENT = "prefetch"  # the fetch gate's name for the prefetches (their own per-client share)
+PREFETCH_WINDOW = 4  # blobs of one image fetched ahead at once (the engine's own requests come on top)
 REMEMBERED = 64  # recent fetches whose sources are looked at for liars and speeds
 
 
@@ -138,10 +139,14 @@ class LocalSources:
                     self.rates[view.url] = view.rate
 
 
-async def prefetch_blobs(proxy: Proxy, repo: str, manifest: bytes) -> None:
-    """Every blob of an image manifest the engine was just given, fetched at once: the engine asks for three
-    layers at a time, and on a long link each first request is a round trip it would wait for. The fetches
-    run on with nobody reading (see ``Fetch.keep``); the engine's requests join them."""
+async def prefetch_blobs(proxy: Proxy, repo: str, manifest: bytes, window: int = PREFETCH_WINDOW) -> None:
+    """Every blob of an image manifest the engine was just given, fetched ahead of its requests: the engine
+    asks for three layers at a time, and on a long link each first request is a round trip it would wait
+    for. The fetches run on with nobody reading (see ``Fetch.keep``); the engine's requests join them.
+
+    In the manifest's order, ``window`` at a time: the engine unpacks the layers in that order, so the first
+    ones are what it waits for; all of them at once would share the link (and, on a fast one, this host's
+    cores) evenly, and hold the first layer back until almost every byte of the image is in."""
     try:
         doc = json.loads(manifest)
         named = [doc["config"], *doc.get("layers", [])]
@@ -149,17 +154,23 @@ async def prefetch_blobs(proxy: Proxy, repo: str, manifest: bytes) -> None:
     except (ValueError, KeyError, TypeError, DigestError):
         return
 
+    slots = asyncio.Semaphore(window)  # its waiters go in the order they came: the manifest's
+
     async def one(digest: Digest) -> None:
-        try:
-            answer = await proxy.open_blob(repo, digest, client=PREFETCH_CLIENT)
-        except Exception as exc:  # the engine's own request says what went wrong, if it still matters
-            log.debug("prefetch of %s: %s", digest, exc)
-            return
-        if answer.local is not None:
-            answer.local.close()
-        elif answer.fetch is not None:
-            answer.fetch.keep = True
-            answer.fetch.release()
+        async with slots:
+            try:
+                answer = await proxy.open_blob(repo, digest, client=PREFETCH_CLIENT)
+            except Exception as exc:  # the engine's own request says what went wrong, if it still matters
+                log.debug("prefetch of %s: %s", digest, exc)
+                return
+            if answer.local is not None:
+                answer.local.close()
+            elif answer.fetch is not None:
+                fetch, task = answer.fetch, answer.fetch.task
+                fetch.keep = True
+                fetch.release()
+                if task is not None:
+                    await asyncio.wait([task])  # its end (an error is its readers' to report)
 
     await asyncio.gather(*(one(d) for d in digests))
 
