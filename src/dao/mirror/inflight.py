@@ -38,6 +38,7 @@ from dao.transfer.sources import BlobSource, Peer
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 * 1024
+Span = tuple[int, int]
 HASH_CHUNK = 4 * 1024 * 1024
 ORPHAN_GRACE = 10.0  # seconds a fetch with no reader runs on (a client retrying its pull joins it again)
 ORPHAN_KEEP = 0.5  # an orphan fetch that has this share of the blob is finished for the cache
@@ -286,19 +287,26 @@ class Fetch:
         The caller holds a reader registration (:meth:`acquire`) for as long as it iterates. Raises
         :class:`FetchFailed` if the fetch fails before the range is delivered.
         """
+        async for pos, stop in self.spans(start, end, most=READ_CHUNK):
+            chunk = os.pread(self.fd, stop - pos, pos)
+            if len(chunk) < stop - pos:
+                raise FetchFailed(f"spool file of {self.digest} shorter than written")
+            yield chunk
+
+    async def spans(self, start: int = 0, end: int | None = None, most: int = READ_CHUNK) -> AsyncIterator[Span]:
+        """What :meth:`stream` would send, as byte runs ``(pos, stop)`` of the spool file (at most ``most``
+        bytes each), for a caller that sends them from the file itself (``sendfile``). Each run is sendable
+        when it is yielded; the next one is looked at only after the caller is done with it, so a reader
+        cut because bytes were replaced has sent at most one run of them."""
         pos = start
         generation = self._generation
         while True:
             if self._generation != generation:
                 raise FetchFailed(f"bytes of {self.digest} were replaced after a bad source was found")
-            stop = self._readable_until(pos, end)
+            stop = min(self._readable_until(pos, end), pos + most)
             if pos < stop:
-                n = min(READ_CHUNK, stop - pos)
-                chunk = os.pread(self.fd, n, pos)
-                if not chunk:
-                    raise FetchFailed(f"spool file of {self.digest} shorter than written")
-                pos += len(chunk)
-                yield chunk
+                yield pos, stop
+                pos = stop
                 continue
             if self.error is not None:
                 raise FetchFailed(str(self.error) or self.error.__class__.__name__)

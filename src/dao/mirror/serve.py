@@ -33,6 +33,7 @@ _RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")  # more digits than an int64
 SENDFILE_FALLBACK_CHUNK = 256 * 1024
 SENDFILE_THREADS = 16  # sendfile calls at once (each returns when its socket is full): the copying, not the waiting
 SENDFILE_BURST = 64 * 1024 * 1024  # one thread hop sends at most this much, so a fast reader cannot hog a thread
+FETCH_SPAN = 8 * 1024 * 1024  # a fetch's bytes are looked at again (replaced? more in?) at least this often
 BURST_WAIT_MS = 20  # a full socket that drains within this is a fast reader's: waited for in the thread
 
 
@@ -176,17 +177,10 @@ async def send_local(request: web.Request, digest: Digest, blob: LocalBlob, want
         if request.method == "HEAD" or count == 0:
             await resp.write_eof()
             return resp
-        transport = request.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if transport is None or sock is None:
-            raise ConnectionResetError("client went away")
-        # The headers go first; from here the socket is written by sendfile. They are a few hundred bytes, so
-        # the transport almost always holds nothing by now and this never loops.
-        while transport.get_write_buffer_size():  # noqa: ASYNC110 -- asyncio's transport has no "empty" event
-            await asyncio.sleep(0.001)
+        sock_fd = await _raw_socket(request)
         progress = [0]  # bytes the kernel took
         try:
-            await _sendfile(sock.fileno(), blob.fd, start, count, progress, _policy(request))
+            await _sendfile(sock_fd, blob.fd, start, count, progress, _policy(request).window())
         except TimeoutError as exc:  # the client reads too slowly: cut it
             state(request).failure = str(exc)
             _reset(request)
@@ -199,9 +193,20 @@ async def send_local(request: web.Request, digest: Digest, blob: LocalBlob, want
         blob.close()
 
 
-async def _sendfile(
-    sock_fd: int, file_fd: int, offset: int, count: int, progress: list[int], policy: SendPolicy
-) -> None:
+async def _raw_socket(request: web.Request) -> int:
+    """The client's socket, once the headers are out of the transport's buffer: from here it is written by
+    ``sendfile``. They are a few hundred bytes, so the buffer almost always holds nothing by now and this
+    never loops."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if transport is None or sock is None:
+        raise ConnectionResetError("client went away")
+    while transport.get_write_buffer_size():  # noqa: ASYNC110 -- asyncio's transport has no "empty" event
+        await asyncio.sleep(0.001)
+    return sock.fileno()
+
+
+async def _sendfile(sock_fd: int, file_fd: int, offset: int, count: int, progress: list[int], window: _Window) -> None:
     """``os.sendfile`` in worker threads while the socket takes bytes (so the kernel's copying runs on every
     core, not only the loop's); waiting for a slow reader's socket to drain happens in the event loop, so a
     trickling client holds no thread and cannot starve the cache hits of everyone else.
@@ -213,7 +218,6 @@ async def _sendfile(
     sock_dup, file_dup = os.dup(sock_fd), os.dup(file_fd)
     running: asyncio.Future[int] | None = None
     try:
-        window = policy.window()
         end = offset + count
         while offset < end:
             running = loop.run_in_executor(
@@ -309,18 +313,12 @@ async def _send_fetch(request: web.Request, digest: Digest, fetch: Fetch, wanted
     if request.method == "HEAD":
         await resp.write_eof()
         return resp
-    sent = 0
     window = _policy(request).window()
     try:
-        async for chunk in fetch.stream(start, end):
-            try:
-                async with asyncio.timeout(window.deadline()):
-                    await resp.write(chunk)
-            except TimeoutError:
-                window.deadline()  # too slow: raises; else a new window begins (the chunk is in the buffer)
-            sent += len(chunk)
-            window.sent += len(chunk)
-            state(request).sent = sent
+        if fetch.size is not None:
+            await _sendfile_fetch(request, fetch, start, end, window)
+        else:
+            await _stream_fetch(request, resp, fetch, start, end, window)
     except TimeoutError as exc:  # the client reads too slowly: cut it, it holds a connection and a fetch
         state(request).failure = str(exc)
         _reset(request)
@@ -332,3 +330,32 @@ async def _send_fetch(request: web.Request, digest: Digest, fetch: Fetch, wanted
         return resp
     await resp.write_eof()
     return resp
+
+
+async def _sendfile_fetch(request: web.Request, fetch: Fetch, start: int, end: int | None, window: _Window) -> None:
+    """The fetch's spool file as its runs become sendable, by ``sendfile`` in worker threads (as a committed
+    blob is): the event loop, which also receives the fetch's own bytes, neither copies nor sends them."""
+    sock_dup = os.dup(await _raw_socket(request))  # the transport closes its own when the client goes
+    progress = [0]
+    try:
+        async for pos, stop in fetch.spans(start, end, most=FETCH_SPAN):
+            await _sendfile(sock_dup, fetch.fd, pos, stop - pos, progress, window)
+    finally:
+        os.close(sock_dup)
+        state(request).sent = progress[0]
+
+
+async def _stream_fetch(
+    request: web.Request, resp: web.StreamResponse, fetch: Fetch, start: int, end: int | None, window: _Window
+) -> None:
+    """A blob of unknown size (chunked encoding: the transport frames it) through the response."""
+    sent = 0
+    async for chunk in fetch.stream(start, end):
+        try:
+            async with asyncio.timeout(window.deadline()):
+                await resp.write(chunk)
+        except TimeoutError:
+            window.deadline()  # too slow: raises; else a new window begins (the chunk is in the buffer)
+        sent += len(chunk)
+        window.sent += len(chunk)
+        state(request).sent = sent
