@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dao.config import ConfigError, MirrorConfig, load
-from dao.mirror.local import prefetch_blobs
+from dao.mirror.local import PREFETCH_WINDOW, LocalSources, prefetch_blobs
 from dao.mirror.proxy import Proxy
 from dao.mirror.serve import parse_range
 from dao.oci.digest import Digest
@@ -153,3 +153,12 @@ async def test_prefetches_go_in_the_manifests_order_a_window_at_a_time() -> None
     assert upstream.asked == digests  # in order, each once, and a failed one does not stop the rest
     assert upstream.most == 3
     assert upstream.running == 0
+
+
+def test_the_prefetch_window_follows_how_far_the_sources_are() -> None:
+    sources = LocalSources(session=cast(Any, None), vias=[], peers=[], signer=None)
+    assert sources.prefetch_window("hit", 0.0001) is None  # nothing heard from upstream yet: all at once
+    assert sources.prefetch_window("miss", 0.007) == PREFETCH_WINDOW  # loopback's manifest time
+    assert sources.prefetch_window("hit", 0.0001) == PREFETCH_WINDOW  # a cached one says nothing new
+    assert sources.prefetch_window("revalidated", 0.35) is None  # two round trips of a long link
+    assert sources.prefetch_window("swr", 0.0001) is None

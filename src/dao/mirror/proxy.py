@@ -263,6 +263,7 @@ class Proxy:
             digest = Digest.parse(reference) if ":" in reference else None
         except DigestError as exc:
             raise BadDigest(str(exc)) from exc
+        began = time.monotonic()  # a manifest from upstream times how far the local accelerator's sources are
         if digest is not None:
             answer = await self._manifest_by_digest(repo, digest, accept)
         else:
@@ -270,7 +271,8 @@ class Proxy:
         if self.prefetch_children and answer.media_type in INDEX_TYPES and answer.digest not in self.children.complete:
             self._in_background(("children", str(answer.digest)), self.children.cache(repo, answer.digest, answer.body))
         if self.sources is not None and answer.media_type in IMAGE_MANIFEST_TYPES:  # the local accelerator
-            self._in_background(("blobs", str(answer.digest)), prefetch_blobs(self, repo, answer.body))
+            window = self.sources.prefetch_window(answer.cache, time.monotonic() - began)
+            self._in_background(("blobs", str(answer.digest)), prefetch_blobs(self, repo, answer.body, window))
         return answer
 
     async def _manifest_by_digest(self, repo: str, digest: Digest, accept: tuple[str, ...]) -> ManifestAnswer:
