@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from dao.mirror.daemon import LOCAL_CHUNK_MAX
 from dao.mirror.local import PEER_HEADER, peer_signer
 from dao.oci.digest import Digest
 from tests.conftest import World
@@ -191,25 +190,5 @@ def test_an_image_manifest_starts_the_fetch_of_all_its_blobs(world: World, tmp_p
         assert not [a for a in local.accesses() if "/blobs/" in a.path]  # nobody asked for a blob
         body = get_blob(f"{local.url}/v2/dao-test/schema2/blobs/{config}")
         assert "sha256:" + hashlib.sha256(body).hexdigest() == config
-    finally:
-        local.stop()
-
-
-def test_the_engine_reads_a_big_blob_as_it_comes_in_small_chunks(world: World, tmp_path: Path) -> None:
-    """The engine reads from the start: each request for a blob's bytes is small, so the readable prefix
-    grows with the download, not with one connection of it; and still no byte crosses twice."""
-    local = Mirror(tmp_path / "local", world.upstream.url, args=("--local",))
-    try:
-        ref = "dao-test/big:v1"
-        image = world.image(ref)
-        big = max(layers(world, ref), key=lambda d: Path(image.blobs[d]).stat().st_size)
-        size = Path(image.blobs[big]).stat().st_size
-        assert size > 4 * LOCAL_CHUNK_MAX
-        offset = world.upstream.log_offset()
-        body = get_blob(f"{local.url}/v2/dao-test/big/blobs/{big}")
-        assert "sha256:" + hashlib.sha256(body).hexdigest() == big
-        sizes = [r.size for r in world.upstream.blob_gets(offset, big)]
-        assert sum(sizes) == size
-        assert max(sizes) <= LOCAL_CHUNK_MAX, sizes
     finally:
         local.stop()

@@ -41,9 +41,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dao.mirror")
 LOCAL_CONNECTIONS_PER_HOST = 24
-# The local accelerator's reader is the engine, reading each blob from its start: the readable prefix trails
-# the download by about one chunk per connection, so its chunks stay small (see docs/pull.md).
-LOCAL_CHUNK_MAX = 8 * 1024 * 1024
 access_log = logging.getLogger("dao.mirror.access")
 
 
@@ -144,11 +141,7 @@ async def _serve(config: MirrorConfig, stack: contextlib.AsyncExitStack, ready: 
         cluster.on_call = lambda what: metrics.redis_calls.labels(what).inc()
     inflight = Inflight(
         blobs,
-        upstream_policy(
-            config.fetch_connections,
-            int(config.fetch_split_mib * 1024 * 1024),
-            **({"chunk_max": LOCAL_CHUNK_MAX} if config.local else {}),
-        ),
+        upstream_policy(config.fetch_connections, int(config.fetch_split_mib * 1024 * 1024)),
         FetchGate(config.max_fetches, config.max_fetches_per_client),
         on_end=cluster.release if cluster is not None else None,
     )
