@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("dao.mirror")
 LOCAL_CONNECTIONS_PER_HOST = 24
 # The local accelerator's sources are the user's own accelerators and peers, which expect many connections
-# (dao pull starts with 16 to the same ones); a mirror's upstream is someone else's registry: 6 to start.
+# (dao pull starts with 16 to the same ones, and splits a running chunk for an idle connection near the end);
+# a mirror's upstream is someone else's registry: 6 to start, and no byte fetched twice.
 LOCAL_START_CONNECTIONS = 16
 access_log = logging.getLogger("dao.mirror.access")
 
@@ -147,7 +148,11 @@ async def _serve(config: MirrorConfig, stack: contextlib.AsyncExitStack, ready: 
         upstream_policy(
             config.fetch_connections,
             int(config.fetch_split_mib * 1024 * 1024),
-            **({"connections": min(LOCAL_START_CONNECTIONS, config.fetch_connections)} if config.local else {}),
+            **(
+                {"connections": min(LOCAL_START_CONNECTIONS, config.fetch_connections), "split": True}
+                if config.local
+                else {}
+            ),
         ),
         FetchGate(config.max_fetches, config.max_fetches_per_client),
         on_end=cluster.release if cluster is not None else None,
