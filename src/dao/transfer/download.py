@@ -8,10 +8,12 @@ from one source sends the request to the next).
   than that comes whole in one answer, and a bigger one's ``206`` says its size and that ranges work, so the
   other connections start at once, without a probe. An upstream that ignores ``Range`` answers ``200`` with
   the whole blob, and that one answer is read to the end. With one connection the first request is a plain
-  ``GET``. Running chunks are never split (the first request's bytes in flight would be lost).
+  ``GET``. Running chunks are never split (the first request's bytes in flight would be lost; the local
+  accelerator, whose sources are the user's own, splits them near the end, as dao pull does).
 - The chunks are taken from the front, so whoever follows the file sees a prefix that grows from the start;
   a reader waiting further on (a client's ``Range``) gets a connection of its own there (:meth:`want`).
-- **Connections**: 6 to start with, more while the total rate still grows, up to ``max_connections``.
+- **Connections**: 6 to start with (the local accelerator: 16), more while the total rate still grows, up
+  to ``max_connections``.
 - **The first answer is the caller's**: a 404, 401 or 503 to the first request is raised as it is, so the
   mirror can pass it on; a transfer that breaks later is resumed from its first missing byte, with backoff,
   until ``resume_attempts`` requests in a row brought no new byte.
