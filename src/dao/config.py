@@ -200,6 +200,12 @@ class MirrorConfig:
         help="With local: an accelerator to get Docker Hub images through (repeatable); manifests come from "
         "the first, blobs from all of them, the peers and the registry.",
     )
+    step_aside: bool = setting(
+        True,
+        help="With local: when the first --via (or the registry) answers as fast as loopback and asks for no "
+        "login, send the engine to it (a redirect) for each blob this host does not hold, instead of fetching "
+        "it in between: on the same host or LAN that hop only costs CPU. Off: every blob goes through here.",
+    )
     peer: tuple[str, ...] = setting(
         factory=tuple,
         metavar="URL",

@@ -59,12 +59,16 @@ def peer(world: World, tmp_path: Path) -> Iterator[tuple[Mirror, str]]:
     m.stop()
 
 
+@pytest.mark.parametrize("step_aside", [True, False], ids=["near-accelerator-serves-the-engine", "no-step-aside"])
 def test_docker_pull_through_the_local_accelerator_and_its_accelerator(
-    world: World, dockerd: Dockerd, tmp_path: Path, docker_mirror_port: int
+    world: World, dockerd: Dockerd, tmp_path: Path, docker_mirror_port: int, step_aside: bool
 ) -> None:
+    """The accelerator here is on loopback and anonymous: by default the local accelerator sends the engine
+    to it for each blob (a 307) and holds none; with --no-step-aside every blob goes through and into it."""
     ref = "dao-test/schema2:v1"
     hub = Mirror(tmp_path / "hub", world.upstream.url)  # the user's accelerator
-    local = Mirror(tmp_path / "local", world.upstream.url, port=docker_mirror_port, args=("--local", "--via", hub.url))
+    args = ("--local", "--via", hub.url, *(() if step_aside else ("--no-step-aside",)))
+    local = Mirror(tmp_path / "local", world.upstream.url, port=docker_mirror_port, args=args)
     try:
         info = json.loads(urllib.request.urlopen(f"{local.url}/_dao/local", timeout=10).read())
         assert info["local"] is True and info["via"] == [hub.url]
@@ -76,15 +80,22 @@ def test_docker_pull_through_the_local_accelerator_and_its_accelerator(
         run = dockerd.docker("run", "--rm", "--network", "none", ref, "true", check=False)
         assert run.returncode == 0, run.stderr
         wanted = set(layers(world, ref))
-        served = {a.path.rsplit("/", 1)[1] for a in local.accesses() if "/blobs/" in a.path and a.status == 200}
-        assert wanted <= served
-        through_hub = {a.path.rsplit("/", 1)[1] for a in hub.accesses() if "/blobs/" in a.path}
-        assert wanted <= through_hub  # the accelerator was asked, not the registry
+        answered = {a.path.rsplit("/", 1)[1]: a.status for a in local.accesses() if "/blobs/" in a.path}
+        assert {d: answered.get(d) for d in wanted} == dict.fromkeys(wanted, 307 if step_aside else 200)
+        through_hub = {
+            a.path.rsplit("/", 1)[1]: a.size for a in hub.accesses() if "/blobs/" in a.path and a.status in (200, 206)
+        }
+        assert wanted <= set(through_hub)  # the accelerator was asked, not the registry
+        if step_aside:  # the engine read every byte from it
+            assert all(through_hub[d] == Path(image.blobs[d]).stat().st_size for d in wanted)
         assert any("/manifests/" in a.path for a in hub.accesses())
         for digest in wanted:  # each layer crossed the upstream's link once: the accelerator's fetch
             sent = sum(r.size for r in world.upstream.blob_gets(offset, digest))
             assert sent == Path(image.blobs[digest]).stat().st_size
-        wait_until(lambda: wanted <= local.committed_blobs(), 10, "the commits")
+        if step_aside:
+            assert not wanted & local.committed_blobs()
+        else:
+            wait_until(lambda: wanted <= local.committed_blobs(), 10, "the commits")
     finally:
         local.stop()
         hub.stop()

@@ -155,10 +155,46 @@ async def test_prefetches_go_in_the_manifests_order_a_window_at_a_time() -> None
     assert upstream.running == 0
 
 
+def _upstream(url: str, *, asked: bool = False) -> Any:
+    """What LocalSources reads of a RegistryClient: its URL, whether it wanted authorization, its blob URLs."""
+    return SimpleNamespace(
+        base_url=url,
+        auth=SimpleNamespace(asked=asked),
+        open_blob_url=lambda repo, digest: None if asked else f"{url}/v2/{repo}/blobs/{digest}",
+    )
+
+
 def test_the_prefetch_window_follows_how_far_the_sources_are() -> None:
     sources = LocalSources(session=cast(Any, None), vias=[], peers=[], signer=None)
-    assert sources.prefetch_window("hit", 0.0001) is None  # nothing heard from upstream yet: all at once
-    assert sources.prefetch_window("miss", 0.007) == PREFETCH_WINDOW  # loopback's manifest time
-    assert sources.prefetch_window("hit", 0.0001) == PREFETCH_WINDOW  # a cached one says nothing new
-    assert sources.prefetch_window("revalidated", 0.35) is None  # two round trips of a long link
-    assert sources.prefetch_window("swr", 0.0001) is None
+    mirror = _upstream("http://10.0.0.2:5000", asked=True)  # a mirror with accounts: nothing to step aside to
+    assert sources.prefetch_window(mirror, "hit", 0.0001) is None  # nothing heard from upstream yet: all at once
+    assert sources.prefetch_window(mirror, "miss", 0.007) == PREFETCH_WINDOW  # loopback's manifest time
+    assert sources.prefetch_window(mirror, "hit", 0.0001) == PREFETCH_WINDOW  # a cached one says nothing new
+    for _ in range(7):  # the quickest of the latest eight answers counts: a slow one does not make it far
+        assert sources.prefetch_window(mirror, "revalidated", 0.35) == PREFETCH_WINDOW
+    assert sources.prefetch_window(mirror, "revalidated", 0.35) is None  # eight round trips of a long link
+    assert sources.prefetch_window(mirror, "swr", 0.0001) is None
+    other = _upstream("http://10.0.0.3:5000", asked=True)  # each upstream is judged by its own answers
+    assert sources.prefetch_window(other, "miss", 0.004) == PREFETCH_WINDOW
+    assert sources.prefetch_window(mirror, "hit", 0.0001) is None
+
+
+def test_near_anonymous_sources_get_the_engine_sent_to_them() -> None:
+    digest = Digest.parse("sha256:" + "ab" * 32)
+    sources = LocalSources(session=cast(Any, None), vias=[], peers=[], signer=None)
+    mirror, registry = _upstream("http://127.0.0.1:5000"), _upstream("http://127.0.0.1:5001", asked=True)
+    assert sources.aside(mirror, "library/x", digest) is None  # not known to be near yet
+    assert sources.prefetch_window(mirror, "miss", 0.030) is None  # 30 ms: far, fetched here
+    assert sources.aside(mirror, "library/x", digest) is None
+    sources.observe(mirror, 0.0008)  # its ping at the start
+    assert sources.prefetch_window(mirror, "miss", 0.030) == 0  # near and anonymous: no prefetch, the engine reads it
+    assert sources.aside(mirror, "library/x", digest) == f"http://127.0.0.1:5000/v2/library/x/blobs/{digest}"
+    sources.far(mirror)  # it failed us: fetched here again, through every source
+    assert sources.aside(mirror, "library/x", digest) is None
+    sources.observe(registry, 0.0008)  # near, but it asked for a token: ours, so the blob goes through us
+    assert sources.prefetch_window(registry, "hit", 0.0) == PREFETCH_WINDOW
+    assert sources.aside(registry, "library/x", digest) is None
+    off = LocalSources(session=cast(Any, None), vias=[], peers=[], signer=None, step_aside=False)
+    off.observe(mirror, 0.0008)
+    assert off.aside(mirror, "library/x", digest) is None
+    assert off.prefetch_window(mirror, "hit", 0.0) == PREFETCH_WINDOW

@@ -175,7 +175,7 @@ async def account(request: web.Request, handler: Handler) -> web.StreamResponse:
     completed = False
     try:
         response = await handler(request)
-        redirected = state(request).cache == "redirect"  # the bucket sends it: a download all the same
+        redirected = state(request).cache in ("redirect", "aside")  # sent from elsewhere: a download all the same
         completed = (response.status < 300 or redirected) and request.method == "GET" and state(request).failure is None
         return response
     finally:
@@ -326,7 +326,8 @@ async def blob(request: web.Request, proxy: Proxy, name: str, digest: Digest) ->
         raise
     try:
         if answer.redirect is not None:
-            # The bucket (or its CDN) sends the bytes; they are counted as sent, as if from here.
+            # The bucket (or its CDN) sends the bytes, counted as sent as if from here; or (``aside``) the local
+            # accelerator's near source does, whose size we do not know.
             state(request).sent = held or (answer.size or 0)
             resp = web.Response(status=307, headers={"Location": answer.redirect})
             blob_headers(resp, digest)

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import logging
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -200,11 +201,11 @@ async def _serve(config: MirrorConfig, stack: contextlib.AsyncExitStack, ready: 
         )
         guard = ConnectionGuard(config.max_connections_per_client, config.header_timeout)
         send = SendPolicy(config.send_timeout, float(min_send_rate))
-        app = make_app(
-            router, Proxies(make_proxy, inflight), metrics, meter, guard, send, cluster=cluster, checks=checks
-        )
+        proxies = Proxies(make_proxy, inflight)
+        app = make_app(router, proxies, metrics, meter, guard, send, cluster=cluster, checks=checks)
         if sources is not None:
             add_info(app, sources)
+            app.cleanup_ctx.append(functools.partial(_measuring, sources, proxies.get(DOCKER_HUB_DOMAIN)))
         app.cleanup_ctx.append(functools.partial(collecting, collector, metrics.evictions.inc, config.gc_interval))
         runner = GuardedRunner(
             guard,
@@ -239,6 +240,14 @@ async def _serve(config: MirrorConfig, stack: contextlib.AsyncExitStack, ready: 
             await runner.cleanup()
 
 
+async def _measuring(sources: LocalSources, hub: Proxy, app: web.Application) -> AsyncIterator[None]:
+    """How near the local accelerator's Docker Hub source is, measured as it starts (see ``LocalSources.near``)."""
+    task = asyncio.create_task(sources.measure(hub.client))
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 def local_sources(
     config: MirrorConfig, session: aiohttp.ClientSession, hub_credentials: Credentials | None
 ) -> LocalSources:
@@ -247,7 +256,8 @@ def local_sources(
     hub = RegistryClient(config.upstream, session, credentials=hub_credentials) if vias else None
     signer = peer_signer(config.peer_secret) if config.peer_secret else None
     peers_file = Path(config.peers_file) if config.peers_file else None
-    return LocalSources(session, vias, [u.rstrip("/") for u in config.peer], signer, hub, peers_file)
+    peers = [u.rstrip("/") for u in config.peer]
+    return LocalSources(session, vias, peers, signer, hub, peers_file, step_aside=config.step_aside)
 
 
 async def _serve_peers(listen: str, app: web.Application, stack: contextlib.AsyncExitStack) -> None:

@@ -21,6 +21,7 @@ import asyncio
 import collections
 import json
 import logging
+import time
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,7 @@ from dao.oci.digest import Digest, DigestError
 from dao.oci.errors import RegistryError
 from dao.oci.reference import DOCKER_HUB_DOMAIN
 from dao.registry.client import RegistryClient
+from dao.registry.errors import RegistryClientError
 from dao.transfer.sources import Body, Peer
 
 if TYPE_CHECKING:
@@ -49,7 +51,8 @@ PEER_PATH = "/_dao/peer/blobs/"
 INFO_PATH = "/_dao/local"  # what dao pull asks to learn that the engine's mirror is a local accelerator
 PREFETCH_CLIENT = "prefetch"  # the fetch gate's name for the prefetches (their own per-client share)
 PREFETCH_WINDOW = 4  # blobs of one image fetched ahead at once from near sources (the engine's come on top)
-NEAR_SECONDS = 0.015  # a manifest from upstream faster than this: the sources are near (loopback, a LAN)
+NEAR_SECONDS = 0.015  # an answer from upstream faster than this: the sources are near (loopback, a LAN)
+ROUND_TRIPS = 8  # answers from each upstream whose quickest says how near it is
 REMEMBERED = 64  # recent fetches whose sources are looked at for liars and speeds
 
 
@@ -81,16 +84,19 @@ class LocalSources:
         signer: Signer | None,
         hub: RegistryClient | None = None,
         peers_file: Path | None = None,
+        step_aside: bool = True,
     ) -> None:
         """``hub``: Docker Hub itself, when the proxy's client for it is the first accelerator (``vias``);
-        ``peers_file``: more peers, a JSON list of URLs, read again when it changes."""
+        ``peers_file``: more peers, a JSON list of URLs, read again when it changes; ``step_aside``: see
+        :meth:`aside`."""
         self.session, self.vias, self.signer, self.hub = session, vias, signer, hub
         self.given, self.peers = peers, list(peers)
         self.peers_file = peers_file
         self._read: float | None = None  # the peers file's mtime when it was last read
         self.liars: dict[str, str] = {}  # url -> why
         self.rates: dict[str, float] = {}
-        self.manifest_seconds: float | None = None  # the last manifest's time from upstream
+        self.round_trips: dict[str, collections.deque[float]] = {}  # upstream URL -> its latest answers' times
+        self.step_aside = step_aside
         self._recent: collections.deque[list[Peer]] = collections.deque(maxlen=REMEMBERED)
 
     def __call__(self, registry: RegistryClient, registry_name: str, repo: str, digest: Digest) -> list[Peer]:
@@ -113,19 +119,62 @@ class LocalSources:
         self._recent.append(views)
         return views
 
-    def prefetch_window(self, cache: str, seconds: float) -> int | None:
-        """How many blobs of an image to fetch ahead at once (None: all), from how long its manifest took
-        (``cache``: where it came from; only a round trip to upstream says how far the sources are).
+    def prefetch_window(self, upstream: RegistryClient, cache: str, seconds: float) -> int | None:
+        """How many blobs of an image to fetch ahead at once (None: all; 0: none, the engine reads them from
+        ``upstream`` itself, see :meth:`aside`), from how long its manifest took (``cache``: where it came
+        from; only a round trip to upstream says how far the sources are).
 
         Near sources are limited by this host's cores, not the link: a few at a time in the engine's order
         gets it its first layers soonest. Over a long link each connection is held to a share of it by the
         round trip (and loss), so every blob at once moves the most bytes (on the lossy link, 12 layers of
         2 MiB: 11.6 s four at a time, 8.1 s all at once)."""
         if cache in ("miss", "revalidated"):
-            self.manifest_seconds = seconds
-        near = self.manifest_seconds is not None and self.manifest_seconds < NEAR_SECONDS
+            self.observe(upstream, seconds)
+        near = self.near(upstream)
         log.debug("prefetch: the manifest took %.4f s (%s): %s", seconds, cache, "near" if near else "far")
+        if near and self.step_aside and not upstream.auth.asked:
+            return 0
         return PREFETCH_WINDOW if near else None
+
+    def observe(self, upstream: RegistryClient, seconds: float) -> None:
+        """An answer from ``upstream`` took ``seconds``: at least one round trip to it."""
+        self.round_trips.setdefault(upstream.base_url, collections.deque(maxlen=ROUND_TRIPS)).append(seconds)
+
+    def near(self, upstream: RegistryClient) -> bool:
+        """Whether ``upstream`` answered as fast as this host's loopback lately. The quickest of its latest
+        answers says it: each is one round trip or more, plus the time both ends' code took, which is what
+        varies (a fresh process's first request, a busy host)."""
+        seconds = self.round_trips.get(upstream.base_url)
+        return bool(seconds) and min(seconds) < NEAR_SECONDS
+
+    def far(self, upstream: RegistryClient) -> None:
+        """``upstream`` failed us: near no more until its answers say so again."""
+        self.round_trips.pop(upstream.base_url, None)
+
+    async def measure(self, upstream: RegistryClient, times: int = 2) -> None:
+        """Time a few ``GET /v2/`` to ``upstream`` (the start: it is how near the first pull's sources are,
+        and the connection is then open for it)."""
+        for _ in range(times):
+            began = time.monotonic()
+            try:
+                await upstream.ping()
+            except (RegistryClientError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.debug("round trip to %s: %s", upstream.base_url, exc)
+                return
+            self.observe(upstream, time.monotonic() - began)
+
+    def aside(self, upstream: RegistryClient, repo: str, digest: Digest) -> str | None:
+        """Where the engine should read a blob this host neither holds nor fetches, itself (None: from us).
+
+        When ``upstream`` (the accelerator manifests come from, or the registry) is as near as this host's
+        loopback and anonymous, a hop through here only adds work for the same cores: the engine read a
+        400 MiB layer from a mirror on loopback in 1.1 s straight and in 1.4-1.7 s through us, while we
+        received, hashed and wrote the same bytes. The engine checks the digest itself and nothing enters
+        our cache, so nothing here can go wrong from the bytes; a source that fails sends us back to
+        fetching (:meth:`far`), and the engine to its next mirror."""
+        if not self.step_aside or not self.near(upstream):
+            return None
+        return upstream.open_blob_url(repo, digest)
 
     def _reread(self) -> None:
         if self.peers_file is None:

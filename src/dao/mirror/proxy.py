@@ -46,12 +46,7 @@ from dao.mirror.planning import FetchPlan, Planner
 from dao.mirror.sharing import Sharing
 from dao.mirror.storage.base import BlobStore, LocalBlob, ManifestRecord, ManifestStore, Origin, OriginStore
 from dao.oci.digest import Digest, DigestError
-from dao.oci.manifest import (
-    IMAGE_MANIFEST_TYPES,
-    INDEX_TYPES,
-    accept_key,
-    acceptable,
-)
+from dao.oci.manifest import IMAGE_MANIFEST_TYPES, INDEX_TYPES, accept_key, acceptable
 from dao.registry.client import RegistryClient
 
 if TYPE_CHECKING:
@@ -191,6 +186,9 @@ class Proxy:
             return BlobAnswer(found[1], cache="redirect", redirect=found[0])
         key = ("blob", repo, str(digest))
         running = self.inflight.get(digest)
+        aside = self.sources.aside(self.client, repo, digest) if self.sources is not None and running is None else None
+        if aside is not None:  # the local accelerator's sources are as near as it is: the engine reads them
+            return BlobAnswer(None, cache="aside", redirect=aside)
         if running is not None and running.origin != self.sharing.origin(repo):
             await self._check_shared(repo, digest, "blob", also=running.origin)
         plan = FetchPlan(self.client.blob_source(repo, digest), self._count_upstream_bytes)
@@ -271,8 +269,9 @@ class Proxy:
         if self.prefetch_children and answer.media_type in INDEX_TYPES and answer.digest not in self.children.complete:
             self._in_background(("children", str(answer.digest)), self.children.cache(repo, answer.digest, answer.body))
         if self.sources is not None and answer.media_type in IMAGE_MANIFEST_TYPES:  # the local accelerator
-            window = self.sources.prefetch_window(answer.cache, time.monotonic() - began)
-            self._in_background(("blobs", str(answer.digest)), prefetch_blobs(self, repo, answer.body, window))
+            window = self.sources.prefetch_window(self.client, answer.cache, time.monotonic() - began)
+            if window != 0:
+                self._in_background(("blobs", str(answer.digest)), prefetch_blobs(self, repo, answer.body, window))
         return answer
 
     async def _manifest_by_digest(self, repo: str, digest: Digest, accept: tuple[str, ...]) -> ManifestAnswer:
@@ -418,6 +417,8 @@ class Proxy:
     def _count(self, exc: BaseException) -> None:
         if isinstance(exc, _BREAKER_FAILURES):
             self.breaker.failure()
+            if self.sources is not None:
+                self.sources.far(self.client)
         elif isinstance(exc, RegistryClientError):
             self.breaker.success()  # a 404 or 401 is an answer: the upstream is up
 

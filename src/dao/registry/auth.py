@@ -118,8 +118,15 @@ class Authenticator:
     clock: Callable[[], float] = time.monotonic
     _tokens: dict[tuple[str, str, str], _Token] = field(default_factory=dict)
     _locks: dict[tuple[str, str, str], asyncio.Lock] = field(default_factory=dict)
+    required: bool = False  # the registry said it wants authorization (its /v2/ answered 401)
     _bearer: Challenge | None = None  # the registry's last Bearer challenge: lets us fetch tokens up front
     _basic: bool = False
+
+    @property
+    def asked(self) -> bool:
+        """Whether the registry ever wanted authorization from us, or we have a login for it: either way what
+        it serves us may be ours alone, not for a client of its own to read."""
+        return self.required or self._bearer is not None or self._basic or self.credentials is not None
 
     async def headers(self, scope: str) -> dict[str, str]:
         """Authorization to send before any challenge: a cached or pre-fetched token, or Basic."""

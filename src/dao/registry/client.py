@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -163,6 +163,7 @@ class RegistryClient:
         """``GET /v2/``; a 401 counts as alive (the registry answered)."""
         async with self._send("GET", "/v2/", scope="", authenticate=False) as resp:
             await read_capped(resp, ERROR_BODY_LIMIT)
+            self.auth.required = self.auth.required or resp.status == 401
             return Ping(resp.status, resp.headers.get(NAMESPACES_HEADER, "").lower() == "true")
 
     async def get_manifest(self, repo: str, reference: str, accept: tuple[str, ...]) -> Manifest:
@@ -215,6 +216,15 @@ class RegistryClient:
                 body = await read_capped(resp, ERROR_BODY_LIMIT)
                 check_response(resp, body, 200, 206)
             yield resp
+
+    def open_blob_url(self, repo: str, digest: Digest) -> str | None:
+        """The blob's URL for another client to read it with no help from us: None when this registry asked
+        us for authorization (a token or a login is ours, not theirs) or is HTTPS without a checked
+        certificate (the other client would refuse it)."""
+        if self.auth.asked or self.ssl is False:
+            return None
+        query = f"?ns={quote(self.namespace, safe='')}" if self.namespace else ""
+        return f"{self.base_url}/v2/{repo}/blobs/{digest}{query}"
 
     def blob_source(self, repo: str, digest: Digest) -> BlobSource:
         """The blob as a source for a transfer (:class:`dao.transfer.sources.BlobSource`)."""
