@@ -8,8 +8,6 @@ import functools
 import inspect
 import json
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, get_origin, get_type_hints
@@ -98,6 +96,9 @@ def console_call(console: str | None, token: str | None, method: str, path: str,
         raise fail("which console? give --console URL (or set DAO_CONSOLE)")
     if not token:
         raise fail("give an API token: --token (or DAO_TOKEN)", "make one with 'dao console api-token NAME'")
+    import urllib.error  # here: every other command starts without them
+    import urllib.request
+
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(
         console + path,

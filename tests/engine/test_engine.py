@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 
 import pytest
 
 from dao.engine import Engine, EngineError
+from dao.engine.wire import WireEngine, reachable
 from tests.services import images
 from tests.services.dockerd import Dockerd
 
@@ -49,3 +52,32 @@ async def test_no_engine_is_an_engine_error(tmp_path) -> None:
         with pytest.raises(EngineError, match="cannot reach the Docker engine"):
             async for _ in engine.events(until=time.time()):
                 pass
+
+
+async def test_the_plain_client_learns_what_the_aiohttp_one_does(dockerd: Dockerd) -> None:
+    async with Engine(f"unix://{dockerd.sock}") as engine:
+        expected = await engine.negotiate()
+    assert await asyncio.to_thread(WireEngine(f"unix://{dockerd.sock}").negotiate) == expected
+
+
+def test_the_plain_clients_pull_raises_the_engines_refusal(dockerd: Dockerd) -> None:
+    engine = WireEngine(f"unix://{dockerd.sock}")
+    engine.negotiate()
+    with pytest.raises(EngineError, match=r"^POST /images/create: 500 .*127\.0\.0\.1:9.*connection refused"):
+        for _ in engine.pull("127.0.0.1:9/nothing", "v1"):  # the discard port: nothing listens (loopback only)
+            pass
+
+
+def test_the_plain_client_is_for_plain_sockets_only(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(EngineError, match="cannot reach the Docker engine"):
+        WireEngine(f"unix://{tmp_path}/no-engine.sock").negotiate()
+    assert reachable("tcp://127.0.0.1:2375") and not reachable("https://127.0.0.1:2376")
+    monkeypatch.setenv("DOCKER_TLS_VERIFY", "1")
+    assert not reachable("tcp://127.0.0.1:2376")  # TLS: the aiohttp client's (dao pull's load path checks it)
+
+
+def test_choosing_the_engines_own_pull_imports_no_http_library() -> None:
+    """What dao pull loads before it knows the engine pulls through the local accelerator (0.1 s, not 0.3 s)."""
+    code = "import sys, dao.cli, dao.pull.cli, dao.pull.native; print(sorted({'aiohttp', 'rich'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]"

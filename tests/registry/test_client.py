@@ -11,8 +11,8 @@ import pytest
 from aiohttp import web
 
 from dao.oci.digest import Digest
-from dao.registry.auth import Credentials
 from dao.registry.client import RegistryClient, RetryPolicy, registry_timeout
+from dao.registry.credentials import Credentials
 from dao.registry.errors import UpstreamNotFound, UpstreamRateLimited, UpstreamUnauthorized, UpstreamUnavailable
 from tests.conftest import World
 from tests.services import images

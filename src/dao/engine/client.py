@@ -1,10 +1,6 @@
-"""The Docker Engine API, reached the way the docker CLI reaches it.
-
-``DOCKER_HOST`` (``unix://`` or ``tcp://``; default ``unix:///var/run/docker.sock``), else the docker context
-(``DOCKER_CONTEXT`` or ``currentContext`` in ``config.json``), with ``DOCKER_TLS_VERIFY``/``DOCKER_CERT_PATH``
-for TLS over TCP. The API version is negotiated: we ask
-``/version`` unversioned and speak the lower of the engine's version and ours, never below 1.24 (Docker 1.12);
-``DOCKER_API_VERSION`` pins one, as it does for the docker CLI.
+"""The Docker Engine API over aiohttp, reached the way the docker CLI reaches it (see :mod:`dao.engine.api`
+for where the engine is and which version is spoken), with ``DOCKER_TLS_VERIFY``/``DOCKER_CERT_PATH`` for
+TLS over TCP.
 
 Errors come out as :class:`EngineError` with one line a person can act on (engine down, permission denied).
 """
@@ -12,12 +8,10 @@ Errors come out as :class:`EngineError` with one line a person can act on (engin
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -25,63 +19,23 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 
-from dao.errors import DaoError
+from dao.engine.api import (
+    DEFAULT_HOST,
+    EngineError,
+    EngineInfo,
+    checked_pull_message,
+    choose_version,
+    engine_info,
+    go_arch,
+    message_of,
+    pull_params,
+    resolve_host,
+    tls_wanted,
+    unreachable,
+)
 from dao.paths import docker_config_dir
 
-DEFAULT_HOST = "unix:///var/run/docker.sock"
-OUR_API = (1, 43)
-MIN_API = (1, 24)
-
-
-class EngineError(DaoError):
-    """The engine is unreachable, refused us, or answered an error; the message is for people.
-
-    ``status`` is the engine's HTTP status when it answered (404 gone, 409 conflict/in use), else None.
-    """
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass(frozen=True, slots=True)
-class EngineInfo:
-    api_version: str
-    os: str  # Go names: linux
-    arch: str  # amd64, arm64
-    mirrors: tuple[str, ...]  # Docker Hub mirrors the engine is configured with
-    containerd_store: bool  # images in containerd's store (snapshotters), not the classic graph drivers
-    root_dir: str = ""  # DockerRootDir: the data root, as the engine's host sees it
-    driver: str = ""  # the storage driver: overlay2, ...
-    registry_config: dict[str, Any] | None = None  # /info's RegistryConfig: insecure registries, mirrors
-    server_version: str = ""  # the engine's own version (Docker 26.1.5)
-
-
-def _parse_version(text: str) -> tuple[int, int]:
-    major, _, minor = text.partition(".")
-    return int(major), int(minor or 0)
-
-
-def resolve_host() -> str:
-    """Where the docker CLI would connect: ``DOCKER_HOST``, else the context (``DOCKER_CONTEXT``, else the
-    config's ``currentContext``), else the default socket."""
-    if os.environ.get("DOCKER_HOST"):
-        return os.environ["DOCKER_HOST"]
-    name = os.environ.get("DOCKER_CONTEXT")
-    config_dir = docker_config_dir()
-    if not name:
-        try:
-            name = json.loads((config_dir / "config.json").read_text()).get("currentContext")
-        except (OSError, ValueError, AttributeError):
-            name = None
-    if not name or name == "default":
-        return DEFAULT_HOST
-    meta = config_dir / "contexts" / "meta" / hashlib.sha256(name.encode()).hexdigest() / "meta.json"
-    try:
-        host = json.loads(meta.read_text())["Endpoints"]["docker"]["Host"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise EngineError(f"docker context {name!r} not found or unreadable ({meta})") from exc
-    return str(host)
+__all__ = ["DEFAULT_HOST", "Engine", "EngineError", "EngineInfo", "go_arch", "resolve_host"]
 
 
 class Engine:
@@ -93,7 +47,7 @@ class Engine:
             self._connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=split.path)
             self._base = "http://docker"
         elif split.scheme in ("tcp", "http", "https"):
-            tls = split.scheme == "https" or os.environ.get("DOCKER_TLS_VERIFY") not in (None, "", "0")
+            tls = tls_wanted(split.scheme)
             if tls:
                 ssl_context = _tls_context(Path(os.environ.get("DOCKER_CERT_PATH") or docker_config_dir()))
             self._connector = aiohttp.TCPConnector(ssl=ssl_context)
@@ -115,35 +69,8 @@ class Engine:
 
     async def negotiate(self) -> EngineInfo:
         doc = await self._json("GET", "/version", versioned=False)
-        engine = _parse_version(str(doc.get("ApiVersion", "1.24")))
-        if engine < MIN_API:
-            raise EngineError(f"the Docker engine speaks API {doc.get('ApiVersion')}; dao needs 1.24 or newer")
-        chosen = min(engine, OUR_API)
-        pinned = os.environ.get("DOCKER_API_VERSION")  # as the docker CLI: speak exactly this version
-        if pinned:
-            try:
-                chosen = _parse_version(pinned.removeprefix("v"))
-            except ValueError:
-                raise EngineError(f"DOCKER_API_VERSION={pinned!r}: give a version like 1.41") from None
-            if not MIN_API <= chosen <= engine:
-                raise EngineError(f"DOCKER_API_VERSION={pinned}: this engine speaks 1.24 to {doc.get('ApiVersion')}")
-        self.version = f"v{chosen[0]}.{chosen[1]}"
-        info = await self._json("GET", "/info")
-        registry = info.get("RegistryConfig") or {}
-        mirrors = tuple(str(m).rstrip("/") for m in registry.get("Mirrors") or [])
-        status = info.get("DriverStatus") or []
-        containerd_store = any("io.containerd.snapshotter" in str(value) for _, value in status)
-        return EngineInfo(
-            self.version[1:],
-            str(doc.get("Os", "linux")),
-            go_arch(str(doc.get("Arch", "amd64"))),
-            mirrors,
-            containerd_store,
-            str(info.get("DockerRootDir") or ""),
-            str(info.get("Driver") or ""),
-            registry if isinstance(registry, dict) else None,
-            str(doc.get("Version") or ""),
-        )
+        self.version = choose_version(doc)
+        return engine_info(self.version, doc, await self._json("GET", "/info"))
 
     # Typed calls: the operation and its parameters are named here, once; the answers are the API's documents.
     # Refusals raise EngineError with the engine's status (404 gone, 409 in use or conflict).
@@ -192,7 +119,7 @@ class Engine:
         try:
             async with self.session.get(url, params=params) as resp:
                 if resp.status >= 400:
-                    raise EngineError(f"GET logs: {resp.status} {_message(await resp.text())}", resp.status)
+                    raise EngineError(f"GET logs: {resp.status} {message_of(await resp.text())}", resp.status)
                 if tty:
                     async for chunk in resp.content.iter_any():
                         yield "tty", chunk
@@ -277,14 +204,9 @@ class Engine:
     ) -> AsyncIterator[dict[str, Any]]:
         """The engine's own pull (``POST /images/create``): its progress messages as they come (``status``,
         ``id``, ``progressDetail``); the error it ends with raised. ``auth``: the X-Registry-Auth value."""
-        params = {"fromImage": image, "tag": tag}
-        if platform:
-            params["platform"] = platform
-        async for doc in self._stream("POST", "/images/create", params, {"X-Registry-Auth": auth} if auth else None):
-            if doc.get("error") or doc.get("errorDetail"):
-                detail = doc.get("errorDetail") or {}
-                raise EngineError(f"the engine's pull failed: {doc.get('error') or detail.get('message')}")
-            yield doc
+        headers = {"X-Registry-Auth": auth} if auth else None
+        async for doc in self._stream("POST", "/images/create", pull_params(image, tag, platform), headers):
+            yield checked_pull_message(doc)
 
     async def _stream(
         self, method: str, path: str, params: dict[str, str], headers: dict[str, str] | None = None
@@ -294,7 +216,7 @@ class Engine:
         try:
             async with self.session.request(method, url, params=params or None, headers=headers) as resp:
                 if resp.status >= 400:
-                    raise EngineError(f"{method} {path}: {resp.status} {_message(await resp.text())}", resp.status)
+                    raise EngineError(f"{method} {path}: {resp.status} {message_of(await resp.text())}", resp.status)
                 while line := await resp.content.readline():
                     try:
                         doc = json.loads(line)
@@ -312,7 +234,7 @@ class Engine:
             async with self.session.post(url, data=body, headers={"Content-Type": "application/x-tar"}) as resp:
                 text = await resp.text()
                 if resp.status >= 400:
-                    raise EngineError(f"the engine refused the image: {_message(text)}")
+                    raise EngineError(f"the engine refused the image: {message_of(text)}")
         except aiohttp.ClientError as exc:
             raise self._unreachable(exc) from exc
         messages = []
@@ -332,7 +254,7 @@ class Engine:
         try:
             async with self.session.get(url, params={"path": path}) as resp:
                 if resp.status >= 400:
-                    raise EngineError(f"GET archive: {resp.status} {_message(await resp.text())}", resp.status)
+                    raise EngineError(f"GET archive: {resp.status} {message_of(await resp.text())}", resp.status)
                 async for chunk in resp.content.iter_chunked(256 * 1024):
                     yield chunk
         except aiohttp.ClientError as exc:
@@ -346,7 +268,7 @@ class Engine:
                 url, params={"path": path}, data=body, headers={"Content-Type": "application/x-tar"}
             ) as resp:
                 if resp.status >= 400:
-                    raise EngineError(f"PUT archive: {resp.status} {_message(await resp.text())}", resp.status)
+                    raise EngineError(f"PUT archive: {resp.status} {message_of(await resp.text())}", resp.status)
         except aiohttp.ClientError as exc:
             raise self._unreachable(exc) from exc
 
@@ -366,34 +288,17 @@ class Engine:
             async with self.session.request(method, url, params=params or None, json=body) as resp:
                 text = await resp.text()
                 if resp.status >= 400:
-                    raise EngineError(f"{method} {path}: {resp.status} {_message(text)}", resp.status)
+                    raise EngineError(f"{method} {path}: {resp.status} {message_of(text)}", resp.status)
                 return json.loads(text) if text else None
         except aiohttp.ClientError as exc:
             raise self._unreachable(exc) from exc
 
     def _unreachable(self, exc: Exception) -> EngineError:
-        cause = exc.__cause__ or exc
-        if isinstance(cause, PermissionError) or "Permission denied" in str(exc):
-            return EngineError(
-                f"permission denied on {self.host}: run with sudo, or join the docker group (then log in again)"
-            )
-        return EngineError(f"cannot reach the Docker engine at {self.host}: is dockerd running? ({exc})")
+        return unreachable(self.host, exc)
 
 
 def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
-
-
-def _message(text: str) -> str:
-    try:
-        doc = json.loads(text)
-        return str(doc.get("message", text)).strip()
-    except (ValueError, AttributeError):
-        return text.strip()[:300]
-
-
-def go_arch(arch: str) -> str:
-    return {"x86_64": "amd64", "aarch64": "arm64"}.get(arch, arch)
 
 
 def _tls_context(cert_path: Path) -> ssl.SSLContext:

@@ -32,8 +32,8 @@ from dao.mirror.serve import SendPolicy
 from dao.mirror.storage import FilesystemBlobStore, FilesystemManifestStore, FilesystemOrigins
 from dao.mirror.usage import Meter
 from dao.oci.reference import DOCKER_HUB_DOMAIN
-from dao.registry.auth import Credentials
 from dao.registry.client import RegistryClient
+from dao.registry.credentials import Credentials
 from dao.transfer.download import upstream_policy
 from dao.units import parse_size
 

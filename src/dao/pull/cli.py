@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
@@ -92,8 +91,8 @@ def pull_command(
     Docker Hub image is pulled by the engine itself through it (layers unpacked as they stream, RepoDigests
     recorded); otherwise dao fetches the image and loads it, and says so.
     """
-    from dao.pull.cache import BlobCache, default_cache_dir
-    from dao.pull.run import PullOptions, pull
+    from dao.pull.native import engine_path
+    from dao.pull.options import PullOptions
 
     if os.environ.get("DAO_LOG"):  # what each chunk and source did, for the curious and for bug reports
         logging.basicConfig(
@@ -102,6 +101,8 @@ def pull_command(
     if cache_prune:
         if image is not None:
             raise fail("--cache-prune takes no IMAGE")
+        from dao.pull.cache import BlobCache, default_cache_dir
+
         removed, freed = BlobCache(cache_dir or default_cache_dir()).prune(0)
         typer.echo(f"removed {removed} cached blobs, {freed / 1e6:.1f} MB")
         return
@@ -125,7 +126,14 @@ def pull_command(
         load=load,
     )
     try:
-        code = asyncio.run(pull(options, out=lambda line: typer.echo(line)))
+        taken = engine_path(options, out=typer.echo)  # the engine's own pull, without loading the rest
+        if isinstance(taken, int):
+            raise typer.Exit(taken)
+        import asyncio
+
+        from dao.pull.run import pull
+
+        code = asyncio.run(pull(options, out=lambda line: typer.echo(line), not_engine=taken))
     except OSError as exc:
         raise fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), code=1) from None
     raise typer.Exit(code)

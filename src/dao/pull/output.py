@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -37,3 +38,7 @@ def finish(out: Callable[[str], None], quiet: bool, digest: object, status: str,
     out(f"Digest: {digest}")
     out(f"Status: {status}")
     out(str(ref))
+
+
+def warn(line: str) -> None:
+    print(f"dao: warning: {line}", file=sys.stderr)

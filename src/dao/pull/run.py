@@ -10,7 +10,6 @@ import platform as py_platform
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -29,7 +28,8 @@ from dao.pull.cache import BlobCache, default_cache_dir
 from dao.pull.fetch import Fetcher
 from dao.pull.load import parse_output, write_oci_layout, write_stream
 from dao.pull.native import engine_pull, local_accelerator, why_not
-from dao.pull.output import finish, progress_bars
+from dao.pull.options import PullOptions
+from dao.pull.output import finish, progress_bars, warn
 from dao.pull.plan import PullError, Source, resolve
 from dao.pull.route import peers, rank
 from dao.registry.client import RegistryClient, RetryPolicy, registry_timeout
@@ -45,25 +45,6 @@ INSECURE_PROBE_TIMEOUT = 5.0  # seconds for an insecure registry to answer over 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class PullOptions:
-    reference: str
-    platform: str | None = None
-    mirrors: tuple[str, ...] = ()
-    engine_mirrors: bool = True
-    jobs: int = 32  # connections at most, across all blobs and sources (it starts with 16)
-    per_source: int = 32  # connections to one source at once
-    verify_upstream: bool = False  # resolve the tag at the registry itself, not through a mirror
-    cache_dir: Path | None = None
-    quiet: bool = False
-    output: str | None = None  # oci:DIR or docker-archive:FILE instead of the engine
-    progress: bool = False  # live bars (a terminal); otherwise one line per layer
-    cache_max: int = 20 * 1024**3  # the content cache is pruned to this after each pull
-    stall_timeout: float = 15.0  # seconds without a byte before a stream counts as broken
-    insecure_registries: tuple[str, ...] = ()  # host[:port] or CIDR, beside the engine's insecure-registries
-    load: bool = False  # fetch and load even when the engine could pull through a local accelerator
-
-
 def _platform(text: str | None, engine_os: str, engine_arch: str) -> Platform:
     if not text:
         return Platform(engine_os, engine_arch)
@@ -73,7 +54,9 @@ def _platform(text: str | None, engine_os: str, engine_arch: str) -> Platform:
     return Platform(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
 
 
-async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
+async def pull(options: PullOptions, out: Callable[[str], None] = print, *, not_engine: str | None = None) -> int:
+    """``not_engine``: why the engine's own pull is not the path, when :func:`dao.pull.native.engine_path`
+    already found out (it is not asked again)."""
     ref = Reference.parse(options.reference)
     output = parse_output(options.output) if options.output else None
     async with contextlib.AsyncExitStack() as stack:
@@ -88,9 +71,9 @@ async def pull(options: PullOptions, out: Callable[[str], None] = print) -> int:
             engine_mirrors = info.mirrors if options.engine_mirrors else ()
             registry_config = info.registry_config
             accelerator = None
-            if ref.domain == DOCKER_HUB_DOMAIN and not options.load:
-                accelerator = await local_accelerator(session, engine_mirrors)
-            why = why_not(
+            if ref.domain == DOCKER_HUB_DOMAIN and not options.load and not_engine is None:
+                accelerator = await asyncio.to_thread(local_accelerator, engine_mirrors)
+            why = not_engine or why_not(
                 ref,
                 accelerator,
                 mirrors=bool(options.mirrors),
@@ -288,10 +271,6 @@ def _background(work: Coroutine[Any, Any, T]) -> Iterator[asyncio.Task[T]]:
 def _timeout(options: PullOptions) -> aiohttp.ClientTimeout:
     """No bytes for ``stall_timeout`` seconds is a broken stream: resumed, then the source dropped."""
     return registry_timeout(10, options.stall_timeout)
-
-
-def warn(line: str) -> None:
-    print(f"dao: warning: {line}", file=sys.stderr)
 
 
 async def registry_endpoint(

@@ -11,7 +11,6 @@ us, later scopes fetch their token up front instead of paying a 401 round trip e
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from dao.registry.body import read_capped
+from dao.registry.credentials import Credentials
 from dao.registry.errors import UpstreamStatusError, UpstreamUnauthorized, UpstreamUnavailable
 
 TOKEN_DEFAULT_EXPIRES = 60
@@ -86,17 +86,6 @@ def parse_www_authenticate(header: str) -> list[Challenge]:
             challenges.append(current)
             # token68 form ("Basic abc=="), ignored: registries use auth-params
     return challenges
-
-
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    username: str = ""
-    password: str = ""
-    identity_token: str = ""  # docker's refresh token (``identitytoken`` in config.json)
-
-    def basic_header(self) -> str:
-        raw = f"{self.username}:{self.password}".encode()
-        return "Basic " + base64.b64encode(raw).decode()
 
 
 @dataclass(slots=True)

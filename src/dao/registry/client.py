@@ -24,9 +24,10 @@ from dao.aio import backoff
 from dao.oci.digest import Digest, DigestError
 from dao.oci.errors import parse_error_body
 from dao.oci.manifest import MAX_MANIFEST_SIZE, media_type_of
-from dao.registry.auth import Authenticator, Credentials
+from dao.registry.auth import Authenticator
 from dao.registry.blobs import BlobSource
 from dao.registry.body import read_capped, read_errors
+from dao.registry.credentials import Credentials
 from dao.registry.errors import (
     RegistryClientError,
     UpstreamNotFound,

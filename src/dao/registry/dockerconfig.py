@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dao.oci.reference import DOCKER_HUB_NAMES
 from dao.paths import docker_config_dir
-from dao.registry.auth import Credentials
+from dao.registry.credentials import Credentials
 
 DOCKER_HUB_KEY = "https://index.docker.io/v1/"
 HELPER_TIMEOUT = 30
