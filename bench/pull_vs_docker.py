@@ -147,6 +147,7 @@ def measure(args: argparse.Namespace, work: Path, built: dict, started: list[Sto
     def reset() -> None:
         engine.reset()
         shutil.rmtree(cache, ignore_errors=True)
+        os.sync()  # the last pull's writes reach the disk now, not during the next tool's pull
 
     def fresh_local() -> None:
         """The local accelerator empty, its --via the scenario's mirrors."""

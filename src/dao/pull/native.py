@@ -8,6 +8,10 @@ shown is dao's own display, fed by the engine's progress messages.
 
 Anything else (an image of another registry, an engine whose first mirror is something else, ``--mirror``,
 ``--verify-upstream``, ``--load``) takes the load path of :mod:`dao.pull.run`, which says why.
+
+Two drivers of one :class:`Display`: :func:`engine_path`, the CLI's, on the standard library alone (the
+command's start is most of what dao adds to a pull from a near mirror), and :func:`engine_pull`, for
+``run.pull``'s asynchronous callers (the agent).
 """
 
 from __future__ import annotations
@@ -88,7 +92,9 @@ def registry_auth(ref: Reference, warn: Callable[[str], None]) -> str | None:
 class Display:
     """docker's lines (or one bar per layer), fed the engine's progress messages one at a time."""
 
-    def __init__(self, ref: Reference, *, quiet: bool, bars: bool, out: Callable[[str], None], accelerator: str):
+    def __init__(
+        self, ref: Reference, *, quiet: bool, bars: bool, out: Callable[[str], None], accelerator: str
+    ) -> None:
         self.ref, self.quiet, self.out = ref, quiet, out
         self.source = accelerator.split("://", 1)[-1]
         self.progress = progress_bars() if bars and not quiet else None
