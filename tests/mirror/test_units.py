@@ -198,3 +198,21 @@ def test_near_anonymous_sources_get_the_engine_sent_to_them() -> None:
     off.observe(mirror, 0.0008)
     assert off.aside(mirror, "library/x", digest) is None
     assert off.prefetch_window(mirror, "hit", 0.0) == PREFETCH_WINDOW
+
+
+async def test_the_start_measures_how_near_the_source_is_from_answers_it_could_serve() -> None:
+    def pinging(status: int | None) -> Any:
+        async def ping() -> Any:
+            if status is None:
+                raise OSError("connection refused")
+            return SimpleNamespace(status=status)
+
+        return SimpleNamespace(base_url=f"http://127.0.0.1:{status or 1}", ping=ping)
+
+    sources = LocalSources(session=cast(Any, None), vias=[], peers=[], signer=None)
+    up, failing, gone = pinging(200), pinging(503), pinging(None)
+    for upstream in (up, failing, gone):
+        await sources.measure(upstream)
+    assert sources.near(up)  # two loopback round trips
+    assert not sources.near(failing)  # quick, but an engine sent there would get the 503
+    assert not sources.near(gone)

@@ -157,9 +157,11 @@ class LocalSources:
         for _ in range(times):
             began = time.monotonic()
             try:
-                await upstream.ping()
+                answer = await upstream.ping()
             except (RegistryClientError, aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.debug("round trip to %s: %s", upstream.base_url, exc)
+                return
+            if answer.status >= 500:  # quick, but not a source to send the engine to
                 return
             self.observe(upstream, time.monotonic() - began)
 
