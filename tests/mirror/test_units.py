@@ -159,7 +159,7 @@ def _upstream(url: str, *, asked: bool = False) -> Any:
     """What LocalSources reads of a RegistryClient: its URL, whether it wanted authorization, its blob URLs."""
     return SimpleNamespace(
         base_url=url,
-        auth=SimpleNamespace(asked=asked),
+        open_to_others=not asked,
         open_blob_url=lambda repo, digest: None if asked else f"{url}/v2/{repo}/blobs/{digest}",
     )
 

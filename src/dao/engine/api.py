@@ -116,6 +116,16 @@ def engine_info(version: str, doc: dict[str, Any], info: dict[str, Any]) -> Engi
     )
 
 
+def stream_document(line: bytes) -> dict[str, Any] | None:
+    """One line of a newline-delimited JSON answer (a pull's progress, the event stream): its object, or
+    None for anything else (a blank or torn line)."""
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 def pull_params(image: str, tag: str, platform: str | None) -> dict[str, str]:
     """The query of ``POST /images/create`` for the engine's own pull."""
     params = {"fromImage": image, "tag": tag}

@@ -30,6 +30,7 @@ from dao.engine.api import (
     message_of,
     pull_params,
     resolve_host,
+    stream_document,
     tls_wanted,
     unreachable,
 )
@@ -218,11 +219,8 @@ class Engine:
                 if resp.status >= 400:
                     raise EngineError(f"{method} {path}: {resp.status} {message_of(await resp.text())}", resp.status)
                 while line := await resp.content.readline():
-                    try:
-                        doc = json.loads(line)
-                    except ValueError:
-                        continue
-                    if isinstance(doc, dict):
+                    doc = stream_document(line)
+                    if doc is not None:
                         yield doc
         except aiohttp.ClientError as exc:
             raise self._unreachable(exc) from exc

@@ -26,6 +26,7 @@ from dao.engine.api import (
     message_of,
     pull_params,
     resolve_host,
+    stream_document,
     tls_wanted,
     unreachable,
 )
@@ -79,11 +80,8 @@ class WireEngine:
         conn, resp = self._request("POST", f"/{self.version}/images/create?{query}", auth, timeout=None)
         try:
             while line := self._read(resp.readline):
-                try:
-                    doc = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(doc, dict):
+                doc = stream_document(line)
+                if doc is not None:
                     yield checked_pull_message(doc)
         finally:
             conn.close()

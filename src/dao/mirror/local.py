@@ -132,7 +132,7 @@ class LocalSources:
             self.observe(upstream, seconds)
         near = self.near(upstream)
         log.debug("prefetch: the manifest took %.4f s (%s): %s", seconds, cache, "near" if near else "far")
-        if near and self.step_aside and not upstream.auth.asked:
+        if self.stepping_aside(upstream):
             return 0
         return PREFETCH_WINDOW if near else None
 
@@ -174,9 +174,12 @@ class LocalSources:
         received, hashed and wrote the same bytes. The engine checks the digest itself and nothing enters
         our cache, so nothing here can go wrong from the bytes; a source that fails sends us back to
         fetching (:meth:`far`), and the engine to its next mirror."""
-        if not self.step_aside or not self.near(upstream):
-            return None
-        return upstream.open_blob_url(repo, digest)
+        return upstream.open_blob_url(repo, digest) if self.stepping_aside(upstream) else None
+
+    def stepping_aside(self, upstream: RegistryClient) -> bool:
+        """Whether the engine reads ``upstream``'s blobs itself (see :meth:`aside`): the one test for both the
+        redirect and the prefetch it makes needless."""
+        return self.step_aside and self.near(upstream) and upstream.open_to_others
 
     def _reread(self) -> None:
         if self.peers_file is None:

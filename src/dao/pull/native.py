@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from dao.engine.api import resolve_host
 from dao.engine.wire import WireEngine, reachable
 from dao.oci.reference import DOCKER_HUB_DOMAIN, Reference
 from dao.pull.options import PullOptions
@@ -158,14 +159,17 @@ def engine_path(options: PullOptions, out: Callable[[str], None]) -> int | str |
     """``dao pull`` by the engine's own pull, if it is the path for ``options``, on the standard library
     alone (see :mod:`dao.engine.wire`). Returns the exit status when it was; else why not, for the load path
     to say; None when only the load path can tell (``-o``, an engine with TLS)."""
-    if options.output is not None or not reachable():
+    if options.output is not None:  # no engine needed: none asked
+        return None
+    host = resolve_host()
+    if not reachable(host):
         return None
     ref = Reference.parse(options.reference)
     if options.load or ref.domain != DOCKER_HUB_DOMAIN:
         return why_not(
             ref, None, mirrors=bool(options.mirrors), verify_upstream=options.verify_upstream, load=options.load
         )
-    engine = WireEngine()
+    engine = WireEngine(host)
     info = engine.negotiate()
     accelerator = local_accelerator(info.mirrors if options.engine_mirrors else ())
     why = why_not(ref, accelerator, mirrors=bool(options.mirrors), verify_upstream=options.verify_upstream, load=False)

@@ -218,11 +218,16 @@ class RegistryClient:
                 check_response(resp, body, 200, 206)
             yield resp
 
+    @property
+    def open_to_others(self) -> bool:
+        """Whether another client can read this registry with no help from us: it never asked us for
+        authorization (a token or a login is ours, not theirs) and is not HTTPS without a checked certificate
+        (the other client would refuse it)."""
+        return not self.auth.asked and self.ssl is not False
+
     def open_blob_url(self, repo: str, digest: Digest) -> str | None:
-        """The blob's URL for another client to read it with no help from us: None when this registry asked
-        us for authorization (a token or a login is ours, not theirs) or is HTTPS without a checked
-        certificate (the other client would refuse it)."""
-        if self.auth.asked or self.ssl is False:
+        """The blob's URL for another client to read it with no help from us (None: see ``open_to_others``)."""
+        if not self.open_to_others:
             return None
         query = f"?ns={quote(self.namespace, safe='')}" if self.namespace else ""
         return f"{self.base_url}/v2/{repo}/blobs/{digest}{query}"
