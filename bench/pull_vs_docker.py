@@ -83,6 +83,9 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
+    # dao's bytecode, as an installed wheel has it: an editable checkout under PYTHONDONTWRITEBYTECODE would
+    # compile every module it imports on every pull (~30 ms of dao pull's start)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "src")], check=True, capture_output=True)
     print("building images...", file=sys.stderr)
     big = images.image(work, [images.data_layer(work, "pb-big", args.size_mib * MiB)])
     many = images.image(
@@ -226,7 +229,8 @@ def measure(args: argparse.Namespace, work: Path, built: dict, started: list[Sto
             use_mirrors(ports)
             vias = ports
             for round_ in range(max(1, args.repeat)):
-                for tool in tools:  # interleaved, so a slow moment of the machine hits every tool alike
+                turn = round_ % len(tools)  # interleaved, each round starting with the next tool: a slow moment of
+                for tool in tools[turn:] + tools[:turn]:  # the machine, or a pull's place in the round, hits all alike
                     print(f"({key}) {tool} {name} from warm mirrors ({round_ + 1})...", file=sys.stderr)
                     seconds, ok = pull(tool, warm, f"{key}{round_}-{name}")
                     results.append(Run(tool, name, key, seconds, ok))
@@ -271,8 +275,14 @@ def report(
             cells = []
             for tool in tools:
                 r = by.get((tool, image, key))
-                cells.append("-" if r is None else f"{r.seconds:.1f} s" + ("" if r.ok else " FAIL"))
+                cells.append("-" if r is None else f"{r.seconds:.2f} s" + ("" if r.ok else " FAIL"))
             print(f"{image:<6} {label:<24}" + "".join(f"{c:>16}" for c in cells))
+    if args.repeat > 1:  # every run, in the order pulled: the spread, and whether one tool drifts
+        print()
+        for tool, image, key in sorted(by, key=lambda k: (("big", "many").index(k[1]), k[2], tools.index(k[0]))):
+            runs = [f"{r.seconds:.2f}" for r in results if (r.tool, r.image, r.scenario) == (tool, image, key)]
+            if len(runs) > 1:
+                print(f"{image} ({key}) {tool}: {' '.join(runs)} s")
     print()
     for image in ("big", "many"):
         for tool, base, key, target in (
