@@ -32,11 +32,13 @@ install: apt-run
 	[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e .
+	$(PY) -m compileall -q src >/dev/null  # the bytecode a wheel install has (none is written under PYTHONDONTWRITEBYTECODE)
 
 install-dev: apt-run
 	[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m compileall -q src >/dev/null
 
 apt-run:
 	@missing=$$(for p in $(APT_RUN); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

@@ -33,6 +33,7 @@ from dao.engine.api import (
     stream_document,
     tls_wanted,
     unreachable,
+    version_of_info,
 )
 from dao.paths import docker_config_dir
 
@@ -69,9 +70,10 @@ class Engine:
     # -- API -----------------------------------------------------------------------------------------------
 
     async def negotiate(self) -> EngineInfo:
-        doc = await self._json("GET", "/version", versioned=False)
+        info, api_version = await self._answer("GET", "/info", versioned=False)
+        doc = version_of_info(api_version, info) or await self._json("GET", "/version", versioned=False)
         self.version = choose_version(doc)
-        return engine_info(self.version, doc, await self._json("GET", "/info"))
+        return engine_info(self.version, doc, info)
 
     # Typed calls: the operation and its parameters are named here, once; the answers are the API's documents.
     # Refusals raise EngineError with the engine's status (404 gone, 409 in use or conflict).
@@ -272,7 +274,11 @@ class Engine:
 
     # -- transport -----------------------------------------------------------------------------------------
 
-    async def _json(
+    async def _json(self, method: str, path: str, **how: Any) -> Any:
+        """The JSON answer (``how``: :meth:`_answer`'s options)."""
+        return (await self._answer(method, path, **how))[0]
+
+    async def _answer(
         self,
         method: str,
         path: str,
@@ -280,14 +286,15 @@ class Engine:
         versioned: bool = True,
         params: dict[str, str] | None = None,
         body: Any = None,
-    ) -> Any:
+    ) -> tuple[Any, str | None]:
+        """The JSON answer and the engine's API version (its ``Api-Version`` header)."""
         url = f"{self._base}/{self.version}{path}" if versioned else f"{self._base}{path}"
         try:
             async with self.session.request(method, url, params=params or None, json=body) as resp:
                 text = await resp.text()
                 if resp.status >= 400:
                     raise EngineError(f"{method} {path}: {resp.status} {message_of(text)}", resp.status)
-                return json.loads(text) if text else None
+                return (json.loads(text) if text else None), resp.headers.get("Api-Version")
         except aiohttp.ClientError as exc:
             raise self._unreachable(exc) from exc
 

@@ -29,6 +29,7 @@ from dao.engine.api import (
     stream_document,
     tls_wanted,
     unreachable,
+    version_of_info,
 )
 
 TIMEOUT = 30.0  # seconds for the engine to answer a request (a pull's messages may be minutes apart: none)
@@ -67,9 +68,10 @@ class WireEngine:
         self.version = "v1.24"
 
     def negotiate(self) -> EngineInfo:
-        doc = self._json("/version", versioned=False)
+        info, api_version = self._answer("/info", versioned=False)
+        doc = version_of_info(api_version, info) or self._json("/version", versioned=False)
         self.version = choose_version(doc)
-        return engine_info(self.version, doc, self._json("/info"))
+        return engine_info(self.version, doc, info)
 
     def pull(
         self, image: str, tag: str, *, platform: str | None = None, auth: str | None = None
@@ -87,12 +89,16 @@ class WireEngine:
             conn.close()
 
     def _json(self, path: str, *, versioned: bool = True) -> Any:
+        return self._answer(path, versioned=versioned)[0]
+
+    def _answer(self, path: str, *, versioned: bool = True) -> tuple[Any, str | None]:
+        """The JSON answer of a GET and the engine's API version (its ``Api-Version`` header)."""
         conn, resp = self._request("GET", f"/{self.version}{path}" if versioned else path, None, TIMEOUT)
         try:
             text = self._read(resp.read).decode(errors="replace")
         finally:
             conn.close()
-        return json.loads(text) if text else None
+        return (json.loads(text) if text else None), resp.getheader("Api-Version")
 
     def _request(
         self, method: str, path: str, auth: str | None, timeout: float | None
