@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -299,7 +300,9 @@ def report(
             d, k = by.get((base, image, key)), by.get((tool, image, key))
             if d and k and d.ok and k.ok:
                 ratio = d.seconds / k.seconds
-                print(f"{image} {scenarios[key]}: {tool} {ratio:.2f}x {base}'s speed (target {target})")
+                paired = _paired(results, (base, image, key), (tool, image, key))
+                also = f"; round by round, median {paired:.2f}x" if paired is not None else ""
+                print(f"{image} {scenarios[key]}: {tool} {ratio:.2f}x {base}'s speed{also} (target {target})")
         for tool in tools:
             c = by.get((tool, image, "c"))
             if c and tool != "docker":
@@ -311,6 +314,16 @@ def report(
             for tool in tools:
                 if (tool, image) in repo_digests:
                     print(f"  {image:<6} {tool:<10} {repo_digests[(tool, image)]}")
+
+
+def _paired(results: list[Run], base: tuple[str, str, str], tool: tuple[str, str, str]) -> float | None:
+    """The median of the rounds' own ratios: the two pulls of one round ran next to each other, so a slow
+    minute of the machine cancels out of their ratio (None with fewer than 3 rounds, or a failed pull)."""
+    a = [r for r in results if (r.tool, r.image, r.scenario) == base]
+    b = [r for r in results if (r.tool, r.image, r.scenario) == tool]
+    if len(a) < 3 or len(a) != len(b) or not all(r.ok for r in a + b):
+        return None
+    return statistics.median(x.seconds / y.seconds for x, y in zip(a, b, strict=True))
 
 
 if __name__ == "__main__":
