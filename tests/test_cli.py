@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -37,3 +39,23 @@ def test_an_error_is_one_line_and_its_status_on_either_path(tmp_path: Path) -> N
         ]
     bad = dao("pull", "Not/A:Ref!", env=env)
     assert bad.returncode == 1 and bad.stderr.startswith("dao: error: invalid reference format")
+
+
+def test_ctrl_c_ends_with_130_not_a_traceback(tmp_path: Path) -> None:
+    """Interrupted while the engine has not answered yet (here: an engine that never does), on the path
+    read before typer and on typer's."""
+    with socket.socket() as engine:
+        engine.bind(("127.0.0.1", 0))
+        engine.listen()
+        engine.settimeout(30)
+        host = f"tcp://127.0.0.1:{engine.getsockname()[1]}"
+        env = {**os.environ, "DOCKER_HOST": host, "DOCKER_CONFIG": str(tmp_path)}
+        for argv in (["pull", "busybox"], ["pull", "--jobs", "4", "busybox"]):
+            proc = subprocess.Popen([DAO, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            conn, _ = engine.accept()
+            with conn:
+                conn.settimeout(30)
+                assert conn.recv(4096).startswith(b"GET /info ")  # asked, waiting for the answer
+                proc.send_signal(signal.SIGINT)
+                _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 130 and "Traceback" not in err, err

@@ -80,6 +80,8 @@ def main() -> None:
             if code is not None:
                 raise SystemExit(code)
         compose(argv)()
+    except KeyboardInterrupt:  # 128 + SIGINT, as typer's path ends
+        raise SystemExit(130) from None
     except DaoError as exc:
         error = f"dao: error: {exc}"
         print(f"\x1b[31m{error}\x1b[0m" if sys.stderr.isatty() else error, file=sys.stderr)  # as typer.secho
